@@ -1,0 +1,54 @@
+# echod: set-up, run, test, lint, bench, packaging.
+# Every target that needs Python sets up the virtual environment first, so each works
+# on a fresh machine.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help venv run test test-fast lint generate bench deb e2e clean
+
+help:
+	@echo "make run        set up, then serve echo in the foreground on the embedded defaults"
+	@echo "make test       set up, then run every test (unit, integration, systemd e2e)"
+	@echo "make test-fast  unit and integration tests only"
+	@echo "make lint       ruff and mypy"
+	@echo "make generate   regenerate config/echod.yaml, the README reference, echod.yaml(5)"
+	@echo "make bench      run the benchmark suite; writes docs/bench.md and docs/bench.png"
+	@echo "make deb        build dist/echod_<version>_all.deb"
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[fast,test,dev]'
+	touch $@
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/echod run --defaults
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check echod tests bench
+	$(VENV)/bin/mypy
+
+generate: $(STAMP)
+	$(PY) -m echod.docgen --write
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -r bench/requirements.txt
+	$(PY) bench/run.py --out docs
+
+deb:
+	bash packaging/build-deb.sh
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,287 @@
+"""The ``echod`` command: argument parsing, sub-commands and exit codes.
+
+Exit codes follow sysexits(3) (see :mod:`echod.exitcodes`); ``status`` follows the LSB
+init-script convention (0 running, 3 not running) and ``reload`` of a daemon that is not
+running exits 7, as LSB says. An operator's mistake (a bad file, a port in use) is reported in
+one line on standard error, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from echod import __version__, exitcodes
+from echod.config import Config, ConfigError, dump_config, load_config, resolve_config_path
+
+#: LSB: "program is not running", for actions other than status.
+LSB_NOT_RUNNING = 7
+#: ``echod stop`` waits this long past the daemon's own drain before it sends SIGKILL.
+STOP_MARGIN = 10.0
+
+
+class CommandError(Exception):
+    """A sub-command failed in a way the operator should read; carries the exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-c",
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="configuration file (default: $ECHOD_CONFIG, else /etc/echod.yaml if it exists, "
+        "else the embedded defaults)",
+    )
+    common.add_argument(
+        "--defaults",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="ignore every configuration file and use the embedded defaults",
+    )
+    parser = argparse.ArgumentParser(
+        prog="echod",
+        description="A production-grade echo daemon (RFC 862).",
+        parents=[common],
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"echod {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands.add_parser(
+        "run", parents=[common], help="serve in the foreground (for systemd and containers)"
+    )
+    commands.add_parser(
+        "start", parents=[common], help="detach and serve; returns once listening"
+    )
+    stop = commands.add_parser("stop", parents=[common], help="stop the running daemon")
+    stop.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        help="seconds to wait before SIGKILL (default: shutdown_timeout + 10)",
+    )
+    commands.add_parser("status", parents=[common], help="say whether echod runs, and how")
+    commands.add_parser(
+        "reload", parents=[common], help="check the configuration, then make the daemon reload it"
+    )
+    commands.add_parser(
+        "check-config",
+        parents=[common],
+        help="validate the configuration and print the effective settings",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``echod`` command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    handler = COMMANDS[args.command]
+    try:
+        return handler(args)
+    except CommandError as exc:
+        print(f"echod: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def load(args: argparse.Namespace) -> tuple[Config, str | None]:
+    """The configuration the command works with, and the file it came from (None: defaults)."""
+    if getattr(args, "defaults", False):
+        return load_config(None), None
+    path = resolve_config_path(getattr(args, "config", None), os.environ)
+    if path is not None:
+        path = os.path.abspath(path)
+    try:
+        return load_config(path), path
+    except ConfigError as exc:
+        raise CommandError(str(exc), exitcodes.EX_CONFIG) from None
+
+
+# -- sub-commands -----------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from echod.supervisor import Supervisor
+
+    cfg, path = load(args)
+    return Supervisor(cfg, path).run()
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg, path = load(args)
+    sys.stdout.write(dump_config(cfg))
+    print(f"echod: configuration ok ({path or 'embedded defaults'})", file=sys.stderr)
+    return exitcodes.OK
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from echod import daemonize, log
+    from echod.supervisor import Supervisor
+
+    cfg, path = load(args)
+    if not cfg.pidfile:
+        raise CommandError(
+            "start needs a pidfile to find the daemon again; set `pidfile`", exitcodes.EX_CONFIG
+        )
+    if log.effective_target(cfg.log, environ={}) in ("stdout", "stderr"):
+        print(
+            "echod: warning: a detached daemon has no terminal; its log is discarded "
+            "(set log.file or log.target: journal)",
+            file=sys.stderr,
+        )
+
+    def run_daemon(readiness: Any) -> int:
+        return Supervisor(cfg, path, readiness=readiness, pidfile_required=True).run()
+
+    code, message = daemonize.start_detached(run_daemon, working_directory="/")
+    if code == exitcodes.OK:
+        print(f"echod: started: {message}")
+    else:
+        print(f"echod: cannot start: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    cfg, _path = load(args)
+    pid = live_pid(cfg)
+    if pid is None:
+        print("echod: not running")
+        return exitcodes.OK  # LSB: stopping a stopped service succeeds
+    timeout = args.timeout if args.timeout is not None else cfg.shutdown_timeout + STOP_MARGIN
+    os.kill(pid, signal.SIGTERM)
+    if wait_gone(pid, timeout):
+        print(f"echod: stopped (pid {pid})")
+        return exitcodes.OK
+    print(f"echod: pid {pid} still running after {timeout:g} s; sending SIGKILL", file=sys.stderr)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return exitcodes.OK
+    if wait_gone(pid, STOP_MARGIN):
+        return exitcodes.OK
+    raise CommandError(f"pid {pid} survived SIGKILL", exitcodes.EX_SOFTWARE)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg, _path = load(args)
+    pid = live_pid(cfg)
+    if pid is None:
+        print("echod is not running")
+        return exitcodes.NOT_RUNNING
+    status = read_status(cfg)
+    print(f"echod is running (pid {pid})")
+    for line in describe(status):
+        print(f"  {line}")
+    return exitcodes.OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    cfg, path = load(args)
+    pid = live_pid(cfg)
+    if pid is None:
+        print("echod is not running", file=sys.stderr)
+        return LSB_NOT_RUNNING
+    # Check the file the daemon itself reads, so a bad edit is reported here and now.
+    daemon_path = read_status(cfg).get("config_file", path)
+    if daemon_path:
+        try:
+            load_config(daemon_path)
+        except ConfigError as exc:
+            raise CommandError(
+                f"{exc} (not reloaded; still serving the previous configuration)",
+                exitcodes.EX_CONFIG,
+            ) from None
+    os.kill(pid, signal.SIGHUP)
+    print(f"echod: reload requested (pid {pid}, {daemon_path or 'embedded defaults'})")
+    return exitcodes.OK
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "start": cmd_start,
+    "stop": cmd_stop,
+    "status": cmd_status,
+    "reload": cmd_reload,
+    "check-config": cmd_check_config,
+}
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def live_pid(cfg: Config) -> int | None:
+    """The pid of the daemon that holds the configured pidfile, or None."""
+    from echod.pidfile import read_live_pid
+
+    if not cfg.pidfile:
+        raise CommandError("no pidfile is configured; cannot find the daemon", exitcodes.EX_CONFIG)
+    try:
+        return read_live_pid(cfg.pidfile)
+    except PermissionError as exc:
+        raise CommandError(f"cannot read {cfg.pidfile}: {exc.strerror}", exitcodes.EX_NOPERM) from None
+
+
+def read_status(cfg: Config) -> dict[str, Any]:
+    """What the daemon last published beside its pidfile ({} if nothing yet)."""
+    from echod.supervisor import status_path
+
+    assert cfg.pidfile
+    try:
+        with open(status_path(cfg.pidfile), encoding="utf-8") as handle:
+            data: dict[str, Any] = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return data
+
+
+def describe(status: dict[str, Any]) -> list[str]:
+    if not status:
+        return ["(no status published yet)"]
+    uptime = time.time() - float(status.get("started", time.time()))
+    workers = status.get("workers", [])
+    return [
+        f"state:       {status.get('state')}",
+        f"uptime:      {format_duration(uptime)}",
+        f"mode:        {status.get('mode')} ({len(workers)} worker processes)",
+        f"addresses:   {', '.join(status.get('addresses', []))}",
+        f"open:        {status.get('open')} connections",
+        f"served:      {status.get('served')} connections",
+        f"reloads:     {status.get('reloads')}",
+        f"config file: {status.get('config_file') or 'embedded defaults'}",
+        f"version:     {status.get('version')}",
+    ]
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    text = f"{hours:02d}:{minutes:02d}:{seconds:02d}"
+    return f"{days}d {text}" if days else text
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait until ``pid`` has exited (not our child: a pidfd tells); False on timeout."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        return bool(poller.poll(max(0, int(timeout * 1000))))
+    finally:
+        os.close(pidfd)

@@ -1,0 +1,391 @@
+"""A worker process: accepts on the shared listening sockets and serves connections.
+
+The supervisor forks workers; each runs :meth:`Worker.run`. How a connection is served (a
+thread, a process, an event loop) is the business of a subclass in ``echod.workers``; this
+module holds what every mode shares: the control channel to the supervisor, signals,
+admission (limits, overload policy, running out of descriptors), heartbeats and the drain.
+
+The control channel is a ``SOCK_SEQPACKET`` socket pair, one message per packet.
+Supervisor to worker: ``stop`` (drain for up to ``shutdown_timeout``, then cut), ``retire``
+(a reload replaced this worker: stop accepting, let every connection finish), ``reopen``
+(log rotation), ``quit`` (cut now). Worker to supervisor: ``ready``, ``hb <open> <served>``
+(the heartbeat that proves the loop runs, and the counts for status), ``bye <finished> <cut>``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from echod import log, proctitle
+from echod.admission import Admission
+from echod.config import Config
+from echod.handler import HandlerSettings
+from echod.listeners import Listeners
+from echod.udp import UdpEcho
+
+MSG_STOP = b"stop"
+MSG_RETIRE = b"retire"
+MSG_REOPEN = b"reopen"
+MSG_QUIT = b"quit"
+MSG_READY = b"ready"
+
+#: How many connections one readiness event accepts before the loop serves other events.
+ACCEPT_BATCH = 16
+#: After EMFILE/ENFILE, accepting is paused this long (or until a connection closes).
+FD_RETRY = 0.5
+#: After the shutdown deadline cut the connections, how long they get to log and go.
+CUT_GRACE = 5.0
+#: The most a heartbeat waits; a shorter worker_timeout makes heartbeats more frequent.
+HEARTBEAT_MAX = 1.0
+
+_SUPERVISOR_SIGNALS = frozenset(
+    {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD, signal.SIGQUIT}
+)
+_FD_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_TRANSIENT_ACCEPT_ERRORS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+
+# Pause reasons, as logged in the limit events.
+LIMIT_CONNECTIONS = "max_connections"
+LIMIT_RATE = "connection_rate"
+LIMIT_FDS = "file_descriptors"
+
+
+def heartbeat_interval(cfg: Config) -> float:
+    return min(HEARTBEAT_MAX, cfg.worker_timeout / 4)
+
+
+def peer_ip(peer: Any) -> str:
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
+
+
+@dataclass
+class WorkerSpec:
+    """What the supervisor hands a worker at fork."""
+
+    index: int
+    serial: int
+    config: Config
+    listeners: Listeners
+    control: socket.socket
+
+
+class Worker:
+    """Base class: the selector loop shared by the thread and process modes.
+
+    Methods that subclasses override: :meth:`start_connection`, :meth:`cut_connections`,
+    :meth:`kill_connections`, :meth:`init_mode` and :meth:`on_signal`.
+    """
+
+    mode: ClassVar[str] = ""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.cfg = spec.config
+        self.settings = HandlerSettings.from_config(spec.config)
+        self.admission = Admission(spec.config, spec.index)
+        self.udp = UdpEcho(spec.config)
+        self.seq = 0
+        self.stopping = False
+        self.drain_deadline: float | None = None
+        self.kill_deadline: float | None = None
+        self.open_at_stop = 0
+        self.cut = 0
+        self.paused: str | None = None
+        self.paused_since = 0.0
+        self.resume_at: float | None = None
+        self.next_heartbeat = 0.0
+        self.selector: selectors.BaseSelector | None = None
+        self.wakeup_r = -1
+        self.wakeup_w = -1
+        self.log: Any = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """The worker process's main; returns its exit code."""
+        self.init_process()
+        self.serve()
+        self.say(f"bye {self.open_at_stop - self.cut} {self.cut}".encode())
+        return 0
+
+    def init_process(self) -> None:
+        """Set up this freshly forked process: identity, logging, signals, the selector."""
+        name = f"worker-{self.spec.index}"
+        log.set_process_name(name)
+        log.configure(self.cfg.log, sink=log.current_sink())
+        self.log = log.get_logger().bind(worker=self.spec.index)
+        proctitle.set_title(f"echod: worker {self.spec.index} ({self.mode})")
+        self.install_signals()
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.wakeup_r, selectors.EVENT_READ, self.on_wakeup)
+        self.selector.register(self.spec.control, selectors.EVENT_READ, self.on_control)
+        for sock in self.spec.listeners.tcp:
+            self.selector.register(sock, selectors.EVENT_READ, self.on_acceptable)
+        for sock in self.spec.listeners.udp:
+            self.selector.register(sock, selectors.EVENT_READ, self.udp.on_readable)
+        self.admission.start()
+        self.udp.start()
+        self.init_mode()
+        self.say(MSG_READY)
+
+    def install_signals(self) -> None:
+        """Signals are only recorded (a byte on the wakeup pipe); the loop acts on them."""
+        self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wakeup_w, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1, signal.SIGCHLD):
+            signal.signal(signum, _record_only)
+        # Ctrl-C and SIGHUP reach the whole process group; the supervisor decides for all.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        # The supervisor forked us with its signals blocked; ours are ready now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISOR_SIGNALS)
+
+    def init_mode(self) -> None:
+        """Mode-specific set-up in the worker process (pipes, thread stack size...)."""
+
+    def serve(self) -> None:
+        """The loop: wait on sockets, the control channel and signals, until drained."""
+        assert self.selector is not None
+        self.next_heartbeat = time.monotonic()
+        while not self.drained():
+            timeout = self.next_timeout(time.monotonic())
+            for key, _events in self.selector.select(timeout):
+                key.data(key.fileobj)
+            self.run_timers(time.monotonic())
+        self.selector.close()
+
+    def drained(self) -> bool:
+        return self.stopping and self.open_connections() == 0
+
+    def open_connections(self) -> int:
+        return self.admission.active
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def next_timeout(self, now: float) -> float:
+        deadlines = [self.next_heartbeat]
+        for deadline in (self.resume_at, self.drain_deadline, self.kill_deadline):
+            if deadline is not None:
+                deadlines.append(deadline)
+        for due in (self.admission.summary_due(now), self.udp.summary_due(now)):
+            if due is not None:
+                deadlines.append(now + due)
+        return max(0.0, min(deadlines) - now)
+
+    def run_timers(self, now: float) -> None:
+        if now >= self.next_heartbeat:
+            self.heartbeat()
+            self.next_heartbeat = now + heartbeat_interval(self.cfg)
+        if self.resume_at is not None and now >= self.resume_at:
+            self.resume_at = None
+            self.maybe_resume()
+        if self.drain_deadline is not None and now >= self.drain_deadline:
+            self.drain_deadline = None
+            self.cut = self.open_connections()
+            if self.cut:
+                self.log.info("cutting", open=self.cut)
+                self.cut_connections()
+                self.kill_deadline = now + CUT_GRACE
+        if self.kill_deadline is not None and now >= self.kill_deadline:
+            self.kill_deadline = None
+            self.kill_connections()
+        due = self.admission.summary_due(now)
+        if due is not None and due <= 0:
+            self.log.warning("refused", **self.admission.take_summary(now))
+        due = self.udp.summary_due(now)
+        if due is not None and due <= 0:
+            self.udp.log_summary(now)
+
+    def heartbeat(self) -> None:
+        self.say(f"hb {self.open_connections()} {self.admission.served}".encode())
+
+    # -- control channel and signals -------------------------------------------------------
+
+    def say(self, message: bytes) -> None:
+        """Send one message to the supervisor; a gone supervisor is noticed on read."""
+        try:
+            self.spec.control.send(message)
+        except OSError:
+            pass
+
+    def on_control(self, sock: Any) -> None:
+        try:
+            message = self.spec.control.recv(64)
+        except BlockingIOError:
+            return
+        except OSError:
+            message = b""
+        if message == MSG_STOP:
+            self.begin_stop(self.cfg.shutdown_timeout)
+        elif message == MSG_RETIRE:
+            self.begin_stop(None)
+        elif message == MSG_REOPEN:
+            log.reopen()
+            self.reopen_children()
+        elif message == MSG_QUIT:
+            self.begin_stop(0.0)
+        elif message == b"":
+            # The supervisor is gone: nobody will ever stop us, so stop now, gracefully.
+            assert self.selector is not None
+            self.selector.unregister(self.spec.control)
+            self.begin_stop(self.cfg.shutdown_timeout)
+
+    def on_wakeup(self, _fd: Any) -> None:
+        try:
+            data = os.read(self.wakeup_r, 512)
+        except BlockingIOError:
+            return
+        for signum in dict.fromkeys(data):
+            self.on_signal(signum)
+
+    def on_signal(self, signum: int) -> None:
+        if signum == signal.SIGTERM:
+            self.begin_stop(self.cfg.shutdown_timeout)
+        elif signum == signal.SIGQUIT:
+            self.begin_stop(0.0)
+        elif signum == signal.SIGUSR1:
+            log.reopen()
+            self.reopen_children()
+
+    def reopen_children(self) -> None:
+        """Pass a log reopen on to connection processes (the process mode)."""
+
+    # -- accepting -------------------------------------------------------------------------
+
+    def on_acceptable(self, lsock: Any) -> None:
+        adm = self.admission
+        for _ in range(ACCEPT_BATCH):
+            if adm.should_pause():
+                self.pause(LIMIT_CONNECTIONS)
+                return
+            wait = adm.rate_wait()
+            if wait:
+                self.pause(LIMIT_RATE, wait)
+                return
+            try:
+                conn, peer = lsock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _FD_ERRORS:
+                    self.pause(LIMIT_FDS, FD_RETRY, error=exc.strerror)
+                    return
+                if exc.errno in _TRANSIENT_ACCEPT_ERRORS:
+                    continue
+                raise
+            self.admit(conn, peer)
+
+    def admit(self, conn: socket.socket, peer: Any) -> None:
+        ip = peer_ip(peer)
+        if self.admission.admit(ip) is not None:
+            _close_quietly(conn)
+            return
+        self.seq += 1
+        conn_id = f"{self.spec.serial}-{self.seq}"
+        try:
+            self.start_connection(conn, peer, conn_id)
+        except Exception as exc:  # e.g. no more threads or processes: refuse, keep serving
+            _close_quietly(conn)
+            self.admission.closed(ip)
+            self.log.error("conn_start_failed", conn_id=conn_id, error=str(exc))
+
+    def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
+        raise NotImplementedError
+
+    def connection_closed(self, peer: Any) -> None:
+        """Called by the mode in the worker's main thread when a connection has ended."""
+        self.admission.closed(peer_ip(peer))
+        if self.paused in (LIMIT_CONNECTIONS, LIMIT_FDS):
+            self.maybe_resume()
+
+    def pause(self, reason: str, retry: float | None = None, **fields: Any) -> None:
+        """Stop accepting: new clients wait in the kernel's backlog. Logged once per episode."""
+        assert self.selector is not None
+        if self.paused is None:
+            for sock in self.spec.listeners.tcp:
+                self.selector.unregister(sock)
+            self.paused = reason
+            self.paused_since = time.monotonic()
+            if reason != LIMIT_RATE:
+                self.log.warning(
+                    "limit_reached", limit=reason, open=self.open_connections(), **fields
+                )
+        if retry is not None:
+            self.resume_at = time.monotonic() + retry
+
+    def maybe_resume(self) -> None:
+        if self.paused is None or self.stopping:
+            return
+        if self.paused == LIMIT_CONNECTIONS and self.admission.should_pause():
+            return
+        assert self.selector is not None
+        for sock in self.spec.listeners.tcp:
+            self.selector.register(sock, selectors.EVENT_READ, self.on_acceptable)
+        if self.paused != LIMIT_RATE:
+            self.log.info(
+                "limit_released",
+                limit=self.paused,
+                open=self.open_connections(),
+                paused_for=round(time.monotonic() - self.paused_since, 3),
+            )
+        self.paused = None
+
+    # -- the drain -------------------------------------------------------------------------
+
+    def begin_stop(self, timeout: float | None) -> None:
+        """Stop accepting now; cut what is still open after ``timeout`` (None: never)."""
+        now = time.monotonic()
+        if not self.stopping:
+            self.stopping = True
+            self.open_at_stop = self.open_connections()
+            self.close_listeners()
+            self.log.info(
+                "worker_draining",
+                open=self.open_at_stop,
+                timeout=timeout,
+            )
+        if timeout is not None:
+            deadline = now + timeout
+            if self.drain_deadline is None or deadline < self.drain_deadline:
+                self.drain_deadline = deadline
+
+    def close_listeners(self) -> None:
+        assert self.selector is not None
+        for sock in self.spec.listeners.all():
+            if sock in self.spec.listeners.tcp and self.paused is not None:
+                pass  # already unregistered while paused
+            else:
+                self.selector.unregister(sock)
+            sock.close()
+        self.paused = None
+        self.resume_at = None
+
+    def cut_connections(self) -> None:
+        """Tell every open connection to close now with reason ``shutdown``."""
+        raise NotImplementedError
+
+    def kill_connections(self) -> None:
+        """Connections that ignored the cut for CUT_GRACE: end them by force."""
+
+
+def _record_only(_signum: int, _frame: Any) -> None:
+    """Signal handler: the wakeup fd has recorded the signal; the loop acts on it."""
+
+
+def _close_quietly(sock: socket.socket) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+WorkerFactory = Callable[[WorkerSpec], Worker]

@@ -1,0 +1,132 @@
+"""Process mode: each connection is served by its own process, forked from the worker.
+
+The worker reaps its children as they exit (SIGCHLD arrives on the wakeup pipe), so none is
+ever a zombie. Signals are blocked around ``fork`` so that a SIGTERM cannot reach a child
+before it has installed its own handler. A child keeps only its connection and the log sink:
+it closes the listening sockets and the worker's control channel straight away.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from typing import Any
+
+from echod import exitcodes, log, proctitle
+from echod.handler import EchoHandler
+from echod.worker import Worker
+
+_FORK_BLOCKED = {signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD, signal.SIGQUIT}
+
+
+class ChildStopper:
+    """The Stopper of a connection process: its signal wakeup pipe.
+
+    SIGTERM (the worker cutting at the shutdown deadline) stops the connection; SIGUSR1
+    (log rotation) reopens the log and carries on.
+    """
+
+    def __init__(self, read_fd: int) -> None:
+        self._fd = read_fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def should_stop(self) -> bool:
+        try:
+            received = os.read(self._fd, 64)
+        except BlockingIOError:
+            return False
+        if signal.SIGUSR1 in received:
+            log.reopen()
+        return signal.SIGTERM in received
+
+
+class ProcessWorker(Worker):
+    """Serves each connection in a new child process."""
+
+    mode = "process"
+
+    def init_mode(self) -> None:
+        self.children: dict[int, Any] = {}
+
+    def open_connections(self) -> int:
+        # A cut child still counts until it has been reaped.
+        return max(self.admission.active, len(self.children))
+
+    def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self.become_connection(conn, peer, conn_id)  # never returns
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
+        conn.close()
+        self.children[pid] = peer
+
+    def become_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
+        """In the child: shed the worker's descriptors, serve, and exit."""
+        code = exitcodes.EX_SOFTWARE
+        try:
+            stopper = self.init_connection_process(conn_id)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
+            EchoHandler(conn, peer, conn_id, self.settings, stopper).serve()
+            code = exitcodes.OK
+        finally:
+            os._exit(code)
+
+    def init_connection_process(self, conn_id: str) -> ChildStopper:
+        for sock in self.spec.listeners.all():
+            sock.close()
+        self.spec.control.close()
+        for fd in (self.wakeup_r, self.wakeup_w):
+            os.close(fd)
+        if self.selector is not None:
+            # Dropping our reference only: the epoll instance stays the worker's.
+            self.selector.close()
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+        # SIGTERM and SIGUSR1 keep the worker's record-only handler: the pipe tells.
+        name = f"conn-{conn_id}"
+        log.set_process_name(name)
+        log.configure(self.cfg.log, sink=log.current_sink())
+        proctitle.set_title(f"echod: connection {conn_id}")
+        return ChildStopper(wake_r)
+
+    def on_signal(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            self.reap()
+        else:
+            super().on_signal(signum)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            peer = self.children.pop(pid, None)
+            if peer is not None:
+                self.connection_closed(peer)
+
+    def cut_connections(self) -> None:
+        self.signal_children(signal.SIGTERM)
+
+    def kill_connections(self) -> None:
+        self.signal_children(signal.SIGKILL)
+
+    def reopen_children(self) -> None:
+        self.signal_children(signal.SIGUSR1)
+
+    def signal_children(self, signum: int) -> None:
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass  # exited; the SIGCHLD on its way will reap it
