@@ -117,24 +117,38 @@ class Worker:
         return 0
 
     def init_process(self) -> None:
-        """Set up this freshly forked process: identity, logging, signals, the selector."""
+        """Set up this freshly forked process: identity, logging, signals, the event source."""
         name = f"worker-{self.spec.index}"
         log.set_process_name(name)
         log.configure(self.cfg.log, sink=log.current_sink())
         self.log = log.get_logger().bind(worker=self.spec.index)
         proctitle.set_title(f"echod: worker {self.spec.index} ({self.mode})")
         self.install_signals()
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.wakeup_r, selectors.EVENT_READ, self.on_wakeup)
-        self.selector.register(self.spec.control, selectors.EVENT_READ, self.on_control)
+        self.init_loop()
+        self.add_reader(self.wakeup_r, self.on_wakeup)
+        self.add_reader(self.spec.control, self.on_control)
         for sock in self.spec.listeners.tcp:
-            self.selector.register(sock, selectors.EVENT_READ, self.on_acceptable)
+            self.add_reader(sock, self.on_acceptable)
         for sock in self.spec.listeners.udp:
-            self.selector.register(sock, selectors.EVENT_READ, self.udp.on_readable)
+            self.add_reader(sock, self.udp.on_readable)
         self.admission.start()
         self.udp.start()
         self.init_mode()
         self.say(MSG_READY)
+
+    # -- the event source: a selector here; the async mode puts its event loop behind these ---
+
+    def init_loop(self) -> None:
+        self.selector = selectors.DefaultSelector()
+
+    def add_reader(self, fileobj: Any, callback: Callable[[Any], None]) -> None:
+        """Call ``callback(fileobj)`` whenever ``fileobj`` is readable."""
+        assert self.selector is not None
+        self.selector.register(fileobj, selectors.EVENT_READ, callback)
+
+    def remove_reader(self, fileobj: Any) -> None:
+        assert self.selector is not None
+        self.selector.unregister(fileobj)
 
     def install_signals(self) -> None:
         """Signals are only recorded (a byte on the wakeup pipe); the loop acts on them."""
@@ -235,8 +249,7 @@ class Worker:
             self.begin_stop(0.0)
         elif message == b"":
             # The supervisor is gone: nobody will ever stop us, so stop now, gracefully.
-            assert self.selector is not None
-            self.selector.unregister(self.spec.control)
+            self.remove_reader(self.spec.control)
             self.begin_stop(self.cfg.shutdown_timeout)
 
     def on_wakeup(self, _fd: Any) -> None:
@@ -309,10 +322,9 @@ class Worker:
 
     def pause(self, reason: str, retry: float | None = None, **fields: Any) -> None:
         """Stop accepting: new clients wait in the kernel's backlog. Logged once per episode."""
-        assert self.selector is not None
         if self.paused is None:
             for sock in self.spec.listeners.tcp:
-                self.selector.unregister(sock)
+                self.remove_reader(sock)
             self.paused = reason
             self.paused_since = time.monotonic()
             if reason != LIMIT_RATE:
@@ -327,9 +339,8 @@ class Worker:
             return
         if self.paused == LIMIT_CONNECTIONS and self.admission.should_pause():
             return
-        assert self.selector is not None
         for sock in self.spec.listeners.tcp:
-            self.selector.register(sock, selectors.EVENT_READ, self.on_acceptable)
+            self.add_reader(sock, self.on_acceptable)
         if self.paused != LIMIT_RATE:
             self.log.info(
                 "limit_released",
@@ -359,12 +370,9 @@ class Worker:
                 self.drain_deadline = deadline
 
     def close_listeners(self) -> None:
-        assert self.selector is not None
         for sock in self.spec.listeners.all():
-            if sock in self.spec.listeners.tcp and self.paused is not None:
-                pass  # already unregistered while paused
-            else:
-                self.selector.unregister(sock)
+            if not (sock in self.spec.listeners.tcp and self.paused is not None):
+                self.remove_reader(sock)  # (a paused listener is not watched already)
             sock.close()
         self.paused = None
         self.resume_at = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import os
-import selectors
 import socket
 import threading
 from typing import Any
@@ -45,8 +44,7 @@ class ThreadWorker(Worker):
         self.cut_r, self.cut_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.stopper = CutSignal(self.cut_r)
         self.threads = 0
-        assert self.selector is not None
-        self.selector.register(self.done_r, selectors.EVENT_READ, self.on_done)
+        self.add_reader(self.done_r, self.on_done)
 
     def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
         thread = threading.Thread(
