@@ -90,7 +90,10 @@ def render_journal(_logger: Any, method: str, event_dict: EventDict) -> dict[str
     """structlog renderer for the journal: the event's fields become ``ECHOD_*`` fields."""
     level = str(event_dict.pop("level", method))
     event = str(event_dict.get("event", ""))
-    fields = {f"ECHOD_{key.upper()}": value for key, value in event_dict.items()}
+    fields = {
+        systemd.journal_field_name(key, "ECHOD_"): _journal_value(value)
+        for key, value in event_dict.items()
+    }
     summary = " ".join(
         f"{key}={value}" for key, value in event_dict.items() if key not in ("event", "timestamp")
     )
@@ -99,6 +102,12 @@ def render_journal(_logger: Any, method: str, event_dict: EventDict) -> dict[str
         "priority": _PRIORITY.get(level, 6),
         "fields": fields,
     }
+
+
+def _journal_value(value: Any) -> Any:
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value, default=str, separators=(",", ":"))
+    return value
 
 
 class Sink(Protocol):
@@ -156,7 +165,11 @@ class JournalSink:
         self._sender.send(line, 6, {})
 
     def send(self, message: str, priority: int, fields: dict[str, Any]) -> None:
-        self._sender.send(message, priority, fields)
+        try:
+            self._sender.send(message, priority, fields)
+        except OSError:
+            # journald is away (restarting): a lost log line must not take a connection down.
+            pass
 
     def reopen(self) -> None:
         """Nothing to reopen: the journal socket does not rotate."""
@@ -224,7 +237,7 @@ def open_sink(cfg: LogConfig) -> Sink:
         assert cfg.file is not None
         return FdSink.open_path(cfg.file)
     if target == "journal":
-        sender = systemd.JournalSender()
+        sender = systemd.JournalSender(identifier="echod")
         sender.open()
         return JournalSink(sender)
     if target == "stderr":
@@ -243,7 +256,7 @@ def configure(cfg: LogConfig, sink: Sink | None = None) -> None:
     if fmt == "journal":
         renderer = render_journal
     elif fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=_sink_is_tty(sink))
+        renderer = structlog.dev.ConsoleRenderer(colors=_sink_is_tty(sink), sort_keys=False)
     else:
         renderer = render_json
     structlog.configure(

@@ -86,6 +86,8 @@ class Readiness(Protocol):
 
     def failed(self, exit_code: int, message: str) -> None: ...
 
+    def close(self) -> None: ...
+
 
 class StartError(Exception):
     """The daemon cannot start; carries the exit code and a one-line reason."""
@@ -254,8 +256,9 @@ class Supervisor:
         try:
             pidfile.acquire()
         except PidfileLocked as exc:
+            holder = f"pid {exc.pid}" if exc.pid is not None else "another process"
             raise StartError(
-                f"already running: pid {exc.pid} holds {self.cfg.pidfile}", exitcodes.EX_UNAVAILABLE
+                f"already running: {holder} holds {self.cfg.pidfile}", exitcodes.EX_UNAVAILABLE
             ) from None
         except OSError as exc:
             message = f"cannot write pidfile {self.cfg.pidfile}: {exc.strerror}"
@@ -339,6 +342,10 @@ class Supervisor:
             os.close(self.wakeup_w)
             if self.pidfile is not None:
                 self.pidfile.release()
+            if self.readiness is not None:
+                # Only the supervisor reports readiness; a worker holding the pipe open would
+                # keep `echod start` waiting should the supervisor die before reporting.
+                self.readiness.close()
             code = worker.run()
         except BaseException as exc:  # noqa: BLE001 - a worker must never unwind into our loop
             with contextlib.suppress(Exception):
