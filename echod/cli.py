@@ -230,7 +230,8 @@ def live_pid(cfg: Config) -> int | None:
     try:
         return read_live_pid(cfg.pidfile)
     except PermissionError as exc:
-        raise CommandError(f"cannot read {cfg.pidfile}: {exc.strerror}", exitcodes.EX_NOPERM) from None
+        message = f"cannot read {cfg.pidfile}: {exc.strerror}"
+        raise CommandError(message, exitcodes.EX_NOPERM) from None
 
 
 def read_status(cfg: Config) -> dict[str, Any]:

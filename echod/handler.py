@@ -98,7 +98,7 @@ class EchoHandler:
         self,
         sock: socket.socket,
         peer: Any,
-        conn_id: int,
+        conn_id: str,
         settings: HandlerSettings,
         stopper: Stopper,
     ) -> None:

@@ -72,7 +72,8 @@ def _resolve(host: str, port: int, kind: socket.SocketKind) -> list[tuple[int, t
     try:
         infos = socket.getaddrinfo(host, port, type=kind, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise BindError(f"cannot resolve host {host!r}: {exc.strerror}", exitcodes.EX_CONFIG) from None
+        message = f"cannot resolve host {host!r}: {exc.strerror}"
+        raise BindError(message, exitcodes.EX_CONFIG) from None
     seen: list[tuple[int, tuple[object, ...]]] = []
     for family, _type, _proto, _name, sockaddr in infos:
         entry = (int(family), tuple(sockaddr))
@@ -110,7 +111,8 @@ def _bind_error(exc: OSError, kind: socket.SocketKind, sockaddr: tuple[object, .
             exitcodes.EX_NOPERM,
         )
     if exc.errno == errno.EADDRINUSE:
-        return BindError(f"cannot listen on {where}: address already in use", exitcodes.EX_UNAVAILABLE)
+        message = f"cannot listen on {where}: address already in use"
+        return BindError(message, exitcodes.EX_UNAVAILABLE)
     return BindError(f"cannot listen on {where}: {exc.strerror}", exitcodes.EX_UNAVAILABLE)
 
 
@@ -119,10 +121,11 @@ def _bind_kind(
 ) -> list[socket.socket]:
     bound: list[socket.socket] = []
     try:
-        for family, sockaddr in _resolve(host, port, kind):
+        for family, resolved in _resolve(host, port, kind):
+            sockaddr = resolved
             if port == 0 and bound:
                 # Every address of one host shares the port the kernel chose for the first.
-                sockaddr = (sockaddr[0], bound[0].getsockname()[1], *sockaddr[2:])
+                sockaddr = (resolved[0], bound[0].getsockname()[1], *resolved[2:])
             bound.append(_bind_one(family, kind, sockaddr, backlog))
     except BindError:
         close_all(bound)

@@ -132,7 +132,7 @@ def backoff_delay(recent_failures: int) -> float:
     jitter so that workers of several daemons do not restart in lock-step."""
     if recent_failures <= 1:
         return 0.0
-    delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (recent_failures - 2))
+    delay: float = min(BACKOFF_MAX, BACKOFF_BASE * 2.0 ** (recent_failures - 2))
     return delay * random.uniform(0.5, 1.5)
 
 
@@ -319,7 +319,8 @@ class Supervisor:
         ours.setblocking(False)
         now = time.monotonic()
         handle = WorkerHandle(
-            index, self.serial, self.generation, pid, ours, self.cfg.mode, started=now, last_seen=now
+            index, self.serial, self.generation, pid, ours, self.cfg.mode,
+            started=now, last_seen=now,
         )
         self.workers[pid] = handle
         self.selector.register(ours, selectors.EVENT_READ, handle)
@@ -347,7 +348,7 @@ class Supervisor:
                 # keep `echod start` waiting should the supervisor die before reporting.
                 self.readiness.close()
             code = worker.run()
-        except BaseException as exc:  # noqa: BLE001 - a worker must never unwind into our loop
+        except BaseException as exc:  # a worker must never unwind into the supervisor's loop
             with contextlib.suppress(Exception):
                 log.get_logger().exception("worker_crashed", error=str(exc))
         finally:
