@@ -1,0 +1,258 @@
+"""Generate the settings documentation from the table in ``echod.config``.
+
+Three outputs, all derived from ``SETTINGS``, so none can drift from the code:
+``config/echod.yaml`` (every setting at its default, each with its doc as a comment), the
+settings reference in README.md (between ``<!-- settings:begin -->`` and
+``<!-- settings:end -->``) and the echod.yaml(5) man page.
+
+    python -m echod.docgen yaml|readme|man5   print one of them
+    python -m echod.docgen --write            rewrite the files in the source tree
+    python -m echod.docgen --check            exit 1 if any file is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from echod import __version__
+from echod.config import (
+    DEFAULT_PATH,
+    ENV_VAR,
+    SECTIONS,
+    SETTINGS,
+    Setting,
+    iter_yaml_lines,
+    yaml_scalar,
+)
+
+#: Where each generated file lives, relative to the root of the source tree.
+YAML_PATH = Path("config/echod.yaml")
+MAN5_PATH = Path("packaging/man/echod.yaml.5")
+README_PATH = Path("README.md")
+BEGIN = "<!-- settings:begin -->"
+END = "<!-- settings:end -->"
+REGENERATE = "python -m echod.docgen --write"
+
+_SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def render_yaml() -> str:
+    """The shipped ``config/echod.yaml``: every setting at its default, with its doc."""
+    header = [
+        "# echod configuration file: every setting, each set to its default.",
+        "#",
+        "# echod reads --config PATH, else $ECHOD_CONFIG, else /etc/echod.yaml, else uses its",
+        "# built-in defaults. A setting left out takes its default; an unknown setting, a",
+        "# value of the wrong type or out of range is an error (exit status 78).",
+        "# Check a file with `echod check-config --config PATH`.",
+        "# Reference: echod.yaml(5) and the README.",
+        "#",
+        "# Generated from the settings table in echod/config.py by",
+        f"# `{REGENERATE}`: change a default or a doc there, not here.",
+    ]
+    defaults = {s.name: s.default for s in SETTINGS}
+    return "\n".join([*header, *iter_yaml_lines(defaults, docs=True)]) + "\n"
+
+
+def render_readme_table() -> str:
+    """The README's settings reference: a markdown table, one row per setting."""
+    rows = [
+        "| Setting | Type | Default | Description |",
+        "| --- | --- | --- | --- |",
+    ]
+    for setting in SETTINGS:
+        cells = (
+            f"`{setting.name}`",
+            _markdown(setting.rule),
+            f"`{yaml_scalar(setting.default)}`",
+            _markdown(setting.doc),
+        )
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def _markdown(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render_man5(version: str) -> str:
+    """The echod.yaml(5) man page, in roff; ``version`` goes in its footer."""
+    lines = [
+        f'.\\" Generated from echod/config.py by "{REGENERATE}"; do not edit.',
+        f'.TH ECHOD.YAML 5 "" "echod {version}" "File Formats"',
+        ".SH NAME",
+        "echod.yaml \\- configuration file of the echod echo daemon",
+        ".SH SYNOPSIS",
+        f".I {DEFAULT_PATH}",
+        ".SH DESCRIPTION",
+        ".B echod",
+        "reads its settings from the YAML file named by",
+        ".BR \\-\\-config ,",
+        "else by the",
+        f".B {ENV_VAR}",
+        "environment variable, else",
+        f".I {DEFAULT_PATH}",
+        "when it exists; without any of them every setting takes its default.",
+        ".PP",
+        "The file holds one mapping of settings, and the",
+        ".B log",
+        "setting holds a mapping of its own.",
+        "A setting left out takes its default.",
+        "Types are strict: a boolean is not a number, a quoted string is not a number,",
+        "and a decimal number is not an integer (an integer is accepted where a number is).",
+        "An unknown setting, a setting given twice, a value of the wrong type or out of range,",
+        "a YAML syntax error, an empty file and a file that cannot be read are errors:",
+        "echod prints one line naming the file, line, column, setting, value and rule,",
+        "and exits with status 78 (EX_CONFIG).",
+        ".PP",
+        ".B echod check\\-config",
+        "validates a file and prints the effective configuration.",
+        ".SH SETTINGS",
+    ]
+    section = ""
+    for setting in SETTINGS:
+        if setting.section != section:
+            section = setting.section
+            lines += [f".SS {section}", _roff(SECTIONS.get(section, ""))]
+        lines += _man_setting(setting)
+    lines += [
+        ".SH EXAMPLE",
+        "Serve every interface, IPv6 and IPv4, on port 7 with a process per connection:",
+        ".PP",
+        ".RS 4",
+        ".nf",
+        "mode: process",
+        'host: "::"',
+        "port: 7",
+        "log:",
+        "  format: json",
+        "  level: warning",
+        ".fi",
+        ".RE",
+        ".SH FILES",
+        ".TP",
+        f".I {DEFAULT_PATH}",
+        "The configuration file read when no other is named.",
+        ".SH ENVIRONMENT",
+        ".TP",
+        f".B {ENV_VAR}",
+        "The configuration file to read when",
+        ".B \\-\\-config",
+        "is not given; ignored when empty.",
+        ".SH SEE ALSO",
+        ".BR echod (8)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _man_setting(setting: Setting) -> list[str]:
+    return [
+        ".TP",
+        f".B {setting.name}",
+        _roff(setting.doc),
+        ".br",
+        f"Allowed: {_roff(setting.rule)}.",
+        f"Default: \\fB{_roff(yaml_scalar(setting.default))}\\fR.",
+    ]
+
+
+def _roff(text: str) -> str:
+    """Escape text for a roff line: backslashes, and a leading control character."""
+    text = text.replace("\\", "\\e")
+    return "\\&" + text if text.startswith((".", "'")) else text
+
+
+def replace_block(readme: str, block: str) -> str | None:
+    """``readme`` with the text between the marker lines set to ``block``; None without them."""
+    pattern = re.compile(
+        rf"^{re.escape(BEGIN)}[ \t]*\n.*?^{re.escape(END)}[ \t]*$", re.DOTALL | re.MULTILINE
+    )
+    if not pattern.search(readme):
+        return None
+    return pattern.sub(lambda _: f"{BEGIN}\n\n{block}\n{END}", readme, count=1)
+
+
+def _outputs(root: Path) -> list[tuple[Path, Callable[[str], str | None]]]:
+    """Each generated file with a function from its current text to its wanted text."""
+    return [
+        (root / YAML_PATH, lambda _old: render_yaml()),
+        (root / MAN5_PATH, lambda _old: render_man5(__version__)),
+        (root / README_PATH, lambda old: replace_block(old, render_readme_table())),
+    ]
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return ""
+
+
+def write(root: Path) -> list[Path]:
+    """Rewrite the generated files under ``root``; return those that changed.
+
+    README.md is left alone when it lacks the marker lines (or does not exist).
+    """
+    changed = []
+    for path, render in _outputs(root):
+        old = _read(path)
+        new = render(old)
+        if new is None or new == old:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(new, encoding="utf-8")
+        changed.append(path)
+    return changed
+
+
+def stale(root: Path) -> list[Path]:
+    """The generated files under ``root`` that differ from what the table gives."""
+    return [
+        path
+        for path, render in _outputs(root)
+        if (new := render(old := _read(path))) is not None and new != old
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m echod.docgen``; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m echod.docgen",
+        description="Generate the settings documentation from the table in echod/config.py.",
+    )
+    parser.add_argument("what", nargs="?", choices=("yaml", "readme", "man5"), help="print one")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--write", action="store_true", help="rewrite the generated files")
+    action.add_argument("--check", action="store_true", help="exit 1 if any file is stale")
+    parser.add_argument(
+        "--root", type=Path, default=_SOURCE_ROOT, help="the source tree (default: %(default)s)"
+    )
+    args = parser.parse_args(argv)
+    if args.what and (args.write or args.check):
+        parser.error("give either what to print, or --write, or --check")
+    if args.write:
+        for path in write(args.root):
+            print(f"wrote {path}")
+        return 0
+    if args.check:
+        outdated = stale(args.root)
+        for path in outdated:
+            print(f"{path} is stale: run `{REGENERATE}`", file=sys.stderr)
+        return 1 if outdated else 0
+    if args.what is None:
+        parser.error("give what to print (yaml, readme, man5), or --write, or --check")
+    renders: dict[str, Callable[[], str]] = {
+        "yaml": render_yaml,
+        "readme": render_readme_table,
+        "man5": lambda: render_man5(__version__),
+    }
+    sys.stdout.write(renders[args.what]())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
