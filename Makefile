@@ -8,12 +8,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test test-fast lint generate bench deb e2e clean
+.PHONY: help venv run test test-fast test-debian lint generate bench deb e2e clean
 
 help:
 	@echo "make run        set up, then serve echo in the foreground on the embedded defaults"
 	@echo "make test       set up, then run every test (unit, integration, systemd e2e)"
 	@echo "make test-fast  unit and integration tests only"
+	@echo "make test-debian  the core tests on Debian 12's packaged libraries"
 	@echo "make lint       ruff and mypy"
 	@echo "make generate   regenerate config/echod.yaml, the README reference, echod.yaml(5)"
 	@echo "make bench      run the benchmark suite; writes docs/bench.md and docs/bench.png"
@@ -32,6 +33,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+	bash tests/debian-libs.sh
+
+test-debian:
+	bash tests/debian-libs.sh
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)

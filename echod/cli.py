@@ -130,6 +130,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     from echod import daemonize, log
     from echod.supervisor import Supervisor
 
+    if os.environ.get("NOTIFY_SOCKET"):
+        # Under systemd (Type=notify) the main process must stay: no double fork; the
+        # readiness goes to systemd through sd_notify instead of through a pipe.
+        return cmd_run(args)
     cfg, path = load(args)
     if not cfg.pidfile:
         raise CommandError(

@@ -267,3 +267,75 @@ def children_of(pid: int) -> list[int]:
         if int(stat.rsplit(") ", 1)[1].split()[1]) == pid:
             out.append(int(entry))
     return out
+
+
+# -- helpers for the lifecycle, limits, logging and network tests ------------------------------
+
+
+def connect_to(host: str, port: int, timeout: float = 10.0) -> socket.socket:
+    """A TCP connection to ``host`` (an IPv4 or IPv6 literal) and ``port``."""
+    return socket.create_connection((host, port), timeout=timeout)
+
+
+def refused(host: str, port: int) -> bool:
+    """True when a connection to ``host:port`` is refused (nothing listens any more)."""
+    try:
+        sock = connect_to(host, port, timeout=2.0)
+    except ConnectionRefusedError:
+        return True
+    sock.close()
+    return False
+
+
+def silent_for(sock: socket.socket, seconds: float) -> bool:
+    """True when nothing arrives on ``sock`` for ``seconds``: a bounded negative observation,
+    not a synchronisation."""
+    import select
+
+    readable, _, _ = select.select([sock], [], [], seconds)
+    return not readable
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0, so the peer gets a TCP reset instead of a FIN."""
+    import struct
+
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def ipv6_loopback() -> bool:
+    """Whether this machine can bind ``::1`` (IPv6 tests skip without it)."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def worker_pids(server: Echod) -> list[int]:
+    """Pids of the workers that reported running, oldest first."""
+    return [e["worker_pid"] for e in server.events("worker_state") if e["state"] == "running"]
+
+
+def task_count(pid: int) -> int:
+    """How many threads ``pid`` has now."""
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def wait_text(
+    path: Path, predicate: Callable[[str], Any], timeout: float = DEADLINE, what: str = "text"
+) -> Any:
+    """Wait until ``predicate(text of path)`` is truthy; return its value."""
+
+    def found() -> Any:
+        try:
+            text = path.read_text(errors="replace")
+        except FileNotFoundError:
+            return None
+        return predicate(text)
+
+    return wait_for(found, timeout, what=what)
