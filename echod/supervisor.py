@@ -367,6 +367,9 @@ class Supervisor:
         )
 
     def on_worker_message(self, handle: WorkerHandle) -> None:
+        if handle.control.fileno() == -1:
+            # Reaped (and its channel closed) earlier in the same batch of selector events.
+            return
         try:
             message = handle.control.recv(64)
         except BlockingIOError:
@@ -715,7 +718,8 @@ class Supervisor:
                 {"index": h.index, "pid": h.pid, "state": h.state, "open": h.open}
                 for h in sorted(self.workers.values(), key=lambda h: (h.generation, h.index))
             ],
-            "addresses": self.listeners.addresses() if self.state != STOPPING else [],
+            # Stopping (or stopped: the last worker failed) closed the sockets already.
+            "addresses": self.listeners.addresses() if self.state in (STARTING, RUNNING) else [],
             "config_file": self.config_path,
             "open": sum(h.open for h in self.workers.values()),
             "served": self.served_total(),

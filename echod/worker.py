@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import selectors
 import signal
 import socket
@@ -357,6 +358,10 @@ class Worker:
         now = time.monotonic()
         if not self.stopping:
             self.stopping = True
+            if timeout is None:
+                # A reload retires us, maybe from a port nobody will listen on again: closing
+                # it would reset every connection still queued in its backlog. Serve them.
+                self.accept_backlog()
             self.open_at_stop = self.open_connections()
             self.close_listeners()
             self.log.info(
@@ -368,6 +373,14 @@ class Worker:
             deadline = now + timeout
             if self.drain_deadline is None or deadline < self.drain_deadline:
                 self.drain_deadline = deadline
+
+    def accept_backlog(self) -> None:
+        """Accept the connections already queued on the listeners (within the limits)."""
+        for sock in self.spec.listeners.tcp:
+            for _ in range(self.cfg.backlog // ACCEPT_BATCH + 2):
+                if self.paused is not None or not _pending(sock):
+                    break
+                self.on_acceptable(sock)
 
     def close_listeners(self) -> None:
         for sock in self.spec.listeners.all():
@@ -387,6 +400,13 @@ class Worker:
 
 def _record_only(_signum: int, _frame: Any) -> None:
     """Signal handler: the wakeup fd has recorded the signal; the loop acts on it."""
+
+
+def _pending(sock: socket.socket) -> bool:
+    """Whether a connection waits in the backlog of the listening ``sock``."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _close_quietly(sock: socket.socket) -> None:

@@ -6,6 +6,7 @@ sleeps to synchronise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,7 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 20.0
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE, what: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = DEADLINE, what: str = "condition"
+) -> Any:
     """Return the first truthy value of ``predicate()``; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     delay = 0.002
@@ -83,9 +86,15 @@ class Echod:
         self.settings.update(changes)
         self.config_path.write_text(yaml.safe_dump(self.settings))
 
-    def start(self, wait: bool = True, env: dict[str, str] | None = None) -> Echod:
+    def start(
+        self,
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> Echod:
         self.write_config()
-        full_env = {k: v for k, v in os.environ.items() if k not in ("ECHOD_CONFIG", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "JOURNAL_STREAM")}
+        scrub = ("ECHOD_CONFIG", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "JOURNAL_STREAM")
+        full_env = {k: v for k, v in os.environ.items() if k not in scrub}
         full_env.update(env or {})
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
@@ -96,6 +105,7 @@ class Echod:
                 cwd=ROOT,
                 env=full_env,
                 start_new_session=True,
+                preexec_fn=preexec_fn,  # noqa: PLW1509 - only setrlimit, async-signal-safe
             )
         if wait:
             ready = self.wait_event("ready")
@@ -339,3 +349,409 @@ def wait_text(
         return predicate(text)
 
     return wait_for(found, timeout, what=what)
+
+
+# -- helpers for the daemon, reload and systemd tests ---------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, grandchildren ...), bounded in depth."""
+    found: list[int] = []
+    level = [pid]
+    for _ in range(16):
+        level = [child for parent in level for child in children_of(parent)]
+        if not level:
+            break
+        found.extend(level)
+    return found
+
+
+def open_files(pid: int) -> list[str]:
+    """What the descriptors of ``pid`` point to ([] once it is gone)."""
+    targets = []
+    try:
+        entries = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    for fd in entries:
+        try:
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return targets
+
+
+class NotifySocket:
+    """A stand-in for systemd's notify socket: an AF_UNIX datagram socket that records
+    every ``KEY=value`` message echod sends. ``address`` is what ``NOTIFY_SOCKET`` holds:
+    a path, or ``@name`` for an abstract socket."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.sock.setblocking(False)
+        self.messages: list[dict[str, str]] = []
+
+    def drain(self) -> list[dict[str, str]]:
+        """Take every datagram waiting; return all messages received so far."""
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return self.messages
+            fields = dict(
+                line.split("=", 1) for line in data.decode().splitlines() if "=" in line
+            )
+            fields["_received"] = repr(time.monotonic())
+            self.messages.append(fields)
+
+    def wait(
+        self, key: str, value: str | None = None, after: int = 0, timeout: float = DEADLINE
+    ) -> int:
+        """Index of the first message at or after index ``after`` that has ``key`` (equal to
+        ``value`` if given); fails after ``timeout`` seconds."""
+
+        def found() -> int | None:
+            for index, message in enumerate(self.drain()[after:], start=after):
+                if key in message and (value is None or message[key] == value):
+                    return index + 1  # truthy even for index 0
+            return None
+
+        return int(wait_for(found, timeout, what=f"notification {key}={value}")) - 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# -- helpers for the supervision, admission, fault, UDP and soak tests ------------------------
+
+
+def available_modes() -> list[str]:
+    """The serving modes to parametrize over: thread and process, and async once it exists."""
+    modes = ["thread", "process"]
+    try:
+        from echod.workers import worker_class
+
+        worker_class("async")
+    except (ImportError, AttributeError):
+        pass
+    else:
+        modes.append("async")
+    return modes
+
+
+MODES = available_modes()
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def thread_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time ``pid`` has used (its threads included)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(") ", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def session_pids(sid: int) -> list[int]:
+    """Every live (non-zombie) process in session ``sid``: what an echod started with
+    ``start_new_session`` has left running."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(") ", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            out.append(int(entry))
+    return out
+
+
+def event_time(event: dict[str, Any]) -> float:
+    """An event's timestamp as seconds since the epoch."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def running_workers(server: Echod) -> dict[int, int]:
+    """Worker index -> pid, for each worker whose latest logged state is ``running``."""
+    current: dict[int, int] = {}
+    for event in server.events("worker_state"):
+        if event["state"] == "running":
+            current[event["worker"]] = event["worker_pid"]
+        elif current.get(event["worker"]) == event["worker_pid"]:
+            del current[event["worker"]]
+    return current
+
+
+def wait_workers(server: Echod, count: int) -> dict[int, int]:
+    def ready() -> dict[int, int] | None:
+        workers = running_workers(server)
+        return workers if len(workers) == count else None
+
+    return wait_for(ready, what=f"{count} running workers")  # type: ignore[no-any-return]
+
+
+def connection_owners(server: Echod) -> dict[int, int]:
+    """Client port -> pid of the worker that serves it, from the conn_open events
+    (in process mode the connection's own process is a child of the worker)."""
+    owners = {}
+    for event in server.events("conn_open"):
+        owner = event["ppid"] if event.get("mode") == "process" else event["pid"]
+        owners[event["peer_port"]] = owner
+    return owners
+
+
+def resources(pid: int) -> tuple[int, int, int]:
+    """What a worker holds: open descriptors, threads, live child processes."""
+    children = [c for c in children_of(pid) if c not in zombies_of(pid)]
+    return fd_count(pid), thread_count(pid), len(children)
+
+
+@contextmanager
+def no_leaks(server: Echod, pids: list[int], timeout: float = DEADLINE) -> Iterator[None]:
+    """Assert that ``pids`` (the supervisor, the workers) stay alive and, once the block's
+    connections are over, hold exactly the descriptors, threads and children they held
+    before it."""
+    before = {pid: resources(pid) for pid in pids}
+    yield
+    for pid in pids:
+        assert not pid_gone(pid), f"process {pid} died"
+        wait_for(
+            lambda pid=pid: resources(pid) == before[pid],  # type: ignore[misc]
+            timeout,
+            what=f"pid {pid} back to {before[pid]} (fds, threads, children), "
+            f"now {resources(pid)}",
+        )
+    assert not [e for e in server.events("worker_state") if e["state"] == "failed"]
+    for pid in pids:
+        assert not zombies_of(pid)
+
+
+def rlimit_nofile(limit: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that starts the child with at most ``limit`` open descriptors."""
+    import resource
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    return apply
+
+
+class Pattern:
+    """A connection's byte stream: position-dependent random bytes (a random block of prime
+    length, repeated), so that a lost, repeated or altered byte shows at its offset."""
+
+    LENGTH = 65521
+
+    def __init__(self) -> None:
+        block = os.urandom(self.LENGTH)
+        self._doubled = block + block
+
+    def chunk(self, offset: int, size: int) -> memoryview:
+        start = offset % self.LENGTH
+        return memoryview(self._doubled)[start : start + min(size, self.LENGTH)]
+
+    def matches(self, offset: int, data: bytes | memoryview) -> bool:
+        view = memoryview(data)
+        while view:
+            piece = self.chunk(offset, len(view))
+            if view[: len(piece)] != piece:
+                return False
+            offset += len(piece)
+            view = view[len(piece) :]
+        return True
+
+
+class Stream:
+    """One streaming client connection and what it has verified."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.port = sock.getsockname()[1]
+        self.pattern = Pattern()
+        self.sent = 0
+        self.received = 0
+        self.corrupt_at: int | None = None
+        self.ended: str | None = None  # why the server side ended it early, if it did
+        self.eof = False
+        self.last_progress = time.monotonic()
+        self.stalled = False
+
+
+class Streamers:
+    """Clients that stream verified data through echod from one background thread.
+
+    Each client keeps at most ``window`` bytes in flight and sends ``chunk`` bytes every
+    ``interval`` seconds; every byte echoed back is compared with what was sent at that
+    offset. A connection the server ends (EOF or error) is recorded and, with
+    ``reconnect``, replaced by a new one. A connection with bytes in flight and no progress
+    for ``stall_after`` seconds is recorded as stalled (a hang).
+    """
+
+    def __init__(
+        self,
+        port: int,
+        count: int,
+        *,
+        chunk: int = 4096,
+        interval: float = 0.02,
+        window: int = 65536,
+        reconnect: bool = False,
+        stall_after: float = 10.0,
+    ) -> None:
+        import selectors
+        import threading
+
+        self.port = port
+        self.count = count
+        self.chunk = chunk
+        self.interval = interval
+        self.window = window
+        self.reconnect = reconnect
+        self.stall_after = stall_after
+        self.streams: list[Stream] = []
+        self.selector = selectors.DefaultSelector()
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="streamers", daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> Streamers:
+        for _ in range(self.count):
+            self._open()
+        self.thread.start()
+        return self
+
+    def _open(self) -> None:
+        import selectors
+
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=DEADLINE)
+        sock.setblocking(False)
+        stream = Stream(sock)
+        with self.lock:
+            self.streams.append(stream)
+        self.selector.register(sock, selectors.EVENT_READ, stream)
+
+    def live(self) -> list[Stream]:
+        with self.lock:
+            return [s for s in self.streams if s.ended is None and not s.eof]
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # reported by finish()
+            self.error = exc
+
+    def _loop(self) -> None:
+        next_tick = time.monotonic()
+        while not self.stopping.is_set():
+            timeout = max(0.0, next_tick - time.monotonic())
+            for key, _ in self.selector.select(timeout):
+                self._on_readable(key.data)
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + self.interval
+                for stream in self.live():
+                    self._send(stream)
+                    if (
+                        stream.sent > stream.received
+                        and now - stream.last_progress > self.stall_after
+                    ):
+                        stream.stalled = True
+                        self._end(stream, "stalled")
+
+    def _send(self, stream: Stream) -> None:
+        room = self.window - (stream.sent - stream.received)
+        if room <= 0:
+            return
+        try:
+            sent = stream.sock.send(stream.pattern.chunk(stream.sent, min(room, self.chunk)))
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._end(stream, type(exc).__name__)
+            return
+        if stream.sent == stream.received:
+            stream.last_progress = time.monotonic()
+        stream.sent += sent
+
+    def _on_readable(self, stream: Stream) -> None:
+        try:
+            data = stream.sock.recv(262144)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._end(stream, type(exc).__name__)
+            return
+        if not data:
+            if self.stopping.is_set() or stream.eof:
+                stream.eof = True
+            else:
+                self._end(stream, "eof")
+            return
+        if stream.corrupt_at is None and not stream.pattern.matches(stream.received, data):
+            stream.corrupt_at = stream.received
+        stream.received += len(data)
+        stream.last_progress = time.monotonic()
+
+    def _end(self, stream: Stream, why: str) -> None:
+        stream.ended = why
+        self.selector.unregister(stream.sock)
+        stream.sock.close()
+        if self.reconnect and not self.stopping.is_set():
+            self._open()
+
+    def finish(self, timeout: float = DEADLINE) -> list[Stream]:
+        """Stop sending, half-close every live connection, read its echo to EOF."""
+        self.stopping.set()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "streaming thread did not stop"
+        if self.error is not None:
+            raise self.error
+        live = self.live()
+        for stream in live:
+            stream.sock.setblocking(True)
+            stream.sock.settimeout(timeout)
+            stream.sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + timeout
+        for stream in live:
+            while not stream.eof and stream.ended is None:
+                assert time.monotonic() < deadline, f"no EOF on port {stream.port}"
+                self._on_readable(stream)
+        for stream in live:
+            with contextlib.suppress(KeyError):
+                self.selector.unregister(stream.sock)
+            stream.sock.close()
+        self.selector.close()
+        return self.streams

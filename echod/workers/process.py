@@ -8,6 +8,7 @@ it closes the listening sockets and the worker's control channel straight away.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ from echod.handler import EchoHandler
 from echod.worker import Worker
 
 _FORK_BLOCKED = {signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD, signal.SIGQUIT}
+_PR_SET_PDEATHSIG = 1
 
 
 class ChildStopper:
@@ -50,6 +52,7 @@ class ProcessWorker(Worker):
 
     def init_mode(self) -> None:
         self.children: dict[int, Any] = {}
+        self.worker_pid = os.getpid()
 
     def open_connections(self) -> int:
         # A cut child still counts until it has been reaped.
@@ -95,6 +98,7 @@ class ProcessWorker(Worker):
         log.set_process_name(name)
         log.configure(self.cfg.log, sink=log.current_sink())
         proctitle.set_title(f"echod: connection {conn_id}")
+        _cut_when_orphaned(self.worker_pid)
         return ChildStopper(wake_r)
 
     def on_signal(self, signum: int) -> None:
@@ -130,3 +134,20 @@ class ProcessWorker(Worker):
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass  # exited; the SIGCHLD on its way will reap it
+
+
+def _cut_when_orphaned(worker_pid: int) -> None:
+    """Have the worker's death cut this connection (SIGTERM, as at the shutdown deadline).
+
+    An orphaned connection process would serve on unsupervised: no drain would cut it, no log
+    reopen would reach it, and it would outlive the daemon. Its client sees the connection
+    close, as a thread-mode client of a killed worker does.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != worker_pid:
+        # The worker died before prctl: the signal it would have sent is ours to raise.
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -1,0 +1,790 @@
+#!/usr/bin/env python3
+"""Benchmark echod's modes against the classic echo servers and a bare event loop, in one run.
+
+Starts each server in turn (a fresh process per scenario, on a free port of 127.0.0.1), drives
+it with bench/loadgen.py, stops it with SIGTERM, and writes bench.md (tables and ratios),
+bench.png (chart) and bench.json (every number) to --out (default: docs/).
+
+    python bench/run.py                      # everything: about 6 minutes on 2 cores
+    python bench/run.py --quick              # a smoke run: short, fewer idle connections
+    python bench/run.py --servers bare_uvloop,echod_async --scenarios churn-64B-c10
+
+An echod mode that does not start (or is not implemented yet) is reported as n/a. The exit
+status is 1 if any echoed byte differed or a run failed against a server that did start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import re
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import loadgen
+import procstat
+
+ROOT = Path(__file__).resolve().parent.parent
+BASELINES = ROOT / "bench" / "baselines"
+HOST = "127.0.0.1"
+START_TIMEOUT = 15.0  # seconds for a server to accept its first connection
+STOP_TIMEOUT = 15.0  # seconds for a server to exit after SIGTERM
+READY_TIMEOUT = 5.0  # seconds to wait for READY=1 in the start-up measurement
+IDLE_FULL, IDLE_QUICK = 10_000, 500
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """A server the harness can start: a baseline script or an echod mode."""
+
+    name: str
+    about: str
+    script: str | None = None  # bench/baselines/<script> PORT
+    mode: str | None = None  # python -m echod run --config <yaml with this mode>
+
+    @property
+    def is_echod(self) -> bool:
+        return self.mode is not None
+
+
+SERVERS: tuple[ServerSpec, ...] = (
+    ServerSpec("classic_thread", "tutorial server, thread per connection", "classic_thread.py"),
+    ServerSpec("classic_process", "tutorial server, fork per connection", "classic_process.py"),
+    ServerSpec("bare_uvloop", "asyncio Protocol echo on uvloop, nothing else", "bare_uvloop.py"),
+    ServerSpec("echod_thread", "echod mode: thread", mode="thread"),
+    ServerSpec("echod_process", "echod mode: process", mode="process"),
+    ServerSpec("echod_async", "echod mode: async", mode="async"),
+)
+SERVER_NAMES = tuple(s.name for s in SERVERS)
+
+# (echod server, its baseline): the comparisons the project's targets are stated in.
+RATIOS: tuple[tuple[str, str], ...] = (
+    ("echod_async", "bare_uvloop"),
+    ("echod_thread", "classic_thread"),
+    ("echod_process", "classic_process"),
+)
+
+
+class ServerStartError(Exception):
+    """The server exited, or did not accept connections, before its deadline."""
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 that was free a moment ago (the server binds it right after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def accepts(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+class Server:
+    """One server process of the harness. Construction starts nothing; start() does."""
+
+    def __init__(self, spec: ServerSpec, workdir: Path, tag: str, env: dict[str, str]) -> None:
+        self.spec = spec
+        self.port = free_port()
+        self.workdir = workdir
+        self.output = workdir / f"{tag}.out"
+        self.log_file = workdir / f"{tag}.log"
+        self.config = workdir / f"{tag}.yaml"
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        if self.spec.script is not None:
+            return [sys.executable, str(BASELINES / self.spec.script), str(self.port)]
+        return [sys.executable, "-m", "echod", "run", "--config", str(self.config)]
+
+    def write_config(self) -> None:
+        # JSON strings are valid YAML scalars: no YAML library needed to write this.
+        self.config.write_text(
+            f"mode: {self.spec.mode}\n"
+            f"host: {HOST}\n"
+            f"port: {self.port}\n"
+            "workers: 1\n"
+            "max_connections: 20000\n"
+            "pidfile: null\n"
+            "log:\n"
+            f"  file: {json.dumps(str(self.log_file))}\n"
+            "  format: json\n"
+            "  level: info\n"
+            "  connections: true\n"
+        )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        if self.spec.is_echod:
+            self.write_config()
+        env = {**os.environ, **self.env}
+        # The tree under test, not an installed copy, is what gets measured.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        with self.output.open("wb") as out:
+            self.proc = subprocess.Popen(
+                self.argv(),
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: leftovers are found by pgid
+            )
+
+    def wait_listening(self, timeout: float = START_TIMEOUT) -> None:
+        """Return once the port accepts; raise ServerStartError if it exits or times out."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # bounded by the deadline
+            if accepts(self.port):
+                return
+            try:
+                # Wait for the process to exit, but at most a moment: returns early on a crash.
+                self.proc.wait(0.02)
+            except subprocess.TimeoutExpired:
+                continue
+            raise ServerStartError(f"exited with status {self.proc.returncode}: {self.tail()}")
+        raise ServerStartError(f"port {self.port} did not accept within {timeout:.0f} s")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        """SIGTERM the server (only the pid started here), wait, then clear leftovers."""
+        if self.proc is None:
+            return None
+        tree = procstat.tree_pids(self.proc.pid)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(STOP_TIMEOUT)
+        self.kill_leftovers(tree)
+        return code
+
+    def kill_leftovers(self, pids: list[int]) -> None:
+        """SIGKILL descendants that outlived the server (e.g. per-connection children).
+
+        Only pids seen in the server's tree that are still in its process group.
+        """
+        assert self.proc is not None
+        for pid in pids:
+            if pid == self.proc.pid:
+                continue
+            try:
+                if os.getpgid(pid) == self.proc.pid:
+                    os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+
+    def tail(self) -> str:
+        """The last line the server printed (for a traceback: the exception), shortened."""
+        try:
+            text = self.output.read_text(errors="replace").strip().splitlines()
+        except FileNotFoundError:
+            return "no output"
+        return text[-1][:300] if text else "no output"
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def measure_startup(spec: ServerSpec, workdir: Path, runs: int) -> dict[str, Any]:
+    """Start the server runs times; median time from exec to READY=1 and to listening.
+
+    READY=1 comes on a NOTIFY_SOCKET made here (sd_notify protocol); None when none came
+    within READY_TIMEOUT. Both clocks are polled every 2 ms, which bounds their precision.
+    """
+    ready: list[float] = []
+    listening: list[float] = []
+    failures: list[str] = []
+    wait_ready = spec.is_echod
+    for i in range(runs):
+        path = workdir / f"notify-{spec.name}-{i}.sock"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.bind(str(path))
+            env = {"NOTIFY_SOCKET": str(path)}
+            server = Server(spec, workdir, f"startup-{spec.name}-{i}", env)
+            t_ready, t_listen, failure = _time_startup(server, notify, wait_ready)
+            server.stop()
+        # No READY in the first run: the others only time listening, not 5 s each for nothing.
+        wait_ready = wait_ready and t_ready is not None
+        path.unlink(missing_ok=True)
+        if failure:  # a server that exits is not ready, whatever it did before
+            failures.append(failure)
+            continue
+        if t_ready is not None:
+            ready.append(t_ready)
+        if t_listen is not None:
+            listening.append(t_listen)
+    return {
+        "runs": runs,
+        "ready_ms": 1000 * statistics.median(ready) if len(ready) == runs else None,
+        "listen_ms": 1000 * statistics.median(listening) if len(listening) == runs else None,
+        "failures": failures[:3],
+    }
+
+
+def _time_startup(
+    server: Server, notify: socket.socket, wait_ready: bool
+) -> tuple[float | None, float | None, str | None]:
+    t_ready = t_listen = None
+    t0 = time.perf_counter()
+    server.start()
+    deadline = t0 + READY_TIMEOUT
+    while time.perf_counter() < deadline:  # bounded by the deadline
+        readable, _, _ = select.select([notify], [], [], 0.002)
+        now = time.perf_counter() - t0
+        if readable and b"READY=1" in notify.recv(4096).split(b"\n"):
+            t_ready = t_ready or now
+        if t_listen is None and accepts(server.port):
+            t_listen = now
+        if t_listen is not None and (t_ready is not None or not wait_ready):
+            break
+        if not server.alive():
+            return t_ready, t_listen, f"exited with status {server.proc and server.proc.poll()}"
+    return t_ready, t_listen, None
+
+
+def bench_server(
+    spec: ServerSpec, scenarios: list[loadgen.Scenario], duration: float, workdir: Path
+) -> dict[str, dict[str, Any]]:
+    """Every scenario against a fresh process of this server; n/a where it does not start."""
+    results: dict[str, dict[str, Any]] = {}
+    for scenario in scenarios:
+        server = Server(spec, workdir, f"{spec.name}-{scenario.name}", {})
+        entry: dict[str, Any]
+        try:
+            server.start()
+            server.wait_listening()
+        except ServerStartError as exc:
+            server.stop()
+            # A server that does not start fails alike for every scenario: say so once.
+            for rest in scenarios[scenarios.index(scenario) :]:
+                results[rest.name] = {"status": "n/a", "reason": str(exc)}
+            _progress(spec.name, "(every scenario)", results[scenario.name])
+            break
+        try:
+            result = loadgen.run(
+                scenario, server.port, host=HOST, duration=duration, server_pid=server.pid
+            )
+            entry = {"status": "ok", **result.to_dict()}
+            if not server.alive():
+                entry["status"] = "failed"
+                entry["reason"] = f"server exited during the run: {server.tail()}"
+        except Exception as exc:  # one broken run must not lose the others
+            entry = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+        finally:
+            code = server.stop()
+        entry["exit_status"] = code
+        if spec.is_echod:
+            entry["log_lines"] = _count_lines(server.log_file)
+        if spec.name == "bare_uvloop":
+            entry["loop"] = _loop_line(server)
+        results[scenario.name] = entry
+        _progress(spec.name, scenario.name, entry)
+    return results
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with path.open("rb") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def _loop_line(server: Server) -> str:
+    try:
+        first = server.output.read_text().splitlines()[0]
+    except (FileNotFoundError, IndexError):
+        return "unknown"
+    return first.removeprefix("loop: ")
+
+
+def _progress(server: str, scenario: str, entry: dict[str, Any]) -> None:
+    if entry["status"] != "ok":
+        print(f"{server:16} {scenario:16} {entry['status']}: {entry['reason']}", flush=True)
+        return
+    check = "verified" if entry["verified"] else f"NOT VERIFIED {entry['error_samples']}"
+    print(
+        f"{server:16} {scenario:16} {primary(entry):>14}  "
+        f"cpu/rt {_num(entry['server_cpu_us_per_rt'], 1):>6} us  {check}",
+        flush=True,
+    )
+
+
+# --------------------------------------------------------------------------- report
+
+
+def primary_value(entry: dict[str, Any]) -> float | None:
+    """The headline number of a run: rt/s, MB/s (64 KiB), conn/s (churn), MiB PSS (idle)."""
+    if entry.get("status") != "ok":
+        return None
+    if entry["kind"] == "idle":
+        after = entry["pss_after_kib"]
+        return after / 1024 if after is not None else None
+    if entry["kind"] == "churn":
+        return float(entry["conn_per_s"])
+    if entry["size"] >= 65536:
+        return float(entry["mb_per_s"])
+    return float(entry["rt_per_s"])
+
+
+def unit(scenario: loadgen.Scenario) -> str:
+    if scenario.kind == "idle":
+        return "MiB PSS"
+    if scenario.kind == "churn":
+        return "conn/s"
+    return "MB/s" if scenario.size >= 65536 else "rt/s"
+
+
+def primary(entry: dict[str, Any]) -> str:
+    value = primary_value(entry)
+    if value is None:
+        return "n/a"
+    if entry["kind"] == "idle":
+        return f"{value:,.1f} MiB"
+    return f"{value:,.0f}" if value >= 100 else f"{value:,.1f}"
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def _ratio(num: float | None, den: float | None) -> str:
+    if num is None or den is None or den == 0:
+        return "n/a"
+    return f"{num / den:.2f}x"
+
+
+def machine_info() -> dict[str, str]:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    try:
+        uvloop_version = metadata.version("uvloop")
+    except metadata.PackageNotFoundError:
+        uvloop_version = "not installed"
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "memory": f"{procstat.mem_total_kib() / 1024 / 1024:.0f} GiB",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "uvloop": uvloop_version,
+        "echod": _echod_version(),
+    }
+
+
+def _echod_version() -> str:
+    probe = subprocess.run(
+        [sys.executable, "-c", "import echod; print(echod.__version__)"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    version = probe.stdout.strip() if probe.returncode == 0 else "not importable"
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if commit.returncode == 0:
+        version += f" (commit {commit.stdout.strip()})"
+    return version
+
+
+def render_markdown(report: dict[str, Any], scenarios: list[loadgen.Scenario]) -> str:
+    servers: list[str] = report["servers"]
+    runs: dict[str, dict[str, dict[str, Any]]] = report["results"]
+    startup: dict[str, dict[str, Any]] = report["startup"]
+    m = report["machine"]
+    out = [
+        "# echod benchmarks",
+        "",
+        f"Run {report['date']} with `{report['command']}`: "
+        f"{report['duration']:g} s per scenario, a fresh server process per scenario.",
+        "",
+        f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory']}, Linux {m['kernel']}, "
+        f"Python {m['python']}, uvloop {m['uvloop']} "
+        f"(bare_uvloop ran on: {report['bare_uvloop_loop']}), echod {m['echod']}.",
+        "",
+        "## Throughput",
+        "",
+        "Higher is better, except idle (PSS of the server's process tree holding the idle "
+        "connections). Start-up: median ms from exec to READY=1 / to accepting.",
+        "",
+    ]
+    head = [f"{s.name} {unit(s)}" for s in scenarios]
+    out += _table(
+        ["server", *head, "start-up ms"],
+        [
+            [name, *[primary(runs[name][s.name]) for s in scenarios], _startup(startup, name)]
+            for name in servers
+        ],
+    )
+    out += ["", "## Server CPU per round trip, µs", ""]
+    out += [
+        "User + system time of the server's process tree (with reaped children) from /proc, "
+        "divided by round trips (idle: by connections). Lower is better; it depends far less "
+        "on a busy machine than throughput does.",
+        "",
+    ]
+    out += _table(
+        ["server", *[s.name for s in scenarios]],
+        [
+            [n, *[_field(runs[n][s.name], "server_cpu_us_per_rt", 1) for s in scenarios]]
+            for n in servers
+        ],
+    )
+    timed = [s for s in scenarios if s.kind != "idle"]
+    out += ["", "## Latency p50 / p99, µs", ""]
+    out += _table(
+        ["server", *[s.name for s in timed]],
+        [[n, *[_latency(runs[n][s.name]) for s in timed]] for n in servers],
+    )
+    out += _memory_section(report, scenarios)
+    out += _ratio_section(report, scenarios)
+    out += _verification_section(report)
+    out += [
+        "",
+        "## Method",
+        "",
+        "- Load: bench/loadgen.py, client processes = min(connections, CPUs), each driving its "
+        "connections with one epoll loop (one connection: blocking calls). Every echoed byte is "
+        "compared with what was sent; each connection half-closes at the end and must then "
+        "see EOF and nothing else.",
+        "- MB/s counts payload echoed back, 10^6 bytes. Latency is per round trip (churn: "
+        "connect to echo). Churn: connect, echo 64 B, close, repeat.",
+        "- The clients share the machine's CPUs with the server; on a small machine they are "
+        "part of the limit, equally for every server. Time spent in soft interrupts "
+        "(the loopback network path) is not charged to any process.",
+        "- Idle: connections opened 64 at a time per client process, each echoing 8 B once, "
+        "then held; memory is PSS from /proc/<pid>/smaps_rollup summed over the server's tree.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---", *["---:"] * (len(head) - 1)]) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _field(entry: dict[str, Any], key: str, digits: int) -> str:
+    return _num(entry.get(key), digits) if entry.get("status") == "ok" else "n/a"
+
+
+def _latency(entry: dict[str, Any]) -> str:
+    if entry.get("status") != "ok":
+        return "n/a"
+    return f"{_num(entry['p50_us'])} / {_num(entry['p99_us'])}"
+
+
+def _startup(startup: dict[str, dict[str, Any]], name: str) -> str:
+    info = startup.get(name)
+    if not info:
+        return "n/a"
+    return f"{_num(info['ready_ms'])} / {_num(info['listen_ms'])}"
+
+
+def _memory_section(report: dict[str, Any], scenarios: list[loadgen.Scenario]) -> list[str]:
+    idle = [s for s in scenarios if s.kind == "idle"]
+    if not idle:
+        return []
+    name = idle[0].name
+    rows = []
+    for server in report["servers"]:
+        e = report["results"][server][name]
+        if e.get("status") != "ok":
+            rows.append([server, "n/a", "n/a", "n/a", "n/a", "n/a"])
+            continue
+        rows.append(
+            [
+                server,
+                f"{e['held']:,}",
+                _num(e["pss_before_kib"] / 1024, 1),
+                _num(e["pss_after_kib"] / 1024, 1),
+                _num(e["pss_per_conn_kib"], 1),
+                str(e["server_procs"]),
+            ]
+        )
+    head = ["server", "connections held", "PSS idle MiB", "PSS held MiB", "KiB/connection"]
+    out = ["", f"## Memory: {name}", ""]
+    out += _table([*head, "processes"], rows)
+    notes = [
+        f"- {server}: {report['results'][server][name]['note']}"
+        for server in report["servers"]
+        if report["results"][server][name].get("note")
+    ]
+    return out + (["", *notes] if notes else [])
+
+
+def _ratio_section(report: dict[str, Any], scenarios: list[loadgen.Scenario]) -> list[str]:
+    runs = report["results"]
+    selected = set(report["servers"])
+    pairs = [(a, b) for a, b in RATIOS if a in selected or b in selected]
+    if not pairs:
+        return []
+
+    def value(server: str, scenario: str, key: str | None) -> float | None:
+        entry = runs.get(server, {}).get(scenario, {})
+        if entry.get("status") != "ok":
+            return None
+        return primary_value(entry) if key is None else entry.get(key)
+
+    out = ["", "## Ratios: echod / baseline", ""]
+    out += [
+        "Headline number of echod divided by that of its baseline (idle: baseline PSS divided "
+        "by echod PSS). CPU: baseline CPU per round trip divided by echod's. Above 1.00x "
+        "means echod does better.",
+        "",
+    ]
+    rows = []
+    for echod, base in pairs:
+        cells, cpu_cells = [], []
+        for s in scenarios:
+            mine, theirs = value(echod, s.name, None), value(base, s.name, None)
+            cells.append(_ratio(theirs, mine) if s.kind == "idle" else _ratio(mine, theirs))
+            cpu_cells.append(
+                _ratio(
+                    value(base, s.name, "server_cpu_us_per_rt"),
+                    value(echod, s.name, "server_cpu_us_per_rt"),
+                )
+            )
+        rows.append([f"{echod} / {base}", *cells])
+        rows.append([f"{echod} / {base} (CPU)", *cpu_cells])
+    return out + _table(["ratio", *[s.name for s in scenarios]], rows)
+
+
+def _verification_section(report: dict[str, Any]) -> list[str]:
+    ok = failed = 0
+    sent = 0
+    problems: list[str] = []
+    unavailable: list[str] = []
+    for server, runs in report["results"].items():
+        for scenario, e in runs.items():
+            if e["status"] == "n/a":
+                unavailable.append(f"- {server} {scenario}: n/a ({e['reason']})")
+            elif e["status"] == "ok" and e["verified"]:
+                ok += 1
+                sent += e["sent_bytes"]
+            else:
+                failed += 1
+                why = e.get("reason") or "; ".join(e.get("error_samples", [])) or "mismatch"
+                problems.append(f"- {server} {scenario}: FAILED ({why})")
+    verdict = "passed" if failed == 0 and ok > 0 else "FAILED"
+    out = [
+        "",
+        "## Byte verification",
+        "",
+        f"Byte verification: {verdict}: {ok} runs, {sent:,} bytes sent and every one compared "
+        f"on its way back; {failed} runs failed.",
+    ]
+    if problems or unavailable:
+        out += ["", *problems, *_dedupe_na(unavailable)]
+    return out
+
+
+def _dedupe_na(lines: list[str]) -> list[str]:
+    # A server that never starts fails the same way for every scenario: say it once.
+    seen: dict[str, str] = {}
+    for line in lines:
+        server = line.split()[1]
+        seen.setdefault(server, re.sub(r"^- (\S+) \S+:", r"- \1 (every scenario):", line))
+    return list(seen.values())
+
+
+def draw_chart(report: dict[str, Any], scenarios: list[loadgen.Scenario], path: Path) -> str:
+    """bench.png: one panel per scenario, one bar per server. Returns '' or why not drawn."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: pip install -r bench/requirements.txt"
+    servers: list[str] = report["servers"]
+    cols = 3
+    rows = (len(scenarios) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    palette = {
+        "classic_thread": "#9e9e9e",
+        "classic_process": "#6d6d6d",
+        "bare_uvloop": "#3d3d3d",
+        "echod_thread": "#4c9be8",
+        "echod_process": "#2e7d32",
+        "echod_async": "#e8743b",
+    }
+    for ax, scenario in zip(axes.flat, scenarios, strict=False):
+        values = [primary_value(report["results"][s][scenario.name]) for s in servers]
+        bars = ax.bar(
+            range(len(servers)),
+            [v or 0 for v in values],
+            color=[palette.get(s, "#888888") for s in servers],
+        )
+        for bar, v in zip(bars, values, strict=True):
+            label = "n/a" if v is None else (f"{v:,.0f}" if v >= 100 else f"{v:,.1f}")
+            ax.annotate(
+                label,
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+        better = "lower is better" if scenario.kind == "idle" else "higher is better"
+        ax.set_title(f"{scenario.name} ({unit(scenario)}, {better})", fontsize=10)
+        ax.set_xticks(range(len(servers)), servers, rotation=30, ha="right", fontsize=8)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.margins(y=0.15)
+    for ax in list(axes.flat)[len(scenarios) :]:
+        ax.set_visible(False)
+    m = report["machine"]
+    fig.suptitle(
+        f"echod bench, {report['date'][:10]}: {m['nproc']} CPUs ({m['cpu']}), "
+        f"Linux {m['kernel']}, Python {m['python']}, uvloop {m['uvloop']}",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return ""
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="short smoke run (< 30 s)")
+    parser.add_argument("--servers", default=",".join(SERVER_NAMES), help="comma-separated")
+    parser.add_argument("--scenarios", default=",".join(loadgen.SCENARIO_NAMES), help="ditto")
+    parser.add_argument("--duration", type=float, help="seconds per scenario (5; quick 0.5)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="output directory")
+    args = parser.parse_args(argv)
+    args.servers = _choose(parser, args.servers, SERVER_NAMES, "server")
+    args.scenarios = _choose(parser, args.scenarios, loadgen.SCENARIO_NAMES, "scenario")
+    if args.duration is None:
+        args.duration = 0.5 if args.quick else 5.0
+    if args.duration <= 0:
+        parser.error("--duration must be positive")
+    return args
+
+
+def _choose(
+    parser: argparse.ArgumentParser, given: str, known: tuple[str, ...], what: str
+) -> list[str]:
+    names = [n.strip() for n in given.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        parser.error(f"unknown {what} {', '.join(unknown) or '(none)'}; known: {', '.join(known)}")
+    return [n for n in known if n in names]  # the canonical order
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    began = time.monotonic()
+    idle_conns = IDLE_QUICK if args.quick else IDLE_FULL
+    scenarios = [
+        dataclasses.replace(s, clients=idle_conns) if s.kind == "idle" else s
+        for s in loadgen.SCENARIOS
+        if s.name in args.scenarios
+    ]
+    # Servers and client processes inherit this limit: the idle scenario needs one descriptor
+    # per connection on each side.
+    loadgen.raise_nofile(idle_conns + 1024)
+    specs = [s for s in SERVERS if s.name in args.servers]
+    report: dict[str, Any] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(["bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "duration": args.duration,
+        "machine": machine_info(),
+        "servers": [s.name for s in specs],
+        "scenarios": [dataclasses.asdict(s) for s in scenarios],
+        "results": {},
+        "startup": {},
+        "bare_uvloop_loop": "not run",
+    }
+    with tempfile.TemporaryDirectory(prefix="echod-bench-") as tmp:
+        workdir = Path(tmp)
+        for spec in specs:
+            report["startup"][spec.name] = measure_startup(spec, workdir, 1 if args.quick else 5)
+            results = bench_server(spec, scenarios, args.duration, workdir)
+            report["results"][spec.name] = results
+            loops = {e["loop"] for e in results.values() if e.get("loop")}
+            if loops:
+                report["bare_uvloop_loop"] = ", ".join(sorted(loops))
+    report["elapsed_s"] = round(time.monotonic() - began, 1)
+    return write_report(report, scenarios, args.out)
+
+
+def write_report(report: dict[str, Any], scenarios: list[loadgen.Scenario], out: Path) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    chart_problem = draw_chart(report, scenarios, out / "bench.png")
+    markdown = render_markdown(report, scenarios)
+    if chart_problem:
+        markdown += f"\nChart not drawn: {chart_problem}\n"
+        print(f"chart not drawn: {chart_problem}", file=sys.stderr)
+    (out / "bench.md").write_text(markdown)
+    (out / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out / 'bench.md'}, bench.png, bench.json in {report['elapsed_s']} s")
+    failed = [
+        (server, scenario)
+        for server, runs in report["results"].items()
+        for scenario, e in runs.items()
+        if e["status"] == "failed" or (e["status"] == "ok" and not e["verified"])
+    ]
+    baseline_missing = [
+        server
+        for server, runs in report["results"].items()
+        if not server.startswith("echod_") and any(e["status"] == "n/a" for e in runs.values())
+    ]
+    for server, scenario in failed:
+        print(f"FAILED: {server} {scenario}", file=sys.stderr)
+    for server in baseline_missing:
+        print(f"FAILED: baseline {server} did not start", file=sys.stderr)
+    return 1 if failed or baseline_missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Fixtures for the end-to-end tests: a booted systemd container with echod's .deb installed.
+
+These tests need root, systemd-nspawn and overlayfs or disk for the container. A machine that
+cannot boot the container fails them, loudly, with the reason: they are never skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import container as ct
+
+ROOT = Path(__file__).resolve().parents[2]
+DEB_INSIDE = "/root/echod.deb"
+#: What the container looked like right after the package was installed, before any test
+#: changed it: "active" (the unit's state), "journal" (its log), "config" (/etc/echod.yaml).
+after_install: dict[str, str] = {}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Booting and installing take longer than the suite's default per-test timeout, and
+    # pytest-timeout counts session fixtures against the first test that uses them.
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.timeout(900))
+
+
+@pytest.fixture(scope="session")
+def echod_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package under test: $ECHOD_DEB if set (``make e2e`` builds it), else built now."""
+    given = os.environ.get("ECHOD_DEB")
+    if given:
+        path = Path(given)
+        if not path.is_file():
+            pytest.fail(f"ECHOD_DEB={given} does not exist")
+        return path
+    out = tmp_path_factory.mktemp("deb")
+    started = time.monotonic()
+    result = subprocess.run(
+        ["sh", str(ROOT / "packaging/build-deb.sh"), str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LINTIAN": "0"},
+        timeout=600,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"packaging/build-deb.sh failed:\n{result.stdout}\n{result.stderr}")
+    ct.log(f"built the .deb in {time.monotonic() - started:.1f} s")
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def container() -> Iterator[ct.Container]:
+    """A booted Debian bookworm with systemd as PID 1, powered off at the end."""
+    if os.geteuid() != 0:
+        pytest.fail("the systemd end-to-end tests need root (systemd-nspawn, nsenter)")
+    try:
+        with ct.booted("echod-e2e") as booted:
+            ct.log(f"container booted in {booted.boot_seconds:.2f} s")
+            yield booted
+    except ct.ContainerError as exc:
+        pytest.fail(f"cannot run a systemd container on this machine: {exc}")
+
+
+@pytest.fixture(scope="session")
+def installed(container: ct.Container, echod_deb: Path) -> ct.Container:
+    """The container with echod installed the way an operator does: apt-get install ./deb."""
+    container.put(echod_deb, DEB_INSIDE)
+    started = time.monotonic()
+    container.run("apt-get", "install", "-y", "--no-install-recommends", DEB_INSIDE, timeout=300)
+    ct.log(f"installed the .deb in {time.monotonic() - started:.1f} s")
+    active = container.run("systemctl", "is-active", "echod.service", check=False)
+    after_install["active"] = active.stdout.strip()
+    after_install["journal"] = container.run("journalctl", "-u", "echod", "--no-pager").stdout
+    after_install["config"] = container.path("/etc/echod.yaml").read_text()
+    return container

@@ -1,0 +1,183 @@
+"""Lifecycle of a real echod: idle timeout, graceful stop on SIGTERM/SIGINT, start and ready
+events, and no zombie processes or leaked threads left behind by connections."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+import echod
+from tests.support import (
+    Echod,
+    children_of,
+    echo_roundtrip,
+    recv_exactly,
+    refused,
+    task_count,
+    wait_for,
+    worker_pids,
+    zombies_of,
+)
+from tests.support import echod as run_echod
+
+pytestmark = pytest.mark.timeout(60)
+
+MODES = ["thread", "process"]
+STOP_SIGNALS = [signal.SIGTERM, signal.SIGINT]
+
+
+def ping(sock: socket.socket, data: bytes = b"ping") -> None:
+    """One request/response on an open connection: proves echod serves it now."""
+    sock.sendall(data)
+    assert recv_exactly(sock, len(data)) == data
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_idle_connection_is_closed_with_idle_timeout(tmp_path: Path, mode: str) -> None:
+    """A connection that says nothing for idle_timeout is closed with reason idle_timeout."""
+    with run_echod(tmp_path, mode=mode, idle_timeout=0.5) as server, server.connect() as sock:
+        ping(sock)
+        opened = time.monotonic()
+        assert sock.recv(1) == b""  # echod closes it: EOF, not a reset
+        idle_for = time.monotonic() - opened
+        close = server.wait_event("conn_close")
+    assert close["reason"] == "idle_timeout"
+    assert close["bytes_in"] == close["bytes_out"] == 4
+    assert 0.4 <= idle_for < 5
+
+
+@pytest.mark.parametrize("signum", STOP_SIGNALS, ids=lambda s: signal.Signals(s).name)
+@pytest.mark.parametrize("mode", MODES)
+def test_stop_signal_lets_a_stream_in_progress_finish(
+    tmp_path: Path, mode: str, signum: int
+) -> None:
+    """After SIGTERM/SIGINT new clients are refused at once, a stream in progress finishes,
+    and echod exits 0 without waiting for the whole shutdown_timeout."""
+    shutdown_timeout = 3.0
+    server = Echod(tmp_path, mode=mode, shutdown_timeout=shutdown_timeout)
+    try:
+        server.start()
+        with server.connect() as sock:
+            first = os.urandom(32768)
+            ping(sock, first)
+            server.wait_event("conn_open")
+            signalled = time.monotonic()
+            server.signal(signum)
+            server.wait_event("worker_draining")
+            wait_for(lambda: refused("127.0.0.1", server.port), timeout=2.0, what="refusal")
+            refused_after = time.monotonic() - signalled
+            rest = os.urandom(512 * 1024)
+            assert echo_roundtrip(sock, rest) == rest
+        assert server.proc is not None
+        assert server.proc.wait(shutdown_timeout + 10) == 0
+        exited_after = time.monotonic() - signalled
+    finally:
+        server.kill()
+    assert refused_after < 1.5
+    assert exited_after < shutdown_timeout
+    stopping = server.events("stopping")[0]
+    assert stopping["reason"] == signal.Signals(signum).name
+    (close,) = server.events("conn_close")
+    assert close["reason"] == "client_closed"
+    assert close["bytes_in"] == close["bytes_out"] == len(first) + len(rest)
+    (stopped,) = server.events("stopped")
+    assert (stopped["exit_code"], stopped["finished"], stopped["cut"]) == (0, 1, 0)
+
+
+@pytest.mark.parametrize("signum", STOP_SIGNALS, ids=lambda s: signal.Signals(s).name)
+@pytest.mark.parametrize("mode", MODES)
+def test_connection_outliving_shutdown_timeout_is_cut(
+    tmp_path: Path, mode: str, signum: int
+) -> None:
+    """At the shutdown deadline a connection still open is closed with reason shutdown and
+    counted as cut, while one that ended in time counts as finished; echod exits 0."""
+    shutdown_timeout = 0.6
+    server = Echod(tmp_path, mode=mode, shutdown_timeout=shutdown_timeout)
+    try:
+        server.start()
+        with server.connect() as lingering, server.connect() as finishing:
+            ping(lingering)
+            ping(finishing)
+            server.wait_event("conn_open", count=2)
+            signalled = time.monotonic()
+            server.signal(signum)
+            server.wait_event("worker_draining")
+            assert echo_roundtrip(finishing, b"done") == b"done"
+            lingering.settimeout(shutdown_timeout + 10)
+            assert lingering.recv(1) == b""
+            cut_after = time.monotonic() - signalled
+        assert server.proc is not None
+        assert server.proc.wait(20) == 0
+    finally:
+        server.kill()
+    assert shutdown_timeout * 0.9 <= cut_after < shutdown_timeout + 3
+    reasons = sorted(e["reason"] for e in server.events("conn_close"))
+    assert reasons == ["client_closed", "shutdown"]
+    (stopped,) = server.events("stopped")
+    assert (stopped["exit_code"], stopped["finished"], stopped["cut"]) == (0, 1, 1)
+
+
+def test_start_event_names_version_config_file_and_mode(tmp_path: Path) -> None:
+    """The start event carries the version, the config file actually read, and the mode."""
+    with run_echod(tmp_path, mode="process") as server:
+        (start,) = server.events("start")
+    assert start["version"] == echod.__version__
+    assert start["config_file"] == str(server.config_path)
+    assert start["mode"] == "process"
+    assert start["process"] == "supervisor"
+    assert start["pid"] == server.pid
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ready_event_has_the_port_bound_for_port_zero(tmp_path: Path, mode: str) -> None:
+    """With port 0 the ready event logs the port the kernel chose, and echod serves on it."""
+    with run_echod(tmp_path, mode=mode, port=0) as server:
+        (ready,) = server.events("ready")
+        assert server.events("start")[0]["port"] == 0
+        assert ready["port"] > 0
+        assert ready["addresses"] == [f"127.0.0.1:{ready['port']}"]
+        with server.connect() as sock:
+            ping(sock)
+
+
+def test_process_mode_leaves_no_zombies(tmp_path: Path) -> None:
+    """After 150 connections in process mode every connection process has been reaped."""
+    with run_echod(tmp_path, mode="process", backlog=256) as server:
+        (worker,) = worker_pids(server)
+        for _ in range(50):  # one after another
+            with server.connect() as sock:
+                ping(sock)
+        socks = [server.connect() for _ in range(100)]  # and 100 at once
+        try:
+            for sock in socks:
+                ping(sock)
+            assert len(children_of(worker)) == 100
+        finally:
+            for sock in socks:
+                sock.close()
+        server.wait_event("conn_close", count=150)
+        wait_for(lambda: not children_of(worker), what="every connection process reaped")
+        assert zombies_of(worker) == []
+        assert zombies_of(server.pid) == []
+
+
+def test_thread_mode_leaks_no_threads(tmp_path: Path) -> None:
+    """The worker's thread count goes back to its baseline once 100 connections have closed."""
+    with run_echod(tmp_path, mode="thread", backlog=256) as server:
+        (worker,) = worker_pids(server)
+        baseline = task_count(worker)
+        socks = [server.connect() for _ in range(100)]
+        try:
+            for sock in socks:
+                ping(sock)
+            assert task_count(worker) == baseline + 100
+        finally:
+            for sock in socks:
+                sock.close()
+        server.wait_event("conn_close", count=100)
+        wait_for(lambda: task_count(worker) == baseline, what="thread count back to baseline")

@@ -1,0 +1,228 @@
+"""The pieces of echod.handler, and EchoHandler on real loopback sockets in this process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from echod.handler import (
+    CLIENT_CLOSED,
+    IDLE_TIMEOUT,
+    RESET,
+    SHUTDOWN,
+    EchoHandler,
+    HandlerSettings,
+    peer_fields,
+    poll_ms,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class PipeStopper:
+    """A Stopper whose descriptor becomes readable when the test calls :meth:`cut`."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def fileno(self) -> int:
+        return self.r
+
+    def should_stop(self) -> bool:
+        return True
+
+    def cut(self) -> None:
+        os.write(self.w, b"x")
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+
+
+@pytest.fixture
+def stopper() -> Iterator[PipeStopper]:
+    stop = PipeStopper()
+    yield stop
+    stop.close()
+
+
+@pytest.fixture
+def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket, Any]]:
+    """A connected (client, server side, peer address) over 127.0.0.1."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname(), timeout=10)
+        server_side, peer = listener.accept()
+    yield client, server_side, peer
+    client.close()
+    server_side.close()
+
+
+def settings(**changes: Any) -> HandlerSettings:
+    values: dict[str, Any] = {
+        "mode": "thread",
+        "buffer_size": 4096,
+        "idle_timeout": 10.0,
+        "write_timeout": 10.0,
+        "log_connections": True,
+    }
+    values.update(changes)
+    return HandlerSettings(**values)
+
+
+def serve_in_thread(handler: EchoHandler) -> threading.Thread:
+    thread = threading.Thread(target=handler.serve, name="test-handler", daemon=True)
+    thread.start()
+    return thread
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    out = bytearray()
+    for _ in range(1_000_000):  # bounded; each recv blocks at most the socket timeout
+        chunk = sock.recv(65536)
+        if not chunk:
+            return bytes(out)
+        out += chunk
+    raise AssertionError("no EOF")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "expected"),
+    [
+        (0, -1),
+        (0.0, -1),
+        (-1, -1),
+        (0.0001, 1),
+        (0.5, 500),
+        (1, 1000),
+        (2.25, 2250),
+        (300, 300_000),
+    ],
+)
+def test_poll_ms(seconds: float, expected: int) -> None:
+    """poll_ms turns seconds into a poll timeout: 0 or less waits forever, else at least 1 ms."""
+    assert poll_ms(seconds) == expected
+
+
+@pytest.mark.parametrize(
+    ("peer", "expected"),
+    [
+        (("127.0.0.1", 5000), {"peer": "127.0.0.1", "peer_port": 5000}),
+        (("::1", 5001, 0, 0), {"peer": "::1", "peer_port": 5001}),
+        (("fe80::1%lo", 5002, 0, 1), {"peer": "fe80::1%lo", "peer_port": 5002}),
+        ("", {"peer": "", "peer_port": None}),
+        ("/run/echod.sock", {"peer": "/run/echod.sock", "peer_port": None}),
+        (None, {"peer": "None", "peer_port": None}),
+    ],
+)
+def test_peer_fields(peer: Any, expected: dict[str, Any]) -> None:
+    """peer_fields gives peer and peer_port for IPv4, IPv6 and address-less families."""
+    assert peer_fields(peer) == expected
+
+
+def test_settings_from_config_take_the_connection_part() -> None:
+    """HandlerSettings.from_config copies mode, buffer, timeouts and log.connections."""
+    import dataclasses
+
+    from echod.config import default_config
+
+    cfg = dataclasses.replace(default_config(), mode="process", buffer_size=7, idle_timeout=1.5)
+    got = HandlerSettings.from_config(cfg)
+    assert (got.mode, got.buffer_size, got.idle_timeout) == ("process", 7, 1.5)
+    assert got.write_timeout == cfg.write_timeout
+    assert got.log_connections == cfg.log.connections
+
+
+def test_echo_then_half_close_gives_client_closed(
+    tcp_pair: tuple[socket.socket, socket.socket, Any], stopper: PipeStopper
+) -> None:
+    """Bytes are echoed exactly, a half-close ends with client_closed, open/close are logged."""
+    client, server_side, peer = tcp_pair
+    server_port = client.getpeername()[1]
+    data = os.urandom(100_000)
+    handler = EchoHandler(server_side, peer, "1-1", settings(), stopper)
+    with capture_logs() as logs:
+        thread = serve_in_thread(handler)
+        client.sendall(data)
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == data
+        thread.join(10)
+    assert handler.reason == CLIENT_CLOSED
+    assert handler.bytes_in == handler.bytes_out == len(data)
+    assert [e["event"] for e in logs] == ["conn_open", "conn_close"]
+    opened, closed = logs
+    assert opened["conn_id"] == closed["conn_id"] == "1-1"
+    assert opened["peer_port"] == client.getsockname()[1]
+    assert opened["local_port"] == server_port
+    assert closed["reason"] == CLIENT_CLOSED
+    assert "error" not in closed
+
+
+def test_idle_connection_ends_with_idle_timeout(
+    tcp_pair: tuple[socket.socket, socket.socket, Any], stopper: PipeStopper
+) -> None:
+    """A silent client is closed after idle_timeout with reason idle_timeout."""
+    client, server_side, peer = tcp_pair
+    handler = EchoHandler(server_side, peer, "1-2", settings(idle_timeout=0.05), stopper)
+    with capture_logs() as logs:
+        serve_in_thread(handler).join(10)
+    assert handler.reason == IDLE_TIMEOUT
+    assert client.recv(1) == b""
+    assert logs[-1]["reason"] == IDLE_TIMEOUT
+
+
+def test_reset_ends_with_reason_reset(
+    tcp_pair: tuple[socket.socket, socket.socket, Any], stopper: PipeStopper
+) -> None:
+    """A TCP reset from the peer ends the connection with reason reset and the OS error."""
+    import struct
+
+    client, server_side, peer = tcp_pair
+    handler = EchoHandler(server_side, peer, "1-3", settings(), stopper)
+    with capture_logs() as logs:
+        thread = serve_in_thread(handler)
+        client.sendall(b"hello")
+        assert client.recv(5) == b"hello"
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        thread.join(10)
+    assert handler.reason == RESET
+    assert logs[-1]["reason"] == RESET
+    assert "reset" in logs[-1]["error"].lower()
+
+
+def test_stopper_ends_with_reason_shutdown(
+    tcp_pair: tuple[socket.socket, socket.socket, Any], stopper: PipeStopper
+) -> None:
+    """When the stopper fires, the connection closes with reason shutdown."""
+    client, server_side, peer = tcp_pair
+    handler = EchoHandler(server_side, peer, "1-4", settings(), stopper)
+    with capture_logs():
+        thread = serve_in_thread(handler)
+        client.sendall(b"x")
+        assert client.recv(1) == b"x"
+        stopper.cut()
+        thread.join(10)
+    assert handler.reason == SHUTDOWN
+    assert client.recv(1) == b""
+
+
+def test_no_connection_events_when_log_connections_is_off(
+    tcp_pair: tuple[socket.socket, socket.socket, Any], stopper: PipeStopper
+) -> None:
+    """With log.connections false the handler logs nothing but still echoes."""
+    client, server_side, peer = tcp_pair
+    handler = EchoHandler(server_side, peer, "1-5", settings(log_connections=False), stopper)
+    with capture_logs() as logs:
+        thread = serve_in_thread(handler)
+        client.sendall(b"quiet")
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == b"quiet"
+        thread.join(10)
+    assert logs == []
+    assert handler.reason == CLIENT_CLOSED
