@@ -55,5 +55,8 @@ bench: $(STAMP)
 deb:
 	bash packaging/build-deb.sh
 
+e2e: $(STAMP)
+	ECHOD_DEB=$$(bash packaging/build-deb.sh) $(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -186,8 +186,9 @@ class SinkLogger:
 
     def msg(self, message: Any = None, **journal: Any) -> None:
         if journal:
+            # The journal renderer returns {"message", "priority", "fields"} as keywords.
             assert isinstance(self._sink, JournalSink)
-            self._sink.send(**journal)
+            self._sink.send(message, **journal)
         else:
             self._sink.write(message)
 

@@ -101,6 +101,9 @@ class Worker:
         self.cut = 0
         self.paused: str | None = None
         self.paused_since = 0.0
+        # Accepting again on the timer after running out of descriptors: that episode lasts
+        # (no new limit_reached, no limit_released) until an accept succeeds.
+        self.fd_retry = False
         self.resume_at: float | None = None
         self.next_heartbeat = 0.0
         self.selector: selectors.BaseSelector | None = None
@@ -202,7 +205,7 @@ class Worker:
             self.next_heartbeat = now + heartbeat_interval(self.cfg)
         if self.resume_at is not None and now >= self.resume_at:
             self.resume_at = None
-            self.maybe_resume()
+            self.maybe_resume(retry=True)
         if self.drain_deadline is not None and now >= self.drain_deadline:
             self.drain_deadline = None
             self.cut = self.open_connections()
@@ -296,6 +299,8 @@ class Worker:
                 if exc.errno in _TRANSIENT_ACCEPT_ERRORS:
                     continue
                 raise
+            if self.fd_retry:
+                self.released(LIMIT_FDS)
             self.admit(conn, peer)
 
     def admit(self, conn: socket.socket, peer: Any) -> None:
@@ -327,29 +332,37 @@ class Worker:
             for sock in self.spec.listeners.tcp:
                 self.remove_reader(sock)
             self.paused = reason
-            self.paused_since = time.monotonic()
-            if reason != LIMIT_RATE:
+            if reason != LIMIT_RATE and not (reason == LIMIT_FDS and self.fd_retry):
+                self.paused_since = time.monotonic()
                 self.log.warning(
                     "limit_reached", limit=reason, open=self.open_connections(), **fields
                 )
         if retry is not None:
             self.resume_at = time.monotonic() + retry
 
-    def maybe_resume(self) -> None:
+    def maybe_resume(self, retry: bool = False) -> None:
+        """Accept again. ``retry``: the pause's timer, which frees no descriptor, so after
+        running out of them the episode goes on until an accept succeeds."""
         if self.paused is None or self.stopping:
             return
         if self.paused == LIMIT_CONNECTIONS and self.admission.should_pause():
             return
         for sock in self.spec.listeners.tcp:
             self.add_reader(sock, self.on_acceptable)
-        if self.paused != LIMIT_RATE:
-            self.log.info(
-                "limit_released",
-                limit=self.paused,
-                open=self.open_connections(),
-                paused_for=round(time.monotonic() - self.paused_since, 3),
-            )
-        self.paused = None
+        limit, self.paused = self.paused, None
+        if retry and limit == LIMIT_FDS:
+            self.fd_retry = True
+        elif limit != LIMIT_RATE:
+            self.released(limit)
+
+    def released(self, limit: str) -> None:
+        self.fd_retry = False
+        self.log.info(
+            "limit_released",
+            limit=limit,
+            open=self.open_connections(),
+            paused_for=round(time.monotonic() - self.paused_since, 3),
+        )
 
     # -- the drain -------------------------------------------------------------------------
 

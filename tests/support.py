@@ -414,14 +414,21 @@ class NotifySocket:
             self.messages.append(fields)
 
     def wait(
-        self, key: str, value: str | None = None, after: int = 0, timeout: float = DEADLINE
+        self,
+        key: str,
+        value: str | Callable[[str], bool] | None = None,
+        after: int = 0,
+        timeout: float = DEADLINE,
     ) -> int:
         """Index of the first message at or after index ``after`` that has ``key`` (equal to
-        ``value`` if given); fails after ``timeout`` seconds."""
+        ``value``, or for which ``value(text)`` is true, if given); fails after ``timeout``."""
+
+        def matches(text: str) -> bool:
+            return value is None or (value(text) if callable(value) else text == value)
 
         def found() -> int | None:
             for index, message in enumerate(self.drain()[after:], start=after):
-                if key in message and (value is None or message[key] == value):
+                if key in message and matches(message[key]):
                     return index + 1  # truthy even for index 0
             return None
 

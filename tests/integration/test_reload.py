@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from echod import cli
 from tests.support import (
     ROOT,
     Echod,
@@ -29,7 +30,6 @@ from tests.support import (
     open_files,
     recv_exactly,
     refused,
-    run_echod,
     wait_for,
 )
 
@@ -80,12 +80,14 @@ class Pinger(threading.Thread):
         return self.rounds
 
 
-def check_config_message(path: Path) -> str:
-    """What ``echod check-config`` says about ``path``, without the ``echod: `` prefix."""
-    result = run_echod("check-config", "--config", str(path))
-    assert result.returncode == 78, result
-    line = result.stderr.strip()
-    assert line.startswith("echod: ") and "\n" not in line, line
+def check_config_message(path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """What ``echod check-config`` says about ``path``, without the ``echod: `` prefix
+    (run in this process: the same code as the command, without a Python start-up)."""
+    capsys.readouterr()
+    assert cli.main(["check-config", "--config", str(path)]) == 78
+    captured = capsys.readouterr()
+    line = captured.err.strip()
+    assert captured.out == "" and line.startswith("echod: ") and "\n" not in line, line
     return line.removeprefix("echod: ")
 
 
@@ -164,6 +166,31 @@ def test_reload_changes_mode_and_port_without_dropping_a_connection(
         assert not [e for e in server.events("worker_state") if e["state"] == "failed"]
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_connections_queued_on_the_old_port_are_served_not_reset(
+    tmp_path: Path, mode: str
+) -> None:
+    """Clients still waiting in the old port's backlog when the reload retires its worker
+    are accepted and echoed: closing that listener would otherwise reset them."""
+    with echod(tmp_path, mode=mode) as server:
+        (old_worker,) = generation_pids(server, 1)
+        os.kill(old_worker, signal.SIGSTOP)  # so that the clients stay queued
+        try:
+            queued = [server.connect() for _ in range(40)]
+            server.write_config(port=free_port())
+            server.signal(signal.SIGHUP)
+            server.wait_event("worker_state", lambda e: e["state"] == "retiring")
+        finally:
+            os.kill(old_worker, signal.SIGCONT)
+        for i, sock in enumerate(queued):
+            with sock:
+                message = f"queued {i}".encode()
+                assert echo_roundtrip(sock, message) == message
+        closes = server.wait_event("conn_close", count=40)
+        assert closes
+        assert {e["reason"] for e in server.events("conn_close")} == {"client_closed"}
+
+
 BROKEN_EDITS: dict[str, str] = {
     "syntax": "mode: thread\nport: [1\n",
     "bad_value": "mode: thread\nport: 70000\n",
@@ -172,7 +199,9 @@ BROKEN_EDITS: dict[str, str] = {
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_broken_edits_keep_the_old_configuration(tmp_path: Path, mode: str) -> None:
+def test_broken_edits_keep_the_old_configuration(
+    tmp_path: Path, mode: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A syntax error, a bad value, an unknown key and a port in use each give a
     reload_failed event with check-config's message; the old configuration keeps serving."""
     with echod(tmp_path, mode=mode) as server, server.connect() as held:
@@ -181,7 +210,7 @@ def test_broken_edits_keep_the_old_configuration(tmp_path: Path, mode: str) -> N
         good = server.config_path.read_text()
         for count, (name, text) in enumerate(BROKEN_EDITS.items(), start=1):
             server.config_path.write_text(text)
-            expected = check_config_message(server.config_path)
+            expected = check_config_message(server.config_path, capsys)
             server.signal(signal.SIGHUP)
             failed = server.wait_event("reload_failed", count=count)
             assert failed["error"] == expected, name
