@@ -65,7 +65,10 @@ VARIANTS = 8  # distinct payloads per client process, rotated so stale or crosse
 MAX_ERRORS = 100  # a client process stops opening connections after this many errors
 LATENCY_CAP = 4_000_000  # latency samples kept per client process (memory bound)
 IN_FLIGHT_CONNECTS = 64  # idle ramp: connects pending at once per client process
-MEMORY_GUARD = 0.10  # idle ramp stops when MemAvailable falls below this share of MemTotal
+# The idle ramp stops when it has cost the machine MEMORY_BUDGET_KIB of available memory, or
+# when less than MEMORY_FLOOR of MemTotal is left: the machine may be shared.
+MEMORY_BUDGET_KIB = 6 * 1024 * 1024
+MEMORY_FLOOR = 0.25
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ class Result:
     server_cpu_pct: float | None = None  # of one core, over the run
     client_cpu_pct: float = 0.0  # of one core, summed over client processes
     client_cpu_us_per_rt: float | None = None
+    other_cpu_pct: float | None = None  # busy CPU not used by server or clients: noise
     sent_bytes: int = 0
     verified_bytes: int = 0
     mismatches: int = 0
@@ -700,29 +704,37 @@ def run(
         if idle and server_pid is not None:
             result.pss_before_kib, _ = procstat.tree_pss_kib(server_pid)
         cpu0 = procstat.tree_cpu_seconds(server_pid) if server_pid else None
+        busy0 = procstat.machine_busy_seconds()
         t0 = time.perf_counter()
         workers.start.set()
         if idle:
             _hold(workers, result, base, server_pid)
         done = workers.collect("done", base.duration + base.drain_timeout + 30)
         wall = time.perf_counter() - t0
+        busy = procstat.machine_busy_seconds() - busy0
         cpu1 = procstat.tree_cpu_seconds(server_pid) if server_pid else None
     except BaseException:
         workers.finish(grace=0)
         raise
     workers.finish(grace=5)
     _aggregate(result, [msg[1] for msg in done], wall)
-    if cpu0 is not None and cpu1 is not None:
+    if cpu0 is not None and cpu1 is not None and wall:
         used = cpu1 - cpu0
-        result.server_cpu_pct = 100.0 * used / wall if wall else None
+        result.server_cpu_pct = 100.0 * used / wall
         if result.round_trips:
             result.server_cpu_us_per_rt = 1e6 * used / result.round_trips
+        # Includes the soft interrupts of the loopback path, charged to no process.
+        other = 100.0 * busy / wall - result.server_cpu_pct - result.client_cpu_pct
+        result.other_cpu_pct = max(0.0, other)
     return result
 
 
 def _hold(workers: _Workers, result: Result, base: Plan, server_pid: int | None) -> None:
     """Idle: wait until every client process holds its connections, then read memory."""
-    floor = MEMORY_GUARD * procstat.mem_total_kib()
+    floor = max(
+        MEMORY_FLOOR * procstat.mem_total_kib(),
+        procstat.mem_available_kib() - MEMORY_BUDGET_KIB,
+    )
 
     def guard() -> None:
         # A process-per-connection server may need GBs for 10k connections: stop the ramp

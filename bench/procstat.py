@@ -121,3 +121,10 @@ def mem_total_kib() -> int:
         if line.startswith("MemTotal:"):
             return int(line.split()[1])
     return 0
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs have spent busy since boot (everything but idle and iowait)."""
+    fields = (PROC / "stat").read_text().split("\n", 1)[0].split()[1:]
+    ticks = [int(f) for f in fields[:8]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLK_TCK

@@ -5,7 +5,7 @@ Starts each server in turn (a fresh process per scenario, on a free port of 127.
 it with bench/loadgen.py, stops it with SIGTERM, and writes bench.md (tables and ratios),
 bench.png (chart) and bench.json (every number) to --out (default: docs/).
 
-    python bench/run.py                      # everything: about 6 minutes on 2 cores
+    python bench/run.py                      # everything: about 5.5 minutes on 2 CPUs
     python bench/run.py --quick              # a smoke run: short, fewer idle connections
     python bench/run.py --servers bare_uvloop,echod_async --scenarios churn-64B-c10
 
@@ -65,9 +65,9 @@ SERVERS: tuple[ServerSpec, ...] = (
     ServerSpec("classic_thread", "tutorial server, thread per connection", "classic_thread.py"),
     ServerSpec("classic_process", "tutorial server, fork per connection", "classic_process.py"),
     ServerSpec("bare_uvloop", "asyncio Protocol echo on uvloop, nothing else", "bare_uvloop.py"),
-    ServerSpec("echod_thread", "echod mode: thread", mode="thread"),
-    ServerSpec("echod_process", "echod mode: process", mode="process"),
-    ServerSpec("echod_async", "echod mode: async", mode="async"),
+    ServerSpec("echod_thread", "echod mode thread, 1 worker, connections logged", mode="thread"),
+    ServerSpec("echod_process", "echod mode process, 1 worker, connections logged", mode="process"),
+    ServerSpec("echod_async", "echod mode async, 1 worker, connections logged", mode="async"),
 )
 SERVER_NAMES = tuple(s.name for s in SERVERS)
 
@@ -231,8 +231,10 @@ def measure_startup(spec: ServerSpec, workdir: Path, runs: int) -> dict[str, Any
             notify.bind(str(path))
             env = {"NOTIFY_SOCKET": str(path)}
             server = Server(spec, workdir, f"startup-{spec.name}-{i}", env)
-            t_ready, t_listen, failure = _time_startup(server, notify, wait_ready)
-            server.stop()
+            try:
+                t_ready, t_listen, failure = _time_startup(server, notify, wait_ready)
+            finally:
+                server.stop()
         # No READY in the first run: the others only time listening, not 5 s each for nothing.
         wait_ready = wait_ready and t_ready is not None
         path.unlink(missing_ok=True)
@@ -279,29 +281,16 @@ def bench_server(
     results: dict[str, dict[str, Any]] = {}
     for scenario in scenarios:
         server = Server(spec, workdir, f"{spec.name}-{scenario.name}", {})
-        entry: dict[str, Any]
         try:
-            server.start()
-            server.wait_listening()
+            entry = _run_one(server, scenario, duration)
         except ServerStartError as exc:
-            server.stop()
             # A server that does not start fails alike for every scenario: say so once.
             for rest in scenarios[scenarios.index(scenario) :]:
                 results[rest.name] = {"status": "n/a", "reason": str(exc)}
             _progress(spec.name, "(every scenario)", results[scenario.name])
             break
-        try:
-            result = loadgen.run(
-                scenario, server.port, host=HOST, duration=duration, server_pid=server.pid
-            )
-            entry = {"status": "ok", **result.to_dict()}
-            if not server.alive():
-                entry["status"] = "failed"
-                entry["reason"] = f"server exited during the run: {server.tail()}"
-        except Exception as exc:  # one broken run must not lose the others
-            entry = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
         finally:
-            code = server.stop()
+            code = server.stop()  # also on Ctrl-C: the server is in a session of its own
         entry["exit_status"] = code
         if spec.is_echod:
             entry["log_lines"] = _count_lines(server.log_file)
@@ -310,6 +299,23 @@ def bench_server(
         results[scenario.name] = entry
         _progress(spec.name, scenario.name, entry)
     return results
+
+
+def _run_one(server: Server, scenario: loadgen.Scenario, duration: float) -> dict[str, Any]:
+    """Start the server and run one scenario against it; the caller stops it."""
+    server.start()
+    server.wait_listening()
+    try:
+        result = loadgen.run(
+            scenario, server.port, host=HOST, duration=duration, server_pid=server.pid
+        )
+    except Exception as exc:  # one broken run must not lose the others
+        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+    entry: dict[str, Any] = {"status": "ok", **result.to_dict()}
+    if not server.alive():
+        entry["status"] = "failed"
+        entry["reason"] = f"server exited during the run: {server.tail()}"
+    return entry
 
 
 def _count_lines(path: Path) -> int:
@@ -370,7 +376,9 @@ def primary(entry: dict[str, Any]) -> str:
     if value is None:
         return "n/a"
     if entry["kind"] == "idle":
-        return f"{value:,.1f} MiB"
+        held = entry["held"] or 0
+        short = f" ({held:,} held)" if held < entry["clients"] else ""
+        return f"{value:,.1f}{short}"
     return f"{value:,.0f}" if value >= 100 else f"{value:,.1f}"
 
 
@@ -442,6 +450,10 @@ def render_markdown(report: dict[str, Any], scenarios: list[loadgen.Scenario]) -
         f"Python {m['python']}, uvloop {m['uvloop']} "
         f"(bare_uvloop ran on: {report['bare_uvloop_loop']}), echod {m['echod']}.",
         "",
+        "Servers: "
+        + "; ".join(f"{s.name}: {s.about}" for s in SERVERS if s.name in report["servers"])
+        + ".",
+        "",
         "## Throughput",
         "",
         "Higher is better, except idle (PSS of the server's process tree holding the idle "
@@ -477,6 +489,17 @@ def render_markdown(report: dict[str, Any], scenarios: list[loadgen.Scenario]) -
         [[n, *[_latency(runs[n][s.name]) for s in timed]] for n in servers],
     )
     out += _memory_section(report, scenarios)
+    out += ["", "## Other load during each run, % of one CPU", ""]
+    out += [
+        "Busy CPU time of the whole machine (/proc/stat) minus that of the server and the "
+        "clients, over the run: soft interrupts of the loopback path, and anything else that "
+        "ran meanwhile. Where it is high, throughput and latency of that run are noisy.",
+        "",
+    ]
+    out += _table(
+        ["server", *[s.name for s in scenarios]],
+        [[n, *[_field(runs[n][s.name], "other_cpu_pct", 0) for s in scenarios]] for n in servers],
+    )
     out += _ratio_section(report, scenarios)
     out += _verification_section(report)
     out += [
@@ -493,7 +516,12 @@ def render_markdown(report: dict[str, Any], scenarios: list[loadgen.Scenario]) -
         "part of the limit, equally for every server. Time spent in soft interrupts "
         "(the loopback network path) is not charged to any process.",
         "- Idle: connections opened 64 at a time per client process, each echoing 8 B once, "
-        "then held; memory is PSS from /proc/<pid>/smaps_rollup summed over the server's tree.",
+        "then held; memory is PSS from /proc/<pid>/smaps_rollup summed over the server's tree. "
+        "The ramp stops after 30 s, or once it has cost 6 GiB of available memory (or left "
+        "less than a quarter): a server that needs more shows what it held by then.",
+        "- The classic servers are as the tutorials write them (recv(1024), Nagle's algorithm "
+        "left on) except that they use sendall: 64 KiB echoed in 1 KiB writes then waits for "
+        "delayed ACKs, about 40 ms a round trip.",
         "",
     ]
     return "\n".join(out)
@@ -582,7 +610,15 @@ def _ratio_section(report: dict[str, Any], scenarios: list[loadgen.Scenario]) ->
         cells, cpu_cells = [], []
         for s in scenarios:
             mine, theirs = value(echod, s.name, None), value(base, s.name, None)
-            cells.append(_ratio(theirs, mine) if s.kind == "idle" else _ratio(mine, theirs))
+            if s.kind == "idle" and value(echod, s.name, "held") != value(base, s.name, "held"):
+                # They held different numbers of connections: compare per connection.
+                mine = value(echod, s.name, "pss_per_conn_kib")
+                theirs = value(base, s.name, "pss_per_conn_kib")
+                cells.append(_ratio(theirs, mine) + " per conn.")
+            elif s.kind == "idle":
+                cells.append(_ratio(theirs, mine))
+            else:
+                cells.append(_ratio(mine, theirs))
             cpu_cells.append(
                 _ratio(
                     value(base, s.name, "server_cpu_us_per_rt"),
@@ -632,53 +668,68 @@ def _dedupe_na(lines: list[str]) -> list[str]:
     return list(seen.values())
 
 
+PALETTE = {
+    "classic_thread": "#9e9e9e",
+    "classic_process": "#6d6d6d",
+    "bare_uvloop": "#3d3d3d",
+    "echod_thread": "#4c9be8",
+    "echod_process": "#2e7d32",
+    "echod_async": "#e8743b",
+}
+
+
+def _chart_value(entry: dict[str, Any]) -> float | None:
+    # Idle: KiB per connection, comparable when servers held different numbers.
+    if entry.get("status") == "ok" and entry["kind"] == "idle":
+        per_conn: float | None = entry["pss_per_conn_kib"]
+        return per_conn
+    return primary_value(entry)
+
+
 def draw_chart(report: dict[str, Any], scenarios: list[loadgen.Scenario], path: Path) -> str:
-    """bench.png: one panel per scenario, one bar per server. Returns '' or why not drawn."""
+    """bench.png: a panel per scenario (a bar per server), and CPU per round trip below.
+
+    Returns "" when drawn, else why not.
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         return "matplotlib is not installed: pip install -r bench/requirements.txt"
     servers: list[str] = report["servers"]
+    runs = report["results"]
     cols = 3
     rows = (len(scenarios) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
-    palette = {
-        "classic_thread": "#9e9e9e",
-        "classic_process": "#6d6d6d",
-        "bare_uvloop": "#3d3d3d",
-        "echod_thread": "#4c9be8",
-        "echod_process": "#2e7d32",
-        "echod_async": "#e8743b",
-    }
-    for ax, scenario in zip(axes.flat, scenarios, strict=False):
-        values = [primary_value(report["results"][s][scenario.name]) for s in servers]
-        bars = ax.bar(
-            range(len(servers)),
-            [v or 0 for v in values],
-            color=[palette.get(s, "#888888") for s in servers],
-        )
+    fig = plt.figure(figsize=(5 * cols, 3.4 * rows + 3.6))
+    grid = fig.add_gridspec(rows + 1, cols)
+    thousands = FuncFormatter(lambda v, _: f"{v:,.0f}")
+    colors = [PALETTE.get(s, "#888888") for s in servers]
+    for i, scenario in enumerate(scenarios):
+        ax = fig.add_subplot(grid[i // cols, i % cols])
+        values = [_chart_value(runs[s][scenario.name]) for s in servers]
+        bars = ax.bar(range(len(servers)), [v or 0 for v in values], color=colors)
         for bar, v in zip(bars, values, strict=True):
             label = "n/a" if v is None else (f"{v:,.0f}" if v >= 100 else f"{v:,.1f}")
-            ax.annotate(
-                label,
-                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                ha="center",
-                va="bottom",
-                fontsize=8,
-            )
-        better = "lower is better" if scenario.kind == "idle" else "higher is better"
-        ax.set_title(f"{scenario.name} ({unit(scenario)}, {better})", fontsize=10)
-        ax.set_xticks(range(len(servers)), servers, rotation=30, ha="right", fontsize=8)
+            xy = (bar.get_x() + bar.get_width() / 2, bar.get_height())
+            ax.annotate(label, xy, ha="center", va="bottom", fontsize=8)
+        if scenario.kind == "idle":
+            title = f"{scenario.name}: KiB PSS per connection (lower is better)"
+            if any(v for v in values):
+                ax.set_yscale("log")
+        else:
+            title = f"{scenario.name}: {unit(scenario)} (higher is better)"
+            ax.yaxis.set_major_formatter(thousands)
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks(range(len(servers)), servers, rotation=25, ha="right", fontsize=8)
         ax.tick_params(axis="y", labelsize=8)
         ax.margins(y=0.15)
-    for ax in list(axes.flat)[len(scenarios) :]:
-        ax.set_visible(False)
+    _cpu_panel(fig.add_subplot(grid[rows, :]), servers, runs, scenarios)
     m = report["machine"]
     fig.suptitle(
-        f"echod bench, {report['date'][:10]}: {m['nproc']} CPUs ({m['cpu']}), "
+        f"echod bench, {report['date']}: {m['nproc']} CPUs ({m['cpu']}), "
         f"Linux {m['kernel']}, Python {m['python']}, uvloop {m['uvloop']}",
         fontsize=11,
     )
@@ -686,6 +737,29 @@ def draw_chart(report: dict[str, Any], scenarios: list[loadgen.Scenario], path: 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return ""
+
+
+def _cpu_panel(
+    ax: Any, servers: list[str], runs: dict[str, Any], scenarios: list[loadgen.Scenario]
+) -> None:
+    """Grouped bars: server CPU µs per round trip, a group per scenario, log scale."""
+    width = 0.8 / max(1, len(servers))
+    for j, server in enumerate(servers):
+        values = [
+            runs[server][s.name].get("server_cpu_us_per_rt") or 0
+            if runs[server][s.name].get("status") == "ok"
+            else 0
+            for s in scenarios
+        ]
+        xs = [i + (j - (len(servers) - 1) / 2) * width for i in range(len(scenarios))]
+        ax.bar(xs, values, width, label=server, color=PALETTE.get(server, "#888888"))
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(scenarios)), [s.name for s in scenarios], fontsize=9)
+    ax.set_title(
+        "server CPU µs per round trip (idle: per connection), lower is better", fontsize=10
+    )
+    ax.tick_params(axis="y", labelsize=8)
+    ax.legend(fontsize=8, ncols=len(servers), loc="upper left")
 
 
 # --------------------------------------------------------------------------- main
@@ -699,13 +773,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="short smoke run (< 30 s)")
     parser.add_argument("--servers", default=",".join(SERVER_NAMES), help="comma-separated")
     parser.add_argument("--scenarios", default=",".join(loadgen.SCENARIO_NAMES), help="ditto")
-    parser.add_argument("--duration", type=float, help="seconds per scenario (5; quick 0.5)")
+    parser.add_argument("--duration", type=float, help="seconds per scenario (5; quick 0.3)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="output directory")
     args = parser.parse_args(argv)
     args.servers = _choose(parser, args.servers, SERVER_NAMES, "server")
     args.scenarios = _choose(parser, args.scenarios, loadgen.SCENARIO_NAMES, "scenario")
     if args.duration is None:
-        args.duration = 0.5 if args.quick else 5.0
+        args.duration = 0.3 if args.quick else 5.0
     if args.duration <= 0:
         parser.error("--duration must be positive")
     return args

@@ -7,12 +7,17 @@ and runs in a ``finally`` so that every connection is closed and logged exactly 
 Echo is byte-exact and flow-controlled: the handler reads at most ``buffer_size`` bytes, then
 writes all of them before it reads again, so a client that sends without reading is never
 buffered without bound; its kernel buffers fill and ``write_timeout`` closes it.
+
+The loop is as lean as the classic tutorial server's (one ``recv``, one ``send`` per round
+trip): the socket blocks, and the kernel enforces the timeouts (``SO_RCVTIMEO`` for
+``idle_timeout``, ``SO_SNDTIMEO`` for ``write_timeout``). To cut a connection at the shutdown
+deadline the worker marks it cut, then shuts the socket down, which wakes the blocked call.
 """
 
 from __future__ import annotations
 
-import select
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,20 +33,18 @@ RESET = "reset"
 SHUTDOWN = "shutdown"
 ERROR = "error"
 
-_READ = select.POLLIN | select.POLLPRI
-_WRITE = select.POLLOUT
 _RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
 
 class Stopper(Protocol):
-    """Tells a connection that the daemon is cutting it (the shutdown deadline passed)."""
+    """How a connection learns that the worker cut it (the shutdown deadline passed)."""
 
-    def fileno(self) -> int:
-        """A descriptor that becomes readable when the connection may have to stop."""
+    def cut_requested(self) -> bool:
+        """Whether the worker has cut this connection; asked when a call fails or ends."""
         ...
 
-    def should_stop(self) -> bool:
-        """Called when :meth:`fileno` is readable: whether to close with reason ``shutdown``."""
+    def before_close_event(self) -> None:
+        """A last chance to act on recorded signals (log reopen) before the close event."""
         ...
 
 
@@ -66,9 +69,10 @@ class HandlerSettings:
         )
 
 
-def poll_ms(seconds: float) -> int:
-    """A ``poll(2)`` timeout in milliseconds; 0 seconds means wait forever (-1)."""
-    return -1 if seconds <= 0 else max(1, int(seconds * 1000))
+def timeval(seconds: float) -> bytes:
+    """A ``struct timeval`` for SO_RCVTIMEO / SO_SNDTIMEO; 0 means no timeout."""
+    whole = int(seconds)
+    return struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
 
 
 def peer_fields(peer: Any) -> dict[str, Any]:
@@ -113,7 +117,6 @@ class EchoHandler:
         self.error: str | None = None
         self.started = 0.0
         self._log: Any = None
-        self._poller: Any = None
 
     def serve(self) -> None:
         """Run setup, handle and finish; finish always runs."""
@@ -131,82 +134,73 @@ class EchoHandler:
 
     def setup(self) -> None:
         self.started = time.monotonic()
-        self.sock.setblocking(False)
-        self._poller = select.poll()
-        self._poller.register(self.sock, _READ)
-        self._poller.register(self.stopper.fileno(), select.POLLIN)
-        if self.settings.log_connections:
+        sock = self.sock
+        sock.setblocking(True)
+        settings = self.settings
+        if settings.idle_timeout > 0:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(settings.idle_timeout))
+        if settings.write_timeout > 0:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(settings.write_timeout))
+        if settings.log_connections:
             try:
-                local_port = self.sock.getsockname()[1]
+                local_port = sock.getsockname()[1]
             except OSError:
                 local_port = None
             self._log = log.get_logger().bind(
                 conn_id=self.conn_id,
-                mode=self.settings.mode,
+                mode=settings.mode,
                 local_port=local_port,
                 **peer_fields(self.peer),
             )
             self._log.info("conn_open")
 
     def handle(self) -> None:
-        """Echo until the client closes, goes idle, resets, or the daemon cuts it."""
-        sock = self.sock
+        """Echo until the client closes, goes idle, resets, or the worker cuts it."""
+        recv = self.sock.recv
+        send = self.sock.send
         size = self.settings.buffer_size
-        idle = poll_ms(self.settings.idle_timeout)
         while True:
-            if not self._wait(_READ, idle):
-                raise _Closed(IDLE_TIMEOUT)
             try:
-                data = sock.recv(size)
-            except BlockingIOError:
-                continue
+                data = recv(size)
+            except BlockingIOError:  # SO_RCVTIMEO expired
+                raise self._closed(IDLE_TIMEOUT) from None
             except _RESET_ERRORS as exc:
-                raise _Closed(RESET, str(exc)) from None
+                raise self._closed(RESET, str(exc)) from None
             if not data:
+                if self.stopper.cut_requested():
+                    raise _Closed(SHUTDOWN)
                 # The client shut its write side. Everything it sent is already echoed,
                 # because each read is written out in full before the next one.
                 self._half_close()
                 raise _Closed(CLIENT_CLOSED)
             self.bytes_in += len(data)
-            self._send_all(data)
+            try:
+                sent = send(data)
+            except BlockingIOError:
+                raise self._closed(WRITE_TIMEOUT) from None
+            except _RESET_ERRORS as exc:
+                raise self._closed(RESET, str(exc)) from None
+            self.bytes_out += sent
+            if sent < len(data):
+                self._send_rest(memoryview(data)[sent:])
 
-    def _send_all(self, data: bytes) -> None:
-        view = memoryview(data)
-        sock = self.sock
-        write_ms = poll_ms(self.settings.write_timeout)
-        deadline = time.monotonic() + self.settings.write_timeout
+    def _send_rest(self, view: memoryview) -> None:
+        send = self.sock.send
         while view:
             try:
-                sent = sock.send(view)
-            except BlockingIOError:
-                remaining = poll_ms(deadline - time.monotonic()) if write_ms > 0 else -1
-                if write_ms > 0 and deadline <= time.monotonic():
-                    raise _Closed(WRITE_TIMEOUT) from None
-                if not self._wait(_WRITE, remaining):
-                    raise _Closed(WRITE_TIMEOUT) from None
-                continue
+                sent = send(view)
+            except BlockingIOError:  # SO_SNDTIMEO expired: the client does not read
+                raise self._closed(WRITE_TIMEOUT) from None
             except _RESET_ERRORS as exc:
-                raise _Closed(RESET, str(exc)) from None
+                raise self._closed(RESET, str(exc)) from None
             self.bytes_out += sent
             view = view[sent:]
 
-    def _wait(self, events: int, timeout_ms: int) -> bool:
-        """Wait until the socket is ready for ``events``; False on timeout.
-
-        Raises :class:`_Closed` with ``shutdown`` when the stopper says so.
-        """
-        poller = self._poller
-        poller.modify(self.sock, events)
-        stop_fd = self.stopper.fileno()
-        while True:
-            ready = poller.poll(timeout_ms)
-            if not ready:
-                return False
-            for fd, _ in ready:
-                if fd == stop_fd and self.stopper.should_stop():
-                    raise _Closed(SHUTDOWN)
-            if any(fd != stop_fd for fd, _ in ready):
-                return True
+    def _closed(self, reason: str, error: str | None = None) -> _Closed:
+        """The end of the connection; a cut by the worker wins over what the socket said."""
+        if self.stopper.cut_requested():
+            return _Closed(SHUTDOWN)
+        return _Closed(reason, error)
 
     def _half_close(self) -> None:
         try:
@@ -216,8 +210,15 @@ class EchoHandler:
 
     def finish(self) -> None:
         try:
+            # shutdown() first: in process mode the worker holds a second descriptor of this
+            # socket (to cut it), so close() alone would not end the connection.
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
             self.sock.close()
         finally:
+            self.stopper.before_close_event()
             if self._log is not None:
                 fields: dict[str, Any] = {
                     "bytes_in": self.bytes_in,

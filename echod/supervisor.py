@@ -39,6 +39,7 @@ from echod.worker import (
     MSG_READY,
     MSG_REOPEN,
     MSG_RETIRE,
+    MSG_RETIRE_LISTENERS,
     MSG_STOP,
     WorkerSpec,
     heartbeat_interval,
@@ -114,6 +115,7 @@ class WorkerHandle:
     served: int = 0
     finished: int = 0
     cut: int = 0
+    listeners: Listeners | None = None
 
 
 @dataclass
@@ -320,7 +322,7 @@ class Supervisor:
         now = time.monotonic()
         handle = WorkerHandle(
             index, self.serial, self.generation, pid, ours, self.cfg.mode,
-            started=now, last_seen=now,
+            started=now, last_seen=now, listeners=self.listeners,
         )
         self.workers[pid] = handle
         self.selector.register(ours, selectors.EVENT_READ, handle)
@@ -403,7 +405,9 @@ class Supervisor:
         """Every worker of the newest generation serves: retire the older ones."""
         for handle in list(self.workers.values()):
             if handle.generation < self.generation and handle.state == W_RUNNING:
-                self.tell(handle, MSG_RETIRE)
+                # Workers whose sockets are being closed must first take what queues on them.
+                kept = handle.listeners is self.listeners
+                self.tell(handle, MSG_RETIRE if kept else MSG_RETIRE_LISTENERS)
                 self.worker_event(handle, W_RETIRING, open=handle.open)
         for old in self.old_listeners:
             old.close()

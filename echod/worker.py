@@ -7,14 +7,17 @@ admission (limits, overload policy, running out of descriptors), heartbeats and 
 
 The control channel is a ``SOCK_SEQPACKET`` socket pair, one message per packet.
 Supervisor to worker: ``stop`` (drain for up to ``shutdown_timeout``, then cut), ``retire``
-(a reload replaced this worker: stop accepting, let every connection finish), ``reopen``
-(log rotation), ``quit`` (cut now). Worker to supervisor: ``ready``, ``hb <open> <served>``
-(the heartbeat that proves the loop runs, and the counts for status), ``bye <finished> <cut>``.
+(a reload replaced this worker: stop accepting, let every connection finish),
+``retire-listeners`` (the same, and the listening sockets are replaced too: first accept what
+is queued on them, which closing them would reset), ``reopen`` (log rotation), ``quit`` (cut
+now). Worker to supervisor: ``ready``, ``hb <open> <served>`` (the heartbeat that proves the
+loop runs, and the counts for status), ``bye <finished> <cut>``.
 """
 
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import select
 import selectors
@@ -34,6 +37,7 @@ from echod.udp import UdpEcho
 
 MSG_STOP = b"stop"
 MSG_RETIRE = b"retire"
+MSG_RETIRE_LISTENERS = b"retire-listeners"
 MSG_REOPEN = b"reopen"
 MSG_QUIT = b"quit"
 MSG_READY = b"ready"
@@ -133,11 +137,15 @@ class Worker:
         self.add_reader(self.spec.control, self.on_control)
         for sock in self.spec.listeners.tcp:
             self.add_reader(sock, self.on_acceptable)
-        for sock in self.spec.listeners.udp:
-            self.add_reader(sock, self.udp.on_readable)
+        if self.serves_udp:
+            for sock in self.spec.listeners.udp:
+                self.add_reader(sock, self.udp.on_readable)
         self.admission.start()
         self.udp.start()
         self.init_mode()
+        # What exists now lives as long as the worker: keep the collector off it, so that the
+        # pages holding it stay shared with forked connection processes instead of copied.
+        gc.freeze()
         self.say(MSG_READY)
 
     # -- the event source: a selector here; the async mode puts its event loop behind these ---
@@ -180,6 +188,12 @@ class Worker:
                 key.data(key.fileobj)
             self.run_timers(time.monotonic())
         self.selector.close()
+
+    @property
+    def serves_udp(self) -> bool:
+        """Only worker 1 reads the UDP sockets: a source's udp_rate bucket must be the
+        only one, or each worker would echo it udp_rate datagrams a second."""
+        return self.spec.index == 1
 
     def drained(self) -> bool:
         return self.stopping and self.open_connections() == 0
@@ -245,6 +259,12 @@ class Worker:
         if message == MSG_STOP:
             self.begin_stop(self.cfg.shutdown_timeout)
         elif message == MSG_RETIRE:
+            self.begin_stop(None)
+        elif message == MSG_RETIRE_LISTENERS:
+            # Nobody will listen on our sockets after us: closing them would reset every
+            # connection still queued in their backlog. Take those first.
+            if not self.stopping:
+                self.accept_backlog()
             self.begin_stop(None)
         elif message == MSG_REOPEN:
             log.reopen()
@@ -371,10 +391,6 @@ class Worker:
         now = time.monotonic()
         if not self.stopping:
             self.stopping = True
-            if timeout is None:
-                # A reload retires us, maybe from a port nobody will listen on again: closing
-                # it would reset every connection still queued in its backlog. Serve them.
-                self.accept_backlog()
             self.open_at_stop = self.open_connections()
             self.close_listeners()
             self.log.info(
@@ -396,9 +412,13 @@ class Worker:
                 self.on_acceptable(sock)
 
     def close_listeners(self) -> None:
-        for sock in self.spec.listeners.all():
-            if not (sock in self.spec.listeners.tcp and self.paused is not None):
+        for sock in self.spec.listeners.tcp:
+            if self.paused is None:
                 self.remove_reader(sock)  # (a paused listener is not watched already)
+            sock.close()
+        for sock in self.spec.listeners.udp:
+            if self.serves_udp:
+                self.remove_reader(sock)
             sock.close()
         self.paused = None
         self.resume_at = None

@@ -539,6 +539,31 @@ def connection_owners(server: Echod) -> dict[int, int]:
     return owners
 
 
+def warm_up(server: Echod, tries: int = 200) -> dict[int, int]:
+    """Serve connections until every running worker has served one, so that what an event
+    loop allocates on its first connection (libuv's spare descriptor) is in the baseline of a
+    leak check; returns the workers."""
+    workers = running_workers(server)
+    held = []
+    try:
+        for _ in range(tries):
+            if set(workers.values()) <= set(connection_owners(server).values()):
+                return workers
+            sock = server.connect()
+            sock.sendall(b"warm")
+            assert recv_exactly(sock, 4) == b"warm"
+            held.append(sock)  # held open, so that a busy worker leaves the next to another
+        raise AssertionError(f"not every worker served one of {tries} connections")
+    finally:
+        for sock in held:
+            sock.close()
+        opened = len(server.events("conn_open"))
+        wait_for(lambda: len(server.events("conn_close")) == opened, what="warm-up closes")
+        for pid in workers.values():
+            # Idle again: the main thread only, no connection processes.
+            wait_for(lambda pid=pid: resources(pid)[1:] == (1, 0), what=f"worker {pid} idle")
+
+
 def resources(pid: int) -> tuple[int, int, int]:
     """What a worker holds: open descriptors, threads, live child processes."""
     children = [c for c in children_of(pid) if c not in zombies_of(pid)]
@@ -579,24 +604,26 @@ class Pattern:
     """A connection's byte stream: position-dependent random bytes (a random block of prime
     length, repeated), so that a lost, repeated or altered byte shows at its offset."""
 
-    LENGTH = 65521
-
-    def __init__(self) -> None:
-        block = os.urandom(self.LENGTH)
+    def __init__(self, length: int = 65521) -> None:
+        self.length = length
+        block = os.urandom(length)
         self._doubled = block + block
 
     def chunk(self, offset: int, size: int) -> memoryview:
-        start = offset % self.LENGTH
-        return memoryview(self._doubled)[start : start + min(size, self.LENGTH)]
+        """Up to ``size`` bytes of the stream from ``offset`` (at most one period)."""
+        start = offset % self.length
+        return memoryview(self._doubled)[start : start + min(size, self.length)]
 
-    def matches(self, offset: int, data: bytes | memoryview) -> bool:
+    def matches(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """Whether ``data`` is the stream's content at ``offset`` (memcmp speed)."""
         view = memoryview(data)
         while view:
-            piece = self.chunk(offset, len(view))
-            if view[: len(piece)] != piece:
+            start = offset % self.length
+            size = min(len(view), self.length)
+            if not self._doubled.startswith(view[:size], start):
                 return False
-            offset += len(piece)
-            view = view[len(piece) :]
+            offset += size
+            view = view[size:]
         return True
 
 

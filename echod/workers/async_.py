@@ -64,10 +64,9 @@ _RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 _SLACK = 0.002
 
 
-def new_event_loop(environ: dict[str, str] | None = None) -> tuple[asyncio.AbstractEventLoop, str]:
+def new_event_loop() -> tuple[asyncio.AbstractEventLoop, str]:
     """A new loop and its name: uvloop's unless it is missing or disabled, else asyncio's."""
-    env = os.environ if environ is None else environ
-    if uvloop is not None and env.get(NO_UVLOOP_ENV) != "1":
+    if uvloop is not None and os.environ.get(NO_UVLOOP_ENV) != "1":
         return uvloop.new_event_loop(), "uvloop"
     return asyncio.new_event_loop(), "asyncio"
 
@@ -75,10 +74,11 @@ def new_event_loop(environ: dict[str, str] | None = None) -> tuple[asyncio.Abstr
 class EchoProtocol(asyncio.Protocol):
     """Echoes one connection; closes and logs it exactly once, in :meth:`connection_lost`.
 
-    Flow control: the transport buffers at most ``buffer_size`` bytes of echo; past that,
-    ``pause_writing`` stops reading from the client until the buffer drains, so a client that
-    sends without reading costs a bounded amount of memory. While the echo is stalled so,
-    ``write_timeout`` runs.
+    Flow control: once more than ``buffer_size`` bytes of echo wait in the transport,
+    ``pause_writing`` stops reading from the client until the buffer drains below a quarter
+    of that, so a client that sends without reading costs at most ``buffer_size`` plus one
+    read (the loop reads about 256 KiB at a time, whatever ``buffer_size`` is). While the echo
+    is stalled so, ``write_timeout`` runs.
 
     Timeouts use one timer per connection and no timer per read: a read only records the
     time, and the timer, when it fires before the connection's real deadline, re-arms itself
@@ -260,28 +260,32 @@ class EchoProtocol(asyncio.Protocol):
             self.transport.abort()  # connection_lost follows, from the loop
 
     def end(self) -> None:
-        """Count the connection closed and log its close event; runs once."""
+        """Log the close event and count the connection closed; runs once."""
         self.ended = True
         worker = self.worker
-        clog = worker.conn_log
-        if clog is not None:
-            fields: dict[str, Any] = {
-                "bytes_in": self.bytes_in,
-                "bytes_out": self.bytes_in - self.unsent,
-                "duration": round(monotonic() - self.started, 6) if self.started else 0.0,
-                "reason": self.reason or ERROR,
-            }
-            if self.error is not None:
-                fields["error"] = self.error
-            clog.info(
-                "conn_close",
-                conn_id=self.conn_id,
-                mode=worker.mode,
-                local_port=self.local_port,
-                **peer_fields(self.peer),
-                **fields,
-            )
-        worker.connection_ended(self)
+        try:
+            if worker.conn_log is not None:
+                self.log_close(worker)
+        finally:
+            worker.connection_ended(self)
+
+    def log_close(self, worker: AsyncWorker) -> None:
+        fields: dict[str, Any] = {
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_in - self.unsent,
+            "duration": round(monotonic() - self.started, 6) if self.started else 0.0,
+            "reason": self.reason or ERROR,
+        }
+        if self.error is not None:
+            fields["error"] = self.error
+        worker.conn_log.info(
+            "conn_close",
+            conn_id=self.conn_id,
+            mode=worker.mode,
+            local_port=self.local_port,
+            **peer_fields(self.peer),
+            **fields,
+        )
 
 
 class AsyncWorker(Worker):
@@ -296,6 +300,7 @@ class AsyncWorker(Worker):
         self.loop.set_exception_handler(self.on_loop_error)
         self.conns: set[EchoProtocol] = set()
         self.conn_log: Any = None
+        self.local_port: int | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.timer_due = 0.0
         self.failure: BaseException | None = None
@@ -313,8 +318,13 @@ class AsyncWorker(Worker):
         for signum in _LOOP_SIGNALS:
             self.loop.add_signal_handler(signum, self.dispatch, self.on_signal, signum)
         if self.settings.log_connections:
-            # A bound logger made once: .bind() on the lazy proxy per call costs more.
+            # One bound logger for every connection, whose fields are passed per event: a
+            # bind() per connection costs more, and the lazy proxy more again.
             self.conn_log = log.get_logger().bind()
+            # Every connection's local port is its listener's: when all share one, it needs
+            # no getsockname() per connection.
+            ports = {sock.getsockname()[1] for sock in self.spec.listeners.tcp}
+            self.local_port = ports.pop() if len(ports) == 1 else None
         version = uvloop.__version__ if self.loop_name == "uvloop" else platform.python_version()
         self.log.info("event_loop", loop=self.loop_name, loop_version=version)
 
@@ -333,9 +343,7 @@ class AsyncWorker(Worker):
     def close_loop(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        for signum in _LOOP_SIGNALS:
-            self.loop.remove_signal_handler(signum)
-        self.loop.close()
+        self.loop.close()  # (which also removes its signal handlers)
 
     def dispatch(self, callback: Callable[[Any], None], arg: Any) -> None:
         """Run a base-class event handler, then act on what it changed (timers, the drain).
@@ -383,8 +391,8 @@ class AsyncWorker(Worker):
     # -- connections -----------------------------------------------------------------------
 
     def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
-        local_port = None
-        if self.conn_log is not None:
+        local_port = self.local_port
+        if local_port is None and self.conn_log is not None:
             try:
                 local_port = conn.getsockname()[1]
             except OSError:
@@ -394,14 +402,11 @@ class AsyncWorker(Worker):
         # Driven by hand rather than by a Task: the first step creates the transport at once
         # (errors reach admit(), which refuses the connection), and the rest only returns the
         # pair once the loop has called connection_made.
-        if os.environ.get("ECHOD_ADOPT") == "task":
-            self.loop.create_task(adopt)
-        else:
-          try:
+        try:
             waiter = adopt.send(None)
-          except StopIteration:
+        except StopIteration:
             pass
-          else:
+        else:
             waiter.add_done_callback(lambda _f: _finish(adopt))
         self.conns.add(protocol)
 

@@ -9,6 +9,7 @@ it closes the listening sockets and the worker's control channel straight away.
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import signal
 import socket
@@ -23,26 +24,33 @@ _PR_SET_PDEATHSIG = 1
 
 
 class ChildStopper:
-    """The Stopper of a connection process: its signal wakeup pipe.
+    """The Stopper of a connection process: reads the signals its wakeup pipe recorded.
 
-    SIGTERM (the worker cutting at the shutdown deadline) stops the connection; SIGUSR1
-    (log rotation) reopens the log and carries on.
+    SIGTERM means the worker cut this connection (it then shuts the socket down, which wakes
+    the blocked call); SIGUSR1 means the log was rotated: reopen before the close event.
     """
 
     def __init__(self, read_fd: int) -> None:
         self._fd = read_fd
+        self._cut = False
+        self._reopen = False
 
-    def fileno(self) -> int:
-        return self._fd
-
-    def should_stop(self) -> bool:
+    def _drain(self) -> None:
         try:
             received = os.read(self._fd, 64)
         except BlockingIOError:
-            return False
-        if signal.SIGUSR1 in received:
+            return
+        self._cut = self._cut or signal.SIGTERM in received
+        self._reopen = self._reopen or signal.SIGUSR1 in received
+
+    def cut_requested(self) -> bool:
+        self._drain()
+        return self._cut
+
+    def before_close_event(self) -> None:
+        self._drain()
+        if self._reopen:
             log.reopen()
-        return signal.SIGTERM in received
 
 
 class ProcessWorker(Worker):
@@ -51,7 +59,8 @@ class ProcessWorker(Worker):
     mode = "process"
 
     def init_mode(self) -> None:
-        self.children: dict[int, Any] = {}
+        # pid -> (peer, our descriptor of its connection, kept to cut it at the deadline)
+        self.children: dict[int, tuple[Any, socket.socket]] = {}
         self.worker_pid = os.getpid()
 
     def open_connections(self) -> int:
@@ -66,8 +75,7 @@ class ProcessWorker(Worker):
                 self.become_connection(conn, peer, conn_id)  # never returns
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
-        conn.close()
-        self.children[pid] = peer
+        self.children[pid] = (peer, conn)
 
     def become_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
         """In the child: shed the worker's descriptors, serve, and exit."""
@@ -83,6 +91,9 @@ class ProcessWorker(Worker):
     def init_connection_process(self, conn_id: str) -> ChildStopper:
         for sock in self.spec.listeners.all():
             sock.close()
+        for _peer, other in self.children.values():
+            other.close()  # other connections' descriptors, which the worker keeps to cut
+        self.children.clear()
         self.spec.control.close()
         for fd in (self.wakeup_r, self.wakeup_w):
             os.close(fd)
@@ -96,7 +107,11 @@ class ProcessWorker(Worker):
         # SIGTERM and SIGUSR1 keep the worker's record-only handler: the pipe tells.
         name = f"conn-{conn_id}"
         log.set_process_name(name)
-        log.configure(self.cfg.log, sink=log.current_sink())
+        # No log.configure() here: the worker's configuration and sink came through fork
+        # unchanged, and the identity processor reads the refreshed pid. Skipping it, and the
+        # collector (a short-lived process has little garbage; collecting would copy pages
+        # shared with the worker), keeps forking per connection cheap.
+        gc.disable()
         proctitle.set_title(f"echod: connection {conn_id}")
         _cut_when_orphaned(self.worker_pid)
         return ChildStopper(wake_r)
@@ -115,12 +130,20 @@ class ProcessWorker(Worker):
                 return
             if pid == 0:
                 return
-            peer = self.children.pop(pid, None)
-            if peer is not None:
+            child = self.children.pop(pid, None)
+            if child is not None:
+                peer, conn = child
+                conn.close()
                 self.connection_closed(peer)
 
     def cut_connections(self) -> None:
+        # The signal first: when shutdown() wakes the child, SIGTERM is already recorded.
         self.signal_children(signal.SIGTERM)
+        for _peer, conn in self.children.values():
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def kill_connections(self) -> None:
         self.signal_children(signal.SIGKILL)
@@ -137,17 +160,17 @@ class ProcessWorker(Worker):
 
 
 def _cut_when_orphaned(worker_pid: int) -> None:
-    """Have the worker's death cut this connection (SIGTERM, as at the shutdown deadline).
+    """Have the worker's death end this connection process (SIGKILL).
 
     An orphaned connection process would serve on unsupervised: no drain would cut it, no log
-    reopen would reach it, and it would outlive the daemon. Its client sees the connection
-    close, as a thread-mode client of a killed worker does.
+    reopen would reach it, and it would outlive the daemon. SIGKILL, because a cut needs the
+    worker (its shutdown() wakes the blocked call) and the worker is gone: the client sees
+    the connection end, as a thread-mode client of a killed worker does.
     """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         return
     if os.getppid() != worker_pid:
-        # The worker died before prctl: the signal it would have sent is ours to raise.
-        os.kill(os.getpid(), signal.SIGTERM)
+        os._exit(exitcodes.EX_SOFTWARE)  # the worker died before prctl could take effect

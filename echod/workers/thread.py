@@ -1,9 +1,9 @@
 """Thread mode: each connection is served by its own thread in the worker process.
 
 A finished thread puts its peer on a deque and writes one byte to a pipe that the worker's
-selector watches, so the main thread counts it closed without polling. Cutting at the
-shutdown deadline writes one byte to a second pipe that every connection's ``poll`` watches
-and nobody reads: it stays readable, so every thread sees it.
+selector watches, so the main thread counts it closed without polling. To cut connections at
+the shutdown deadline the main thread sets a flag and shuts every open socket down: that wakes
+each thread from its blocking ``recv``/``send``, and the flag tells it why.
 """
 
 from __future__ import annotations
@@ -18,17 +18,17 @@ from echod.handler import EchoHandler
 from echod.worker import Worker
 
 
-class CutSignal:
-    """The Stopper of thread mode: once written, readable for good."""
+class CutFlag:
+    """The Stopper of thread mode: one flag for every connection of the worker."""
 
-    def __init__(self, read_fd: int) -> None:
-        self._fd = read_fd
+    def __init__(self) -> None:
+        self.cut = False
 
-    def fileno(self) -> int:
-        return self._fd
+    def cut_requested(self) -> bool:
+        return self.cut
 
-    def should_stop(self) -> bool:
-        return True
+    def before_close_event(self) -> None:
+        """Threads share the worker's log sink, which the worker itself reopens."""
 
 
 class ThreadWorker(Worker):
@@ -40,10 +40,9 @@ class ThreadWorker(Worker):
         if self.cfg.thread_stack_size:
             threading.stack_size(self.cfg.thread_stack_size)
         self.finished: collections.deque[Any] = collections.deque()
+        self.open_sockets: dict[str, socket.socket] = {}
         self.done_r, self.done_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.cut_r, self.cut_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.stopper = CutSignal(self.cut_r)
-        self.threads = 0
+        self.stopper = CutFlag()
         self.add_reader(self.done_r, self.on_done)
 
     def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
@@ -53,13 +52,18 @@ class ThreadWorker(Worker):
             name=f"conn-{conn_id}",
             daemon=True,
         )
-        thread.start()
+        self.open_sockets[conn_id] = conn
+        try:
+            thread.start()
+        except BaseException:
+            del self.open_sockets[conn_id]
+            raise
 
     def serve_in_thread(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
         try:
             EchoHandler(conn, peer, conn_id, self.settings, self.stopper).serve()
         finally:
-            self.finished.append(peer)
+            self.finished.append((conn_id, peer))
             try:
                 os.write(self.done_w, b"\0")
             except BlockingIOError:
@@ -71,7 +75,16 @@ class ThreadWorker(Worker):
         except BlockingIOError:
             pass
         while self.finished:
-            self.connection_closed(self.finished.popleft())
+            conn_id, peer = self.finished.popleft()
+            self.open_sockets.pop(conn_id, None)
+            self.connection_closed(peer)
 
     def cut_connections(self) -> None:
-        os.write(self.cut_w, b"x")
+        self.stopper.cut = True
+        # Only this (main) thread accepts, and it is not accepting now, so a descriptor closed
+        # by a finishing thread cannot have been reused for a new connection meanwhile.
+        for sock in list(self.open_sockets.values()):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # it finished and closed meanwhile

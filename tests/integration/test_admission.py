@@ -6,6 +6,7 @@ policy and its summary, running out of descriptors, slow readers, and memory whi
 
 from __future__ import annotations
 
+import itertools
 import os
 import selectors
 import socket
@@ -16,12 +17,11 @@ from pathlib import Path
 import pytest
 
 from tests.support import (
-    MODES,
     DEADLINE,
+    MODES,
     Echod,
     Pattern,
     cpu_seconds,
-    echo_roundtrip,
     echod,
     event_time,
     rlimit_nofile,
@@ -56,6 +56,18 @@ def echoes(sock: socket.socket, data: bytes = b"ping") -> bool:
     return sock.recv(len(data)) == data
 
 
+def served_fresh(server: Echod, source_ip: str) -> socket.socket | None:
+    """A new connection from ``source_ip`` if it is served, else None."""
+    sock = connect_from(server, source_ip)
+    try:
+        if echoes(sock):
+            return sock
+    except OSError:
+        pass
+    sock.close()
+    return None
+
+
 def refused_counts(server: Echod) -> dict[str, int]:
     total: dict[str, int] = {}
     for event in server.events("refused"):
@@ -78,10 +90,11 @@ def test_per_ip_limit_refuses_the_extra_connection_only(tmp_path: Path, mode: st
         summary = server.wait_event("refused")
         assert summary["max_connections_per_ip"] == 1
         assert all(echoes(sock) for sock in first)
-        # A slot freed is a slot available again.
+        # A slot freed is available again, once the worker has counted the close (in
+        # process mode when it reaps the connection's process).
         first.pop().close()
-        server.wait_event("conn_close")
-        assert echoes(connect_from(server, "127.0.0.1"))
+        again = wait_for(lambda: served_fresh(server, "127.0.0.1"), 5.0, what="a freed slot")
+        again.close()
         for sock in [*first, extra, other]:
             sock.close()
         assert len(server.events("conn_open")) == 5
@@ -123,26 +136,26 @@ def test_connection_rate_under_refuse_is_summarised(tmp_path: Path, mode: str) -
 
 @pytest.mark.parametrize("mode", MODES)
 def test_refuse_policy_summarises_at_most_once_a_second(tmp_path: Path, mode: str) -> None:
-    """overload: refuse with max_connections: 2: 60 clients arriving over ~2.5 s while two
+    """overload: refuse with max_connections: 2: 40 clients arriving over ~1.4 s while two
     connections are held are all closed at once; the refusals appear only in `refused`
-    summaries, at least a second apart, that add up to 60."""
+    summaries, at least a second apart, that add up to 40."""
     with echod(tmp_path, mode=mode, max_connections=2, overload="refuse") as server:
         held = [server.connect() for _ in range(2)]
         assert all(echoes(sock) for sock in held)
         start = time.monotonic()
-        for i in range(60):
+        for i in range(40):
             with server.connect() as sock:
                 assert closed_by_server(sock)
             # Spread the arrivals over several summary intervals.
-            deadline = start + (i + 1) * 0.04
+            deadline = start + (i + 1) * 0.035
             while time.monotonic() < deadline:
                 time.sleep(0.005)
-        wait_for(lambda: refused_counts(server).get("max_connections") == 60, what="60 refusals")
+        wait_for(lambda: refused_counts(server).get("max_connections") == 40, what="40 refusals")
         summaries = server.events("refused")
         times = [event_time(e) for e in summaries]
-        print(f"{mode}: 60 refusals in {len(summaries)} summary lines")
-        assert 2 <= len(summaries) <= 5
-        assert all(b - a >= 0.95 for a, b in zip(times, times[1:], strict=False))
+        print(f"{mode}: 40 refusals in {len(summaries)} summary lines")
+        assert 2 <= len(summaries) <= 3
+        assert all(b - a >= 0.95 for a, b in itertools.pairwise(times))
         assert len(server.events("conn_open")) == 2
         assert all(echoes(sock) for sock in held)
         for sock in held:
@@ -186,7 +199,7 @@ def test_running_out_of_descriptors_pauses_then_resumes(tmp_path: Path, mode: st
             sock.close()
         released = server.wait_event("limit_released")
         assert released["limit"] == "file_descriptors"
-        for sock in socks[40:]:
+        for sock in socks[served:]:
             sock.settimeout(DEADLINE)
             assert sock.recv(1) == b"?"
         assert len(server.events("conn_open")) == 80
@@ -252,7 +265,7 @@ def test_a_client_that_never_reads_stays_bounded(tmp_path: Path, mode: str) -> N
 def test_memory_stays_flat_while_one_client_streams_a_gib(tmp_path: Path, mode: str) -> None:
     """1 GiB streamed through one connection comes back intact while the serving process's
     RSS, sampled every 20 ms, stays within a few MiB."""
-    total = int(os.environ.get("ECHOD_STREAM_BYTES", 1 << 30))
+    total = int(os.environ.get("ECHOD_STREAM_BYTES", str(1 << 30)))
     with echod(tmp_path, mode=mode) as server:
         sock = server.connect()
         sock.sendall(b"\0")
@@ -279,20 +292,23 @@ def test_memory_stays_flat_while_one_client_streams_a_gib(tmp_path: Path, mode: 
         took = time.monotonic() - start
         sock.close()
         close = server.wait_event("conn_close")
-    baseline = samples[min(5, len(samples) - 1)]
+    # The first tenth warms the allocator up; after it, nothing may grow.
+    warm = max(samples[: max(1, len(samples) // 10)])
     peak = max(samples)
     print(
         f"{mode}: 1 GiB through echod in {took:.1f} s ({total / MIB / took:.0f} MiB/s), "
-        f"RSS {baseline / MIB:.1f} -> peak {peak / MIB:.1f} MiB over {len(samples)} samples"
+        f"RSS {samples[0] / MIB:.1f} MiB at start, {warm / MIB:.1f} warm, "
+        f"{peak / MIB:.1f} peak ({len(samples)} samples)"
     )
     assert received == total and intact
     assert close["bytes_in"] == close["bytes_out"] == total + 1
-    assert peak - baseline < 8 * MIB
+    assert peak - samples[0] < 24 * MIB
+    assert peak - warm < 2 * MIB
 
 
 def stream_through(sock: socket.socket, total: int) -> tuple[int, bool]:
     """Send ``total`` pattern bytes while reading the echo; return (bytes back, intact)."""
-    pattern = Pattern()
+    pattern = Pattern(1048573)  # a prime near 1 MiB
     sock.setblocking(False)
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
@@ -305,7 +321,7 @@ def stream_through(sock: socket.socket, total: int) -> tuple[int, bool]:
         for _key, events in sel.select(1.0):
             if events & selectors.EVENT_WRITE:
                 try:
-                    sent += sock.send(pattern.chunk(sent, min(Pattern.LENGTH, total - sent)))
+                    sent += sock.send(pattern.chunk(sent, total - sent))
                 except BlockingIOError:
                     pass
                 if sent >= total:

@@ -4,8 +4,10 @@ events, and no zombie processes or leaked threads left behind by connections."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -120,6 +122,68 @@ def test_connection_outliving_shutdown_timeout_is_cut(
     assert reasons == ["client_closed", "shutdown"]
     (stopped,) = server.events("stopped")
     assert (stopped["exit_code"], stopped["finished"], stopped["cut"]) == (0, 1, 1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_stopped_event_counts_every_connection_served(tmp_path: Path, mode: str) -> None:
+    """The stopped event's served total includes connections that closed after the worker's
+    last heartbeat."""
+    server = Echod(tmp_path, mode=mode, worker_timeout=30)
+    try:
+        server.start()
+        for _ in range(3):
+            with server.connect() as sock:
+                assert echo_roundtrip(sock, b"x") == b"x"
+        server.wait_event("conn_close", count=3)
+        assert server.stop() == 0
+    finally:
+        server.kill()
+    (stopped,) = server.events("stopped")
+    assert stopped["served"] == 3
+
+
+def unix_queue_of(pid: int) -> int:
+    """Bytes waiting on the SOCK_SEQPACKET sockets of ``pid`` (its worker control channels)."""
+    out = subprocess.run(["ss", "-xp"], capture_output=True, text=True, check=False).stdout
+    return sum(
+        int(line.split()[2])
+        for line in out.splitlines()
+        if line.startswith("u_seq") and f"pid={pid}," in line
+    )
+
+
+def is_zombie(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(") ", 1)[1].split()[0] == "Z"
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss(8) to see the queued heartbeat")
+def test_stop_counts_survive_a_supervisor_slow_to_read(tmp_path: Path) -> None:
+    """When a worker's heartbeat, its bye and its exit all wait for a busy supervisor, the
+    stopped event still counts the connection that finished during the drain."""
+    server = Echod(tmp_path, mode="thread", worker_timeout=1, shutdown_timeout=10)
+    try:
+        server.start()
+        (worker,) = worker_pids(server)
+        sock = server.connect()
+        ping(sock)
+        server.signal(signal.SIGTERM)
+        server.wait_event("worker_draining")
+        # Freeze the supervisor (as a loaded machine would) until a heartbeat is queued for
+        # it, then let the drain end: its bye and SIGCHLD queue up behind that heartbeat.
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: unix_queue_of(server.pid) > 0, what="a queued heartbeat")
+            sock.close()
+            wait_for(lambda: is_zombie(worker), what="the worker to exit")
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert server.proc is not None
+        assert server.proc.wait(20) == 0
+    finally:
+        server.kill()
+    (stopped,) = server.events("stopped")
+    assert (stopped["finished"], stopped["cut"]) == (1, 0)
 
 
 def test_start_event_names_version_config_file_and_mode(tmp_path: Path) -> None:

@@ -137,9 +137,7 @@ def test_reload_changes_mode_and_port_without_dropping_a_connection(
         new_running = [
             i
             for i, e in enumerate(events)
-            if e.get("event") == "worker_state"
-            and e["generation"] == 2
-            and e["state"] == "running"
+            if e.get("event") == "worker_state" and e["generation"] == 2 and e["state"] == "running"
         ]
         old_draining = [
             i
@@ -167,9 +165,7 @@ def test_reload_changes_mode_and_port_without_dropping_a_connection(
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_connections_queued_on_the_old_port_are_served_not_reset(
-    tmp_path: Path, mode: str
-) -> None:
+def test_connections_queued_on_the_old_port_are_served_not_reset(tmp_path: Path, mode: str) -> None:
     """Clients still waiting in the old port's backlog when the reload retires its worker
     are accepted and echoed: closing that listener would otherwise reset them."""
     with echod(tmp_path, mode=mode) as server:

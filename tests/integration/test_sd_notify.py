@@ -156,13 +156,19 @@ os.execv(sys.executable, [sys.executable, "-m", "echod", *sys.argv[3:]])
 def start_activated(server: Echod, sock: socket.socket, listen_pid: str = "self") -> Echod:
     """Start ``server`` with ``sock`` passed as systemd would; wait until it is ready."""
     server.write_config()
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("ECHOD_CONFIG", "NOTIFY_SOCKET")
-    }
+    env = {k: v for k, v in os.environ.items() if k not in ("ECHOD_CONFIG", "NOTIFY_SOCKET")}
     with open(server.stderr_path, "wb") as err:
         server.proc = subprocess.Popen(
-            [sys.executable, "-c", LAUNCHER, str(sock.fileno()), listen_pid,
-             "run", "--config", str(server.config_path)],
+            [
+                sys.executable,
+                "-c",
+                LAUNCHER,
+                str(sock.fileno()),
+                listen_pid,
+                "run",
+                "--config",
+                str(server.config_path),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=err,
             stderr=err,
@@ -229,4 +235,3 @@ def test_sockets_meant_for_another_pid_are_not_adopted(tmp_path: Path) -> None:
     finally:
         passed.close()
         server.kill()
-

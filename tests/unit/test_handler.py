@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
+import struct
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,40 +19,33 @@ from echod.handler import (
     IDLE_TIMEOUT,
     RESET,
     SHUTDOWN,
+    WRITE_TIMEOUT,
     EchoHandler,
     HandlerSettings,
     peer_fields,
-    poll_ms,
+    timeval,
 )
 
 pytestmark = pytest.mark.timeout(30)
 
 
-class PipeStopper:
-    """A Stopper whose descriptor becomes readable when the test calls :meth:`cut`."""
+class FlagStopper:
+    """A Stopper the test controls: :meth:`cut` marks the connection cut, as a worker does."""
 
     def __init__(self) -> None:
-        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.cut = False
+        self.before_close_calls = 0
 
-    def fileno(self) -> int:
-        return self.r
+    def cut_requested(self) -> bool:
+        return self.cut
 
-    def should_stop(self) -> bool:
-        return True
-
-    def cut(self) -> None:
-        os.write(self.w, b"x")
-
-    def close(self) -> None:
-        os.close(self.r)
-        os.close(self.w)
+    def before_close_event(self) -> None:
+        self.before_close_calls += 1
 
 
 @pytest.fixture
-def stopper() -> Iterator[PipeStopper]:
-    stop = PipeStopper()
-    yield stop
-    stop.close()
+def stopper() -> FlagStopper:
+    return FlagStopper()
 
 
 @pytest.fixture
@@ -94,19 +90,19 @@ def recv_all(sock: socket.socket) -> bytes:
 @pytest.mark.parametrize(
     ("seconds", "expected"),
     [
-        (0, -1),
-        (0.0, -1),
-        (-1, -1),
-        (0.0001, 1),
-        (0.5, 500),
-        (1, 1000),
-        (2.25, 2250),
-        (300, 300_000),
+        (0, (0, 0)),
+        (0.0001, (0, 100)),
+        (0.5, (0, 500_000)),
+        (1, (1, 0)),
+        (2.25, (2, 250_000)),
+        (300, (300, 0)),
     ],
 )
-def test_poll_ms(seconds: float, expected: int) -> None:
-    """poll_ms turns seconds into a poll timeout: 0 or less waits forever, else at least 1 ms."""
-    assert poll_ms(seconds) == expected
+def test_timeval(seconds: float, expected: tuple[int, int]) -> None:
+    """timeval packs seconds as a struct timeval (seconds, microseconds); 0 is no timeout."""
+    packed = timeval(seconds)
+    assert len(packed) == struct.calcsize("@ll")
+    assert struct.unpack("@ll", packed) == expected
 
 
 @pytest.mark.parametrize(
@@ -139,7 +135,7 @@ def test_settings_from_config_take_the_connection_part() -> None:
 
 
 def test_echo_then_half_close_gives_client_closed(
-    tcp_pair: tuple[socket.socket, socket.socket, Any], stopper: PipeStopper
+    tcp_pair: tuple[socket.socket, socket.socket, Any], stopper: FlagStopper
 ) -> None:
     """Bytes are echoed exactly, a half-close ends with client_closed, open/close are logged."""
     client, server_side, peer = tcp_pair
@@ -164,7 +160,7 @@ def test_echo_then_half_close_gives_client_closed(
 
 
 def test_idle_connection_ends_with_idle_timeout(
-    tcp_pair: tuple[socket.socket, socket.socket, Any], stopper: PipeStopper
+    tcp_pair: tuple[socket.socket, socket.socket, Any], stopper: FlagStopper
 ) -> None:
     """A silent client is closed after idle_timeout with reason idle_timeout."""
     client, server_side, peer = tcp_pair
@@ -177,11 +173,9 @@ def test_idle_connection_ends_with_idle_timeout(
 
 
 def test_reset_ends_with_reason_reset(
-    tcp_pair: tuple[socket.socket, socket.socket, Any], stopper: PipeStopper
+    tcp_pair: tuple[socket.socket, socket.socket, Any], stopper: FlagStopper
 ) -> None:
     """A TCP reset from the peer ends the connection with reason reset and the OS error."""
-    import struct
-
     client, server_side, peer = tcp_pair
     handler = EchoHandler(server_side, peer, "1-3", settings(), stopper)
     with capture_logs() as logs:
@@ -196,24 +190,56 @@ def test_reset_ends_with_reason_reset(
     assert "reset" in logs[-1]["error"].lower()
 
 
-def test_stopper_ends_with_reason_shutdown(
-    tcp_pair: tuple[socket.socket, socket.socket, Any], stopper: PipeStopper
+def test_cut_connection_ends_with_reason_shutdown(
+    tcp_pair: tuple[socket.socket, socket.socket, Any], stopper: FlagStopper
 ) -> None:
-    """When the stopper fires, the connection closes with reason shutdown."""
+    """A connection the worker cuts (flag set, socket shut down) closes with reason shutdown,
+    and before_close_event runs once, before the close event."""
     client, server_side, peer = tcp_pair
     handler = EchoHandler(server_side, peer, "1-4", settings(), stopper)
-    with capture_logs():
+    with capture_logs() as logs:
         thread = serve_in_thread(handler)
         client.sendall(b"x")
         assert client.recv(1) == b"x"
-        stopper.cut()
+        stopper.cut = True
+        server_side.shutdown(socket.SHUT_RDWR)  # what the worker does to wake the handler
         thread.join(10)
     assert handler.reason == SHUTDOWN
+    assert logs[-1]["reason"] == SHUTDOWN
+    assert stopper.before_close_calls == 1
     assert client.recv(1) == b""
 
 
+def test_client_that_never_reads_ends_with_write_timeout(
+    tcp_pair: tuple[socket.socket, socket.socket, Any], stopper: FlagStopper
+) -> None:
+    """A client that sends but never reads fills the buffers; write_timeout then closes it."""
+    client, server_side, peer = tcp_pair
+    handler = EchoHandler(server_side, peer, "1-6", settings(write_timeout=0.2), stopper)
+    with capture_logs() as logs:
+        thread = serve_in_thread(handler)
+        client.setblocking(False)
+        sent = 0
+        deadline = time.monotonic() + 10
+        # Keep sending whenever there is room, so the handler never waits to read: it can
+        # only end up blocked writing to a client that does not read.
+        while thread.is_alive() and time.monotonic() < deadline:
+            select.select([], [client], [], 0.05)
+            try:
+                sent += client.send(b"y" * 65536)
+            except BlockingIOError:
+                continue
+            except OSError:  # the handler closed it
+                break
+        thread.join(10)
+    assert not thread.is_alive()
+    assert handler.reason == WRITE_TIMEOUT
+    assert logs[-1]["reason"] == WRITE_TIMEOUT
+    assert 0 < handler.bytes_out <= handler.bytes_in <= sent
+
+
 def test_no_connection_events_when_log_connections_is_off(
-    tcp_pair: tuple[socket.socket, socket.socket, Any], stopper: PipeStopper
+    tcp_pair: tuple[socket.socket, socket.socket, Any], stopper: FlagStopper
 ) -> None:
     """With log.connections false the handler logs nothing but still echoes."""
     client, server_side, peer = tcp_pair
