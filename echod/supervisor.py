@@ -372,18 +372,28 @@ class Supervisor:
         if handle.control.fileno() == -1:
             # Reaped (and its channel closed) earlier in the same batch of selector events.
             return
-        try:
-            message = handle.control.recv(64)
-        except BlockingIOError:
+        message = self.receive(handle)
+        if message is None:
             return
-        except OSError:
-            message = b""
-        handle.last_seen = time.monotonic()
         if not message:
             # The worker is gone (or going); SIGCHLD brings its exit status.
             assert self.selector is not None
             self.selector.unregister(handle.control)
             return
+        self.handle_message(handle, message)
+
+    def receive(self, handle: WorkerHandle) -> bytes | None:
+        """One message from the worker; b"" at its end, None when nothing is waiting."""
+        try:
+            message = handle.control.recv(64)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+        handle.last_seen = time.monotonic()
+        return message
+
+    def handle_message(self, handle: WorkerHandle, message: bytes) -> None:
         if message == MSG_READY:
             self.on_worker_ready(handle)
         elif message.startswith(b"hb "):
@@ -391,8 +401,9 @@ class Supervisor:
             handle.open, handle.served = int(opened), int(served)
             self.publish_status()
         elif message.startswith(b"bye "):
-            _, finished, cut = message.split()
-            handle.finished, handle.cut = int(finished), int(cut)
+            _, finished, cut, served = message.split()
+            handle.finished, handle.cut, handle.served = int(finished), int(cut), int(served)
+            handle.open = 0
 
     def on_worker_ready(self, handle: WorkerHandle) -> None:
         if handle.state == W_STARTING:
@@ -456,6 +467,12 @@ class Supervisor:
                 self.on_worker_exit(handle, status)
 
     def on_worker_exit(self, handle: WorkerHandle, status: int) -> None:
+        # Its last words (the final counts) may still wait behind a heartbeat: read them all.
+        while handle.control.fileno() != -1:
+            message = self.receive(handle)
+            if not message:
+                break
+            self.handle_message(handle, message)
         if self.selector is not None:
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(handle.control)

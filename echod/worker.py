@@ -11,7 +11,7 @@ Supervisor to worker: ``stop`` (drain for up to ``shutdown_timeout``, then cut),
 ``retire-listeners`` (the same, and the listening sockets are replaced too: first accept what
 is queued on them, which closing them would reset), ``reopen`` (log rotation), ``quit`` (cut
 now). Worker to supervisor: ``ready``, ``hb <open> <served>`` (the heartbeat that proves the
-loop runs, and the counts for status), ``bye <finished> <cut>``.
+loop runs, and the counts for status), ``bye <finished> <cut> <served>``.
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ class Worker:
         """The worker process's main; returns its exit code."""
         self.init_process()
         self.serve()
-        self.say(f"bye {self.open_at_stop - self.cut} {self.cut}".encode())
+        finished = self.open_at_stop - self.cut
+        self.say(f"bye {finished} {self.cut} {self.admission.served}".encode())
         return 0
 
     def init_process(self) -> None:

@@ -45,6 +45,7 @@ IDENTITY = (
     "native_thread_id",
     "thread_name",
 )
+SCRUBBED_ENV = ("ECHOD_CONFIG", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "JOURNAL_STREAM")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -167,7 +168,7 @@ def test_console_is_the_default_on_a_terminal(tmp_path: Path) -> None:
         stdout=slave,
         stderr=slave,
         cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k not in ("ECHOD_CONFIG", "JOURNAL_STREAM")},
+        env={k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV},
         start_new_session=True,
     )
     os.close(slave)
