@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -81,9 +82,34 @@ def add_identity(_logger: Any, _method: str, event_dict: EventDict) -> EventDict
     return event_dict
 
 
+# One encoder for every event: json.dumps() with options builds a new encoder per call.
+_JSON = json.JSONEncoder(default=str, separators=(",", ":"), ensure_ascii=False)
+
+
 def render_json(_logger: Any, _method: str, event_dict: EventDict) -> str:
     """structlog renderer: one compact JSON object; anything unusual becomes its ``str``."""
-    return json.dumps(event_dict, default=str, separators=(",", ":"), ensure_ascii=False)
+    return _JSON.encode(event_dict)
+
+
+class _Clock:
+    """ISO 8601 UTC timestamps with microseconds; the date and time of day are formatted
+    once a second, not once an event (per-connection events are the hot path)."""
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+
+    def __call__(self, _logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+        now = time.time()
+        second = int(now)
+        if second != self.second:
+            self.second = second
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event_dict["timestamp"] = f"{self.prefix}.{int((now - second) * 1e6):06d}Z"
+        return event_dict
+
+
+add_timestamp = _Clock()
 
 
 def render_journal(_logger: Any, method: str, event_dict: EventDict) -> dict[str, Any]:
@@ -263,7 +289,7 @@ def configure(cfg: LogConfig, sink: Sink | None = None) -> None:
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            add_timestamp,
             add_identity,
             renderer,
         ],

@@ -59,9 +59,9 @@ NO_UVLOOP_ENV = "ECHOD_NO_UVLOOP"
 
 _LOOP_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1)
 _RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
-# Loop timers may fire up to a clock tick early (uvloop counts in milliseconds): a deadline
-# this close counts as reached instead of costing another wake-up.
-_SLACK = 0.002
+# The shortest timer: uvloop counts in whole milliseconds, and a timer that fires a little
+# before its deadline (it can) is re-armed for the rest, which must not round down to 0.
+_MIN_DELAY = 0.001
 
 
 def new_event_loop() -> tuple[asyncio.AbstractEventLoop, str]:
@@ -204,13 +204,14 @@ class EchoProtocol(asyncio.Protocol):
                 return
             timer.cancel()
         self.timer_due = due
-        self.timer = self.worker.loop.call_later(max(0.0, due - monotonic()), self.on_timer)
+        delay = max(_MIN_DELAY, due - monotonic())
+        self.timer = self.worker.loop.call_later(delay, self.on_timer)
 
     def on_timer(self) -> None:
         self.timer = None
         if self.closing or self.ended:
             return
-        now = monotonic() + _SLACK
+        now = monotonic()
         if self.stalled_since is not None:
             if self.paused or self.transport.get_write_buffer_size():
                 self.check_stall(now)
@@ -373,11 +374,11 @@ class AsyncWorker(Worker):
                 return
             self.timer.cancel()
         self.timer_due = due
-        self.timer = self.loop.call_later(due - now, self.on_timer)
+        self.timer = self.loop.call_later(max(_MIN_DELAY, due - now), self.on_timer)
 
     def on_timer(self) -> None:
         self.timer = None
-        self.dispatch(self.run_timers, monotonic() + _SLACK)
+        self.dispatch(self.run_timers, monotonic())
 
     def on_loop_error(self, _loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """Errors the loop caught (a protocol callback that raised): log them, keep serving."""
