@@ -24,33 +24,34 @@ _PR_SET_PDEATHSIG = 1
 
 
 class ChildStopper:
-    """The Stopper of a connection process: reads the signals its wakeup pipe recorded.
-
-    SIGTERM means the worker cut this connection (it then shuts the socket down, which wakes
-    the blocked call); SIGUSR1 means the log was rotated: reopen before the close event.
+    """The Stopper of a connection process: SIGTERM, recorded on its wakeup pipe, means the
+    worker cut this connection (it then shuts the socket down, which wakes the blocked call).
     """
 
     def __init__(self, read_fd: int) -> None:
         self._fd = read_fd
         self._cut = False
-        self._reopen = False
 
-    def _drain(self) -> None:
+    def cut_requested(self) -> bool:
         try:
             received = os.read(self._fd, 64)
         except BlockingIOError:
-            return
+            return self._cut
         self._cut = self._cut or signal.SIGTERM in received
-        self._reopen = self._reopen or signal.SIGUSR1 in received
-
-    def cut_requested(self) -> bool:
-        self._drain()
         return self._cut
 
     def before_close_event(self) -> None:
-        self._drain()
-        if self._reopen:
-            log.reopen()
+        """Nothing left to do: SIGUSR1 reopened the log when it came (see _reopen_log)."""
+
+
+def _reopen_log(_signum: int, _frame: Any) -> None:
+    """SIGUSR1 in a connection process: reopen the log file at once.
+
+    The one handler that acts instead of only recording: a connection process has no loop to
+    act later (it blocks in recv), and it must let go of the rotated file now. It is safe here:
+    Python runs it between bytecodes of the only thread, and reopening takes no lock.
+    """
+    log.reopen()
 
 
 class ProcessWorker(Worker):
@@ -104,7 +105,8 @@ class ProcessWorker(Worker):
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-        # SIGTERM and SIGUSR1 keep the worker's record-only handler: the pipe tells.
+        # SIGTERM keeps the worker's record-only handler: the pipe tells the handler.
+        signal.signal(signal.SIGUSR1, _reopen_log)
         name = f"conn-{conn_id}"
         log.set_process_name(name)
         # No log.configure() here: the worker's configuration and sink came through fork
