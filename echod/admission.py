@@ -4,11 +4,16 @@ One object per worker process, shared by every mode. It knows the worker's share
 ``max_connections``, the connections open per client address, and a token bucket for
 ``connection_rate``. It never logs one line per refused client: refusals are counted and
 :meth:`Admission.summary_due` tells the worker when a summary (at most once a second) is due.
+
+``max_connections_per_ip`` holds across workers through :class:`SharedIpCounts`, a table in
+memory shared by the supervisor and every worker, read and written without a lock.
 """
 
 from __future__ import annotations
 
+import mmap
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 
@@ -57,12 +62,114 @@ class TokenBucket:
         return (1.0 - self.tokens) / self.rate
 
 
-class Admission:
-    """Counts open connections and decides on new ones; see the module docstring."""
+#: Rows of the shared per-address table: one per live worker. A reload of up to 128 workers
+#: fits both generations; a worker spawned when none is free counts on its own.
+IP_SLOTS = 256
+#: Columns: client addresses hash to one of these. Addresses sharing a bucket share a count.
+IP_BUCKETS = 4096
+_WORD = 4  # uint32
 
-    def __init__(self, cfg: Config, index: int) -> None:
+
+class SharedIpCounts:
+    """Open connections per client address, summed over every worker, without a lock.
+
+    One anonymous ``MAP_SHARED`` mapping, made by the supervisor (:meth:`open`) before it
+    forks the workers, which inherit it. Word 0 is the high-water mark (one past the highest
+    slot in use, so that a sum reads only rows that may hold counts); then ``counts[slot]
+    [bucket]``, uint32, where ``bucket = crc32(address) % buckets``. Each live worker owns one
+    slot (row) and is its only writer, so no lock is needed: an aligned 4-byte store is
+    atomic on Linux (x86, arm64), and a reader sees the old or the new count. The supervisor
+    writes word 0 and zeroes a row once the worker that owned it has been reaped (its
+    connections died with it).
+
+    What a caller may rely on: a column sum is the address's open connections over all
+    workers, except that (1) admissions in different workers at the same moment do not see
+    each other's increment, so one address may briefly exceed the limit by at most
+    ``workers - 1``; (2) another worker's count for an address that shares the bucket is
+    counted too (refusing early, never admitting late); :class:`Admission` counts its own
+    worker's part exactly.
+
+    Methods for the supervisor: :meth:`open`, :meth:`allocate`, :meth:`release`,
+    :meth:`close`. For a worker: :meth:`bucket`, :meth:`others`, :meth:`add`.
+    """
+
+    def __init__(self, slots: int = IP_SLOTS, buckets: int = IP_BUCKETS) -> None:
+        self.slots = slots
+        self.buckets = buckets
+        self._map: mmap.mmap | None = None
+        self._view: memoryview | None = None
+        self._used: set[int] = set()
+
+    def open(self) -> None:
+        """Map the table, every count 0 (the kernel hands out zeroed pages)."""
+        size = _WORD * (1 + self.slots * self.buckets)
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_SHARED)
+        self._view = memoryview(self._map).cast("I")
+
+    def close(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+    def allocate(self) -> int | None:
+        """A free slot for a worker about to be forked; None when all are taken."""
+        assert self._view is not None
+        for slot in range(self.slots):
+            if slot not in self._used:
+                self._used.add(slot)
+                self._view[0] = max(self._view[0], slot + 1)
+                return slot
+        return None
+
+    def release(self, slot: int) -> None:
+        """Zero the slot of a reaped worker and make it free again."""
+        assert self._map is not None and self._view is not None
+        start = _WORD * (1 + slot * self.buckets)
+        self._map[start : start + _WORD * self.buckets] = bytes(_WORD * self.buckets)
+        self._used.discard(slot)
+        # Lowered only after the row is zero: a sum never skips a row that still counts.
+        self._view[0] = max(self._used, default=-1) + 1
+
+    def bucket(self, ip: str) -> int:
+        return zlib.crc32(ip.encode()) % self.buckets
+
+    def others(self, slot: int, bucket: int) -> int:
+        """The bucket's count in every slot but ``slot``."""
+        view = self._view
+        assert view is not None
+        start = 1 + bucket
+        column = view[start : start + view[0] * self.buckets : self.buckets]
+        return sum(column) - view[start + slot * self.buckets]
+
+    def add(self, slot: int, bucket: int, delta: int) -> None:
+        """Change the count in the caller's own slot (it is the only writer there)."""
+        assert self._view is not None
+        index = 1 + slot * self.buckets + bucket
+        self._view[index] += delta
+
+
+class Admission:
+    """Counts open connections and decides on new ones; see the module docstring.
+
+    With ``shared`` and a ``slot`` in it, ``max_connections_per_ip`` counts the address's
+    connections in every worker (see :class:`SharedIpCounts` for how exact that is); without
+    a slot, only this worker's.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        index: int,
+        shared: SharedIpCounts | None = None,
+        slot: int | None = None,
+    ) -> None:
         self.limit = worker_share(cfg.max_connections, cfg.workers, index)
         self.per_ip = cfg.max_connections_per_ip
+        self.shared = shared if self.per_ip and slot is not None else None
+        self.slot = slot if slot is not None else -1
         self.refuse = cfg.overload == "refuse"
         self.bucket = TokenBucket(cfg.connection_rate)
         self.active = 0
@@ -98,7 +205,7 @@ class Admission:
         reason: str | None = None
         if self.full():
             reason = REFUSED_LIMIT
-        elif self.per_ip and self.by_ip[ip] >= self.per_ip:
+        elif self.per_ip and self.open_from(ip) >= self.per_ip:
             reason = REFUSED_PER_IP
         elif not self.bucket.take(time.monotonic()):
             reason = REFUSED_RATE
@@ -108,6 +215,8 @@ class Admission:
             return reason
         self.active += 1
         self.by_ip[ip] += 1
+        if self.shared is not None:
+            self.shared.add(self.slot, self.shared.bucket(ip), 1)
         return None
 
     def closed(self, ip: str) -> None:
@@ -118,6 +227,15 @@ class Admission:
             self.by_ip[ip] = left
         else:
             del self.by_ip[ip]
+        if self.shared is not None:
+            self.shared.add(self.slot, self.shared.bucket(ip), -1)
+
+    def open_from(self, ip: str) -> int:
+        """Connections open from ``ip``: this worker's exactly, plus the other workers'."""
+        mine = self.by_ip.get(ip, 0)
+        if self.shared is None:
+            return mine
+        return mine + self.shared.others(self.slot, self.shared.bucket(ip))
 
     def summary_due(self, now: float) -> float | None:
         """When refusals are pending: seconds until their summary is due (<= 0: now)."""

@@ -330,7 +330,8 @@ SETTINGS: tuple[Setting, ...] = (
         "max_connections_per_ip",
         "int",
         0,
-        "Connections served at once from one client address; 0 means no limit.",
+        "Connections at once from one address in all workers (races may add workers-1); "
+        "0 means no limit.",
         minimum=0,
         maximum=1_000_000,
     ),

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from echod import __version__, exitcodes, log, proctitle, systemd
+from echod.admission import SharedIpCounts
 from echod.config import Config, ConfigError, load_config
 from echod.listeners import BindError, Listeners, adopt, bind, update_backlog
 from echod.pidfile import Pidfile, PidfileLocked
@@ -116,6 +117,7 @@ class WorkerHandle:
     finished: int = 0
     cut: int = 0
     listeners: Listeners | None = None
+    ip_slot: int | None = None
 
 
 @dataclass
@@ -186,6 +188,8 @@ class Supervisor:
         self.respawn_due: dict[int, float] = {}
         self.counters = Counters()
         self.listeners: Listeners | None = None
+        self.ip_counts: SharedIpCounts | None = None
+        self.ip_slots_warned = False
         self.old_listeners: list[Listeners] = []
         self.pidfile: Pidfile | None = None
         self.notifier: systemd.Notifier | None = None
@@ -239,6 +243,9 @@ class Supervisor:
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.wakeup_r, selectors.EVENT_READ, None)
         self.watchdog_every = systemd.watchdog_interval(os.environ)
+        # Before the first fork: every worker inherits the same shared mapping.
+        self.ip_counts = SharedIpCounts()
+        self.ip_counts.open()
         self.generation = 1
         for index in range(1, self.cfg.workers + 1):
             self.spawn(index)
@@ -307,7 +314,10 @@ class Supervisor:
         assert self.listeners is not None and self.selector is not None
         self.serial += 1
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        spec = WorkerSpec(index, self.serial, self.cfg, self.listeners, theirs)
+        slot = self.allocate_ip_slot()
+        spec = WorkerSpec(
+            index, self.serial, self.cfg, self.listeners, theirs, self.ip_counts, slot
+        )
         worker = worker_class(self.cfg.mode)(spec)
         blocked = set(_SIGNALS)
         signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
@@ -315,6 +325,10 @@ class Supervisor:
             pid = os.fork()
             if pid == 0:
                 self.become_worker(worker, ours)  # never returns
+        except OSError:
+            if slot is not None and self.ip_counts is not None:
+                self.ip_counts.release(slot)
+            raise
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
         theirs.close()
@@ -322,11 +336,26 @@ class Supervisor:
         now = time.monotonic()
         handle = WorkerHandle(
             index, self.serial, self.generation, pid, ours, self.cfg.mode,
-            started=now, last_seen=now, listeners=self.listeners,
+            started=now, last_seen=now, listeners=self.listeners, ip_slot=slot,
         )
         self.workers[pid] = handle
         self.selector.register(ours, selectors.EVENT_READ, handle)
         self.worker_event(handle, W_STARTING)
+
+    def allocate_ip_slot(self) -> int | None:
+        """A row of the shared per-address table for a new worker; None when all are taken
+        (many reloads in quick succession): that worker then counts per address alone."""
+        assert self.ip_counts is not None
+        slot = self.ip_counts.allocate()
+        if slot is None and self.cfg.max_connections_per_ip and not self.ip_slots_warned:
+            self.ip_slots_warned = True  # once: a reload storm would repeat it per worker
+            self.log.warning(
+                "ip_slots_exhausted",
+                slots=self.ip_counts.slots,
+                workers=len(self.workers) + 1,
+                effect="max_connections_per_ip counted per worker for new workers",
+            )
+        return slot
 
     def become_worker(self, worker: Any, ours: socket.socket) -> None:
         """In the forked child: drop the supervisor's descriptors and run the worker."""
@@ -477,6 +506,10 @@ class Supervisor:
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(handle.control)
         handle.control.close()
+        if handle.ip_slot is not None and self.ip_counts is not None:
+            # Its connections died with it (threads, its event loop; connection processes get
+            # SIGKILL when their worker dies): nothing it counted is open any more.
+            self.ip_counts.release(handle.ip_slot)
         self.counters.served_by_gone += handle.served
         self.counters.finished += handle.finished
         self.counters.cut += handle.cut
@@ -652,6 +685,9 @@ class Supervisor:
             )
         if self.listeners is not None:
             self.listeners.close()
+        if self.ip_counts is not None:
+            self.ip_counts.close()
+            self.ip_counts = None
         if self.pidfile is not None:
             with contextlib.suppress(OSError):
                 os.unlink(status_path(self.pidfile.path))

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from echod import log, proctitle
-from echod.admission import Admission
+from echod.admission import Admission, SharedIpCounts
 from echod.config import Config
 from echod.handler import HandlerSettings
 from echod.listeners import Listeners
@@ -80,6 +80,10 @@ class WorkerSpec:
     config: Config
     listeners: Listeners
     control: socket.socket
+    #: The per-address table shared by all workers, and this worker's row in it (None: no
+    #: row was free; max_connections_per_ip then counts this worker's connections only).
+    ip_counts: SharedIpCounts | None = None
+    ip_slot: int | None = None
 
 
 class Worker:
@@ -95,7 +99,7 @@ class Worker:
         self.spec = spec
         self.cfg = spec.config
         self.settings = HandlerSettings.from_config(spec.config)
-        self.admission = Admission(spec.config, spec.index)
+        self.admission = Admission(spec.config, spec.index, spec.ip_counts, spec.ip_slot)
         self.udp = UdpEcho(spec.config)
         self.seq = 0
         self.stopping = False

@@ -123,7 +123,8 @@ class Echod:
         except FileNotFoundError:
             return []
         out = []
-        for line in text.splitlines():
+        # Only whole lines: the last one may be in the middle of being written.
+        for line in text.split("\n")[:-1]:
             if not line:
                 continue
             event = json.loads(line)

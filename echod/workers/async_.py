@@ -24,10 +24,8 @@ import asyncio
 import importlib
 import os
 import platform
-import resource
 import signal
 import socket
-from collections import deque
 from collections.abc import Callable
 from time import monotonic
 from typing import Any, cast
@@ -43,7 +41,7 @@ from echod.handler import (
     HandlerSettings,
     peer_fields,
 )
-from echod.worker import LIMIT_CONNECTIONS, Worker, peer_ip
+from echod.worker import Worker
 
 
 def _optional(name: str) -> Any:
@@ -64,9 +62,6 @@ _RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 # The shortest timer: uvloop counts in whole milliseconds, and a timer that fires a little
 # before its deadline (it can) is re-armed for the rest, which must not round down to 0.
 _MIN_DELAY = 0.001
-# The worker's own descriptors (listeners, control channel, pipes, log file, the loop's),
-# counted generously, when deciding whether accepting may run out of descriptors.
-_FD_HEADROOM = 64
 
 
 def new_event_loop() -> tuple[asyncio.AbstractEventLoop, str]:
@@ -137,15 +132,7 @@ class EchoProtocol(asyncio.Protocol):
     # -- asyncio's callbacks ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        # Accepted by the loop's own server: admission has yet to take it (or not).
-        if self.peer is None and not self.worker.admit_accepted(self):
-            return
-        self.start()
-
-    def start(self) -> None:
-        """Serve the admitted connection: its timer, its open event."""
-        tr = self.transport
+        self.transport = tr = cast(asyncio.Transport, transport)
         worker = self.worker
         tr.set_write_buffer_limits(high=worker.settings.buffer_size)
         self.started = self.last_read = monotonic()
@@ -193,9 +180,6 @@ class EchoProtocol(asyncio.Protocol):
             self.arm(self.last_read + self.worker.quiet)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.conn_id:
-            self.worker.forget_waiting(self)  # gone before admission took it: never opened
-            return
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -324,61 +308,12 @@ class AsyncWorker(Worker):
         # How long a connection may go without reads before its timer looks at it.
         settings: HandlerSettings = self.settings
         self.quiet = settings.idle_timeout or settings.write_timeout
-        # Connections the loop accepted past max_connections (overload wait): held unread,
-        # as the kernel's backlog would hold them, until a slot frees.
-        self.waiting: deque[EchoProtocol] = deque()
-        self.loop_accepts = self.can_loop_accept()
-        self.servers: dict[socket.socket, asyncio.AbstractServer] = {}
-
-    def can_loop_accept(self) -> bool:
-        """Whether the loop's own server may accept (in C, a third of the cost of a
-        connection on churn) instead of :meth:`Worker.on_acceptable`. It may when:
-
-        - the loop is uvloop's (asyncio's server accepts in Python too);
-        - no connection_rate under ``wait``: pacing needs accepting one at a time;
-        - the connections allowed, plus a backlog's worth accepted in one go, fit in the
-          descriptor limit: on EMFILE libuv accepts and closes every queued client, where
-          ours pause accepting and serve them once descriptors free.
-        """
-        cfg = self.cfg
-        if self.loop_name != "uvloop":
-            return False
-        if cfg.connection_rate and cfg.overload == "wait":
-            return False
-        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        listeners = len(self.spec.listeners.tcp)
-        need = self.admission.limit + listeners * (cfg.backlog + 1) + _FD_HEADROOM
-        return True or soft == resource.RLIM_INFINITY or soft >= need
 
     def add_reader(self, fileobj: Any, callback: Callable[[Any], None]) -> None:
-        if self.loop_accepts and fileobj in self.spec.listeners.tcp:
-            self.servers[fileobj] = self.start_server(fileobj)
-        else:
-            self.loop.add_reader(fileobj, self.dispatch, callback, fileobj)
+        self.loop.add_reader(fileobj, self.dispatch, callback, fileobj)
 
     def remove_reader(self, fileobj: Any) -> None:
-        server = self.servers.pop(fileobj, None)
-        if server is not None:
-            server.close()  # closes its duplicate; the listener stays open
-        else:
-            self.loop.remove_reader(fileobj)
-
-    def start_server(self, lsock: socket.socket) -> asyncio.AbstractServer:
-        """Have the loop accept on ``lsock``: a server on a duplicate, so that pausing
-        (closing the server) leaves the listener itself open, its backlog intact."""
-        create = self.loop.create_server(
-            self.new_protocol, sock=lsock.dup(), backlog=self.cfg.backlog
-        )
-        # uvloop creates the server without waiting for anything (no name to resolve).
-        try:
-            create.send(None)
-        except StopIteration as done:
-            return cast(asyncio.AbstractServer, done.value)
-        create.close()
-        raise RuntimeError("create_server did not complete at once")
-
-    def new_protocol(self) -> EchoProtocol:
-        return EchoProtocol(self, None, "", self.local_port)
+        self.loop.remove_reader(fileobj)
 
     def init_mode(self) -> None:
         for signum in _LOOP_SIGNALS:
@@ -476,79 +411,15 @@ class AsyncWorker(Worker):
             waiter.add_done_callback(lambda _f: _finish(adopt))
         self.conns.add(protocol)
 
-    def admit_accepted(self, protocol: EchoProtocol) -> bool:
-        """Admission for a connection the loop accepted; True: serve it now.
-
-        As :meth:`Worker.on_acceptable` and :meth:`Worker.admit` do for one accepted in
-        Python: past max_connections under ``wait`` it waits (unread) and accepting pauses;
-        a refusal closes it, counted in the summary."""
-        transport = protocol.transport
-        try:
-            peer = transport.get_extra_info("peername")
-        except OSError:
-            peer = None
-        if peer is None:  # reset before we got to it (ECONNABORTED for accept())
-            protocol.ended = True
-            transport.abort()
-            return False
-        protocol.peer = peer
-        if self.waiting or (self.admission.should_pause() and not self.stopping):
-            transport.pause_reading()
-            self.waiting.append(protocol)
-            if not self.stopping:
-                self.pause(LIMIT_CONNECTIONS)
-            return False
-        return self.take(protocol)
-
-    def take(self, protocol: EchoProtocol) -> bool:
-        adm = self.admission
-        if adm.admit(peer_ip(protocol.peer)) is not None:
-            protocol.ended = True
-            protocol.transport.abort()
-            self.schedule_timers()  # the refusal summary
-            return False
-        self.seq += 1
-        protocol.conn_id = f"{self.spec.serial}-{self.seq}"
-        if protocol.local_port is None and self.conn_log is not None:
-            sockname = protocol.transport.get_extra_info("sockname")
-            protocol.local_port = sockname[1] if sockname else None
-        self.conns.add(protocol)
-        if adm.should_pause() and not self.stopping:
-            self.pause(LIMIT_CONNECTIONS)  # as on_acceptable does before its next accept
-        return True
-
-    def admit_waiting(self) -> None:
-        """Serve the connections held past max_connections while slots are free."""
-        while self.waiting and not self.admission.full():
-            protocol = self.waiting.popleft()
-            if self.take(protocol):
-                protocol.transport.resume_reading()
-                protocol.start()
-
-    def forget_waiting(self, protocol: EchoProtocol) -> None:
-        try:
-            self.waiting.remove(protocol)
-        except ValueError:
-            pass
-
-    def open_connections(self) -> int:
-        return self.admission.active + len(self.waiting)
-
     def connection_ended(self, protocol: EchoProtocol) -> None:
         self.conns.discard(protocol)
-        self.connection_closed(protocol.peer)  # resumes accepting if it was paused
-        if self.waiting:
-            self.admit_waiting()  # (which pauses accepting again if that fills the slot)
+        self.connection_closed(protocol.peer)
         if self.stopping and self.drained():
             self.loop.stop()
 
     def cut_connections(self) -> None:
         for protocol in list(self.conns):
             protocol.close_now(SHUTDOWN)
-        while self.waiting:  # never opened: closed as the backlog would be
-            protocol = self.waiting.popleft()
-            protocol.ended = True
-            protocol.transport.abort()
 
     def kill_connections(self) -> None:
         # Aborted transports report connection_lost on the next loop pass; anything still

@@ -100,19 +100,19 @@ def test_per_ip_limit_refuses_the_extra_connection_only(tmp_path: Path, mode: st
         assert len(server.events("conn_open")) == 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="each worker counts connections per address on its own: with N workers one "
-    "address gets up to N x max_connections_per_ip",
-)
 def test_per_ip_limit_holds_across_workers(tmp_path: Path) -> None:
     """max_connections_per_ip: 3 with two workers: a client address gets 3 connections in
     all, not 3 per worker. (Each worker's share of max_connections is 3, so once worker 1
-    is full, worker 2 must accept the next ones.)"""
+    is full, worker 2 must accept the next ones.) Each client learns its fate before the
+    next connects: two workers admitting at the same instant may each miss the other's
+    connection (documented, at most workers - 1 over), and this test is about the count."""
     with echod(tmp_path, workers=2, max_connections=6, max_connections_per_ip=3) as server:
         wait_workers(server, 2)
-        socks = [connect_from(server, "127.0.0.1") for _ in range(6)]
-        served = sum(1 for sock in socks if not closed_by_server(sock))
+        socks: list[socket.socket] = []
+        served = 0
+        for _ in range(6):
+            socks.append(connect_from(server, "127.0.0.1"))
+            served += not closed_by_server(socks[-1])
         for sock in socks:
             sock.close()
         assert served == 3

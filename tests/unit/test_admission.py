@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import select
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -13,6 +16,7 @@ from echod.admission import (
     REFUSED_RATE,
     SUMMARY_INTERVAL,
     Admission,
+    SharedIpCounts,
     TokenBucket,
     worker_share,
 )
@@ -157,3 +161,117 @@ def test_limit_is_the_workers_share() -> None:
     """Each worker's Admission takes its own share of max_connections."""
     cfg = config(max_connections=5, workers=2)
     assert [Admission(cfg, i).limit for i in (1, 2)] == [3, 2]
+
+
+def shared_table(slots: int = 4, buckets: int = 64) -> SharedIpCounts:
+    table = SharedIpCounts(slots, buckets)
+    table.open()
+    return table
+
+
+def in_child(work: Callable[[], bool]) -> tuple[int, int, int]:
+    """Fork a process that runs ``work``, says so on a pipe, waits to be told to go on, and
+    exits 0 if ``work`` returned true; returns (pid, its done pipe, our go pipe)."""
+    done_r, done_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(done_r)
+            os.close(go_w)
+            ok = work()
+            os.write(done_w, b"1")
+            os.read(go_r, 1)  # the test has looked at the table (or died: EOF)
+            code = 0 if ok else 1
+        finally:
+            os._exit(code)
+    os.close(done_w)
+    os.close(go_r)
+    return pid, done_r, go_w
+
+
+def wait_done(done_r: int) -> None:
+    readable, _, _ = select.select([done_r], [], [], 10.0)
+    assert readable, "the child did not finish its part in time"
+    assert os.read(done_r, 1) == b"1"
+
+
+def exit_code(pid: int) -> int:
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_shared_counts_span_forked_workers() -> None:
+    """Two forked workers counting into the shared table see each other's connections:
+    with max_connections_per_ip 5, the second gets 2 once the first holds 3; a freed slot
+    takes its counts with it."""
+    table = shared_table()
+    cfg = config(workers=2, max_connections_per_ip=5)
+    ip = "10.0.0.1"
+    slot_a, slot_b, probe = table.allocate(), table.allocate(), table.allocate()
+    assert (slot_a, slot_b, probe) == (0, 1, 2)
+    bucket = table.bucket(ip)
+
+    def worker(slot: int, tries: int, expect: list[str | None]) -> Callable[[], bool]:
+        def work() -> bool:
+            adm = Admission(cfg, slot + 1, table, slot)
+            adm.start()
+            return [adm.admit(ip) for _ in range(tries)] == expect
+
+        return work
+
+    pid_a, done_a, go_a = in_child(worker(slot_a, 3, [None] * 3))
+    wait_done(done_a)
+    pid_b, done_b, go_b = in_child(worker(slot_b, 4, [None, None] + [REFUSED_PER_IP] * 2))
+    wait_done(done_b)
+    assert table.others(probe, bucket) == 5
+    for go in (go_a, go_b):
+        os.write(go, b"g")
+    assert (exit_code(pid_a), exit_code(pid_b)) == (0, 0)
+    # Both exited with their connections counted: the supervisor's release zeroes them.
+    table.release(slot_a)
+    assert table.others(probe, bucket) == 2
+    table.release(slot_b)
+    assert table.others(probe, bucket) == 0
+    table.close()
+
+
+def test_closed_connections_leave_the_shared_table() -> None:
+    """admit adds to the worker's own slot and closed takes it away again."""
+    table = shared_table()
+    cfg = config(workers=2, max_connections_per_ip=2)
+    one = Admission(cfg, 1, table, table.allocate())
+    two = Admission(cfg, 2, table, table.allocate())
+    assert one.admit("10.0.0.1") is None
+    assert two.admit("10.0.0.1") is None
+    assert one.admit("10.0.0.1") == REFUSED_PER_IP
+    assert two.admit("10.0.0.2") is None  # another address has its own count
+    two.closed("10.0.0.1")
+    assert one.admit("10.0.0.1") is None
+    assert (one.open_from("10.0.0.1"), two.open_from("10.0.0.1")) == (2, 2)
+    table.close()
+
+
+def test_slots_run_out_and_come_back() -> None:
+    """allocate gives the lowest free slot, None when all are taken; release frees one and
+    zeroes it."""
+    table = shared_table(slots=2)
+    assert [table.allocate(), table.allocate(), table.allocate()] == [0, 1, None]
+    table.add(0, 7, 3)
+    table.release(0)
+    assert table.allocate() == 0
+    assert table.others(1, 7) == 0
+    table.close()
+
+
+def test_a_worker_without_a_slot_counts_alone() -> None:
+    """Without a slot (none was free) the limit is counted in this worker only."""
+    table = shared_table(slots=1)
+    cfg = config(workers=2, max_connections_per_ip=1)
+    one = Admission(cfg, 1, table, table.allocate())
+    two = Admission(cfg, 2, table, table.allocate())
+    assert one.admit("10.0.0.1") is None
+    assert two.admit("10.0.0.1") is None
+    assert two.admit("10.0.0.1") == REFUSED_PER_IP
+    table.close()
