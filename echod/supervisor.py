@@ -30,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from echod import __version__, exitcodes, log, proctitle, systemd
+from echod import __version__, exitcodes, log, proctitle, signals, systemd
 from echod.admission import SharedIpCounts
 from echod.config import Config, ConfigError, load_config
 from echod.listeners import BindError, Listeners, adopt, bind, update_backlog
@@ -302,10 +302,7 @@ class Supervisor:
         return self.log is not None and log.effective_target(self.cfg.log) == "stderr"
 
     def install_signals(self) -> None:
-        self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(self.wakeup_w, warn_on_full_buffer=False)
-        for signum in _SIGNALS:
-            signal.signal(signum, _record_only)
+        self.wakeup_r, self.wakeup_w = signals.record(_SIGNALS)
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -611,11 +608,7 @@ class Supervisor:
         self.next_watchdog = now + self.watchdog_every / 2
 
     def on_wakeup(self) -> None:
-        try:
-            data = os.read(self.wakeup_r, 512)
-        except BlockingIOError:
-            return
-        for signum in dict.fromkeys(data):
+        for signum in signals.received(self.wakeup_r):
             self.on_signal(signum)
 
     def on_signal(self, signum: int) -> None:
@@ -816,7 +809,3 @@ def _become_subreaper() -> None:
         libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except (OSError, AttributeError):
         pass
-
-
-def _record_only(_signum: int, _frame: Any) -> None:
-    """Signal handler: the wakeup fd has recorded the signal; the loop acts on it."""

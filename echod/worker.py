@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import gc
-import os
 import select
 import selectors
 import signal
@@ -28,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from echod import log, proctitle
+from echod import log, proctitle, signals
 from echod.admission import Admission, SharedIpCounts
 from echod.config import Config
 from echod.handler import HandlerSettings
@@ -169,10 +168,9 @@ class Worker:
 
     def install_signals(self) -> None:
         """Signals are only recorded (a byte on the wakeup pipe); the loop acts on them."""
-        self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(self.wakeup_w, warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1, signal.SIGCHLD):
-            signal.signal(signum, _record_only)
+        self.wakeup_r, self.wakeup_w = signals.record(
+            (signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1, signal.SIGCHLD)
+        )
         # Ctrl-C and SIGHUP reach the whole process group; the supervisor decides for all.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -282,11 +280,7 @@ class Worker:
             self.begin_stop(self.cfg.shutdown_timeout)
 
     def on_wakeup(self, _fd: Any) -> None:
-        try:
-            data = os.read(self.wakeup_r, 512)
-        except BlockingIOError:
-            return
-        for signum in dict.fromkeys(data):
+        for signum in signals.received(self.wakeup_r):
             self.on_signal(signum)
 
     def on_signal(self, signum: int) -> None:
@@ -434,10 +428,6 @@ class Worker:
 
     def kill_connections(self) -> None:
         """Connections that ignored the cut for CUT_GRACE: end them by force."""
-
-
-def _record_only(_signum: int, _frame: Any) -> None:
-    """Signal handler: the wakeup fd has recorded the signal; the loop acts on it."""
 
 
 def _pending(sock: socket.socket) -> bool:

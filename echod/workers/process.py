@@ -15,7 +15,7 @@ import signal
 import socket
 from typing import Any
 
-from echod import exitcodes, log, proctitle
+from echod import exitcodes, log, proctitle, signals
 from echod.handler import EchoHandler
 from echod.worker import Worker
 
@@ -101,11 +101,10 @@ class ProcessWorker(Worker):
         if self.selector is not None:
             # Dropping our reference only: the epoll instance stays the worker's.
             self.selector.close()
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        # SIGTERM (the cut) keeps its record-only handler, on a wakeup pipe of our own.
+        wake_r, _wake_w = signals.record((signal.SIGTERM,))
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-        # SIGTERM keeps the worker's record-only handler: the pipe tells the handler.
         signal.signal(signal.SIGUSR1, _reopen_log)
         name = f"conn-{conn_id}"
         log.set_process_name(name)
