@@ -20,10 +20,10 @@ help:
 	@echo "make bench      run the benchmark suite; writes docs/bench.md and docs/bench.png"
 	@echo "make deb        build dist/echod_<version>_all.deb"
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml bench/requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[fast,test,dev]'
+	$(PY) -m pip install --quiet -e '.[fast,test,dev]' -r bench/requirements.txt
 	touch $@
 
 venv: $(STAMP)
@@ -49,7 +49,6 @@ generate: $(STAMP)
 	$(PY) -m echod.docgen --write
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -r bench/requirements.txt
 	$(PY) bench/run.py --out docs
 
 deb:

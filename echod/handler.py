@@ -105,12 +105,20 @@ class EchoHandler:
         conn_id: str,
         settings: HandlerSettings,
         stopper: Stopper,
+        *,
+        local_port: int | None = None,
+        shared_descriptor: bool = False,
     ) -> None:
         self.sock = sock
         self.peer = peer
         self.conn_id = conn_id
         self.settings = settings
         self.stopper = stopper
+        # The listener's port, when the worker knows it: saves a getsockname() per connection.
+        self.local_port = local_port
+        # Another process holds a descriptor of this socket too (process mode: the worker, to
+        # cut it), so close() alone would not end the connection: shut it down first.
+        self.shared_descriptor = shared_descriptor
         self.bytes_in = 0
         self.bytes_out = 0
         self.reason = ERROR
@@ -135,17 +143,20 @@ class EchoHandler:
     def setup(self) -> None:
         self.started = time.monotonic()
         sock = self.sock
-        sock.setblocking(True)
+        if sock.gettimeout() is not None:  # accepted sockets block already; no syscall then
+            sock.setblocking(True)
         settings = self.settings
         if settings.idle_timeout > 0:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(settings.idle_timeout))
         if settings.write_timeout > 0:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(settings.write_timeout))
         if settings.log_connections:
-            try:
-                local_port = sock.getsockname()[1]
-            except OSError:
-                local_port = None
+            local_port = self.local_port
+            if local_port is None:
+                try:
+                    local_port = sock.getsockname()[1]
+                except OSError:
+                    pass
             self._log = log.get_logger().bind(
                 conn_id=self.conn_id,
                 mode=settings.mode,
@@ -174,6 +185,7 @@ class EchoHandler:
                 self._half_close()
                 raise _Closed(CLIENT_CLOSED)
             self.bytes_in += len(data)
+            started = time.monotonic()
             try:
                 sent = send(data)
             except BlockingIOError:
@@ -182,19 +194,34 @@ class EchoHandler:
                 raise self._closed(RESET, str(exc)) from None
             self.bytes_out += sent
             if sent < len(data):
-                self._send_rest(memoryview(data)[sent:])
+                self._send_rest(memoryview(data)[sent:], started)
 
-    def _send_rest(self, view: memoryview) -> None:
-        send = self.sock.send
-        while view:
-            try:
-                sent = send(view)
-            except BlockingIOError:  # SO_SNDTIMEO expired: the client does not read
-                raise self._closed(WRITE_TIMEOUT) from None
-            except _RESET_ERRORS as exc:
-                raise self._closed(RESET, str(exc)) from None
-            self.bytes_out += sent
-            view = view[sent:]
+    def _send_rest(self, view: memoryview, started: float) -> None:
+        """The slow path: the client takes the echo bit by bit. ``write_timeout`` bounds the
+        whole write, not each bit, so a trickle of window cannot keep it open for ever."""
+        sock = self.sock
+        limit = self.settings.write_timeout
+        try:
+            while view:
+                if limit > 0:
+                    remaining = started + limit - time.monotonic()
+                    if remaining <= 0:
+                        raise self._closed(WRITE_TIMEOUT)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(remaining))
+                try:
+                    sent = sock.send(view)
+                except BlockingIOError:  # SO_SNDTIMEO expired: the client does not read
+                    raise self._closed(WRITE_TIMEOUT) from None
+                except _RESET_ERRORS as exc:
+                    raise self._closed(RESET, str(exc)) from None
+                self.bytes_out += sent
+                view = view[sent:]
+        finally:
+            if limit > 0:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(limit))
+                except OSError:
+                    pass
 
     def _closed(self, reason: str, error: str | None = None) -> _Closed:
         """The end of the connection; a cut by the worker wins over what the socket said."""
@@ -209,12 +236,11 @@ class EchoHandler:
             pass  # the peer may already be gone; the close event still says client_closed
 
     def finish(self) -> None:
-        try:
-            # shutdown() first: in process mode the worker holds a second descriptor of this
-            # socket (to cut it), so close() alone would not end the connection.
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        if self.shared_descriptor:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         try:
             self.sock.close()
         finally:

@@ -114,6 +114,7 @@ class Worker:
         self.resume_at: float | None = None
         self.next_heartbeat = 0.0
         self.selector: selectors.BaseSelector | None = None
+        self.local_port: int | None = None
         self.wakeup_r = -1
         self.wakeup_w = -1
         self.log: Any = None
@@ -146,6 +147,7 @@ class Worker:
                 self.add_reader(sock, self.udp.on_readable)
         self.admission.start()
         self.udp.start()
+        self.local_port = self.listening_port()
         self.init_mode()
         # What exists now lives as long as the worker: keep the collector off it, so that the
         # pages holding it stay shared with forked connection processes instead of copied.
@@ -297,8 +299,18 @@ class Worker:
 
     # -- accepting -------------------------------------------------------------------------
 
+    def listening_port(self) -> int | None:
+        """The one TCP port every listener has (None if they differ): each connection's
+        local port, known without asking the kernel."""
+        ports = {sock.getsockname()[1] for sock in self.spec.listeners.tcp}
+        return ports.pop() if len(ports) == 1 else None
+
+    def collect_finished(self) -> None:
+        """Count connections that ended without waking the loop (see the thread mode)."""
+
     def on_acceptable(self, lsock: Any) -> None:
         adm = self.admission
+        self.collect_finished()
         for _ in range(ACCEPT_BATCH):
             if adm.should_pause():
                 self.pause(LIMIT_CONNECTIONS)

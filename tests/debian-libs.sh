@@ -19,4 +19,9 @@ fi
 import daemon, structlog, yaml
 print(f"Debian libraries: PyYAML {yaml.__version__}, python-daemon {daemon.__version__ if hasattr(daemon, '__version__') else '?'}, structlog {structlog.__version__ if hasattr(structlog, '__version__') else '?'}")
 PY
-exec /usr/bin/python3 -m pytest -p no:cacheprovider -m "not e2e" "${@:-tests/unit tests/integration/test_echo.py}"
+if (($# == 0)); then
+    set -- tests/unit tests/integration/test_echo.py tests/integration/test_config_cli.py \
+        tests/integration/test_daemonize.py tests/integration/test_daemon_cli.py \
+        tests/integration/test_reload.py tests/integration/test_logging.py
+fi
+exec /usr/bin/python3 -m pytest -p no:cacheprovider -m "not e2e" "$@"

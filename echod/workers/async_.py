@@ -301,7 +301,6 @@ class AsyncWorker(Worker):
         self.loop.set_exception_handler(self.on_loop_error)
         self.conns: set[EchoProtocol] = set()
         self.conn_log: Any = None
-        self.local_port: int | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.timer_due = 0.0
         self.failure: BaseException | None = None
@@ -322,10 +321,6 @@ class AsyncWorker(Worker):
             # One bound logger for every connection, whose fields are passed per event: a
             # bind() per connection costs more, and the lazy proxy more again.
             self.conn_log = log.get_logger().bind()
-            # Every connection's local port is its listener's: when all share one, it needs
-            # no getsockname() per connection.
-            ports = {sock.getsockname()[1] for sock in self.spec.listeners.tcp}
-            self.local_port = ports.pop() if len(ports) == 1 else None
         version = uvloop.__version__ if self.loop_name == "uvloop" else platform.python_version()
         self.log.info("event_loop", loop=self.loop_name, loop_version=version)
 

@@ -84,7 +84,15 @@ class ProcessWorker(Worker):
         try:
             stopper = self.init_connection_process(conn_id)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
-            EchoHandler(conn, peer, conn_id, self.settings, stopper).serve()
+            EchoHandler(
+                conn,
+                peer,
+                conn_id,
+                self.settings,
+                stopper,
+                local_port=self.local_port,
+                shared_descriptor=True,
+            ).serve()
             code = exitcodes.OK
         finally:
             os._exit(code)

@@ -1,9 +1,12 @@
 """Thread mode: each connection is served by its own thread in the worker process.
 
-A finished thread puts its peer on a deque and writes one byte to a pipe that the worker's
-selector watches, so the main thread counts it closed without polling. To cut connections at
-the shutdown deadline the main thread sets a flag and shuts every open socket down: that wakes
-each thread from its blocking ``recv``/``send``, and the flag tells it why.
+A finished thread puts its peer on a deque, which the main thread empties before it accepts
+again: no wake-up per connection, which would cost a GIL hand-over each. Only while accepting
+is paused (at max_connections, out of descriptors) or the worker drains, when the main thread
+waits for exactly this news, does a finished thread also write a byte to a pipe the selector
+watches. To cut connections at the shutdown deadline the main thread sets a flag and shuts
+every open socket down: that wakes each thread from its blocking ``recv``/``send``, and the
+flag tells it why.
 """
 
 from __future__ import annotations
@@ -61,23 +64,46 @@ class ThreadWorker(Worker):
 
     def serve_in_thread(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
         try:
-            EchoHandler(conn, peer, conn_id, self.settings, self.stopper).serve()
+            EchoHandler(
+                conn, peer, conn_id, self.settings, self.stopper, local_port=self.local_port
+            ).serve()
         finally:
             self.finished.append((conn_id, peer))
-            try:
-                os.write(self.done_w, b"\0")
-            except BlockingIOError:
-                pass  # the pipe is full of wake-ups already; the deque holds the news
+            # Read after the append: the main thread sets these before it looks at the deque
+            # a last time, so either it sees our entry or we see that it waits.
+            if self.paused is not None or self.stopping:
+                self.wake_main_thread()
+
+    def wake_main_thread(self) -> None:
+        try:
+            os.write(self.done_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already; the deque holds the news
 
     def on_done(self, _fd: Any) -> None:
         try:
             os.read(self.done_r, 4096)
         except BlockingIOError:
             pass
+        self.collect_finished()
+
+    def collect_finished(self) -> None:
         while self.finished:
             conn_id, peer = self.finished.popleft()
             self.open_sockets.pop(conn_id, None)
             self.connection_closed(peer)
+
+    def pause(self, reason: str, retry: float | None = None, **fields: Any) -> None:
+        super().pause(reason, retry, **fields)
+        self.collect_finished()  # what ended before the threads could see the pause
+
+    def begin_stop(self, timeout: float | None) -> None:
+        super().begin_stop(timeout)
+        self.collect_finished()  # likewise for the drain
+
+    def run_timers(self, now: float) -> None:
+        self.collect_finished()  # keeps the heartbeat's counts current
+        super().run_timers(now)
 
     def cut_connections(self) -> None:
         self.stopper.cut = True
