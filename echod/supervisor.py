@@ -645,7 +645,7 @@ class Supervisor:
         self.broadcast(MSG_QUIT if timeout == 0.0 else MSG_STOP)
         for handle in self.workers.values():
             if handle.state != W_RETIRING:
-                handle.state = W_STOPPING
+                self.worker_event(handle, W_STOPPING, open=handle.open)
         # Close our copies of the listening sockets: once the workers close theirs, the
         # kernel refuses new clients instead of queueing them for a daemon that is leaving.
         if self.listeners is not None and not self.listeners.adopted:

@@ -58,9 +58,10 @@ def echod_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def container() -> Iterator[ct.Container]:
-    """A booted Debian bookworm with systemd as PID 1, powered off at the end."""
+    """A booted Debian bookworm with systemd as PID 1, powered off at the end of the module
+    (not of the session: the other tests must not see it among this process's children)."""
     if os.geteuid() != 0:
         pytest.fail("the systemd end-to-end tests need root (systemd-nspawn, nsenter)")
     try:
@@ -71,7 +72,7 @@ def container() -> Iterator[ct.Container]:
         pytest.fail(f"cannot run a systemd container on this machine: {exc}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def installed(container: ct.Container, echod_deb: Path) -> ct.Container:
     """The container with echod installed the way an operator does: apt-get install ./deb."""
     container.put(echod_deb, DEB_INSIDE)
