@@ -17,7 +17,8 @@ if ((${#missing[@]})); then
 fi
 /usr/bin/python3 - <<'PY'
 import daemon, structlog, yaml
-print(f"Debian libraries: PyYAML {yaml.__version__}, python-daemon {daemon.__version__ if hasattr(daemon, '__version__') else '?'}, structlog {structlog.__version__ if hasattr(structlog, '__version__') else '?'}")
+from importlib.metadata import version
+print(f"Debian libraries: PyYAML {version('PyYAML')}, python-daemon {version('python-daemon')}, structlog {version('structlog')}")
 PY
 if (($# == 0)); then
     set -- tests/unit tests/integration/test_echo.py tests/integration/test_config_cli.py \
