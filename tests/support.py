@@ -248,36 +248,28 @@ def pid_gone(pid: int) -> bool:
     return not os.path.exists(f"/proc/{pid}")
 
 
-def zombies_of(pid: int) -> list[int]:
-    """Pids of zombie children of ``pid``."""
-    out = []
+def processes() -> Iterator[tuple[int, list[str]]]:
+    """Every process as (pid, the fields of /proc/<pid>/stat after the command name):
+    fields[0] is the state, [1] the ppid, [3] the session id."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
+                fields = f.read().rsplit(") ", 1)[1].split()
         except OSError:
             continue
-        fields = stat.rsplit(") ", 1)[1].split()
-        if fields[0] == "Z" and int(fields[1]) == pid:
-            out.append(int(entry))
-    return out
+        yield int(entry), fields
+
+
+def zombies_of(pid: int) -> list[int]:
+    """Pids of zombie children of ``pid``."""
+    return [p for p, fields in processes() if fields[0] == "Z" and int(fields[1]) == pid]
 
 
 def children_of(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if int(stat.rsplit(") ", 1)[1].split()[1]) == pid:
-            out.append(int(entry))
-    return out
+    """Pids of the children of ``pid``."""
+    return [p for p, fields in processes() if int(fields[1]) == pid]
 
 
 # -- helpers for the lifecycle, limits, logging and network tests ------------------------------
@@ -490,18 +482,7 @@ def cmdline(pid: int) -> str:
 def session_pids(sid: int) -> list[int]:
     """Every live (non-zombie) process in session ``sid``: what an echod started with
     ``start_new_session`` has left running."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(") ", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            out.append(int(entry))
-    return out
+    return [p for p, fields in processes() if int(fields[3]) == sid and fields[0] != "Z"]
 
 
 def event_time(event: dict[str, Any]) -> float:
