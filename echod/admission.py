@@ -45,15 +45,20 @@ class TokenBucket:
         self.tokens = max(1.0, self.rate)
         self.stamp = now
 
-    def take(self, now: float) -> bool:
+    def available(self, now: float) -> bool:
+        """Whether a token is there now (refilling first); takes none."""
         if self.rate <= 0:
             return True
         self.tokens = min(max(1.0, self.rate), self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1.0:
+        return self.tokens >= 1.0
+
+    def take(self, now: float) -> bool:
+        if not self.available(now):
+            return False
+        if self.rate > 0:
             self.tokens -= 1.0
-            return True
-        return False
+        return True
 
     def wait_time(self) -> float:
         """Seconds until one token is available."""
@@ -176,7 +181,6 @@ class Admission:
         self.served = 0
         self.by_ip: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
-        self.refused_total = 0
         self._last_summary = 0.0
 
     def start(self) -> None:
@@ -195,9 +199,8 @@ class Admission:
         """Under ``wait``: seconds to pause accepting for the rate limit (0: go on)."""
         if self.refuse or self.bucket.rate <= 0:
             return 0.0
-        if self.bucket.take(time.monotonic()):
-            self.bucket.tokens += 1.0  # only a peek: admit() takes the token
-            return 0.0
+        if self.bucket.available(time.monotonic()):
+            return 0.0  # admit() takes the token
         return max(self.bucket.wait_time(), 0.001)
 
     def admit(self, ip: str) -> str | None:
@@ -211,7 +214,6 @@ class Admission:
             reason = REFUSED_RATE
         if reason is not None:
             self.refused[reason] += 1
-            self.refused_total += 1
             return reason
         self.active += 1
         self.by_ip[ip] += 1

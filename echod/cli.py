@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from echod import __version__, exitcodes
 from echod.config import Config, ConfigError, dump_config, load_config, resolve_config_path
@@ -25,6 +25,14 @@ from echod.config import Config, ConfigError, dump_config, load_config, resolve_
 LSB_NOT_RUNNING = 7
 #: ``echod stop`` waits this long past the daemon's own drain before it sends SIGKILL.
 STOP_MARGIN = 10.0
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error exits EX_USAGE (64), as sysexits says, not 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(exitcodes.EX_USAGE, f"{self.prog}: error: {message}\n")
 
 
 class CommandError(Exception):
@@ -36,7 +44,7 @@ class CommandError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument(
         "-c",
         "--config",
@@ -51,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="ignore every configuration file and use the embedded defaults",
     )
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="echod",
         description="A production-grade echo daemon (RFC 862).",
         parents=[common],

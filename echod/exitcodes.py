@@ -4,7 +4,6 @@ OK = 0
 #: ``echod status``: the daemon is not running (LSB init-script convention).
 NOT_RUNNING = 3
 EX_USAGE = 64
-EX_DATAERR = 65
 EX_UNAVAILABLE = 69
 #: An internal error, and the crash-loop breaker: workers kept dying.
 EX_SOFTWARE = 70

@@ -455,5 +455,3 @@ def _close_quietly(sock: socket.socket) -> None:
     except OSError:
         pass
 
-
-WorkerFactory = Callable[[WorkerSpec], Worker]

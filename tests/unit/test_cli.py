@@ -62,10 +62,10 @@ def test_every_command_parses() -> None:
 
 
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    """Without a sub-command argparse exits 2 with its usage line."""
+    """Without a sub-command echod exits 64 (EX_USAGE) with its usage line."""
     with pytest.raises(SystemExit) as exc:
         cli.main([])
-    assert exc.value.code == 2
+    assert exc.value.code == 64
     assert "usage: echod" in capsys.readouterr().err
 
 
