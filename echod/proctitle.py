@@ -7,10 +7,7 @@ and ``top`` still show.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-
-_PR_SET_NAME = 15
+from echod.prctl import PR_SET_NAME, prctl
 
 
 def set_title(title: str) -> None:
@@ -18,14 +15,7 @@ def set_title(title: str) -> None:
     try:
         import setproctitle
     except ImportError:
-        _set_comm(title)
+        prctl(PR_SET_NAME, title.encode()[:15])
     else:
         setproctitle.setproctitle(title)
 
-
-def _set_comm(title: str) -> None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(title.encode()[:15]), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass

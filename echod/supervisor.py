@@ -16,8 +16,6 @@ connections to their natural end. On any error the old configuration keeps servi
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import os
 import random
@@ -35,6 +33,7 @@ from echod.admission import SharedIpCounts
 from echod.config import Config, ConfigError, load_config
 from echod.listeners import BindError, Listeners, adopt, bind, update_backlog
 from echod.pidfile import Pidfile, PidfileLocked
+from echod.prctl import PR_SET_CHILD_SUBREAPER, prctl
 from echod.worker import (
     MSG_QUIT,
     MSG_READY,
@@ -70,7 +69,6 @@ BOOT_TIMEOUT = 30.0
 BACKOFF_BASE = 0.1
 BACKOFF_MAX = 10.0
 
-_PR_SET_CHILD_SUBREAPER = 36
 _SIGNALS = (
     signal.SIGTERM,
     signal.SIGINT,
@@ -804,8 +802,4 @@ def _write_atomically(path: str, text: str) -> None:
 
 def _become_subreaper() -> None:
     """Adopt orphaned connection processes (a worker was killed) so they are reaped here."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    prctl(PR_SET_CHILD_SUBREAPER, 1)

@@ -8,7 +8,6 @@ it closes the listening sockets and the worker's control channel straight away.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import signal
@@ -17,10 +16,10 @@ from typing import Any
 
 from echod import exitcodes, log, proctitle, signals
 from echod.handler import EchoHandler
+from echod.prctl import PR_SET_PDEATHSIG, prctl
 from echod.worker import Worker
 
 _FORK_BLOCKED = {signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD, signal.SIGQUIT}
-_PR_SET_PDEATHSIG = 1
 
 
 class ChildStopper:
@@ -176,10 +175,7 @@ def _cut_when_orphaned(worker_pid: int) -> None:
     worker (its shutdown() wakes the blocked call) and the worker is gone: the client sees
     the connection end, as a thread-mode client of a killed worker does.
     """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
+    if not prctl(PR_SET_PDEATHSIG, signal.SIGKILL):
         return
     if os.getppid() != worker_pid:
         os._exit(exitcodes.EX_SOFTWARE)  # the worker died before prctl could take effect
