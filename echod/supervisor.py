@@ -200,6 +200,7 @@ class Supervisor:
         self.started_wall = 0.0
         self.started = 0.0
         self.last_status = ""
+        self.last_published = 0.0
         self.log: Any = None
 
     # -- start -----------------------------------------------------------------------------
@@ -778,15 +779,18 @@ class Supervisor:
         """Keep systemd's STATUS= and the status file for ``echod status`` current."""
         if self.listeners is None:
             return
-        fields = self.status_fields()
-        text = f"{self.cfg.mode} mode; {fields['open']} open; {fields['served']} served"
-        if text == self.last_status and not force:
+        now = time.monotonic()
+        opened = sum(h.open for h in self.workers.values())
+        text = f"{self.cfg.mode} mode; {opened} open; {self.served_total()} served"
+        # Every worker's heartbeat may change the counts: publish at most once a second.
+        if not force and (text == self.last_status or now < self.last_published + 1.0):
             return
         self.last_status = text
+        self.last_published = now
         if self.notifier is not None:
             self.notifier.status(text)
         if self.pidfile is not None:
-            _write_atomically(status_path(self.pidfile.path), json.dumps(fields))
+            _write_atomically(status_path(self.pidfile.path), json.dumps(self.status_fields()))
 
 
 def _write_atomically(path: str, text: str) -> None:
