@@ -408,7 +408,9 @@ class _Client:
                     continue
                 if ev & select.EPOLLOUT:
                     self.on_writable(conn)
-                if ev & readable and fd in conns:
+                # `is conn`: a failed connect may have been replaced by a new socket that
+                # reuses the descriptor number; that one's events come in a later poll.
+                if ev & readable and conns.get(fd) is conn:
                     self.on_readable(conn)
 
     # ---- the three kinds of run
@@ -804,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, help="client processes (default: min(conns, CPUs))")
     parser.add_argument("--server-pid", type=int, help="read the server's CPU and memory")
     args = parser.parse_args(argv)
-    if not args.host.startswith("127.") and args.host not in ("localhost", "::1"):
+    if not args.host.startswith("127.") and args.host != "localhost":
         parser.error("only loopback addresses are load-tested")
     scenario = next(s for s in SCENARIOS if s.name == args.scenario)
     if args.connections:

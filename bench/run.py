@@ -104,7 +104,7 @@ class Server:
 
     def __init__(self, spec: ServerSpec, workdir: Path, tag: str, env: dict[str, str]) -> None:
         self.spec = spec
-        self.port = free_port()
+        self.port = 0  # chosen by start()
         self.workdir = workdir
         self.output = workdir / f"{tag}.out"
         self.log_file = workdir / f"{tag}.log"
@@ -139,6 +139,7 @@ class Server:
         return self.proc.pid
 
     def start(self) -> None:
+        self.port = free_port()
         if self.spec.is_echod:
             self.write_config()
         env = {**os.environ, **self.env}

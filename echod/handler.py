@@ -33,7 +33,7 @@ RESET = "reset"
 SHUTDOWN = "shutdown"
 ERROR = "error"
 
-_RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
 
 class Stopper(Protocol):
@@ -175,7 +175,7 @@ class EchoHandler:
                 data = recv(size)
             except BlockingIOError:  # SO_RCVTIMEO expired
                 raise self._closed(IDLE_TIMEOUT) from None
-            except _RESET_ERRORS as exc:
+            except RESET_ERRORS as exc:
                 raise self._closed(RESET, str(exc)) from None
             if not data:
                 if self.stopper.cut_requested():
@@ -190,7 +190,7 @@ class EchoHandler:
                 sent = send(data)
             except BlockingIOError:
                 raise self._closed(WRITE_TIMEOUT) from None
-            except _RESET_ERRORS as exc:
+            except RESET_ERRORS as exc:
                 raise self._closed(RESET, str(exc)) from None
             self.bytes_out += sent
             if sent < len(data):
@@ -212,7 +212,7 @@ class EchoHandler:
                     sent = sock.send(view)
                 except BlockingIOError:  # SO_SNDTIMEO expired: the client does not read
                     raise self._closed(WRITE_TIMEOUT) from None
-                except _RESET_ERRORS as exc:
+                except RESET_ERRORS as exc:
                     raise self._closed(RESET, str(exc)) from None
                 self.bytes_out += sent
                 view = view[sent:]

@@ -163,10 +163,7 @@ def _open_locked(path: str) -> int | None:
     # us truncate another file.
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, _FILE_MODE)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PidfileLocked(path, _read_pid(fd)) from None
+        _lock_exclusive(fd, path)
         if not _same_file(path, fd):
             os.close(fd)
             return None
@@ -175,6 +172,25 @@ def _open_locked(path: str) -> int | None:
             os.close(fd)
         raise
     return fd
+
+
+def _lock_exclusive(fd: int, path: str) -> None:
+    """Take the daemon's lock, or raise PidfileLocked if a live daemon holds it.
+
+    ``read_live_pid`` probes with a brief shared lock; a start racing an ``echod status``
+    must wait for that probe, not mistake it for a running daemon. A daemon's lock is
+    exclusive, so if a shared one can be had, only probes are there.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise PidfileLocked(path, _read_pid(fd)) from None
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the probes are gone in microseconds
 
 
 def _same_file(path: str, fd: int) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import array
 import errno
 import fcntl
+import functools
 import os
 import re
 import socket
@@ -223,6 +224,7 @@ def journal_stream_is_stdout(environ: Mapping[str, str] | None = None) -> bool:
     return (st.st_dev, st.st_ino) == expected
 
 
+@functools.lru_cache(maxsize=1024)
 def journal_field_name(key: str, prefix: str = "") -> str:
     """A valid journal field name for ``key``: ``journal_field_name("peer", "ECHOD_")``
     is ``"ECHOD_PEER"``. Letters are upper-cased and other characters become ``_``."""

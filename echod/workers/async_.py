@@ -36,6 +36,7 @@ from echod.handler import (
     ERROR,
     IDLE_TIMEOUT,
     RESET,
+    RESET_ERRORS,
     SHUTDOWN,
     WRITE_TIMEOUT,
     HandlerSettings,
@@ -58,7 +59,6 @@ uvloop: Any = _optional("uvloop")  # the optional "fast" extra
 NO_UVLOOP_ENV = "ECHOD_NO_UVLOOP"
 
 _LOOP_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1)
-_RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 # The shortest timer: uvloop counts in whole milliseconds, and a timer that fires a little
 # before its deadline (it can) is re-armed for the rest, which must not round down to 0.
 _MIN_DELAY = 0.001
@@ -186,7 +186,7 @@ class EchoProtocol(asyncio.Protocol):
         if self.ended:
             return  # the worker gave up waiting for this (kill_connections)
         if not self.closing:
-            if isinstance(exc, _RESET_ERRORS):
+            if isinstance(exc, RESET_ERRORS):
                 self.reason, self.error = RESET, str(exc)
             elif exc is not None:
                 self.reason, self.error = ERROR, f"{type(exc).__name__}: {exc}"
@@ -221,19 +221,23 @@ class EchoProtocol(asyncio.Protocol):
             return  # the transport closes by itself now that the echo is flushed
         quiet = self.worker.quiet
         due = self.last_read + quiet
+        idle = self.worker.settings.idle_timeout
         if now < due:
             self.arm(due)  # there were reads since the timer was set
         elif self.transport.get_write_buffer_size():
-            self.stall()  # quiet, and the echo it was sent is still not taken
-        elif self.worker.settings.idle_timeout:
+            # Quiet, and the echo of the last read is still not taken: it has waited since.
+            self.stall(self.last_read)
+        elif idle and now >= self.last_read + idle:
             self.close_now(IDLE_TIMEOUT)
+        elif idle:
+            self.arm(min(self.last_read + idle, now + quiet))  # look for stalls meanwhile
         else:
             self.arm(now + quiet)  # no idle timeout: the timer only looks for stalls
 
-    def stall(self) -> None:
-        """The echo is not being taken: from now on, ``write_timeout`` counts."""
+    def stall(self, since: float | None = None) -> None:
+        """The echo is not being taken: ``write_timeout`` counts from ``since`` (default now)."""
         if self.stalled_since is None:
-            self.stalled_since = monotonic()
+            self.stalled_since = monotonic() if since is None else since
         self.check_stall(self.stalled_since)
 
     def check_stall(self, now: float) -> None:
@@ -304,9 +308,12 @@ class AsyncWorker(Worker):
         self.timer: asyncio.TimerHandle | None = None
         self.timer_due = 0.0
         self.failure: BaseException | None = None
-        # How long a connection may go without reads before its timer looks at it.
+        # How long a connection may go without reads before its timer looks at it: the
+        # shorter timeout, so that a stalled echo is noticed within write_timeout, as in the
+        # other modes, also when idle_timeout is much longer.
         settings: HandlerSettings = self.settings
-        self.quiet = settings.idle_timeout or settings.write_timeout
+        timeouts = [t for t in (settings.idle_timeout, settings.write_timeout) if t > 0]
+        self.quiet = min(timeouts, default=0.0)
 
     def add_reader(self, fileobj: Any, callback: Callable[[Any], None]) -> None:
         self.loop.add_reader(fileobj, self.dispatch, callback, fileobj)

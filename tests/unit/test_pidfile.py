@@ -8,6 +8,7 @@ import pwd
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,8 +46,14 @@ class Holder:
             env={**os.environ, "PYTHONPATH": REPO},
             text=True,
         )
-        assert self.process.stdout is not None
-        assert self.process.stdout.readline() == "locked\n"
+        try:
+            assert self.process.stdout is not None
+            assert self.process.stdout.readline() == "locked\n"
+        except BaseException:
+            # The caller never gets the object to stop: do not leave the holder running.
+            self.process.kill()
+            self.process.wait(timeout=10)
+            raise
 
     @property
     def pid(self) -> int:
@@ -268,3 +275,32 @@ def test_read_live_pid_permission_error(tmp_path: Path) -> None:
             os._exit(code)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_status_probe_does_not_fail_a_start(tmp_path: Path) -> None:
+    """A start racing `echod status` (whose probe holds a brief shared lock) waits for the
+    probe instead of reporting the daemon as already running."""
+    path = tmp_path / "echod.pid"
+    path.write_text("")
+    probe = os.open(path, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH)
+    pidfile = Pidfile(str(path))
+    errors: list[BaseException] = []
+
+    def acquire() -> None:
+        try:
+            pidfile.acquire()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=acquire, daemon=True)
+    thread.start()
+    try:
+        thread.join(0.2)
+        assert not errors  # it waits on the probe: not PidfileLocked
+    finally:
+        os.close(probe)  # the probe ends
+    thread.join(10)
+    assert not thread.is_alive() and not errors
+    assert path.read_text() == f"{os.getpid()}\n"
+    pidfile.release()
