@@ -28,6 +28,7 @@ from echod.config import (
     iter_yaml_lines,
     yaml_scalar,
 )
+from echod.exitcodes import EX_CONFIG
 
 #: Where each generated file lives, relative to the root of the source tree.
 YAML_PATH = Path("config/echod.yaml")
@@ -45,9 +46,9 @@ def render_yaml() -> str:
     header = [
         "# echod configuration file: every setting, each set to its default.",
         "#",
-        "# echod reads --config PATH, else $ECHOD_CONFIG, else /etc/echod.yaml, else uses its",
+        f"# echod reads --config PATH, else ${ENV_VAR}, else {DEFAULT_PATH}, else uses its",
         "# built-in defaults. A setting left out takes its default; an unknown setting, a",
-        "# value of the wrong type or out of range is an error (exit status 78).",
+        f"# value of the wrong type or out of range is an error (exit status {EX_CONFIG}).",
         "# Check a file with `echod check-config --config PATH`.",
         "# Reference: echod.yaml(5) and the README.",
         "#",
@@ -107,7 +108,7 @@ def render_man5(version: str) -> str:
         "An unknown setting, a setting given twice, a value of the wrong type or out of range,",
         "a YAML syntax error, an empty file and a file that cannot be read are errors:",
         "echod prints one line naming the file, line, column, setting, value and rule,",
-        "and exits with status 78 (EX_CONFIG).",
+        f"and exits with status {EX_CONFIG} (EX_CONFIG).",
         ".PP",
         ".B echod check\\-config",
         "validates a file and prints the effective configuration.",
