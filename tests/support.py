@@ -45,22 +45,6 @@ def echod_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "echod", *args]
 
 
-def run_echod(*args: str, timeout: float = 30, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    """Run an echod command to completion and capture its output."""
-    env = {k: v for k, v in os.environ.items() if k != "ECHOD_CONFIG"}
-    env.update(kwargs.pop("env", {}))
-    return subprocess.run(
-        echod_command(*args),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-
-
 class Echod:
     """A real ``python -m echod run`` with a config of our own, logging JSON to a file."""
 
@@ -324,11 +308,6 @@ def worker_pids(server: Echod) -> list[int]:
     return [e["worker_pid"] for e in server.events("worker_state") if e["state"] == "running"]
 
 
-def task_count(pid: int) -> int:
-    """How many threads ``pid`` has now."""
-    return len(os.listdir(f"/proc/{pid}/task"))
-
-
 def wait_text(
     path: Path, predicate: Callable[[str], Any], timeout: float = DEADLINE, what: str = "text"
 ) -> Any:
@@ -456,6 +435,7 @@ def fd_count(pid: int) -> int:
 
 
 def thread_count(pid: int) -> int:
+    """How many threads ``pid`` has now."""
     return len(os.listdir(f"/proc/{pid}/task"))
 
 

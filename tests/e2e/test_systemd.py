@@ -116,7 +116,13 @@ class Relay:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        assert self._readline() == b"connected\n"
+        try:
+            assert self._readline() == b"connected\n"
+        except BaseException:
+            # The caller never gets the object to close: do not leave the client running.
+            self.process.kill()
+            self.process.wait(timeout=10)
+            raise
 
     def echo(self, text: str) -> str:
         assert self.process.stdin is not None

@@ -24,7 +24,7 @@ SCENARIOS = (
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run(
+    with subprocess.Popen(
         [
             sys.executable,
             str(ROOT / "bench" / "run.py"),
@@ -35,12 +35,22 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             str(out),
         ],
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=110,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=100)
+        except subprocess.TimeoutExpired:
+            # SIGTERM first, so that run.py can stop the servers it started.
+            proc.terminate()
+            try:
+                stdout, stderr = proc.communicate(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stdout, stderr = proc.communicate()
+            pytest.fail(f"bench/run.py timed out\n{stdout}{stderr}")
+    assert proc.returncode == 0, stdout + stderr
     return out
 
 

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from tests.support import (
     echod_command,
     free_port,
     recv_exactly,
+    session_pids,
     wait_for,
 )
 
@@ -40,9 +42,15 @@ class Started:
 
     def __init__(self) -> None:
         self.pidfds: dict[int, int] = {}
+        self.sessions: set[int] = set()
 
     def track(self, pid: int) -> int:
-        """Track ``pid`` and the processes below it now; return ``pid``."""
+        """Track ``pid`` and the processes below it now, and its session (for the workers it
+        starts later: reloads, respawns); return ``pid``."""
+        with contextlib.suppress(ProcessLookupError):
+            sid = os.getsid(pid)
+            if sid != os.getsid(0):  # never sweep the session the tests run in
+                self.sessions.add(sid)
         for each in (pid, *descendants(pid)):
             if each not in self.pidfds:
                 with contextlib.suppress(ProcessLookupError):
@@ -59,6 +67,28 @@ class Started:
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             select.select([pidfd], [], [], 10)
             os.close(pidfd)
+        for sid in self.sessions:
+            wait_for(partial(sweep_session, sid), what=f"session {sid} empty")
+
+
+def sweep_session(sid: int) -> bool:
+    """SIGKILL every live process of session ``sid`` (by pidfd, its session checked after
+    opening it, so that a pid reused since it was listed is never signalled); true once the
+    session has none left."""
+    pids = session_pids(sid)
+    for pid in pids:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            if os.getsid(pid) == sid:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(pidfd)
+    return not pids
 
 
 @pytest.fixture

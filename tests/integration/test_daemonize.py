@@ -16,6 +16,7 @@ import pytest
 from echod.daemonize import EXITED_EARLY, Readiness, start_detached
 from echod.exitcodes import EX_CONFIG, EX_OSERR, EX_SOFTWARE, EX_TEMPFAIL
 from echod.pidfile import Pidfile, read_live_pid
+from tests.support import children_of
 
 # Every daemon a test starts ends by itself after this long, whatever happens to the test.
 DAEMON_LIFETIME = 60.0
@@ -53,19 +54,6 @@ def ancestors(pid: int) -> set[int]:
             break
         found.add(pid)
     return found
-
-
-def our_children() -> list[int]:
-    me = os.getpid()
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if proc_stat(int(entry)).ppid == me:
-                    children.append(int(entry))
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-    return children
 
 
 class Daemons:
@@ -165,7 +153,7 @@ def test_daemon_is_detached_and_keeps_our_sigterm_handler(tmp_path: Path, daemon
         "SIGTSTP": str(signal.SIG_IGN),
     }
 
-    assert our_children() == []  # the direct child was reaped; the daemon is not ours
+    assert children_of(os.getpid()) == []  # the direct child was reaped; the daemon is not ours
     stat = proc_stat(pid)
     assert stat.ppid != os.getpid()
     assert stat.ppid == 1 or stat.ppid in ancestors(os.getpid())  # PID 1 or a subreaper
@@ -200,7 +188,7 @@ def test_reported_failure_returns_its_code(daemons: Daemons) -> None:
         return EX_CONFIG
 
     assert start_detached(run) == (EX_CONFIG, "port: must be at most 65535, got 70000")
-    assert our_children() == []
+    assert children_of(os.getpid()) == []
 
 
 def test_exception_before_ready_is_ex_software_with_its_message(tmp_path: Path) -> None:
@@ -257,4 +245,4 @@ def test_bad_working_directory_is_reported(tmp_path: Path) -> None:
     assert code == EX_OSERR
     assert message.startswith("cannot detach: ")
     assert "missing" in message
-    assert our_children() == []
+    assert children_of(os.getpid()) == []

@@ -50,8 +50,7 @@ def test_two_hundred_concurrent_clients(tmp_path: Path, mode: str) -> None:
         for t in threads:
             t.join(60)
         assert results == payloads
-        closes = server.wait_event("conn_close", count=200)
-        assert closes
+        server.wait_event("conn_close", count=200)
         events = server.events("conn_close")
         if mode in ("thread", "async"):
             assert len({e["pid"] for e in events}) == 1

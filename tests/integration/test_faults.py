@@ -154,6 +154,7 @@ def test_sixteen_mib_single_writes(server: Echod) -> None:
         sock.sendall(data)
         sock.sendall(data)
         reader.join(DEADLINE)
+        assert not reader.is_alive(), "the echo did not arrive in time"
         sock.shutdown(socket.SHUT_WR)
         assert sock.recv(1) == b""
         assert received == data + data
@@ -223,10 +224,8 @@ def test_slowloris_against_idle_timeout(server: Echod) -> None:
                 sock.sendall(b"%d" % round_)
             for sock in slow:
                 assert sock.recv(1) == b"%d" % round_
-            start = time.monotonic()
             with fault.connect() as normal:
                 assert echo_roundtrip(normal, b"meanwhile") == b"meanwhile"
-            assert time.monotonic() - start < 0.5
             deadline = time.monotonic() + 0.4
             while time.monotonic() < deadline:
                 time.sleep(0.05)

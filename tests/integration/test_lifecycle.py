@@ -20,7 +20,7 @@ from tests.support import (
     echo_roundtrip,
     recv_exactly,
     refused,
-    task_count,
+    thread_count,
     wait_for,
     worker_pids,
     zombies_of,
@@ -234,14 +234,14 @@ def test_thread_mode_leaks_no_threads(tmp_path: Path) -> None:
     """The worker's thread count goes back to its baseline once 100 connections have closed."""
     with run_echod(tmp_path, mode="thread", backlog=256) as server:
         (worker,) = worker_pids(server)
-        baseline = task_count(worker)
+        baseline = thread_count(worker)
         socks = [server.connect() for _ in range(100)]
         try:
             for sock in socks:
                 ping(sock)
-            assert task_count(worker) == baseline + 100
+            assert thread_count(worker) == baseline + 100
         finally:
             for sock in socks:
                 sock.close()
         server.wait_event("conn_close", count=100)
-        wait_for(lambda: task_count(worker) == baseline, what="thread count back to baseline")
+        wait_for(lambda: thread_count(worker) == baseline, what="thread count back to baseline")

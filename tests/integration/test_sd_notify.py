@@ -84,7 +84,7 @@ def test_notifications_through_start_reload_and_stop(
         server.signal(signal.SIGHUP)
         failed = notify.wait("RELOADING", "1", after=reready)
         notify.wait("READY", "1", after=failed)
-        assert server.wait_event("reload_failed")
+        server.wait_event("reload_failed")
 
         server.signal(signal.SIGTERM)
         stopping = notify.wait("STOPPING", "1", after=failed)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import select
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -220,20 +222,40 @@ def test_shared_counts_span_forked_workers() -> None:
 
         return work
 
-    pid_a, done_a, go_a = in_child(worker(slot_a, 3, [None] * 3))
-    wait_done(done_a)
-    pid_b, done_b, go_b = in_child(worker(slot_b, 4, [None, None] + [REFUSED_PER_IP] * 2))
-    wait_done(done_b)
-    assert table.others(probe, bucket) == 5
-    for go in (go_a, go_b):
-        os.write(go, b"g")
-    assert (exit_code(pid_a), exit_code(pid_b)) == (0, 0)
-    # Both exited with their connections counted: the supervisor's release zeroes them.
-    table.release(slot_a)
-    assert table.others(probe, bucket) == 2
-    table.release(slot_b)
-    assert table.others(probe, bucket) == 0
-    table.close()
+    pids: list[int] = []
+    fds: list[int] = []
+    try:
+        pid_a, done_a, go_a = in_child(worker(slot_a, 3, [None] * 3))
+        pids.append(pid_a)
+        fds += [done_a, go_a]
+        wait_done(done_a)
+        pid_b, done_b, go_b = in_child(worker(slot_b, 4, [None, None] + [REFUSED_PER_IP] * 2))
+        pids.append(pid_b)
+        fds += [done_b, go_b]
+        wait_done(done_b)
+        assert table.others(probe, bucket) == 5
+        for go in (go_a, go_b):
+            os.write(go, b"g")
+        codes = []
+        for pid in (pid_a, pid_b):
+            codes.append(exit_code(pid))
+            pids.remove(pid)  # reaped: its pid may be reused, never signal it again
+        assert codes == [0, 0]
+        # Both exited with their connections counted: the supervisor's release zeroes them.
+        table.release(slot_a)
+        assert table.others(probe, bucket) == 2
+        table.release(slot_b)
+        assert table.others(probe, bucket) == 0
+    finally:
+        for fd in fds:
+            os.close(fd)
+        # A failed test must not leave its children behind (or unreaped).
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        table.close()
 
 
 def test_closed_connections_leave_the_shared_table() -> None:
