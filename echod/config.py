@@ -40,7 +40,7 @@ _LOADER: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = getattr(
     yaml, "CSafeLoader", yaml.SafeLoader
 )
 
-Kind = Literal["int", "number", "bool", "choice", "host", "path"]
+Kind = Literal["int", "number", "bool", "choice", "host", "path", "networks", "endpoint"]
 _N = TypeVar("_N", int, float)
 
 
@@ -72,6 +72,7 @@ class Config:
     idle_timeout: float
     write_timeout: float
     shutdown_timeout: float
+    drain_delay: float
     worker_timeout: float
     crash_limit: int
     crash_window: float
@@ -79,6 +80,12 @@ class Config:
     udp: bool
     udp_rate: float
     thread_stack_size: int
+    allow: tuple[str, ...]
+    deny: tuple[str, ...]
+    proxy_protocol: str
+    proxy_trusted: tuple[str, ...]
+    proxy_timeout: float
+    metrics: str | None
     log: LogConfig
 
 
@@ -140,6 +147,10 @@ class Setting:
             return "one of " + ", ".join(self.choices)
         if self.kind == "host":
             return "an IP address or a host name"
+        if self.kind == "networks":
+            return "a list of IP addresses and CIDR blocks (IPv4 or IPv6)"
+        if self.kind == "endpoint":
+            return 'an address and port as "host:port" ("[::1]:port" for IPv6)'
         return "an absolute path"
 
     @property
@@ -149,6 +160,7 @@ class Setting:
             "int": "an integer",
             "number": "a number",
             "bool": "a boolean",
+            "networks": "a list",
         }.get(self.kind, "a string")
 
     def convert(self, value: object) -> object:
@@ -169,12 +181,16 @@ class Setting:
             if not isinstance(value, bool):
                 raise self._mismatch(value)
             return value
+        if self.kind == "networks":
+            return _check_networks(value)
         if not isinstance(value, str):
             raise self._mismatch(value)
         if self.kind == "choice":
             return self._choice(value)
         if self.kind == "host":
             return _check_host(value)
+        if self.kind == "endpoint":
+            return _check_endpoint(value)
         return _check_path(value)
 
     def _mismatch(self, value: object) -> InvalidValueError:
@@ -245,6 +261,54 @@ def _check_host(value: str) -> str:
         or not all(_LABEL.fullmatch(label) for label in labels)
     ):
         raise InvalidValueError("is not a valid IP address or host name")
+    return value
+
+
+def _check_network(item: object) -> str:
+    """One address or CIDR block of a ``networks`` list."""
+    if not isinstance(item, str):
+        raise InvalidValueError(f"is {_describe(item)}, not a string")
+    try:
+        ipaddress.ip_network(item, strict=False)
+    except ValueError:
+        raise InvalidValueError("is not an IP address or CIDR block") from None
+    return item
+
+
+def _check_networks(value: object) -> tuple[str, ...]:
+    """A list of addresses and CIDR blocks, kept as written (``echod.acl`` compiles them)."""
+    if not isinstance(value, list | tuple):
+        raise InvalidValueError(f"is {_describe(value)}, not a list")
+    networks: list[str] = []
+    for index, item in enumerate(value):
+        try:
+            networks.append(_check_network(item))
+        except InvalidValueError as bad:
+            raise InvalidValueError(f"item {index + 1} {show_value(item)} {bad.problem}") from None
+    return tuple(networks)
+
+
+def split_endpoint(value: str) -> tuple[str, int]:
+    """``host:port`` (or ``[v6]:port``) as (host, port); the value must be valid already."""
+    host, _, port = value.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _check_endpoint(value: str) -> str:
+    host, colon, port = value.rpartition(":")
+    if not colon or not host:
+        raise InvalidValueError("has no port", 'write it as "host:port"')
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise InvalidValueError("has a port that is not an integer from 0 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise InvalidValueError("has an invalid IPv6 address in brackets") from None
+        return value
+    if ":" in host:
+        raise InvalidValueError("is ambiguous", 'write an IPv6 address as "[addr]:port"')
+    _check_host(host)
     return value
 
 
@@ -379,6 +443,13 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0,
     ),
     Setting(
+        "drain_delay",
+        "number",
+        0.0,
+        "Seconds echod goes on accepting after SIGTERM while /healthz says 503 (draining).",
+        minimum=0,
+    ),
+    Setting(
         "worker_timeout",
         "number",
         30.0,
@@ -430,6 +501,46 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=32768,
         maximum=64 * 1024 * 1024,
         also_zero=True,
+    ),
+    Setting(
+        "allow",
+        "networks",
+        (),
+        "Clients allowed (TCP and UDP, after PROXY); empty allows all not in deny.",
+    ),
+    Setting(
+        "deny",
+        "networks",
+        (),
+        "Clients refused before a byte is echoed; deny wins over allow.",
+    ),
+    Setting(
+        "proxy_protocol",
+        "choice",
+        "off",
+        "Read a PROXY protocol header (v1 text, v2 binary, or any) first on each connection.",
+        choices=("off", "v1", "v2", "any"),
+    ),
+    Setting(
+        "proxy_trusted",
+        "networks",
+        (),
+        "Load balancers allowed to send a PROXY header; others are closed unechoed.",
+    ),
+    Setting(
+        "proxy_timeout",
+        "number",
+        3.0,
+        "Seconds a connection has to send its whole PROXY header before it is closed.",
+        minimum=0,
+        above=True,
+    ),
+    Setting(
+        "metrics",
+        "endpoint",
+        None,
+        '"host:port" where the supervisor serves /metrics and /healthz; null for none.',
+        nullable=True,
     ),
     Setting(
         "log.format",
@@ -531,6 +642,8 @@ def show_value(value: object) -> str:
     """Show a value in an error message much as it would be written in YAML."""
     if value is None:
         return "null"
+    if isinstance(value, tuple):
+        return show_value(list(value))
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
@@ -782,6 +895,8 @@ def _construct(node: ScalarNode, path: str, key: str) -> object:
 
 
 def _read_value(setting: Setting, node: Node, path: str) -> object:
+    if setting.kind == "networks" and isinstance(node, SequenceNode):
+        return _read_list(setting, node, path)
     if not isinstance(node, ScalarNode):
         kind = _node_kind(node)
         raise ConfigError(
@@ -797,6 +912,26 @@ def _read_value(setting: Setting, node: Node, path: str) -> object:
         raise _value_error(path, node, setting, value, bad) from None
 
 
+def _read_list(setting: Setting, node: SequenceNode, path: str) -> object:
+    """A list of plain values; an error points at the item that is wrong."""
+    items: list[object] = []
+    for item in node.value:
+        if not isinstance(item, ScalarNode):
+            raise ConfigError(
+                f"{setting.name}: {_node_kind(item)} was found where a list item belongs"
+                f" ({setting.rule})",
+                key=setting.name,
+                rule=setting.rule,
+                **_at(path, item),
+            )
+        value = _construct(item, path, setting.name)
+        try:
+            items.append(_check_network(value))
+        except InvalidValueError as bad:
+            raise _value_error(path, item, setting, value, bad) from None
+    return setting.convert(items)
+
+
 def _check_together(values: Mapping[str, object], where: Mapping[str, Node], path: str) -> None:
     """Rules that span settings; each is reported where the operator wrote the deciding value."""
     if values["log.target"] == "file" and values["log.file"] is None:
@@ -807,6 +942,15 @@ def _check_together(values: Mapping[str, object], where: Mapping[str, Node], pat
             value="file",
             rule="log.file set when log.target is file",
             **_at(path, where["log.target"]),
+        )
+    if values["proxy_protocol"] != "off" and not values["proxy_trusted"]:
+        raise ConfigError(
+            f"proxy_protocol: {values['proxy_protocol']!r} needs proxy_trusted to list the"
+            " load balancers allowed to send the header",
+            key="proxy_protocol",
+            value=values["proxy_protocol"],
+            rule="proxy_trusted not empty when proxy_protocol is on",
+            **_at(path, where["proxy_protocol"]),
         )
     workers, total = values["workers"], values["max_connections"]
     assert isinstance(workers, int) and isinstance(total, int)
@@ -847,6 +991,8 @@ def yaml_scalar(value: object) -> str:
     """Write one setting's value as YAML that loads back to the same value and type."""
     if value is None:
         return "null"
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(yaml_scalar(item) for item in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):

@@ -23,6 +23,7 @@ from echod.config import (
     load_config,
     parse_config,
     resolve_config_path,
+    split_endpoint,
 )
 
 LOADERS = [yaml.SafeLoader] + ([yaml.CSafeLoader] if hasattr(yaml, "CSafeLoader") else [])
@@ -255,6 +256,7 @@ buffer_size: 1024
 idle_timeout: 0
 write_timeout: 1.5
 shutdown_timeout: 0
+drain_delay: 2.5
 worker_timeout: 5
 crash_limit: 3
 crash_window: 10
@@ -262,6 +264,13 @@ pidfile: null
 udp: true
 udp_rate: 0
 thread_stack_size: 262144
+allow: [10.0.0.0/8, "2001:db8::/32"]
+deny:
+  - 10.9.9.9
+proxy_protocol: any
+proxy_trusted: [127.0.0.1]
+proxy_timeout: 0.5
+metrics: "127.0.0.1:9107"
 log:
   format: json
   target: file
@@ -284,6 +293,7 @@ log:
         idle_timeout=0.0,
         write_timeout=1.5,
         shutdown_timeout=0.0,
+        drain_delay=2.5,
         worker_timeout=5.0,
         crash_limit=3,
         crash_window=10.0,
@@ -291,6 +301,12 @@ log:
         udp=True,
         udp_rate=0.0,
         thread_stack_size=262144,
+        allow=("10.0.0.0/8", "2001:db8::/32"),
+        deny=("10.9.9.9",),
+        proxy_protocol="any",
+        proxy_trusted=("127.0.0.1",),
+        proxy_timeout=0.5,
+        metrics="127.0.0.1:9107",
         log=LogConfig(
             format="json",
             target="file",
@@ -463,3 +479,31 @@ def test_exact_messages(tmp_path: Path, text: str, message: str) -> None:
     """The most common mistakes read exactly like this, after the file name."""
     path, error = error_for(tmp_path, text)
     assert str(error) == f"{path}:{message}"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("allow: [10.0.0.300]\n", "1:9: allow: '10.0.0.300' is not an IP address or CIDR block"),
+        ("deny:\n  - 10.0.0.1\n  - 7\n", "3:5: deny: 7 is an integer, not a string"),
+        ("allow:\n  - [1]\n", "2:5: allow: a list was found where a list item belongs"),
+        ("proxy_trusted: 5\n", "1:16: proxy_trusted: 5 is an integer, not a list"),
+        ("metrics: localhost\n", "1:10: metrics: 'localhost' has no port"),
+        ("metrics: ::1:80\n", "1:10: metrics: '::1:80' is ambiguous"),
+        ("metrics: a:99999\n", "1:10: metrics: 'a:99999' has a port that is not an integer"),
+        ("metrics: '[x]:1'\n", "1:10: metrics: '[x]:1' has an invalid IPv6 address"),
+        ("proxy_protocol: v2\n", "1:17: proxy_protocol: 'v2' needs proxy_trusted"),
+    ],
+)
+def test_list_and_endpoint_errors(tmp_path: Path, text: str, message: str) -> None:
+    """Address lists and host:port endpoints are checked item by item, with the item's place."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(f"{path}:{message}")
+
+
+def test_endpoint_split() -> None:
+    """split_endpoint takes the brackets off an IPv6 host."""
+    assert split_endpoint("[::1]:9107") == ("::1", 9107)
+    assert split_endpoint("127.0.0.1:0") == ("127.0.0.1", 0)
