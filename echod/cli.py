@@ -16,15 +16,21 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from echod import __version__, exitcodes
 from echod.config import Config, ConfigError, dump_config, load_config, resolve_config_path
+from echod.errors import OperatorError
+
+if TYPE_CHECKING:
+    from echod.status import Status
 
 #: LSB: "program is not running", for actions other than status.
 LSB_NOT_RUNNING = 7
 #: ``echod stop`` waits this long past the daemon's own drain before it sends SIGKILL.
 STOP_MARGIN = 10.0
+#: How long ``echod reload`` waits for the new configuration to serve, by default.
+RELOAD_TIMEOUT = 30.0
 
 
 class Parser(argparse.ArgumentParser):
@@ -33,14 +39,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(exitcodes.EX_USAGE, f"{self.prog}: error: {message}\n")
-
-
-class CommandError(Exception):
-    """A sub-command failed in a way the operator should read; carries the exit code."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,11 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         metavar="S",
-        help="seconds to wait before SIGKILL (default: shutdown_timeout + 10)",
+        help="seconds to wait before SIGKILL (default: drain_delay + shutdown_timeout + 10)",
     )
-    commands.add_parser("status", parents=[common], help="say whether echod runs, and how")
-    commands.add_parser(
-        "reload", parents=[common], help="check the configuration, then make the daemon reload it"
+    status = commands.add_parser(
+        "status", parents=[common], help="say whether echod runs, and how"
+    )
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    reload = commands.add_parser(
+        "reload",
+        parents=[common],
+        help="check the configuration, make the daemon reload it, and wait until it serves",
+    )
+    reload.add_argument(
+        "--timeout",
+        type=float,
+        default=RELOAD_TIMEOUT,
+        metavar="S",
+        help=f"seconds to wait for the outcome (default: {RELOAD_TIMEOUT:g})",
     )
     commands.add_parser(
         "check-config",
@@ -97,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = COMMANDS[args.command]
     try:
         return handler(args)
-    except CommandError as exc:
+    except OperatorError as exc:
         print(f"echod: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
@@ -111,10 +121,7 @@ def load(args: argparse.Namespace) -> tuple[Config, str | None]:
     path = resolve_config_path(getattr(args, "config", None), os.environ)
     if path is not None:
         path = os.path.abspath(path)
-    try:
-        return load_config(path), path
-    except ConfigError as exc:
-        raise CommandError(str(exc), exitcodes.EX_CONFIG) from None
+    return load_config(path), path  # a ConfigError is an OperatorError: exit 78
 
 
 # -- sub-commands -----------------------------------------------------------------------------
@@ -144,7 +151,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         return cmd_run(args)
     cfg, path = load(args)
     if not cfg.pidfile:
-        raise CommandError(
+        raise OperatorError(
             "start needs a pidfile to find the daemon again; set `pidfile`", exitcodes.EX_CONFIG
         )
     if log.effective_target(cfg.log, environ={}) in ("stdout", "stderr"):
@@ -171,7 +178,10 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if pid is None:
         print("echod: not running")
         return exitcodes.OK  # LSB: stopping a stopped service succeeds
-    timeout = args.timeout if args.timeout is not None else cfg.shutdown_timeout + STOP_MARGIN
+    if args.timeout is not None:
+        timeout = args.timeout
+    else:
+        timeout = cfg.drain_delay + cfg.shutdown_timeout + STOP_MARGIN
     os.kill(pid, signal.SIGTERM)
     if wait_gone(pid, timeout):
         print(f"echod: stopped (pid {pid})")
@@ -183,18 +193,22 @@ def cmd_stop(args: argparse.Namespace) -> int:
         return exitcodes.OK
     if wait_gone(pid, STOP_MARGIN):
         return exitcodes.OK
-    raise CommandError(f"pid {pid} survived SIGKILL", exitcodes.EX_SOFTWARE)
+    raise OperatorError(f"pid {pid} survived SIGKILL", exitcodes.EX_SOFTWARE)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     cfg, _path = load(args)
     pid = live_pid(cfg)
     if pid is None:
-        print("echod is not running")
+        print(json.dumps({"running": False}) if args.json else "echod is not running")
         return exitcodes.NOT_RUNNING
-    status = read_status(cfg)
+    published = read_status(cfg)
+    if args.json:
+        fields = published.to_dict() if published is not None else {}
+        print(json.dumps({"running": True, **fields, "pid": pid}, indent=2))
+        return exitcodes.OK
     print(f"echod is running (pid {pid})")
-    for line in describe(status):
+    for line in describe(published):
         print(f"  {line}")
     return exitcodes.OK
 
@@ -205,19 +219,56 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if pid is None:
         print("echod is not running", file=sys.stderr)
         return LSB_NOT_RUNNING
+    published = read_status(cfg)
     # Check the file the daemon itself reads, so a bad edit is reported here and now.
-    daemon_path = read_status(cfg).get("config_file", path)
+    daemon_path = published.config_file if published is not None else path
     if daemon_path:
         try:
             load_config(daemon_path)
         except ConfigError as exc:
-            raise CommandError(
+            raise OperatorError(
                 f"{exc} (not reloaded; still serving the previous configuration)",
                 exitcodes.EX_CONFIG,
             ) from None
+    before = published.reload_serial if published is not None else 0
     os.kill(pid, signal.SIGHUP)
-    print(f"echod: reload requested (pid {pid}, {daemon_path or 'embedded defaults'})")
+    outcome = wait_reloaded(cfg, pid, before, args.timeout)
+    where = daemon_path or "embedded defaults"
+    if outcome.reload_result != "ok":
+        raise OperatorError(
+            f"reload failed: {outcome.reload_error} (pid {pid}, {where}; "
+            "still serving the previous configuration)",
+            outcome.reload_exit_code or exitcodes.EX_SOFTWARE,
+        )
+    print(f"echod: reloaded (pid {pid}, {where}): generation {outcome.generation} serves")
     return exitcodes.OK
+
+
+def wait_reloaded(cfg: Config, pid: int, serial: int, timeout: float) -> Status:
+    """The status in which the daemon ``pid`` published the outcome of a reload requested
+    after ``serial``; OperatorError if it exits or says nothing within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    pause = 0.01
+    for _ in range(1_000_000):  # bounded: the deadline ends it long before
+        published = read_status(cfg)
+        if (
+            published is not None
+            and published.reload_serial > serial
+            and published.reload_result in ("ok", "failed")
+        ):
+            return published
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        # The daemon's exit ends the wait at once; else look again soon (the status file
+        # is replaced by rename, which no standard-library call waits for).
+        if wait_gone(pid, min(pause, left)):
+            raise OperatorError(f"pid {pid} exited during the reload", LSB_NOT_RUNNING)
+        pause = min(pause * 2, 0.1)
+    raise OperatorError(
+        f"pid {pid} did not report the reload's outcome within {timeout:g} s",
+        exitcodes.EX_TEMPFAIL,
+    )
 
 
 COMMANDS = {
@@ -238,43 +289,45 @@ def live_pid(cfg: Config) -> int | None:
     from echod.pidfile import read_live_pid
 
     if not cfg.pidfile:
-        raise CommandError("no pidfile is configured; cannot find the daemon", exitcodes.EX_CONFIG)
+        raise OperatorError("no pidfile is configured; cannot find the daemon", exitcodes.EX_CONFIG)
     try:
         return read_live_pid(cfg.pidfile)
     except PermissionError as exc:
         message = f"cannot read {cfg.pidfile}: {exc.strerror}"
-        raise CommandError(message, exitcodes.EX_NOPERM) from None
+        raise OperatorError(message, exitcodes.EX_NOPERM) from None
 
 
-def read_status(cfg: Config) -> dict[str, Any]:
-    """What the daemon last published beside its pidfile ({} if nothing yet)."""
-    from echod.supervisor import status_path
+def read_status(cfg: Config) -> Status | None:
+    """What the daemon last published beside its pidfile (None if nothing yet)."""
+    from echod import status
 
     assert cfg.pidfile
-    try:
-        with open(status_path(cfg.pidfile), encoding="utf-8") as handle:
-            data: dict[str, Any] = json.load(handle)
-    except (OSError, ValueError):
-        return {}
-    return data
+    return status.read(status.path_for(cfg.pidfile))
 
 
-def describe(status: dict[str, Any]) -> list[str]:
-    if not status:
+def describe(published: Status | None) -> list[str]:
+    if published is None:
         return ["(no status published yet)"]
-    uptime = time.time() - float(status.get("started", time.time()))
-    workers = status.get("workers", [])
-    return [
-        f"state:       {status.get('state')}",
+    uptime = time.time() - published.started
+    workers = published.workers
+    lines = [
+        f"state:       {published.state}",
         f"uptime:      {format_duration(uptime)}",
-        f"mode:        {status.get('mode')} ({len(workers)} worker processes)",
-        f"addresses:   {', '.join(status.get('addresses', []))}",
-        f"open:        {status.get('open')} connections",
-        f"served:      {status.get('served')} connections",
-        f"reloads:     {status.get('reloads')}",
-        f"config file: {status.get('config_file') or 'embedded defaults'}",
-        f"version:     {status.get('version')}",
+        f"mode:        {published.mode} ({len(workers)} worker processes)",
+        f"addresses:   {', '.join(published.addresses)}",
+        f"open:        {published.open} connections",
+        f"served:      {published.served} connections",
+        f"reloads:     {published.reloads}",
+        f"config file: {published.config_file or 'embedded defaults'}",
+        f"version:     {published.version}",
     ]
+    if workers:
+        lines.append("workers:")
+        lines += [
+            f"  worker {w.index} pid {w.pid} generation {w.generation}: {w.state}, {w.open} open"
+            for w in workers
+        ]
+    return lines
 
 
 def format_duration(seconds: float) -> str:

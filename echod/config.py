@@ -28,6 +28,9 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from echod import exitcodes
+from echod.errors import OperatorError
+
 MODES: tuple[str, ...] = ("thread", "process", "async")
 DEFAULT_PATH = "/etc/echod.yaml"
 #: The environment variable naming the configuration file when ``--config`` is not given.
@@ -594,7 +597,7 @@ class _Missing:
 _NO_VALUE: Final = _Missing()
 
 
-class ConfigError(Exception):
+class ConfigError(OperatorError):
     """A configuration that cannot be used; ``str()`` is one line fit for an operator.
 
     Attributes: ``path``; ``line`` and ``column`` (1-based, or None); ``key`` (dotted, or
@@ -612,8 +615,7 @@ class ConfigError(Exception):
         value: object = _NO_VALUE,
         rule: str = "",
     ) -> None:
-        super().__init__(message)
-        self.message = message
+        super().__init__(message, exitcodes.EX_CONFIG)
         self.path = path
         self.line = line
         self.column = column

@@ -14,14 +14,7 @@ from dataclasses import dataclass, field
 
 from echod import exitcodes
 from echod.config import Config
-
-
-class BindError(Exception):
-    """A listening socket could not be set up; carries the exit code and a one-line reason."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+from echod.errors import OperatorError
 
 
 def format_address(sockname: tuple[object, ...] | str) -> str:
@@ -73,7 +66,7 @@ def _resolve(host: str, port: int, kind: socket.SocketKind) -> list[tuple[int, t
         infos = socket.getaddrinfo(host, port, type=kind, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         message = f"cannot resolve host {host!r}: {exc.strerror}"
-        raise BindError(message, exitcodes.EX_CONFIG) from None
+        raise OperatorError(message, exitcodes.EX_CONFIG) from None
     seen: list[tuple[int, tuple[object, ...]]] = []
     for family, _type, _proto, _name, sockaddr in infos:
         entry = (int(family), tuple(sockaddr))
@@ -101,19 +94,21 @@ def _bind_one(
     return sock
 
 
-def _bind_error(exc: OSError, kind: socket.SocketKind, sockaddr: tuple[object, ...]) -> BindError:
+def _bind_error(
+    exc: OSError, kind: socket.SocketKind, sockaddr: tuple[object, ...]
+) -> OperatorError:
     proto = "tcp" if kind == socket.SOCK_STREAM else "udp"
     where = f"{proto} {format_address(sockaddr)}"
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return BindError(
+        return OperatorError(
             f"cannot listen on {where}: permission denied "
             "(ports below 1024 need root or CAP_NET_BIND_SERVICE)",
             exitcodes.EX_NOPERM,
         )
     if exc.errno == errno.EADDRINUSE:
         message = f"cannot listen on {where}: address already in use"
-        return BindError(message, exitcodes.EX_UNAVAILABLE)
-    return BindError(f"cannot listen on {where}: {exc.strerror}", exitcodes.EX_UNAVAILABLE)
+        return OperatorError(message, exitcodes.EX_UNAVAILABLE)
+    return OperatorError(f"cannot listen on {where}: {exc.strerror}", exitcodes.EX_UNAVAILABLE)
 
 
 def _bind_kind(
@@ -127,14 +122,14 @@ def _bind_kind(
                 # Every address of one host shares the port the kernel chose for the first.
                 sockaddr = (resolved[0], bound[0].getsockname()[1], *resolved[2:])
             bound.append(_bind_one(family, kind, sockaddr, backlog))
-    except BindError:
+    except OperatorError:
         close_all(bound)
         raise
     return bound
 
 
 def bind(cfg: Config) -> Listeners:
-    """Bind the TCP (and, if enabled, UDP) sockets ``cfg`` asks for. Raises BindError."""
+    """Bind the TCP (and, if enabled, UDP) sockets ``cfg`` asks for. Raises OperatorError."""
     listeners = Listeners(cfg.host, cfg.port, cfg.udp)
     listeners.tcp = _bind_kind(cfg.host, cfg.port, socket.SOCK_STREAM, cfg.backlog)
     if cfg.udp:
@@ -142,7 +137,7 @@ def bind(cfg: Config) -> Listeners:
         port = listeners.tcp[0].getsockname()[1] if listeners.tcp else cfg.port
         try:
             listeners.udp = _bind_kind(cfg.host, port, socket.SOCK_DGRAM, cfg.backlog)
-        except BindError:
+        except OperatorError:
             listeners.close()
             raise
     return listeners
@@ -160,7 +155,8 @@ def adopt(sockets: Iterable[socket.socket], cfg: Config) -> Listeners:
         else:
             sock.close()
     if not listeners.tcp and not listeners.udp:
-        raise BindError("systemd passed no usable socket (LISTEN_FDS)", exitcodes.EX_UNAVAILABLE)
+        message = "systemd passed no usable socket (LISTEN_FDS)"
+        raise OperatorError(message, exitcodes.EX_UNAVAILABLE)
     return listeners
 
 

@@ -24,13 +24,12 @@ import asyncio
 import importlib
 import os
 import platform
-import signal
 import socket
 from collections.abc import Callable
 from time import monotonic
 from typing import Any, cast
 
-from echod import log
+from echod import log, signals
 from echod.handler import (
     CLIENT_CLOSED,
     ERROR,
@@ -58,7 +57,8 @@ uvloop: Any = _optional("uvloop")  # the optional "fast" extra
 #: Set to ``1`` to run the standard asyncio loop although uvloop is installed.
 NO_UVLOOP_ENV = "ECHOD_NO_UVLOOP"
 
-_LOOP_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1)
+# The worker's signals but SIGCHLD: this mode has no children.
+_LOOP_SIGNALS = tuple(s for s, a in signals.WORKER.items() if a is not signals.Action.CHILD)
 # The shortest timer: uvloop counts in whole milliseconds, and a timer that fires a little
 # before its deadline (it can) is re-armed for the rest, which must not round down to 0.
 _MIN_DELAY = 0.001

@@ -19,7 +19,7 @@ from echod.handler import EchoHandler
 from echod.prctl import PR_SET_PDEATHSIG, prctl
 from echod.worker import Worker
 
-_FORK_BLOCKED = {signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD, signal.SIGQUIT}
+_FORK_BLOCKED = frozenset(signals.WORKER)  # the worker's handlers must not run in a child
 
 
 class ChildStopper:
