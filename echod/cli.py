@@ -214,6 +214,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
+    from echod.status import RELOAD_OK
+
     cfg, path = load(args)
     pid = live_pid(cfg)
     if pid is None:
@@ -234,7 +236,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     os.kill(pid, signal.SIGHUP)
     outcome = wait_reloaded(cfg, pid, before, args.timeout)
     where = daemon_path or "embedded defaults"
-    if outcome.reload_result != "ok":
+    if outcome.reload_result != RELOAD_OK:
         raise OperatorError(
             f"reload failed: {outcome.reload_error} (pid {pid}, {where}; "
             "still serving the previous configuration)",
@@ -247,6 +249,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def wait_reloaded(cfg: Config, pid: int, serial: int, timeout: float) -> Status:
     """The status in which the daemon ``pid`` published the outcome of a reload requested
     after ``serial``; OperatorError if it exits or says nothing within ``timeout``."""
+    from echod import status
+
     deadline = time.monotonic() + timeout
     pause = 0.01
     for _ in range(1_000_000):  # bounded: the deadline ends it long before
@@ -254,7 +258,7 @@ def wait_reloaded(cfg: Config, pid: int, serial: int, timeout: float) -> Status:
         if (
             published is not None
             and published.reload_serial > serial
-            and published.reload_result in ("ok", "failed")
+            and published.reload_result in (status.RELOAD_OK, status.RELOAD_FAILED)
         ):
             return published
         left = deadline - time.monotonic()
@@ -345,9 +349,27 @@ def wait_gone(pid: int, timeout: float) -> bool:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
         return True
+    except OSError:  # no pidfd here (a seccomp filter, an old kernel): look, then wait
+        return _wait_gone_without_pidfd(pid, timeout)
     try:
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
         return bool(poller.poll(max(0, int(timeout * 1000))))
     finally:
         os.close(pidfd)
+
+
+def _wait_gone_without_pidfd(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    for _ in range(100_000):  # bounded: the deadline ends it first
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # it exists, as someone else's
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(0.05, left))
+    return False
