@@ -201,7 +201,7 @@ class Supervisor:
         )
         self.pidfile = startup.acquire_pidfile(self.cfg, self.pidfile_required, self.log)
         path = status.path_for(self.pidfile.path) if self.pidfile is not None else None
-        self.publisher = status.Publisher(self.notifier, path, self.summary, self.status)
+        self.publisher = status.Publisher(self.notifier, path, self.summary, self.build_status)
         self.listeners = startup.open_listeners(self.cfg)
         prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphaned connection processes are reaped here
         self.wakeup_r, self.wakeup_w = signals.record(signals.SUPERVISOR)
@@ -465,7 +465,7 @@ class Supervisor:
             return f"{self.state.value}: {text}"
         return text
 
-    def status(self) -> status.Status:
+    def build_status(self) -> status.Status:
         assert self.listeners is not None
         outcome = self.reload_outcome
         return status.Status(
