@@ -93,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help=f"seconds to wait for the outcome (default: {RELOAD_TIMEOUT:g})",
     )
+    upgrade = commands.add_parser(
+        "upgrade",
+        parents=[common],
+        help="re-execute the daemon in place on the installed code, and wait until it serves",
+    )
+    upgrade.add_argument(
+        "--timeout",
+        type=float,
+        default=RELOAD_TIMEOUT,
+        metavar="S",
+        help=f"seconds to wait for the outcome (default: {RELOAD_TIMEOUT:g})",
+    )
     commands.add_parser(
         "check-config",
         parents=[common],
@@ -214,13 +226,39 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
+    found = check_signal_and_wait(args, signal.SIGHUP, "reloaded")
+    if found is None:
+        return LSB_NOT_RUNNING
+    pid, where, outcome = found
+    print(f"echod: reloaded (pid {pid}, {where}): generation {outcome.generation} serves")
+    return exitcodes.OK
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    found = check_signal_and_wait(args, signal.SIGUSR2, "upgraded")
+    if found is None:
+        return LSB_NOT_RUNNING
+    pid, where, outcome = found
+    print(
+        f"echod: upgraded (pid {pid}, {where}): version {outcome.version}, "
+        f"generation {outcome.generation} serves"
+    )
+    return exitcodes.OK
+
+
+def check_signal_and_wait(
+    args: argparse.Namespace, signum: int, done: str
+) -> tuple[int, str, Status] | None:
+    """Check the daemon's file, send ``signum``, and wait for the outcome it publishes:
+    the pid, the file, and the status that says it worked; None when no daemon runs;
+    OperatorError otherwise."""
     from echod.status import RELOAD_OK
 
     cfg, path = load(args)
     pid = live_pid(cfg)
     if pid is None:
         print("echod is not running", file=sys.stderr)
-        return LSB_NOT_RUNNING
+        return None
     published = read_status(cfg)
     # Check the file the daemon itself reads, so a bad edit is reported here and now.
     daemon_path = published.config_file if published is not None else path
@@ -229,21 +267,20 @@ def cmd_reload(args: argparse.Namespace) -> int:
             load_config(daemon_path)
         except ConfigError as exc:
             raise OperatorError(
-                f"{exc} (not reloaded; still serving the previous configuration)",
+                f"{exc} (not {done}; still serving the previous configuration)",
                 exitcodes.EX_CONFIG,
             ) from None
     before = published.reload_serial if published is not None else 0
-    os.kill(pid, signal.SIGHUP)
+    os.kill(pid, signum)
     outcome = wait_reloaded(cfg, pid, before, args.timeout)
     where = daemon_path or "embedded defaults"
     if outcome.reload_result != RELOAD_OK:
         raise OperatorError(
-            f"reload failed: {outcome.reload_error} (pid {pid}, {where}; "
-            "still serving the previous configuration)",
+            f"{'reload' if done == 'reloaded' else 'upgrade'} failed: {outcome.reload_error} "
+            f"(pid {pid}, {where}; still serving the previous configuration)",
             outcome.reload_exit_code or exitcodes.EX_SOFTWARE,
         )
-    print(f"echod: reloaded (pid {pid}, {where}): generation {outcome.generation} serves")
-    return exitcodes.OK
+    return pid, where, outcome
 
 
 def wait_reloaded(cfg: Config, pid: int, serial: int, timeout: float) -> Status:
@@ -281,6 +318,7 @@ COMMANDS = {
     "stop": cmd_stop,
     "status": cmd_status,
     "reload": cmd_reload,
+    "upgrade": cmd_upgrade,
     "check-config": cmd_check_config,
 }
 

@@ -27,6 +27,7 @@ from echod.config import Config
 from echod.listeners import Listeners
 from echod.states import WORKER_TRANSITIONS, WorkerState, check
 from echod.totals import Totals
+from echod.upgrade import Handover
 from echod.worker import WorkerSpec, heartbeat_interval
 from echod.workers import worker_class
 
@@ -234,6 +235,27 @@ class WorkerPool:
                 log.get_logger().exception("worker_crashed", error=str(exc))
         finally:
             os._exit(code)
+
+    def adopt(self, handover: Handover, listeners: Listeners) -> None:
+        """Take the workers (and counts) an old image handed over in an upgrade in place."""
+        assert self.selector is not None
+        self.serial = handover.serial
+        self.gone.served, self.gone.finished = handover.gone_served, handover.gone_finished
+        self.gone.cut = handover.gone_cut
+        self.gone.crashes.times.extend(handover.crashes)
+        self.totals = Totals.load(handover.totals)
+        for w in handover.workers:
+            os.set_inheritable(w.control, False)
+            sock = socket.socket(fileno=w.control)
+            sock.setblocking(False)
+            handle = WorkerHandle(
+                w.index, w.serial, w.generation, w.pid, sock, w.mode, WorkerState(w.state),
+                started=w.started, last_seen=time.monotonic(), open=w.open, served=w.served,
+                finished=w.finished, cut=w.cut, listeners=listeners, booted=True,
+            )  # fmt: skip
+            # (Its row in the old per-address table died with the old image: ip_slot None.)
+            self.workers[w.pid] = handle
+            self.selector.register(sock, selectors.EVENT_READ, handle)
 
     # -- the control channel ---------------------------------------------------------------
 

@@ -65,7 +65,7 @@ class Shutdown:
             sup.notifier.stopping()
             total = sup.cfg.drain_delay + sup.cfg.shutdown_timeout + STOP_GRACE
             sup.notifier.extend_timeout(int(total * 1_000_000))
-        sup.reload_failed(f"not reloaded: echod is draining ({reason})", exitcodes.EX_TEMPFAIL)
+        sup.reload_failed(f"echod is draining ({reason})", exitcodes.EX_TEMPFAIL)
         sup.publish(force=True)
 
     def begin(self, code: int, reason: str, timeout: float | None = None) -> None:
@@ -85,7 +85,7 @@ class Shutdown:
         if self.drain_started is not None:
             self.drained_for = round(time.monotonic() - self.drain_started, 3)
         sup.pool.respawn_due.clear()
-        sup.reload_failed(f"not reloaded: echod is stopping ({reason})", exitcodes.EX_TEMPFAIL)
+        sup.reload_failed(f"echod is stopping ({reason})", exitcodes.EX_TEMPFAIL)
         sup.log.info(
             "stopping",
             reason=reason,

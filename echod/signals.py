@@ -26,6 +26,7 @@ class Action(enum.Enum):
     RELOAD = "reload"
     REOPEN = "reopen"  # the log file
     CHILD = "child"  # a child exited: reap it
+    UPGRADE = "upgrade"  # re-execute the supervisor in place, on the installed code
 
 
 SUPERVISOR: Mapping[signal.Signals, Action] = {
@@ -35,6 +36,7 @@ SUPERVISOR: Mapping[signal.Signals, Action] = {
     signal.SIGHUP: Action.RELOAD,
     signal.SIGUSR1: Action.REOPEN,
     signal.SIGCHLD: Action.CHILD,
+    signal.SIGUSR2: Action.UPGRADE,
 }
 
 WORKER: Mapping[signal.Signals, Action] = {

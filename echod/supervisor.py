@@ -41,6 +41,7 @@ from echod import (
     startup,
     status,
     systemd,
+    upgrade,
 )
 from echod.config import Config
 from echod.errors import OperatorError
@@ -52,6 +53,7 @@ from echod.reload import ReloadOutcome, config_changes, prepare
 from echod.shutdown import STOP_GRACE, Shutdown
 from echod.states import SUPERVISOR_TRANSITIONS, SupervisorState, WorkerState, check
 from echod.totals import Totals
+from echod.upgrade import Handover
 
 S = SupervisorState
 W = WorkerState
@@ -189,6 +191,7 @@ class Supervisor:
         proctitle.set_title("echod: supervisor")
         self.log = self.pool.log = log.get_logger()
         self.notifier = systemd.Notifier.from_environ(os.environ)
+        handover = upgrade.received(os.environ)
         self.log.info(
             "start",
             version=__version__,
@@ -198,11 +201,15 @@ class Supervisor:
             host=self.cfg.host,
             port=self.cfg.port,
             python=sys.version.split()[0],
+            upgrade=handover is not None,
         )
-        self.pidfile = startup.acquire_pidfile(self.cfg, self.pidfile_required, self.log)
+        if handover is None:
+            self.pidfile = startup.acquire_pidfile(self.cfg, self.pidfile_required, self.log)
+            self.listeners = startup.open_listeners(self.cfg)
+        else:
+            self.pidfile, self.listeners = upgrade.adopt_resources(handover)
         path = status.path_for(self.pidfile.path) if self.pidfile is not None else None
         self.publisher = status.Publisher(self.notifier, path, self.summary, self.build_status)
-        self.listeners = startup.open_listeners(self.cfg)
         prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphaned connection processes are reaped here
         self.wakeup_r, self.wakeup_w = signals.record(signals.SUPERVISOR)
         self.selector = selectors.DefaultSelector()
@@ -210,8 +217,13 @@ class Supervisor:
         self.watchdog_every = systemd.watchdog_interval(os.environ)
         self.pool.close_in_child = self.close_in_child
         self.pool.start(self.selector)
-        self.generation = 1
-        self.spawn_generation()
+        if handover is None:
+            self.generation = 1
+            self.spawn_generation()
+        else:
+            self.adopt(handover)
+        # An upgrade's exec kept our signals blocked until the handlers above were set.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.FORK_BLOCKED)
 
     def fail_start(self, message: str, code: int) -> int:
         if self.log is not None:
@@ -301,6 +313,8 @@ class Supervisor:
             self.reload()
         elif action is signals.Action.REOPEN:
             self.reopen_logs()
+        elif action is signals.Action.UPGRADE:
+            self.upgrade_in_place()
 
     # -- what the pool tells us --------------------------------------------------------------
 
@@ -406,7 +420,7 @@ class Supervisor:
         self.reload_outcome.requested()
         if self.state is not S.RUNNING:
             self.log.warning("reload_ignored", state=self.state.value)
-            self.reload_failed(f"not reloaded: echod is {self.state.value}", exitcodes.EX_TEMPFAIL)
+            self.reload_failed(f"echod is {self.state.value}", exitcodes.EX_TEMPFAIL)
             return
         if self.notifier is not None:
             self.notifier.reloading()
@@ -450,6 +464,64 @@ class Supervisor:
         log.reopen()
         self.pool.broadcast(control.Reopen())
         self.log.info("log_reopened")
+
+    # -- upgrade in place (echod.upgrade) ------------------------------------------------------
+
+    def upgrade_in_place(self) -> None:
+        """Check the installed code and the file, then re-execute into them; on any failure
+        this image keeps serving and the outcome says why."""
+        why = upgrade.refusal(self)  # (before the request itself makes one pending)
+        self.reload_outcome.requested()
+        try:
+            if why is not None:
+                raise OperatorError(why, exitcodes.EX_TEMPFAIL)
+            version = upgrade.preflight(self.config_path)
+            assert self.listeners is not None
+            new = prepare(self.config_path, self.cfg, self.listeners)
+            if new.sink is not None and log.effective_target(new.cfg.log) == "file":
+                os.close(new.sink.fileno())  # (only checked: the new image opens its own)
+            if new.listeners is not self.listeners:
+                new.listeners.close()
+                raise OperatorError(
+                    "the configuration changes the listening address "
+                    "(reload to it first, then upgrade)",
+                    exitcodes.EX_CONFIG,
+                )
+        except OperatorError as exc:
+            self.log.error("upgrade_failed", error=str(exc))
+            self.reload_failed(str(exc), exc.exit_code)
+            return
+        self.log.info("upgrading", version=__version__, to_version=version, pid=os.getpid())
+        if self.notifier is not None:
+            self.notifier.reloading()
+        reason = upgrade.execute(upgrade.handover_of(self), os.environ)
+        # Still here: the exec failed, and this image serves on.
+        self.log.error("upgrade_failed", error=reason)
+        if self.notifier is not None:
+            self.notifier.ready()
+        self.reload_failed(reason, exitcodes.EX_SOFTWARE)
+
+    def adopt(self, handover: Handover) -> None:
+        """In the new image: take the old one's workers and counts, then start a new
+        generation on the new code, which retires the old one once it serves."""
+        self.started, self.started_wall = handover.started, handover.started_wall
+        self.pidfile_required = handover.pidfile_required
+        self.generation, self.reloads = handover.generation, handover.reloads
+        self.pool.adopt(handover, self.listeners_now())
+        self.reload_outcome.serial = handover.reload_serial - 1
+        self.reload_outcome.requested()
+        self.change_state(S.RUNNING)
+        self.generation += 1
+        self.reload_outcome.starting(self.generation)
+        self.log.info(
+            "upgraded",
+            version=__version__,
+            from_version=handover.from_version,
+            generation=self.generation,
+            adopted=[w.pid for w in handover.workers],
+        )
+        self.spawn_generation()
+        self.publish(force=True)
 
     # -- status ------------------------------------------------------------------------------
 

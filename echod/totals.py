@@ -34,6 +34,26 @@ class Totals:
         """Worker ``worker`` has exited: what it reported last joins the sum of the gone."""
         self._gone.update(self._live.pop(worker, {}))
 
+    def dump(self) -> dict[str, object]:
+        """Everything, as JSON-able data (an upgrade in place hands it to the new image)."""
+        live = {str(worker): dict(counters) for worker, counters in self._live.items()}
+        return {"gone": dict(self._gone), "live": live}
+
+    @classmethod
+    def load(cls, data: dict[str, object]) -> Totals:
+        """The totals :meth:`dump` gave; ValueError if ``data`` is not such a dump."""
+        totals = cls()
+        try:
+            gone, live = data["gone"], data["live"]
+            if not isinstance(gone, dict) or not isinstance(live, dict):
+                raise TypeError("gone and live must be mappings")
+            totals._gone.update({str(k): int(v) for k, v in gone.items()})
+            for worker, counters in live.items():
+                totals._live[int(worker)] = {str(k): int(v) for k, v in counters.items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not a totals dump: {exc!r}") from None
+        return totals
+
     def snapshot(self) -> dict[str, int]:
         """Every counter, gone plus live workers, sorted by name."""
         total = Counter(self._gone)

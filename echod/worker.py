@@ -170,10 +170,14 @@ class Worker:
         """The loop: wait on sockets, the control channel and signals, until drained."""
         assert self.selector is not None
         self.next_heartbeat = time.monotonic()
+        registered = self.selector.get_map()
         while not self.drained():
             timeout = self.next_timeout(time.monotonic())
             for key, _events in self.selector.select(timeout):
-                key.data(key.fileobj)
+                # An earlier event of the same batch may have unregistered (and closed) it:
+                # a stop closes the listeners, which may be readable in this batch too.
+                if registered.get(key.fd) is key:
+                    key.data(key.fileobj)
             self.run_timers(time.monotonic())
         self.selector.close()
 
