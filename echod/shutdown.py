@@ -6,11 +6,16 @@ keep accepting and serving while ``health()``, ``STATUS=`` and the status file s
 client is refused. A second SIGTERM ends the delay at once; SIGQUIT stops at once. Then it
 *stops*: the workers stop accepting, open connections get ``shutdown_timeout`` to finish and
 are cut after it; workers still there ``STOP_GRACE`` later are killed.
+
+An exception that escapes the supervisor's loop stops it the same way: logged once as
+``internal_error`` (with the traceback), STOPPING=1 to systemd, the drain, exit 70.
 """
 
 from __future__ import annotations
 
+import sys
 import time
+import traceback
 from typing import TYPE_CHECKING
 
 from echod import control, exitcodes
@@ -119,3 +124,36 @@ class Shutdown:
         if self.kill_at is not None and now >= self.kill_at:
             self.kill_at = None
             self.sup.pool.kill_all()
+
+    # -- after an unexpected exception ---------------------------------------------------------
+
+    def internal_error(self, exc: Exception) -> None:
+        """Something echod did not expect: log it once, with its traceback, and say so."""
+        sup = self.sup
+        sup.exit_code = exitcodes.EX_SOFTWARE
+        if sup.log is None:
+            print(f"echod: internal error: {exc!r}", file=sys.stderr)
+            return
+        sup.log.error(
+            "internal_error",
+            error=f"{type(exc).__name__}: {exc}",
+            traceback="".join(traceback.format_exception(exc)),
+            state=sup.state.value,
+            exit_code=exitcodes.EX_SOFTWARE,
+        )
+        if sup.notifier is not None:
+            sup.notifier.stopping()
+
+    def after_internal_error(self) -> None:
+        """Stop the workers as SIGTERM would (they still serve their connections) and run
+        the loop to the end; should it fail again, kill them."""
+        sup = self.sup
+        if sup.selector is None:
+            return  # it failed before any worker existed
+        try:
+            self.begin(exitcodes.EX_SOFTWARE, reason="internal error")
+            sup.loop()
+        except Exception as exc:
+            sup.log.error("internal_error", error=f"{type(exc).__name__}: {exc}", fatal=True)
+            sup.pool.kill_all()
+        sup.exit_code = exitcodes.EX_SOFTWARE

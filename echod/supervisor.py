@@ -28,7 +28,6 @@ import selectors
 import signal
 import sys
 import time
-import traceback
 from typing import Any, Protocol
 
 from echod import (
@@ -53,7 +52,6 @@ from echod.reload import ReloadOutcome, config_changes, prepare
 from echod.shutdown import STOP_GRACE, Shutdown
 from echod.states import SUPERVISOR_TRANSITIONS, SupervisorState, WorkerState, check
 from echod.totals import Totals
-from echod.upgrade import Handover
 
 S = SupervisorState
 W = WorkerState
@@ -143,40 +141,11 @@ class Supervisor:
                 return self.fail_start(str(exc), exc.exit_code)
             self.loop()
         except Exception as exc:
-            self.internal_error(exc)
-            self.drain_after_internal_error()
+            self.shutdown.internal_error(exc)
+            self.shutdown.after_internal_error()
         finally:
             self.cleanup()
         return self.exit_code
-
-    def internal_error(self, exc: Exception) -> None:
-        """Something echod did not expect: log it once, with its traceback, and stop."""
-        self.exit_code = exitcodes.EX_SOFTWARE
-        if self.log is None:
-            print(f"echod: internal error: {exc!r}", file=sys.stderr)
-            return
-        self.log.error(
-            "internal_error",
-            error=f"{type(exc).__name__}: {exc}",
-            traceback="".join(traceback.format_exception(exc)),
-            state=self.state.value,
-            exit_code=exitcodes.EX_SOFTWARE,
-        )
-        if self.notifier is not None:
-            self.notifier.stopping()
-
-    def drain_after_internal_error(self) -> None:
-        """Stop the workers as SIGTERM would (they still serve their connections); should
-        the loop fail again, kill them."""
-        if self.selector is None:
-            return  # it failed before any worker existed
-        try:
-            self.shutdown.begin(exitcodes.EX_SOFTWARE, reason="internal error")
-            self.loop()
-        except Exception as exc:
-            self.log.error("internal_error", error=f"{type(exc).__name__}: {exc}", fatal=True)
-            self.pool.kill_all()
-        self.exit_code = exitcodes.EX_SOFTWARE
 
     def change_state(self, new: SupervisorState) -> None:
         self.state = check(SUPERVISOR_TRANSITIONS, self.state, new)
@@ -221,7 +190,7 @@ class Supervisor:
             self.generation = 1
             self.spawn_generation()
         else:
-            self.adopt(handover)
+            upgrade.adopt(self, handover)
         # An upgrade's exec kept our signals blocked until the handlers above were set.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.FORK_BLOCKED)
 
@@ -314,7 +283,7 @@ class Supervisor:
         elif action is signals.Action.REOPEN:
             self.reopen_logs()
         elif action is signals.Action.UPGRADE:
-            self.upgrade_in_place()
+            upgrade.begin(self)
 
     # -- what the pool tells us --------------------------------------------------------------
 
@@ -464,64 +433,6 @@ class Supervisor:
         log.reopen()
         self.pool.broadcast(control.Reopen())
         self.log.info("log_reopened")
-
-    # -- upgrade in place (echod.upgrade) ------------------------------------------------------
-
-    def upgrade_in_place(self) -> None:
-        """Check the installed code and the file, then re-execute into them; on any failure
-        this image keeps serving and the outcome says why."""
-        why = upgrade.refusal(self)  # (before the request itself makes one pending)
-        self.reload_outcome.requested()
-        try:
-            if why is not None:
-                raise OperatorError(why, exitcodes.EX_TEMPFAIL)
-            version = upgrade.preflight(self.config_path)
-            assert self.listeners is not None
-            new = prepare(self.config_path, self.cfg, self.listeners)
-            if new.sink is not None and log.effective_target(new.cfg.log) == "file":
-                os.close(new.sink.fileno())  # (only checked: the new image opens its own)
-            if new.listeners is not self.listeners:
-                new.listeners.close()
-                raise OperatorError(
-                    "the configuration changes the listening address "
-                    "(reload to it first, then upgrade)",
-                    exitcodes.EX_CONFIG,
-                )
-        except OperatorError as exc:
-            self.log.error("upgrade_failed", error=str(exc))
-            self.reload_failed(str(exc), exc.exit_code)
-            return
-        self.log.info("upgrading", version=__version__, to_version=version, pid=os.getpid())
-        if self.notifier is not None:
-            self.notifier.reloading()
-        reason = upgrade.execute(upgrade.handover_of(self), os.environ)
-        # Still here: the exec failed, and this image serves on.
-        self.log.error("upgrade_failed", error=reason)
-        if self.notifier is not None:
-            self.notifier.ready()
-        self.reload_failed(reason, exitcodes.EX_SOFTWARE)
-
-    def adopt(self, handover: Handover) -> None:
-        """In the new image: take the old one's workers and counts, then start a new
-        generation on the new code, which retires the old one once it serves."""
-        self.started, self.started_wall = handover.started, handover.started_wall
-        self.pidfile_required = handover.pidfile_required
-        self.generation, self.reloads = handover.generation, handover.reloads
-        self.pool.adopt(handover, self.listeners_now())
-        self.reload_outcome.serial = handover.reload_serial - 1
-        self.reload_outcome.requested()
-        self.change_state(S.RUNNING)
-        self.generation += 1
-        self.reload_outcome.starting(self.generation)
-        self.log.info(
-            "upgraded",
-            version=__version__,
-            from_version=handover.from_version,
-            generation=self.generation,
-            adopted=[w.pid for w in handover.workers],
-        )
-        self.spawn_generation()
-        self.publish(force=True)
 
     # -- status ------------------------------------------------------------------------------
 

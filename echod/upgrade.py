@@ -254,6 +254,71 @@ def adopt_resources(handover: Handover) -> tuple[Pidfile | None, Listeners]:
     return pidfile, listeners
 
 
+def begin(sup: Supervisor) -> None:
+    """SIGUSR2: check the installed code and the file, then re-execute into them; on any
+    failure this image keeps serving and the outcome says why."""
+    from echod import __version__, log
+    from echod.reload import prepare
+
+    why = refusal(sup)  # (before the request itself makes one pending)
+    sup.reload_outcome.requested()
+    try:
+        if why is not None:
+            raise OperatorError(why, exitcodes.EX_TEMPFAIL)
+        version = preflight(sup.config_path)
+        assert sup.listeners is not None
+        new = prepare(sup.config_path, sup.cfg, sup.listeners)
+        if new.sink is not None and log.effective_target(new.cfg.log) == "file":
+            os.close(new.sink.fileno())  # (only checked: the new image opens its own)
+        if new.listeners is not sup.listeners:
+            new.listeners.close()
+            raise OperatorError(
+                "the configuration changes the listening address "
+                "(reload to it first, then upgrade)",
+                exitcodes.EX_CONFIG,
+            )
+    except OperatorError as exc:
+        sup.log.error("upgrade_failed", error=str(exc))
+        sup.reload_failed(str(exc), exc.exit_code)
+        return
+    sup.log.info("upgrading", version=__version__, to_version=version, pid=os.getpid())
+    if sup.notifier is not None:
+        sup.notifier.reloading()
+    reason = execute(handover_of(sup), os.environ)
+    # Still here: the exec failed, and this image serves on.
+    sup.log.error("upgrade_failed", error=reason)
+    if sup.notifier is not None:
+        sup.notifier.ready()
+    sup.reload_failed(reason, exitcodes.EX_SOFTWARE)
+
+
+def adopt(sup: Supervisor, handover: Handover) -> None:
+    """In the new image: take the old one's workers and counts, then start a new
+    generation on the new code, which retires the old one once it serves."""
+    from echod import __version__
+    from echod.states import SupervisorState
+
+    sup.started, sup.started_wall = handover.started, handover.started_wall
+    sup.pidfile_required = handover.pidfile_required
+    sup.generation, sup.reloads = handover.generation, handover.reloads
+    sup.pool.adopt(handover, sup.listeners_now())
+    # The request that made this upgrade is still pending: complete it here.
+    sup.reload_outcome.serial = handover.reload_serial - 1
+    sup.reload_outcome.requested()
+    sup.change_state(SupervisorState.RUNNING)
+    sup.generation += 1
+    sup.reload_outcome.starting(sup.generation)
+    sup.log.info(
+        "upgraded",
+        version=__version__,
+        from_version=handover.from_version,
+        generation=sup.generation,
+        adopted=[w.pid for w in handover.workers],
+    )
+    sup.spawn_generation()
+    sup.publish(force=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m echod.upgrade [--config PATH | --defaults]``: what the new code must
     pass before the supervisor re-executes into it. Imports everything the supervisor and

@@ -21,6 +21,7 @@ from tests.integration.test_reload import Pinger
 from tests.support import (
     ROOT,
     Echod,
+    NotifySocket,
     children_of,
     echo_roundtrip,
     wait_for,
@@ -39,9 +40,12 @@ class Installed(Echod):
             ROOT / "echod", self.src / "echod", ignore=shutil.ignore_patterns("__pycache__")
         )
 
-    def start(self, *_args: object, **_kwargs: object) -> Installed:
+    def start(
+        self, env: dict[str, str] | None = None
+    ) -> Installed:
         self.write_config()
-        env = {k: v for k, v in os.environ.items() if k not in ("ECHOD_CONFIG", "NOTIFY_SOCKET")}
+        scrub = ("ECHOD_CONFIG", "NOTIFY_SOCKET")
+        env = {**{k: v for k, v in os.environ.items() if k not in scrub}, **(env or {})}
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "echod", "run", "--config", str(self.config_path)],
@@ -118,8 +122,10 @@ def test_upgrade_in_place_serves_the_new_code_in_the_same_pid(tmp_path: Path, mo
     connection keeps echoing, no new client is refused, new clients are served by the new
     generation, the old one retires; the totals go on from where they were."""
     server = Installed(tmp_path, mode=mode, workers=2, idle_timeout=0)
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
     try:
-        server.start()
+        server.start(env={"NOTIFY_SOCKET": notify.address})
+        ready = notify.wait("READY", "1")
         old_workers = set(children_of(server.pid))
         held = server.connect()
         pinger = Pinger(held)
@@ -136,6 +142,9 @@ def test_upgrade_in_place_serves_the_new_code_in_the_same_pid(tmp_path: Path, mo
             f"echod: upgraded (pid {server.pid}, {server.config_path}): "
             f"version {NEW_VERSION}, generation 2 serves\n"
         )
+        # systemd hears of it as of a reload: RELOADING=1, then READY=1 from the new image.
+        reloading = notify.wait("RELOADING", "1", after=ready)
+        notify.wait("READY", "1", after=reloading)
         upgraded = server.wait_event("upgraded")
         assert (upgraded["pid"], upgraded["version"]) == (server.pid, NEW_VERSION)
         assert upgraded["from_version"] == __version__
@@ -160,6 +169,7 @@ def test_upgrade_in_place_serves_the_new_code_in_the_same_pid(tmp_path: Path, mo
         assert server.stop() == 0
     finally:
         server.kill()
+        notify.close()
     (start_old, start_new) = server.events("start")
     assert (start_old["upgrade"], start_new["upgrade"]) == (False, True)
     assert not [e for e in server.events("worker_state") if e["state"] == "failed"]

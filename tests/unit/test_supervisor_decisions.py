@@ -5,13 +5,15 @@ status file."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import signal
 import stat
 from pathlib import Path
 
 import pytest
 
-from echod import exitcodes, signals, status
+from echod import exitcodes, signals, status, upgrade
 from echod.config import MODES, ConfigError, default_config
 from echod.errors import OperatorError
 from echod.pool import CrashWindow, backoff_delay, describe_status
@@ -196,3 +198,44 @@ def test_operator_errors_share_one_base() -> None:
     error = ConfigError("bad", path="/x.yaml", line=2)
     assert isinstance(error, OperatorError)
     assert (str(error), error.exit_code) == ("/x.yaml:2: bad", exitcodes.EX_CONFIG)
+
+
+def test_totals_survive_a_dump_and_load() -> None:
+    """What an upgrade hands over gives the same snapshot, and goes on counting the same."""
+    totals = Totals()
+    totals.report(1, {"opened": 5})
+    totals.report(2, {"opened": 3, "bytes_in": 7})
+    totals.gone(1)
+    again = Totals.load(json.loads(json.dumps(totals.dump())))
+    assert again.snapshot() == totals.snapshot() == {"bytes_in": 7, "opened": 8}
+    again.report(2, {"opened": 4})
+    again.gone(2)
+    assert again.snapshot() == {"bytes_in": 7, "opened": 9}
+    for bad in ({}, {"gone": [], "live": {}}, {"gone": {"a": "x"}, "live": {}}):
+        with pytest.raises(ValueError, match="not a totals dump"):
+            Totals.load(bad)
+
+
+def test_handover_round_trip_and_garbage() -> None:
+    """An upgrade's state reads back as it was written; anything else is a ValueError."""
+    handover = upgrade.Handover(
+        from_version="1", config_path="/etc/echod.yaml", pidfile_required=False, started=1.0,
+        started_wall=2.0, generation=3, serial=7, reloads=2, reload_serial=4, host="::",
+        port=7, udp_enabled=True, adopted=False, tcp=[5], udp=[6], pidfile_path="/run/p",
+        pidfile_fd=4, workers=[upgrade.HandedWorker(1, 7, 3, 99, 8, "async", "running", 1.5,
+                                                    1, 2, 3, 4)],
+        gone_served=1, gone_finished=1, gone_cut=0, crashes=[0.5], totals={"gone": {},
+                                                                            "live": {}},
+    )  # fmt: skip
+    data = json.dumps(dataclasses.asdict(handover)).encode()
+    assert upgrade.Handover.from_json(data) == handover
+    assert sorted(handover.descriptors()) == [4, 5, 6, 8]
+    for bad in (b"", b"[]", b"{}", b'{"workers": [{"pid": 1}]}'):
+        with pytest.raises(ValueError, match="unreadable upgrade state"):
+            upgrade.Handover.from_json(bad)
+
+
+def test_the_upgrade_signal_is_the_supervisors_alone() -> None:
+    """SIGUSR2 upgrades the supervisor; a worker ignores it (it reaches the process group)."""
+    assert signals.SUPERVISOR[signal.SIGUSR2] is signals.Action.UPGRADE
+    assert signal.SIGUSR2 in signals.WORKER_IGNORED
