@@ -73,12 +73,15 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def test_every_command_parses() -> None:
     """Each sub-command is known, and --config is accepted before or after it."""
     parser = cli.build_parser()
-    for command in ("run", "start", "stop", "status", "reload", "check-config"):
+    for command in ("run", "start", "stop", "status", "reload", "upgrade", "check-config"):
         assert parser.parse_args([command]).command == command
     assert parser.parse_args(["-c", "a.yaml", "status"]).config == "a.yaml"
     assert parser.parse_args(["status", "--config", "b.yaml"]).config == "b.yaml"
     assert parser.parse_args(["stop", "--timeout", "2.5"]).timeout == 2.5
     assert parser.parse_args(["stop"]).timeout is None
+    assert parser.parse_args(["reload"]).timeout == parser.parse_args(["upgrade"]).timeout == 30
+    assert parser.parse_args(["reload", "--timeout", "5"]).timeout == 5
+    assert parser.parse_args(["status", "--json"]).json is True
 
 
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
