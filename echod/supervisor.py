@@ -133,7 +133,12 @@ class Supervisor:
     # -- run ---------------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Start, serve until stopped, and return the exit code."""
+        """Start, serve until stopped, and return the exit code.
+
+        It returns with the supervisor's signals blocked: the process is about to exit, and
+        a late SIGTERM (a second ``kill``) arriving while the interpreter shuts down, when
+        Python has put the default handlers back, must not turn exit 0 into death by signal.
+        """
         try:
             try:
                 self.start()
@@ -145,6 +150,7 @@ class Supervisor:
             self.shutdown.after_internal_error()
         finally:
             self.cleanup()
+            signal.pthread_sigmask(signal.SIG_BLOCK, signals.FORK_BLOCKED)
         return self.exit_code
 
     def change_state(self, new: SupervisorState) -> None:

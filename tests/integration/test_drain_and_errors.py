@@ -8,6 +8,7 @@ import os
 import resource
 import signal
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,24 @@ def test_internal_error_logs_once_drains_and_exits_70(tmp_path: Path) -> None:
     (stopped,) = server.events("stopped")
     assert (stopped["exit_code"], stopped["finished"]) == (70, 1)
     assert "Traceback" not in server.stderr_path.read_text()
+
+
+def test_sigterms_until_the_end_leave_the_exit_status_0(tmp_path: Path) -> None:
+    """SIGTERM sent again and again while echod stops and exits never kills it: the last
+    ones land while the interpreter shuts down, and must not turn exit 0 into -15."""
+    server = Echod(tmp_path)
+    try:
+        server.start()
+        assert server.proc is not None
+        code = None
+        for _ in range(20_000):  # bounded; the exit ends it within a second or so
+            server.proc.send_signal(signal.SIGTERM)
+            try:
+                code = server.proc.wait(0.001)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        assert code == 0
+    finally:
+        server.kill()
+    assert server.events("stopped")[0]["exit_code"] == 0
