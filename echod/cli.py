@@ -19,7 +19,15 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from echod import __version__, exitcodes
-from echod.config import Config, ConfigError, dump_config, load_config, resolve_config_path
+from echod.config import (
+    Config,
+    ConfigError,
+    LoadedConfig,
+    dump_config,
+    load_config,
+    read_config,
+    resolve_config_path,
+)
 
 #: LSB: "program is not running", for actions other than status.
 LSB_NOT_RUNNING = 7
@@ -106,13 +114,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def load(args: argparse.Namespace) -> tuple[Config, str | None]:
     """The configuration the command works with, and the file it came from (None: defaults)."""
-    if getattr(args, "defaults", False):
-        return load_config(None), None
-    path = resolve_config_path(getattr(args, "config", None), os.environ)
+    loaded = read(args)
+    return loaded.config, loaded.path
+
+
+def read(args: argparse.Namespace) -> LoadedConfig:
+    """The configuration with the files it was read from (and its drop-ins), or exit 78."""
+    path = None
+    if not getattr(args, "defaults", False):
+        path = resolve_config_path(getattr(args, "config", None), os.environ)
     if path is not None:
         path = os.path.abspath(path)
     try:
-        return load_config(path), path
+        return read_config(path)
     except ConfigError as exc:
         raise CommandError(str(exc), exitcodes.EX_CONFIG) from None
 
@@ -128,10 +142,35 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    cfg, path = load(args)
-    sys.stdout.write(dump_config(cfg))
-    print(f"echod: configuration ok ({path or 'embedded defaults'})", file=sys.stderr)
+    loaded = read(args)
+    sys.stdout.write("".join(f"# {line}\n" for line in describe_sources(loaded)))
+    sys.stdout.write(dump_config(loaded.config, loaded.origins))
+    summary = loaded.path or "embedded defaults"
+    dropins = len(loaded.files) - (loaded.path in loaded.files)
+    if dropins:
+        summary += f" and {dropins} drop-in{'s' if dropins > 1 else ''}"
+    if loaded.path is not None and not loaded.origins:
+        summary += "; it sets nothing: every setting is at its default"
+    print(f"echod: configuration ok ({summary})", file=sys.stderr)
     return exitcodes.OK
+
+
+def describe_sources(loaded: LoadedConfig) -> list[str]:
+    """check-config's header: the files read, in order, and what a bare line means."""
+    if loaded.path is None:
+        return ["No file read: every setting is at its embedded default."]
+    lines = ["Files read, in order (a later one wins, setting by setting):"]
+    if loaded.path not in loaded.files:
+        lines.append(f"  ({loaded.path} does not exist: the defaults come first)")
+    lines += [
+        f"  {name}" + (" (sets nothing)" if name in loaded.empty else "")
+        for name in loaded.files
+    ]
+    if not loaded.origins:
+        lines.append("Nothing is set: every setting is at its embedded default.")
+    else:
+        lines.append("A setting without a 'from' comment is at its embedded default.")
+    return lines
 
 
 def cmd_start(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """Generate the settings documentation from the table in ``echod.config``.
 
 Three outputs, all derived from ``SETTINGS``, so none can drift from the code:
-``config/echod.yaml`` (every setting at its default, each with its doc as a comment), the
+``config/echod.yaml`` (every setting commented out at its default, each with its doc), the
 settings reference in README.md (between ``<!-- settings:begin -->`` and
 ``<!-- settings:end -->``) and the echod.yaml(5) man page.
 
@@ -22,9 +22,11 @@ from echod import __version__
 from echod.config import (
     DEFAULT_PATH,
     ENV_VAR,
+    PIDFILE_ENV_VAR,
     SECTIONS,
     SETTINGS,
     Setting,
+    dropin_dir,
     iter_yaml_lines,
     yaml_scalar,
 )
@@ -42,21 +44,31 @@ _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 
 def render_yaml() -> str:
-    """The shipped ``config/echod.yaml``: every setting at its default, with its doc."""
+    """The shipped ``config/echod.yaml``: every setting commented out at its default, with its doc.
+
+    The file sets nothing, so it loads to the embedded defaults; a setting the operator
+    leaves commented keeps following the installed version's default across upgrades.
+    """
     header = [
-        "# echod configuration file: every setting, each set to its default.",
+        "# echod configuration file. Every setting is shown commented out, at its default:",
+        "# remove the '#' before a setting (and before its section, such as 'log:') and",
+        "# change the value to set it. A setting left commented takes the default of the",
+        "# installed echod, so a default changed by an upgrade applies to it.",
         "#",
         f"# echod reads --config PATH, else ${ENV_VAR}, else {DEFAULT_PATH}, else uses its",
-        "# built-in defaults. A setting left out takes its default; an unknown setting, a",
-        f"# value of the wrong type or out of range is an error (exit status {EX_CONFIG}).",
-        "# Check a file with `echod check-config --config PATH`.",
+        "# built-in defaults. Files *.yaml in the drop-in directory beside the file (the",
+        f"# path without .yaml, plus .d: {dropin_dir(DEFAULT_PATH)}/) are merged over it in name",
+        "# order, setting by setting. An unknown setting, a value of the wrong type or out",
+        f"# of range is an error (exit status {EX_CONFIG}). Check with `echod check-config`,",
+        "# which also shows where each value came from.",
         "# Reference: echod.yaml(5) and the README.",
         "#",
         "# Generated from the settings table in echod/config.py by",
         f"# `{REGENERATE}`: change a default or a doc there, not here.",
     ]
     defaults = {s.name: s.default for s in SETTINGS}
-    return "\n".join([*header, *iter_yaml_lines(defaults, docs=True)]) + "\n"
+    lines = iter_yaml_lines(defaults, docs=True, commented=True)
+    return "\n".join([*header, *lines]) + "\n"
 
 
 def render_readme_table() -> str:
@@ -106,12 +118,42 @@ def render_man5(version: str) -> str:
         "Types are strict: a boolean is not a number, a quoted string is not a number,",
         "and a decimal number is not an integer (an integer is accepted where a number is).",
         "An unknown setting, a setting given twice, a value of the wrong type or out of range,",
-        "a YAML syntax error, an empty file and a file that cannot be read are errors:",
+        "a YAML syntax error and a file that cannot be read are errors:",
         "echod prints one line naming the file, line, column, setting, value and rule,",
         f"and exits with status {EX_CONFIG} (EX_CONFIG).",
         ".PP",
         ".B echod check\\-config",
         "validates a file and prints the effective configuration.",
+        ".PP",
+        "A file that sets nothing (empty, or only comments) means every setting at its",
+        "default. The shipped",
+        f".I {DEFAULT_PATH}",
+        "is such a file: every setting is commented out at its default, so a setting the",
+        "operator leaves commented follows the default of the installed version.",
+        ".SS Drop-ins",
+        "Files ending in",
+        ".I .yaml",
+        "in the directory beside the main file, named as the file without",
+        ".I .yaml",
+        "plus",
+        ".I .d",
+        f"(\\fI{dropin_dir(DEFAULT_PATH)}/\\fR for \\fI{DEFAULT_PATH}\\fR),",
+        "are merged over it in the byte order of their names, setting by setting: a drop-in",
+        "holding",
+        ".B log: {level: debug}",
+        "changes only",
+        ".BR log.level ,",
+        "and a list is replaced as a whole. Hidden files and other names (editor backups,",
+        ".IR .dpkg\\-dist ,",
+        ".IR .dpkg\\-old )",
+        "are ignored. The drop-ins apply with",
+        ".B \\-\\-config",
+        f"and \\fB{ENV_VAR}\\fR too; when the main file does not exist but the directory",
+        "does, the drop-ins are merged over the defaults.",
+        "Each file is checked on its own, and an error names the file and line of the",
+        "bad value; the rules that span settings are checked on the merged result.",
+        ".B echod check\\-config",
+        "lists the files read and names, beside each value a file set, where it was set.",
         ".SH SETTINGS",
     ]
     section = ""
@@ -138,12 +180,27 @@ def render_man5(version: str) -> str:
         ".TP",
         f".I {DEFAULT_PATH}",
         "The configuration file read when no other is named.",
+        ".TP",
+        f".I {dropin_dir(DEFAULT_PATH)}/*.yaml",
+        "Its drop-ins, merged over it in name order.",
+        ".TP",
+        ".IR /etc/echod/ NAME .yaml ,\\ /etc/echod/ NAME .d/*.yaml",
+        "The configuration of the instance",
+        ".BR echod@ NAME .service",
+        "and its drop-ins.",
         ".SH ENVIRONMENT",
         ".TP",
         f".B {ENV_VAR}",
         "The configuration file to read when",
         ".B \\-\\-config",
         "is not given; ignored when empty.",
+        ".TP",
+        f".B {PIDFILE_ENV_VAR}",
+        "Overrides the",
+        ".B pidfile",
+        "setting when not empty;",
+        ".B echod@.service",
+        "sets it to give each instance its own.",
         ".SH SEE ALSO",
         ".BR echod (8)",
     ]
