@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from echod import __version__, docgen
-from echod.config import SETTINGS, default_config, load_config, parse_config, yaml_scalar
+from echod.config import SETTINGS, default_config, parse_config, read_config, yaml_scalar
 
 ROOT = Path(__file__).resolve().parents[2]
 STALE = f"stale: run `{docgen.REGENERATE}` and commit the result"
@@ -23,8 +23,22 @@ def test_shipped_config_is_current() -> None:
 
 
 def test_shipped_config_loads_to_defaults() -> None:
-    """Loading the shipped config/echod.yaml gives the embedded defaults."""
-    assert load_config(str(ROOT / docgen.YAML_PATH)) == default_config()
+    """The shipped config/echod.yaml sets nothing, so it loads to exactly the embedded defaults.
+
+    That is what lets a changed default reach an operator who never uncommented the setting.
+    """
+    loaded = read_config(str(ROOT / docgen.YAML_PATH), environ={})
+    assert loaded.config == default_config()
+    assert loaded.origins == {}
+
+
+def test_shipped_config_uncommented_is_valid() -> None:
+    """Removing the '#' of every setting and section line gives a file of every default."""
+    text = docgen.render_yaml()
+    uncommented = re.sub(r"^( *)#(?=[a-z_]+:)", r"\1", text, flags=re.MULTILINE)
+    assert uncommented != text
+    assert parse_config(uncommented) == default_config()
+    assert all(f"\n{s.name.split('.')[0]}:" in uncommented for s in SETTINGS if "." in s.name)
 
 
 def test_man_page_is_current() -> None:
@@ -44,10 +58,10 @@ def test_readme_reference_is_current() -> None:
 
 
 def test_rendered_yaml_documents_every_setting() -> None:
-    """Each setting appears in the YAML file under its doc comment and with its default."""
+    """Each setting appears in the YAML file, commented out, under its doc and at its default."""
     text = docgen.render_yaml()
     for setting in SETTINGS:
-        value_line = f"{'  ' * setting.name.count('.')}{setting.key}: "
+        value_line = f"{'  ' * setting.name.count('.')}#{setting.key}: "
         pattern = re.escape(f"# {setting.doc}") + r"\n.*\n" + re.escape(value_line)
         assert re.search(pattern, text), setting.name
         assert f"{value_line}{yaml_scalar(setting.default)}\n" in text
