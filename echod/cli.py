@@ -146,9 +146,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     sys.stdout.write("".join(f"# {line}\n" for line in describe_sources(loaded)))
     sys.stdout.write(dump_config(loaded.config, loaded.origins))
     summary = loaded.path or "embedded defaults"
-    dropins = len(loaded.files) - (loaded.path in loaded.files)
+    dropins = [name for name in loaded.files if name != loaded.path]
     if dropins:
-        summary += f" and {dropins} drop-in{'s' if dropins > 1 else ''}"
+        summary += f" and {len(dropins)} drop-in{'s' if len(dropins) > 1 else ''}"
     if loaded.path is not None and not loaded.origins:
         summary += "; it sets nothing: every setting is at its default"
     print(f"echod: configuration ok ({summary})", file=sys.stderr)

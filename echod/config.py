@@ -722,11 +722,6 @@ class LoadedConfig:
     empty: tuple[str, ...] = ()
     origins: Mapping[str, Origin] = field(default_factory=dict)
 
-    @property
-    def dropin_dir(self) -> str | None:
-        """The drop-in directory beside the main file (it need not exist)."""
-        return None if self.path is None else dropin_dir(self.path)
-
 
 def dropin_dir(path: str) -> str:
     """The drop-in directory of a main file: its path without ``.yaml``, plus ``.d``.

@@ -303,3 +303,19 @@ def test_check_config_says_when_nothing_is_set(
     assert err == (
         f"echod: configuration ok ({main}; it sets nothing: every setting is at its default)\n"
     )
+
+
+def test_check_config_without_the_main_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check-config on an absent main file with a drop-in says the defaults come first."""
+    main = str(tmp_path / "echod.yaml")
+    dropin = write(tmp_path / "echod.d/10-port.yaml", "port: 7\n")
+    assert cli.main(["check-config", "--config", main]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[1:3] == [
+        f"#   ({main} does not exist: the defaults come first)",
+        f"#   {dropin}",
+    ]
+    assert parse_config(out).port == 7
+    assert err == f"echod: configuration ok ({main} and 1 drop-in)\n"
