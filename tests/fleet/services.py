@@ -14,6 +14,7 @@ import subprocess
 import sys
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,9 +119,17 @@ class Host(Echod):
         return self
 
 
-def start_hosts(network: Network, tmp: Path, **settings: Any) -> list[Host]:
-    """echod in every host namespace, each ready; killed by the caller (kill_all)."""
-    hosts = [Host(network, n, tmp / f"h{n}", **settings) for n in range(1, network.hosts + 1)]
+def start_hosts(
+    network: Network,
+    tmp: Path,
+    per_host: Callable[[int], dict[str, Any]] = lambda n: {},
+    **settings: Any,
+) -> list[Host]:
+    """echod in every host namespace, each ready, with ``settings`` and ``per_host(n)``."""
+    hosts = [
+        Host(network, n, tmp / f"h{n}", **settings, **per_host(n))
+        for n in range(1, network.hosts + 1)
+    ]
     for host in hosts:
         host.start(wait=False)
     for host in hosts:
@@ -318,9 +327,58 @@ class Prometheus(Process):
         wait_for(all_up, timeout, what=f"{targets} targets up in prometheus")
 
 
-def kill_all(*groups: Any) -> None:
-    """Kill every process given (Process, Host, or lists of them), ignoring the missing."""
-    for group in groups:
-        for item in group if isinstance(group, list) else [group]:
-            if item is not None:
-                item.kill()
+# -- counters across restarts -------------------------------------------------------------------
+
+#: (instance, labels without instance) -> [(timestamp, value)], oldest first.
+Series = dict[tuple[str, tuple[tuple[str, str], ...]], list[tuple[float, float]]]
+
+
+def raw_samples(prometheus: Prometheus, selector: str, window: str = "10m") -> Series:
+    """Every sample Prometheus stored for ``selector`` in the last ``window``, as scraped."""
+    out: Series = {}
+    for result in prometheus.query(f"{selector}[{window}]"):
+        labels = dict(result["metric"])
+        instance = labels.pop("instance")
+        labels.pop("job", None)
+        labels.pop("__name__", None)
+        key = (instance, tuple(sorted(labels.items())))
+        out[key] = [(float(ts), float(value)) for ts, value in result["values"]]
+    return out
+
+
+def lifetime_totals(series: Series, starts: Series) -> float:
+    """The sum, over every series and every echod process lifetime, of the last value
+    scraped in that lifetime.
+
+    A restart resets an echod's counters (a new process counts from 0), so neither the last
+    value nor ``increase()`` (which extrapolates) gives the exact total. Samples of one scrape
+    share its timestamp; ``echod_start_time_seconds`` (``starts``) at that timestamp names
+    the lifetime a sample belongs to. Exact when each lifetime's final counts were scraped,
+    which the drain (``drain_delay``) gives time for.
+    """
+    lifetime_of = {
+        (instance, ts): start for (instance, _), samples in starts.items() for ts, start in samples
+    }
+    total = 0.0
+    for (instance, _labels), samples in series.items():
+        last: dict[float, float] = {}
+        for ts, value in samples:
+            lifetime = lifetime_of.get((instance, ts))
+            if lifetime is not None:
+                last[lifetime] = value
+        total += sum(last.values())
+    return total
+
+
+def latest(prometheus: Prometheus, selector: str) -> tuple[float, float] | None:
+    """The newest sample of ``selector`` (summed over its series, which one scrape writes at
+    one timestamp) as (timestamp, value); None before the first."""
+    newest: dict[float, float] = {}
+    for samples in raw_samples(prometheus, selector, "10s").values():
+        if samples:
+            ts, value = samples[-1]
+            newest[ts] = newest.get(ts, 0.0) + value
+    if not newest:
+        return None
+    ts = max(newest)
+    return ts, newest[ts]
