@@ -185,3 +185,19 @@ def test_readme_table_lists_every_metric() -> None:
     table = metrics.render_readme_table()
     assert len(table.splitlines()) == 2 + len(METRICS)
     assert "| `echod_connections_refused_total` | counter | `reason`: max_connections," in table
+
+
+def test_prometheus_client_is_imported_only_when_needed() -> None:
+    """Importing echod.metrics (as every worker does) leaves prometheus_client unimported;
+    preload() imports it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, echod.metrics as m; a = 'prometheus_client' in sys.modules; m.preload(); "
+        "print(a, 'prometheus_client' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.split() == ["False", "True"]
