@@ -26,7 +26,7 @@ from tests.fleet.services import (
     raw_samples,
     start_hosts,
 )
-from tests.support import DEADLINE, wait_for, wait_text
+from tests.support import DEADLINE, ROOT, wait_for, wait_text
 
 
 def fetch_metrics(network: Network, n: int) -> bytes:
@@ -233,3 +233,30 @@ def test_rolling_restart_behind_haproxy(
              what=f"prometheus totals {wanted}")
     for n in range(1, HOSTS + 1):
         promtool_check(fetch_metrics(network, n))
+
+
+def readme_block(after: str, language: str = "") -> str:
+    """The first fenced block (in ``language``) after the text ``after`` in the README."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    fence = f"```{language}\n"
+    begin = text.index(fence, text.index(after)) + len(fence)
+    return text[begin : text.index("```", begin)]
+
+
+def test_readme_haproxy_configuration_is_valid(tmp_path: Path) -> None:
+    """HAProxy accepts the README's configuration without a warning."""
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(readme_block("\n### HAProxy\n"))
+    result = subprocess.run(["haproxy", "-c", "-f", str(config)], capture_output=True,
+                            text=True, timeout=DEADLINE, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "WARNING" not in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def test_readme_prometheus_configuration_is_valid(tmp_path: Path) -> None:
+    """promtool accepts the README's scrape configuration."""
+    config = tmp_path / "prometheus.yml"
+    config.write_text(readme_block("A Prometheus scrape configuration", "yaml"))
+    result = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True,
+                            text=True, timeout=DEADLINE, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
