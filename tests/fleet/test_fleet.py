@@ -260,3 +260,23 @@ def test_readme_prometheus_configuration_is_valid(tmp_path: Path) -> None:
     result = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True,
                             text=True, timeout=DEADLINE, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_readme_kubernetes_manifests_hold_together() -> None:
+    """The README's manifests are YAML, their echod.yaml is a valid configuration, and the
+    grace period covers drain_delay, shutdown_timeout and echod's own grace."""
+    import yaml
+
+    from echod.config import parse_config
+    from echod.supervisor import STOP_GRACE
+
+    documents = list(yaml.safe_load_all(readme_block("\n### Kubernetes\n", "yaml")))
+    kinds = {doc["kind"]: doc for doc in documents}
+    assert set(kinds) == {"ConfigMap", "Deployment", "Service"}
+    cfg = parse_config(kinds["ConfigMap"]["data"]["echod.yaml"], "README ConfigMap")
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace >= cfg.drain_delay + cfg.shutdown_timeout + STOP_GRACE
+    [container] = pod["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert cfg.metrics is not None and cfg.metrics.endswith(":9107")
