@@ -40,10 +40,12 @@ def network() -> Iterator[Network]:
     try:
         yield net.create()
     finally:
-        names = list(net.created)
+        # What still runs inside once the test's own processes were killed (the `started`
+        # fixture ends first) escaped them: destroy() kills it, and the test fails.
+        stray = {name: pids_in(name) for name in net.created}
         net.destroy()
         assert not net.leftovers(), f"namespaces left behind: {net.leftovers()}"
-        assert not any(pids_in(name) for name in names)
+        assert not any(stray.values()), f"processes left in the namespaces: {stray}"
 
 
 class Started:

@@ -6,11 +6,14 @@ from __future__ import annotations
 import os
 import selectors
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
@@ -18,7 +21,15 @@ from structlog.testing import capture_logs
 from echod import exitcodes, metrics
 from echod.httpserve import MAX_REQUEST, MetricsServer
 from echod.listeners import BindError
-from tests.support import DEADLINE, free_port, open_files, wait_for
+from tests.support import (
+    DEADLINE,
+    ROOT,
+    free_port,
+    open_files,
+    rlimit_nofile,
+    wait_for,
+    wait_text,
+)
 
 
 class Loop:
@@ -352,3 +363,35 @@ def test_promtool_catches_a_bad_exposition() -> None:
     result = check_metrics(b"# HELP x_bytes y\n# TYPE x_bytes counter\nx_bytes 1\n")
     assert result.returncode != 0
     assert '"_total" suffix' in result.stdout + result.stderr
+
+
+def test_out_of_descriptors_pauses_then_recovers(tmp_path: Path) -> None:
+    """With no descriptor left, the endpoint (in a process of its own) stops accepting
+    instead of failing, and serves again once clients leave."""
+    port = free_port()
+    out = tmp_path / "exporter.txt"
+    with open(out, "wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.fleet.exporter", f"127.0.0.1:{port}"],
+            stdout=sink, stderr=sink, cwd=ROOT, start_new_session=True,
+            preexec_fn=rlimit_nofile(16),  # noqa: PLW1509 - only setrlimit
+        )
+    held: list[socket.socket] = []
+    try:
+        wait_text(out, lambda text: "ready" in text, what="exporter ready")
+        free = 16 - len(os.listdir(f"/proc/{proc.pid}/fd"))
+        # More clients than it has descriptors: the last ones wait in its backlog.
+        held = [socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+                for _ in range(free + 3)]
+        wait_for(lambda: len(os.listdir(f"/proc/{proc.pid}/fd")) == 16, what="fds exhausted")
+        for sock in held:
+            sock.close()
+        held = []
+        assert split(get(port, "/healthz"))[0] == 200
+        assert proc.poll() is None
+        assert "Traceback" not in out.read_text()
+    finally:
+        for sock in held:
+            sock.close()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(DEADLINE)
