@@ -33,6 +33,7 @@ from typing import Any
 
 from echod import log
 from echod.listeners import BindError, _bind_kind, format_address
+from echod.metrics import CONTENT_TYPE
 
 #: Longest request (line and headers) read; past it the answer is 431.
 MAX_REQUEST = 8192
@@ -49,7 +50,6 @@ ACCEPT_BATCH = 8
 BACKLOG = 16
 
 SERVING = "serving"
-METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TEXT = "text/plain; charset=utf-8"
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _REASONS = {
@@ -64,7 +64,7 @@ _REASONS = {
 _AGENT = {SERVING: b"up ready\n", "draining": b"drain\n"}
 
 
-@dataclass(eq=False)
+@dataclass
 class _Client:
     sock: socket.socket
     accepted: float
@@ -255,7 +255,7 @@ class MetricsServer:
         except Exception as exc:  # a rendering bug is a 500, and logged
             _report(exc)
             return _response(500, b"cannot render the metrics\n", head_only=head_only)
-        return _response(200, body, METRICS_TYPE, head_only=head_only)
+        return _response(200, body, CONTENT_TYPE, head_only=head_only)
 
     def _answer(self, client: _Client, answer: bytes) -> None:
         client.answer = memoryview(answer)
