@@ -177,7 +177,6 @@ def test_rolling_restart_behind_haproxy(
         network,
         tmp_path,
         per_host=lambda n: {
-            "host": network.host_address(n),
             "proxy_trusted": [network.lb_address(n)],
             "metrics": instance(network, n),
         },
