@@ -197,9 +197,20 @@ class ConsoleRenderer:
         return " ".join(part for part in parts if part)
 
 
+# For the rare value that does not print as it is: every character outside ASCII escaped,
+# so that a line or paragraph separator cannot break the line on a terminal.
+_JSON_ASCII = json.JSONEncoder(default=str, separators=(",", ":"))
+
+
 def _line(text: str) -> str:
     """``text`` if it prints on one line, else as a JSON string (escapes and all)."""
-    return text if text.isprintable() else _JSON.encode(text)
+    return text if text.isprintable() else _JSON_ASCII.encode(text)
+
+
+def _quoted(value: Any) -> str:
+    """``value`` as JSON, on one printable line."""
+    text = _JSON.encode(value)
+    return text if text.isprintable() else _JSON_ASCII.encode(value)
 
 
 def _value(value: Any) -> str:
@@ -207,12 +218,12 @@ def _value(value: Any) -> str:
     if isinstance(value, str):
         if value and value.isprintable() and " " not in value and '"' not in value:
             return value
-        return _JSON.encode(value)
+        return _quoted(value)
     if isinstance(value, bool) or value is None:
         return _JSON.encode(value)
     if isinstance(value, int | float):
         return str(value)
-    return _JSON.encode(value)
+    return _quoted(value)
 
 
 def _address(host: Any, port: Any) -> str:
