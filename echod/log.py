@@ -344,8 +344,8 @@ def _start(event_dict: EventDict) -> str:
         event_dict.pop(key, None)
     return _list(
         _join(_pop(event_dict, "version", "echod {}"), f"pid {event_dict.get('pid')}"),
-        _pop(event_dict, "config_file", "config {}"),
         _pop(event_dict, "python", "python {}"),
+        _pop(event_dict, "config_file", "{}"),
     )
 
 
@@ -418,15 +418,29 @@ def _error_first(event_dict: EventDict) -> str:
 
 
 def _worker_state(event_dict: EventDict) -> str:
-    return _list(
-        _join(
-            _pop(event_dict, "worker", "worker-{}"),
-            _pop(event_dict, "worker_pid", "pid {}"),
+    pop = event_dict.pop
+    delay = f"retry in {_seconds(pop('delay'))}" if "delay" in event_dict else ""
+    return _join(
+        _pop(event_dict, "worker", "worker-{}"),
+        _pop(event_dict, "worker_pid", "pid {}"),
+        _list(
             _pop(event_dict, "state", "{}"),
+            _pop(event_dict, "open", "{} open"),
+            _pop(event_dict, "exit_code", "exit {}"),
+            _pop(event_dict, "signal", "signal {}"),
+            delay,
         ),
-        _pop(event_dict, "generation", "generation {}"),
-        _pop(event_dict, "mode", "{} mode"),
+        _parenthesis(
+            _list(
+                _pop(event_dict, "mode", "{}"),
+                _pop(event_dict, "generation", "generation {}"),
+            )
+        ),
     )
+
+
+def _parenthesis(text: str) -> str:
+    return f"({text})" if text else ""
 
 
 def _limit(event_dict: EventDict) -> str:

@@ -110,7 +110,7 @@ def test_supervisor_lines_carry_no_identity_noise() -> None:
         (
             "start",
             {"version": "1.2.3", "config_file": "/etc/echod.yaml", "python": "3.11.7"},
-            "start      echod 1.2.3 pid 349, config /etc/echod.yaml, python 3.11.7",
+            "start      echod 1.2.3 pid 349, python 3.11.7, /etc/echod.yaml",
         ),
         (
             "stopping",
@@ -125,7 +125,12 @@ def test_supervisor_lines_carry_no_identity_noise() -> None:
         (
             "worker_state",
             {"worker": 2, "worker_pid": 400, "generation": 1, "mode": "async", "state": "running"},
-            "worker_state worker-2 pid 400 running, generation 1, async mode",
+            "worker_state worker-2 pid 400 running (async, generation 1)",
+        ),
+        (
+            "worker_state",
+            {"worker": 2, "worker_pid": 400, "state": "failed", "signal": "SIGKILL", "delay": 0.5},
+            "worker_state worker-2 pid 400 failed, signal SIGKILL, retry in 500 ms",
         ),
         (
             "reload",
