@@ -433,7 +433,7 @@ def _worker_state(event_dict: EventDict) -> str:
         _parenthesis(
             _list(
                 _pop(event_dict, "mode", "{}"),
-                _pop(event_dict, "generation", "generation {}"),
+                _pop(event_dict, "generation", "gen {}"),
             )
         ),
     )
@@ -453,6 +453,11 @@ def _limit(event_dict: EventDict) -> str:
     )
 
 
+def _by_process(phrase: Phrase) -> Phrase:
+    """``phrase`` after the name of the (worker) process that logged the event."""
+    return lambda event_dict: _join(_phrase_by_process(event_dict), phrase(event_dict))
+
+
 _PHRASES: dict[str, Phrase] = {
     "conn_open": _conn_open,
     "conn_close": _conn_close,
@@ -466,6 +471,8 @@ _PHRASES: dict[str, Phrase] = {
     "worker_state": _worker_state,
     "limit_reached": _limit,
     "limit_released": _limit,
+    "worker_draining": _by_process(_stopping),
+    "cutting": _by_process(_stopping),
 }
 
 

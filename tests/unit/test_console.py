@@ -125,7 +125,7 @@ def test_supervisor_lines_carry_no_identity_noise() -> None:
         (
             "worker_state",
             {"worker": 2, "worker_pid": 400, "generation": 1, "mode": "async", "state": "running"},
-            "worker_state worker-2 pid 400 running (async, generation 1)",
+            "worker_state worker-2 pid 400 running (async, gen 1)",
         ),
         (
             "worker_state",
@@ -258,3 +258,9 @@ def test_console_on_a_terminal_is_coloured(process_name: None) -> None:
     assert "\x1b[" in data
     plain = ANSI.sub("", data).strip()
     assert plain.endswith(f"WARNING refused    worker-3 pid {pid} max_connections=2")
+
+
+def test_worker_draining_reads_like_stopping() -> None:
+    """A worker's drain says which worker, how many are open and for how long it waits."""
+    line = render("worker_draining", worker=1, open=2, timeout=10.0, **ASYNC)
+    assert line == "11:53:30 worker_draining worker-1 pid 392 2 open, drain 10 s"
