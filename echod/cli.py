@@ -20,9 +20,8 @@ from typing import Any, NoReturn
 
 from echod import __version__, exitcodes
 from echod.config import Config, ConfigError, dump_config, load_config, resolve_config_path
+from echod.exitcodes import LSB_NOT_RUNNING
 
-#: LSB: "program is not running", for actions other than status.
-LSB_NOT_RUNNING = 7
 #: ``echod stop`` waits this long past the daemon's own drain before it sends SIGKILL.
 STOP_MARGIN = 10.0
 
@@ -101,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"echod: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return exitcodes.INTERRUPTED
 
 
 def load(args: argparse.Namespace) -> tuple[Config, str | None]:
