@@ -18,7 +18,7 @@ help:
 	@echo "make completion bash completion for the virtual environment's echod"
 	@echo "make test-debian  the core tests on Debian 12's packaged libraries"
 	@echo "make lint       ruff and mypy"
-	@echo "make generate   regenerate config/echod.yaml, the README reference, echod.yaml(5)"
+	@echo "make generate   regenerate config/echod.yaml, the README tables, echod.yaml(5), echod(8)"
 	@echo "make bench      run the benchmark suite; writes docs/bench.md and docs/bench.png"
 	@echo "make deb        build dist/echod_<version>_all.deb"
 
