@@ -85,13 +85,13 @@ def test_numbers_in_the_man_page_prose_are_declared() -> None:
     assert mentioned <= {entry.code for entry in EXIT_CODES}
 
 
-def run_echod(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run_echod(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
     return subprocess.run(
         [sys.executable, "-m", "echod", *args],
         capture_output=True,
         text=True,
-        cwd=tmp_path,
+        cwd=ROOT,
         env=env,
         timeout=60,
         check=False,
@@ -145,9 +145,9 @@ def test_a_bad_configuration_exits_ex_config(
     ("command", "name"),
     [("status", "NOT_RUNNING"), ("reload", "LSB_NOT_RUNNING"), ("stop", "OK")],
 )
-def test_commands_without_a_daemon(tmp_path: Path, config: Path, command: str, name: str) -> None:
+def test_commands_without_a_daemon(config: Path, command: str, name: str) -> None:
     """With no daemon running, status, reload and stop exit with the codes declared."""
-    result = run_echod(tmp_path, command, "--config", str(config))
+    result = run_echod(command, "--config", str(config))
     entry = next(e for e in EXIT_CODES if e.name == name)
     assert result.returncode == entry.code, result.stderr
     assert command in entry.commands
