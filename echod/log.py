@@ -155,7 +155,7 @@ _EVENT_STYLE = {
     "critical": "\x1b[1;31m",
 }
 #: A level word before the event, for what is not plain information.
-_LEVEL_TAG = {"debug": "debug", "warning": "WARNING", "error": "ERROR", "critical": "CRITICAL"}
+_LEVEL_TAG = {"debug": "DEBUG", "warning": "WARNING", "error": "ERROR", "critical": "CRITICAL"}
 #: Wide enough for conn_open and conn_close, so that their peers line up.
 _EVENT_WIDTH = 10
 
@@ -167,8 +167,10 @@ class ConsoleRenderer:
 
     Each event known below gets a short phrase built from the fields that matter for it (a
     connection: who served it, the peer, bytes each way, duration, reason); every other field
-    follows as compact ``key=value``, so nothing is lost but the identity noise. Always one
-    line: a value holding a line break is written as a JSON string.
+    follows as compact ``key=value``. Left out, to keep common lines within 80 columns: the
+    identity noise, and what another line of the same run already says (a connection's local
+    port and the start's address are the ready line's; its mode and ids are on its open line,
+    which its close line names). Always one line: a value holding a line break is escaped.
     """
 
     def __init__(self, colors: bool = False) -> None:
