@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK (the entry module; argcomplete looks for this mark in its first lines)
 """The ``echod`` command: argument parsing, sub-commands and exit codes.
 
 Exit codes follow sysexits(3) (see :mod:`echod.exitcodes`); ``status`` follows the LSB
@@ -28,9 +29,8 @@ from echod.config import (
     read_config,
     resolve_config_path,
 )
+from echod.exitcodes import LSB_NOT_RUNNING
 
-#: LSB: "program is not running", for actions other than status.
-LSB_NOT_RUNNING = 7
 #: ``echod stop`` waits this long past the daemon's own drain before it sends SIGKILL.
 STOP_MARGIN = 10.0
 
@@ -53,7 +53,7 @@ class CommandError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
-    common.add_argument(
+    config = common.add_argument(
         "-c",
         "--config",
         metavar="PATH",
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="configuration file (default: $ECHOD_CONFIG, else /etc/echod.yaml if it exists, "
         "else the embedded defaults)",
     )
+    config.completer = _complete_paths  # type: ignore[attr-defined]  # read by argcomplete
     common.add_argument(
         "--defaults",
         action="store_true",
@@ -101,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``echod`` command; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # bash asks for completions: answer, then exit
+        return _autocomplete(parser)
+    args = parser.parse_args(argv)
     handler = COMMANDS[args.command]
     try:
         return handler(args)
@@ -109,7 +113,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"echod: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return exitcodes.INTERRUPTED
+
+
+def _autocomplete(parser: argparse.ArgumentParser) -> int:
+    """Let argcomplete answer bash's completion request (it exits), if it is installed;
+    without it, offer nothing and run nothing.
+
+    Imported only here, when bash asks: start-up time matters for every other run, and echod
+    works without argcomplete.
+    """
+    try:
+        import argcomplete
+    except ImportError:
+        return exitcodes.EX_UNAVAILABLE
+    argcomplete.autocomplete(parser)
+    return exitcodes.EX_SOFTWARE  # not reached: argcomplete exits once it has answered
+
+
+def _complete_paths(prefix: str, **kwargs: Any) -> Any:
+    """argcomplete's completer for ``--config``: files and directories."""
+    from argcomplete.completers import FilesCompleter
+
+    return FilesCompleter()(prefix, **kwargs)
 
 
 def load(args: argparse.Namespace) -> tuple[Config, str | None]:
