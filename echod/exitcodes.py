@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Final
 
 #: The sub-commands of ``echod``; ``commands`` below names some of them.
-COMMANDS: Final = ("run", "start", "stop", "status", "reload", "check-config")
+COMMANDS: Final = ("run", "start", "stop", "status", "reload", "upgrade", "check-config")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,38 +47,50 @@ NOT_RUNNING: Final = _declare(
 )
 #: LSB's "program is not running", for the actions other than ``status``.
 LSB_NOT_RUNNING: Final = _declare(
-    "LSB_NOT_RUNNING", 7, "`reload`: the daemon is not running (LSB)", ("reload",)
+    "LSB_NOT_RUNNING",
+    7,
+    "`reload`, `upgrade`: the daemon is not running (LSB), or it exited meanwhile",
+    ("reload", "upgrade"),
 )
 EX_USAGE: Final = _declare("EX_USAGE", 64, "usage error on the command line")
 EX_UNAVAILABLE: Final = _declare(
     "EX_UNAVAILABLE",
     69,
-    "cannot serve: the address is in use, or a running echod holds the pidfile",
-    ("run", "start"),
+    "cannot serve: the address is in use, or a running echod holds the pidfile; for "
+    "`reload`, the daemon refused the new address for that reason",
+    ("run", "start", "reload"),
 )
 #: An internal error, and the crash-loop breaker: workers kept dying.
 EX_SOFTWARE: Final = _declare(
     "EX_SOFTWARE",
     70,
     "internal error, or the crash-loop breaker: workers kept failing, `crash_limit` times "
-    "within `crash_window`; for `stop`, the daemon survived SIGKILL",
-    ("run", "start", "stop"),
+    "within `crash_window`; for `stop`, the daemon survived SIGKILL; for `reload` and "
+    "`upgrade`, the new workers or the new code failed to start",
+    ("run", "start", "stop", "reload", "upgrade"),
 )
 EX_OSERR: Final = _declare(
     "EX_OSERR", 71, "cannot detach into the background (fork or setsid failed)", ("start",)
 )
 EX_CANTCREAT: Final = _declare(
-    "EX_CANTCREAT", 73, "cannot create the pidfile or the log file", ("run", "start")
+    "EX_CANTCREAT",
+    73,
+    "cannot create the pidfile or the log file",
+    ("run", "start", "reload", "upgrade"),
 )
 EX_TEMPFAIL: Final = _declare(
-    "EX_TEMPFAIL", 75, "the daemon did not report that it was ready in time", ("start",)
+    "EX_TEMPFAIL",
+    75,
+    "the daemon did not report in time that it was ready (`start`) or the outcome "
+    "(`reload`, `upgrade`), or it was busy (stopping, or another change in progress)",
+    ("start", "reload", "upgrade"),
 )
 EX_NOPERM: Final = _declare(
     "EX_NOPERM",
     77,
     "permission denied: a port below 1024 without CAP_NET_BIND_SERVICE, or a pidfile "
     "that cannot be read",
-    ("run", "start", "stop", "status", "reload"),
+    ("run", "start", "stop", "status", "reload", "upgrade"),
 )
 EX_CONFIG: Final = _declare(
     "EX_CONFIG",
@@ -89,7 +101,7 @@ INTERRUPTED: Final = _declare(
     "INTERRUPTED",
     130,
     "interrupted by SIGINT (Ctrl-C) while waiting, 128 + 2; `run` stops cleanly instead",
-    ("start", "stop", "status", "reload", "check-config"),
+    ("start", "stop", "status", "reload", "upgrade", "check-config"),
 )
 
 
