@@ -151,6 +151,8 @@ class WorkerPool:
         self.totals = Totals()
         self.gone = Gone()
         self.serial = 0
+        #: Workers replaced after they died or exited unasked (for the metrics).
+        self.restarts = 0
         self.ip_counts: SharedIpCounts | None = None
         self.ip_slots_warned = False
         self.selector: selectors.BaseSelector | None = None
@@ -362,6 +364,7 @@ class WorkerPool:
 
     def respawn_later(self, handle: WorkerHandle, failures: int = 0) -> None:
         """Replace a worker that is gone, after the backoff its recent failures call for."""
+        self.restarts += 1
         delay = backoff_delay(failures)
         if delay > 0:
             handle.change_state(W.BACKOFF, self.log, delay=round(delay, 3))

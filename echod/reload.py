@@ -73,6 +73,9 @@ class ReloadOutcome:
         self.exit_code: int | None = None
         #: The generation whose readiness completes the pending reload.
         self.generation: int | None = None
+        #: How many requests ended each way (for the metrics).
+        self.ok_count = 0
+        self.failed_count = 0
 
     def requested(self) -> None:
         self.serial += 1
@@ -88,6 +91,7 @@ class ReloadOutcome:
         if generation < self.generation:
             return False
         self.result, self.exit_code = RELOAD_OK, exitcodes.OK
+        self.ok_count += 1
         return True
 
     def failed(self, error: str, exit_code: int) -> bool:
@@ -95,6 +99,7 @@ class ReloadOutcome:
         if self.result != RELOAD_PENDING:
             return False
         self.result, self.error, self.exit_code = RELOAD_FAILED, error, exit_code
+        self.failed_count += 1
         return True
 
     @property

@@ -20,9 +20,12 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from echod.systemd import Notifier
+
+if TYPE_CHECKING:
+    from echod.supervisor import Supervisor
 
 #: ``reload_result`` values.
 RELOAD_PENDING = "pending"
@@ -75,6 +78,39 @@ class Status:
             return cls(**values)
         except (TypeError, AttributeError) as exc:
             raise ValueError(f"not a status file: {exc}") from None
+
+
+def of_supervisor(sup: Supervisor) -> Status:
+    """What ``sup`` publishes now."""
+    from echod import __version__
+    from echod.states import SupervisorState as S
+
+    assert sup.listeners is not None
+    outcome = sup.reload_outcome
+    return Status(
+        pid=os.getpid(),
+        version=__version__,
+        state=sup.state.value,
+        started=sup.started_wall,
+        mode=sup.cfg.mode,
+        # Stopping (or stopped: the last worker failed) closed the sockets already.
+        addresses=(
+            sup.listeners.addresses() if sup.state in (S.STARTING, S.RUNNING, S.DRAINING) else []
+        ),
+        config_file=sup.config_path,
+        open=sup.pool.open_now(),
+        served=sup.pool.served_total(),
+        reloads=sup.reloads,
+        generation=sup.generation,
+        workers=[
+            WorkerStatus(h.index, h.pid, h.generation, h.state.value, h.open)
+            for h in sup.pool.ordered()
+        ],
+        reload_serial=outcome.serial,
+        reload_result=outcome.result,
+        reload_error=outcome.error,
+        reload_exit_code=outcome.exit_code,
+    )
 
 
 def path_for(pidfile: str) -> str:

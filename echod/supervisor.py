@@ -43,6 +43,7 @@ from echod import (
     upgrade,
 )
 from echod.config import Config
+from echod.endpoint import Endpoint
 from echod.errors import OperatorError
 from echod.listeners import Listeners
 from echod.pidfile import Pidfile
@@ -111,6 +112,7 @@ class Supervisor:
         self.watchdog_every: float | None = None
         self.next_watchdog = 0.0
         self.shutdown = Shutdown(self)
+        self.endpoint = Endpoint(self)
         self.selector: selectors.BaseSelector | None = None
         self.wakeup_r = -1
         self.wakeup_w = -1
@@ -184,7 +186,9 @@ class Supervisor:
         else:
             self.pidfile, self.listeners = upgrade.adopt_resources(handover)
         path = status.path_for(self.pidfile.path) if self.pidfile is not None else None
-        self.publisher = status.Publisher(self.notifier, path, self.summary, self.build_status)
+        self.publisher = status.Publisher(
+            self.notifier, path, self.summary, lambda: status.of_supervisor(self)
+        )
         prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphaned connection processes are reaped here
         self.wakeup_r, self.wakeup_w = signals.record(signals.SUPERVISOR)
         self.selector = selectors.DefaultSelector()
@@ -192,6 +196,7 @@ class Supervisor:
         self.watchdog_every = systemd.watchdog_interval(os.environ)
         self.pool.close_in_child = self.close_in_child
         self.pool.start(self.selector)
+        self.endpoint.open(self.cfg, self.selector)
         if handover is None:
             self.generation = 1
             self.spawn_generation()
@@ -224,6 +229,8 @@ class Supervisor:
             old.close()
         os.close(self.wakeup_r)
         os.close(self.wakeup_w)
+        if self.endpoint.server is not None:
+            self.endpoint.server.close_in_child()
         if self.pidfile is not None:
             self.pidfile.release()
         if self.readiness is not None:
@@ -237,11 +244,13 @@ class Supervisor:
         assert self.selector is not None
         while self.state is not S.STOPPED:
             now = time.monotonic()
-            for key, _ in self.selector.select(self.next_timeout(now)):
+            for key, mask in self.selector.select(self.next_timeout(now)):
                 if key.data is None:
                     self.on_wakeup()
-                else:
+                elif isinstance(key.data, WorkerHandle):
                     self.pool.on_readable(key.data)
+                else:  # the metrics endpoint's
+                    key.data.on_event(key.fileobj, mask)
             now = time.monotonic()
             self.pool.check_heartbeats(now, self.cfg.worker_timeout)
             if self.state in (S.STARTING, S.RUNNING, S.DRAINING):
@@ -249,6 +258,8 @@ class Supervisor:
                     self.pool.spawn(index, self.cfg, self.listeners_now(), self.generation)
             self.run_watchdog(now)
             self.shutdown.run_timers(now)
+            if self.endpoint.server is not None:
+                self.endpoint.server.run_timers(now)
             if self.state is S.STOPPING and not self.pool.workers:
                 self.change_state(S.STOPPED)
 
@@ -258,6 +269,9 @@ class Supervisor:
 
     def next_timeout(self, now: float) -> float:
         deadlines = self.pool.deadlines(self.cfg, now) + self.shutdown.deadlines()
+        http = self.endpoint.server.next_deadline() if self.endpoint.server else None
+        if http is not None:
+            deadlines.append(http)
         if self.watchdog_every is not None and self.state in (S.RUNNING, S.DRAINING):
             deadlines.append(self.next_watchdog)
         return max(0.0, min(deadlines) - now)
@@ -358,6 +372,7 @@ class Supervisor:
             mode=self.cfg.mode,
             workers=self.cfg.workers,
             startup_seconds=round(time.monotonic() - self.started, 3),
+            metrics=self.endpoint.addresses(),
         )
         if self.notifier is not None:
             self.notifier.ready()
@@ -382,6 +397,7 @@ class Supervisor:
             )
         if self.listeners is not None:
             self.listeners.close()
+        self.endpoint.close()
         self.pool.close()
         if self.pidfile is not None:
             if self.publisher is not None:
@@ -416,6 +432,8 @@ class Supervisor:
             self.old_listeners.append(self.listeners)
             self.listeners = new.listeners
         self.cfg = new.cfg
+        assert self.selector is not None
+        self.endpoint.reconfigure(new.cfg, self.selector)
         self.generation += 1
         self.reloads += 1
         self.reload_outcome.starting(self.generation)
@@ -453,34 +471,3 @@ class Supervisor:
         if self.state in (S.DRAINING, S.STOPPING):
             return f"{self.state.value}: {text}"
         return text
-
-    def build_status(self) -> status.Status:
-        assert self.listeners is not None
-        outcome = self.reload_outcome
-        return status.Status(
-            pid=os.getpid(),
-            version=__version__,
-            state=self.state.value,
-            started=self.started_wall,
-            mode=self.cfg.mode,
-            # Stopping (or stopped: the last worker failed) closed the sockets already.
-            addresses=(
-                self.listeners.addresses()
-                if self.state in (S.STARTING, S.RUNNING, S.DRAINING)
-                else []
-            ),
-            config_file=self.config_path,
-            open=self.pool.open_now(),
-            served=self.pool.served_total(),
-            reloads=self.reloads,
-            generation=self.generation,
-            workers=[
-                status.WorkerStatus(h.index, h.pid, h.generation, h.state.value, h.open)
-                for h in self.pool.ordered()
-            ],
-            reload_serial=outcome.serial,
-            reload_result=outcome.result,
-            reload_error=outcome.error,
-            reload_exit_code=outcome.exit_code,
-        )
-

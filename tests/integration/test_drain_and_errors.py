@@ -4,6 +4,7 @@ internal error in its loop, and a worker that exits 0 by itself.
 
 from __future__ import annotations
 
+import http.client
 import os
 import resource
 import signal
@@ -190,3 +191,43 @@ def test_sigterms_until_the_end_leave_the_exit_status_0(tmp_path: Path) -> None:
     finally:
         server.kill()
     assert server.events("stopped")[0]["exit_code"] == 0
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """One GET to the supervisor's endpoint: (status, body)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
+def test_healthz_and_metrics_follow_the_supervisor(tmp_path: Path) -> None:
+    """/healthz answers 200 while serving and 503 draining during drain_delay; /metrics
+    counts the workers by state, a reload's result and says draining."""
+    server = Echod(tmp_path, workers=2, drain_delay=30, metrics="127.0.0.1:0")
+    try:
+        server.start()
+        (address,) = server.events("ready")[0]["metrics"]
+        port = int(address.rsplit(":", 1)[1])
+        assert http_get(port, "/healthz") == (200, "ok\n")
+        server.write_config(workers=1)
+        server.signal(signal.SIGHUP)
+        server.wait_event("worker_state", lambda e: e["state"] == "exited", count=2)
+        code, text = http_get(port, "/metrics")
+        assert code == 200
+        assert 'echod_reloads_total{result="ok"} 1.0' in text
+        assert 'echod_workers{state="running"} 1.0' in text
+        assert "echod_draining 0.0" in text
+        server.signal(signal.SIGTERM)
+        server.wait_event("draining")
+        assert http_get(port, "/healthz") == (503, "draining\n")
+        assert "echod_draining 1.0" in http_get(port, "/metrics")[1]
+        with server.connect() as sock:  # and it still serves echo meanwhile
+            assert echo_roundtrip(sock, b"draining") == b"draining"
+        server.signal(signal.SIGTERM)  # a second one ends the delay
+        assert server.proc is not None and server.proc.wait(20) == 0
+    finally:
+        server.kill()
