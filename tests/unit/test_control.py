@@ -3,11 +3,16 @@ anything else is refused with ValueError (garbage, truncation, oversize), never 
 
 from __future__ import annotations
 
+import selectors
 import socket
 
 import pytest
+import structlog
+from structlog.testing import capture_logs
 
 from echod import control
+from echod.pool import WorkerHandle, WorkerPool
+from echod.states import WorkerState
 
 COUNTERS = {"opened": 10, "closed:client_closed": 9, "bytes_in": 1234, "refused:per_ip": 2}
 
@@ -132,3 +137,56 @@ def test_over_a_real_seqpacket_pair() -> None:
         theirs.close()
         assert control.receive(ours) == b""
         assert control.send(ours, control.Stop()) is False
+
+
+class Owner:
+    """Records what the pool tells the supervisor."""
+
+    def __init__(self) -> None:
+        self.ready: list[int] = []
+        self.changes = 0
+
+    def worker_ready(self, handle: WorkerHandle) -> None:
+        self.ready.append(handle.pid)
+
+    def worker_failed(self, handle: WorkerHandle, failures: int) -> None:
+        raise AssertionError("no worker fails here")
+
+    def worker_quit(self, handle: WorkerHandle) -> None:
+        raise AssertionError("no worker quits here")
+
+    def counts_changed(self, force: bool) -> None:
+        self.changes += 1
+
+
+def test_the_supervisor_side_logs_garbage_once_and_keeps_the_worker() -> None:
+    """Packets that are not messages, read from a real channel, are logged once per worker
+    and change nothing; the messages around them are taken as usual."""
+    owner = Owner()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs, selectors.DefaultSelector() as selector:
+        ours.setblocking(False)
+        pool = WorkerPool(owner, structlog.get_logger())
+        pool.selector = selector
+        handle = WorkerHandle(1, 1, 1, 4242, ours, "thread")
+        selector.register(ours, selectors.EVENT_READ, handle)
+        sent = [
+            b"ready",
+            b"hb 1 2 opened=3",
+            b"hb one two",
+            b"\x00\xff" * 100,
+            b"x" * (control.MAX_MESSAGE + 10),
+            b"hb 0 5 opened=6",
+        ]
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * control.MAX_MESSAGE)
+        for packet in sent:
+            theirs.send(packet)
+        with capture_logs() as logs:
+            for _ in sent:
+                pool.on_readable(handle)
+        garbled = [e for e in logs if e["event"] == "control_garbled"]
+        assert len(garbled) == 1 and garbled[0]["worker_pid"] == 4242
+        assert handle.garbled == 3
+        assert owner.ready == [4242] and handle.state is WorkerState.RUNNING
+        assert (handle.open, handle.served) == (0, 5)
+        assert pool.totals.snapshot() == {"opened": 6}
