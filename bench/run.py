@@ -69,6 +69,7 @@ class ServerSpec:
     mode: str | None = None  # python -m echod run --config <yaml with this mode>
     binary: str | None = None  # a program cbuild builds, run as <binary> PORT
     xinetd: bool = False  # xinetd's built-in echo, on a private configuration
+    settings: str = ""  # echod: YAML lines added to its configuration
 
     @property
     def is_echod(self) -> bool:
@@ -82,6 +83,12 @@ SERVERS: tuple[ServerSpec, ...] = (
     ServerSpec("classic_process", "tutorial server, fork per connection", "classic_process.py"),
     ServerSpec("bare_uvloop", "asyncio Protocol echo on uvloop, nothing else", "bare_uvloop.py"),
     ServerSpec("echod_thread", "echod mode thread, 1 worker, connections logged", mode="thread"),
+    ServerSpec(
+        "echod_thread_spare",
+        "echod_thread with spare_threads: 64 (threads reused across connections)",
+        mode="thread",
+        settings="spare_threads: 64\n",
+    ),
     ServerSpec("echod_process", "echod mode process, 1 worker, connections logged", mode="process"),
     ServerSpec("echod_async", "echod mode async, 1 worker, connections logged", mode="async"),
 )
@@ -91,6 +98,7 @@ SERVER_NAMES = tuple(s.name for s in SERVERS)
 RATIOS: tuple[tuple[str, str], ...] = (
     ("echod_async", "bare_uvloop"),
     ("echod_thread", "classic_thread"),
+    ("echod_thread_spare", "classic_thread"),
     ("echod_process", "classic_process"),
     *((f"echod_{mode}", "c_epoll") for mode in ("async", "thread", "process")),
     *((f"echod_{mode}", "xinetd") for mode in ("async", "thread", "process")),
@@ -204,7 +212,7 @@ class Server:
             f"  file: {json.dumps(str(self.log_file))}\n"
             "  format: json\n"
             "  level: info\n"
-            "  connections: true\n"
+            "  connections: true\n" + self.spec.settings
         )
 
     @property
@@ -948,6 +956,7 @@ PALETTE = {
     "classic_process": "#6d6d6d",
     "bare_uvloop": "#3d3d3d",
     "echod_thread": "#4c9be8",
+    "echod_thread_spare": "#90caf9",
     "echod_process": "#2e7d32",
     "echod_async": "#e8743b",
 }

@@ -80,6 +80,7 @@ class Config:
     udp: bool
     udp_rate: float
     thread_stack_size: int
+    spare_threads: int
     allow: tuple[str, ...]
     deny: tuple[str, ...]
     proxy_protocol: str
@@ -501,6 +502,15 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=32768,
         maximum=64 * 1024 * 1024,
         also_zero=True,
+    ),
+    Setting(
+        "spare_threads",
+        "int",
+        0,
+        "Thread mode: threads kept, once their connection ends, to serve later ones (at most "
+        "this many wait); 0 starts a thread per connection.",
+        minimum=0,
+        maximum=100_000,
     ),
     Setting(
         "allow",

@@ -7,12 +7,27 @@ waits for exactly this news, does a finished thread also write a byte to a pipe 
 watches. To cut connections at the shutdown deadline the main thread sets a flag and shuts
 every open socket down: that wakes each thread from its blocking ``recv``/``send``, and the
 flag tells it why.
+
+Connections end one at a time: a thread whose connection is ending (its ``recv`` returned
+nothing or failed, the first moment the handler asks the stopper) takes the worker's end lock
+and holds it until it has closed, logged and gone. Thousands of clients that disconnect at
+once would otherwise wake thousands of threads that all queue for the interpreter lock at
+once, each several times (the close, the log write, the thread's exit), and the main thread,
+one in the queue, could not accept or heartbeat for seconds. Waiting on a plain lock, a
+thread is off the interpreter's queue: that queue stays a few threads long.
+
+``spare_threads`` (0 by default: a thread per connection, the classic behaviour) keeps up to
+that many threads, once their connection has ended, waiting on a queue for the next one, as
+Apache's worker MPM keeps spare threads: starting a thread is most of what a short connection
+costs. Such a thread takes each connection's name (``conn-<id>``) but keeps its thread ids,
+so consecutive connections in the log may share a ``thread_id``.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import queue
 import socket
 import threading
 from typing import Any
@@ -34,8 +49,35 @@ class CutFlag:
         """Threads share the worker's log sink, which the worker itself reopens."""
 
 
+class ConnectionStopper:
+    """The Stopper of one connection thread: the worker's cut flag, and the end lock, taken
+    when the handler first asks whether the connection was cut (it asks only once the
+    connection is ending) and released by the thread when it is done."""
+
+    __slots__ = ("_flag", "_lock", "holding")
+
+    def __init__(self, flag: CutFlag, lock: threading.Lock) -> None:
+        self._flag = flag
+        self._lock = lock
+        self.holding = False
+
+    def cut_requested(self) -> bool:
+        if not self.holding:
+            self._lock.acquire()
+            self.holding = True
+        return self._flag.cut
+
+    def before_close_event(self) -> None:
+        """Threads share the worker's log sink, which the worker itself reopens."""
+
+    def release(self) -> None:
+        if self.holding:
+            self.holding = False
+            self._lock.release()
+
+
 class ThreadWorker(Worker):
-    """Serves each connection in a new thread."""
+    """Serves each connection in a thread of its own: a new one, or a spare (spare_threads)."""
 
     mode = "thread"
 
@@ -46,28 +88,76 @@ class ThreadWorker(Worker):
         self.open_sockets: dict[str, socket.socket] = {}
         self.done_r, self.done_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.stopper = CutFlag()
+        self.end_lock = threading.Lock()
+        self.spare_max = self.cfg.spare_threads
+        # Connections for spare threads; None tells one to exit. ``spare`` counts the threads
+        # that wait or are about to: each one counted takes exactly one item.
+        self.jobs: queue.SimpleQueue[tuple[socket.socket, Any, str] | None] = queue.SimpleQueue()
+        self.spare = 0
+        self.spare_lock = threading.Lock()
         self.add_reader(self.done_r, self.on_done)
 
     def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
+        self.open_sockets[conn_id] = conn
+        if self.spare_max and self.claim_spare():
+            self.jobs.put((conn, peer, conn_id))
+            return
         thread = threading.Thread(
-            target=self.serve_in_thread,
+            target=self.thread_main,
             args=(conn, peer, conn_id),
             name=f"conn-{conn_id}",
             daemon=True,
         )
-        self.open_sockets[conn_id] = conn
         try:
             thread.start()
         except BaseException:
             del self.open_sockets[conn_id]
             raise
 
+    def thread_main(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
+        """Serve a connection; with spare_threads, then wait for others while there is room."""
+        job: tuple[socket.socket, Any, str] | None = (conn, peer, conn_id)
+        while job is not None:  # bounded: one connection a pass; a None or no room ends it
+            self.serve_in_thread(*job)
+            if not self.offer_spare():
+                return
+            job = self.jobs.get()
+            if job is not None:
+                threading.current_thread().name = f"conn-{job[2]}"
+
+    def claim_spare(self) -> bool:
+        """Main thread: take a waiting spare thread for the next connection, if there is one."""
+        with self.spare_lock:
+            if self.spare == 0:
+                return False
+            self.spare -= 1
+            return True
+
+    def offer_spare(self) -> bool:
+        """Connection thread: whether to wait for another connection (there is room)."""
+        if not self.spare_max:
+            return False
+        with self.spare_lock:
+            # Read under the lock that begin_stop takes after setting it.
+            if self.stopping or self.spare >= self.spare_max:
+                return False
+            self.spare += 1
+            return True
+
+    def release_spares(self) -> None:
+        with self.spare_lock:
+            waiting, self.spare = self.spare, 0
+        for _ in range(waiting):
+            self.jobs.put(None)
+
     def serve_in_thread(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
+        stopper = ConnectionStopper(self.stopper, self.end_lock)
         try:
             EchoHandler(
-                conn, peer, conn_id, self.settings, self.stopper, local_port=self.local_port
+                conn, peer, conn_id, self.settings, stopper, local_port=self.local_port
             ).serve()
         finally:
+            stopper.release()
             self.finished.append((conn_id, peer))
             # Read after the append: the main thread sets these before it looks at the deque
             # a last time, so either it sees our entry or we see that it waits.
@@ -100,6 +190,7 @@ class ThreadWorker(Worker):
     def begin_stop(self, timeout: float | None) -> None:
         super().begin_stop(timeout)
         self.collect_finished()  # likewise for the drain
+        self.release_spares()  # no connection will come for them
 
     def run_timers(self, now: float) -> None:
         self.collect_finished()  # keeps the heartbeat's counts current
