@@ -507,8 +507,7 @@ SETTINGS: tuple[Setting, ...] = (
         "spare_threads",
         "int",
         0,
-        "Thread mode: threads kept, once their connection ends, to serve later ones (at most "
-        "this many wait); 0 starts a thread per connection.",
+        "Thread mode: up to this many threads kept to serve later connections; 0: one each.",
         minimum=0,
         maximum=100_000,
     ),
