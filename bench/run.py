@@ -929,13 +929,21 @@ def _verification_section(report: dict[str, Any]) -> list[str]:
                 failed += 1
                 why = e.get("reason") or "; ".join(e.get("error_samples", [])) or "mismatch"
                 problems.append(f"- {server} {scenario}: FAILED ({why})")
-    verdict = "passed" if failed == 0 and ok > 0 else "FAILED"
+    # Failures of a tool baseline that echoed nothing wrong (xinetd resetting connections) do
+    # not fail the verification of the run; they are listed below it.
+    tolerated = [line for line in problems if line.split()[1] in TOOL_BASELINES]
+    wrong_bytes = any(
+        e.get("mismatches") for runs in report["results"].values() for e in runs.values()
+    )
+    failed_here = failed - (0 if wrong_bytes else len(tolerated))
+    verdict = "passed" if failed_here == 0 and ok > 0 else "FAILED"
     out = [
         "",
         "## Byte verification",
         "",
         f"Byte verification: {verdict}: {ok} runs, {sent:,} bytes sent and every one compared "
-        f"on its way back; {failed} runs failed.",
+        f"on its way back; {failed} runs failed"
+        + (f" ({len(tolerated)} of a tool baseline, no byte wrong)." if tolerated else "."),
     ]
     if problems or unavailable:
         out += ["", *problems, *_dedupe_na(unavailable)]
@@ -1193,11 +1201,14 @@ def write_report(report: dict[str, Any], scenarios: list[loadgen.Scenario], out:
     (out / "bench.md").write_text(markdown)
     (out / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out / 'bench.md'}, bench.png, bench.json in {report['elapsed_s']} s")
+    # A tool baseline's failure (xinetd resetting connections under the idle ramp) is shown
+    # in the report but is not echod's, unless a byte came back wrong.
     failed = [
         (server, scenario)
         for server, runs in report["results"].items()
         for scenario, e in runs.items()
         if e["status"] == "failed" or (e["status"] == "ok" and not e["verified"])
+        if server not in TOOL_BASELINES or e.get("mismatches")
     ]
     # A baseline that needs a tool the machine lacks (xinetd, a C compiler) is reported n/a
     # with the reason; any other baseline must start.
