@@ -3,12 +3,15 @@
 
     python bench/profile.py --servers classic_thread,echod_thread --scenario 1KiB-c100
 
-For each server: start it, connect the clients, attach ``perf stat`` with the syscall
-tracepoints (futex, recvfrom, sendto, clone3, write; and context switches) to every thread of
-the server's process tree (``perf stat -p`` counts threads created later too), run one slice,
-and divide by the round trips. Counting events, unlike timing them, hardly depends on what else
-the machine runs. Without perf (or its tracepoints) this says so; ``strace -f -c`` gives the
-same counts but slows the server several-fold, which changes how its threads contend.
+For each server: start it, connect the clients, attach ``perf stat`` to every thread of the
+server's process tree (``perf stat -p`` counts threads and processes created later too) with
+the syscall tracepoints (futex, recvfrom, sendto, clone3, write, shutdown, setsockopt), the
+context switches and the page faults (the copy-on-write cost of a fork), run one slice, and
+divide by the round trips (churn: connections). Counting events, unlike timing them, hardly
+depends on what else the machine runs. Without perf this says so; a row without counts means
+perf could not attach (a connection process of the tree exited as it did): run it again.
+``strace -f -c`` gives the same calls but slows the server some thirty-fold, which changes
+how its threads contend.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def count(
             if client.stdout.readline().strip() != "ready":
                 raise RuntimeError("C client did not start")
         pids = ",".join(str(p) for p in procstat.tree_pids(server.pid))
-        argv = ["perf", "stat", "-x", ",", "-p", pids, "-e", "context-switches"]
+        argv = ["perf", "stat", "-x", ",", "-p", pids, "-e", "context-switches,page-faults"]
         for name in EVENTS:
             argv += ["-e", f"syscalls:sys_enter_{name}"]
         perf = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
