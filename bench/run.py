@@ -11,8 +11,8 @@ scenario from bench/loadgen.py, one server at a time. Each server is stopped wit
 Writes bench.md (tables and ratios), bench.png (chart) and bench.json (every number) to --out
 (default: docs/).
 
-    python bench/run.py                      # everything: about 12 minutes on 2 CPUs
-    python bench/run.py --quick              # development: 2 rounds of 0.3 s, 500 idle
+    python bench/run.py                      # everything: about 8 minutes on 2 CPUs
+    python bench/run.py --quick              # development, about a minute: 2 x 0.3 s, 500 idle
     python bench/run.py --servers c_epoll,echod_async --scenarios churn-64B-c10
 
 An echod mode that does not start (or is not implemented yet) is reported as n/a. The exit

@@ -22,9 +22,10 @@ microseconds, at its next socket or log call, so the longer interval costs no la
 
 ``spare_threads`` (0 by default: a thread per connection, the classic behaviour) keeps up to
 that many threads, once their connection has ended, waiting on a queue for the next one, as
-Apache's worker MPM keeps spare threads: starting a thread is most of what a short connection
-costs. Such a thread takes each connection's name (``conn-<id>``) but keeps its thread ids,
-so consecutive connections in the log may share a ``thread_id``.
+Apache's worker MPM keeps spare threads: starting and ending a thread is nearly half of what
+a short connection costs the worker. Such a thread takes each connection's name
+(``conn-<id>``) but keeps its thread ids, so consecutive connections in the log may share a
+``thread_id``.
 """
 
 from __future__ import annotations
