@@ -88,6 +88,7 @@ class Config:
     udp: bool
     udp_rate: float
     thread_stack_size: int
+    spare_threads: int
     allow: tuple[str, ...]
     deny: tuple[str, ...]
     proxy_protocol: str
@@ -509,6 +510,14 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=32768,
         maximum=64 * 1024 * 1024,
         also_zero=True,
+    ),
+    Setting(
+        "spare_threads",
+        "int",
+        0,
+        "Thread mode: up to this many threads kept to serve later connections; 0: one each.",
+        minimum=0,
+        maximum=100_000,
     ),
     Setting(
         "allow",

@@ -262,6 +262,7 @@ pidfile: null
 udp: true
 udp_rate: 0
 thread_stack_size: 262144
+spare_threads: 4
 allow: [10.0.0.0/8, "2001:db8::/32"]
 deny:
   - 10.9.9.9
@@ -299,6 +300,7 @@ log:
         udp=True,
         udp_rate=0.0,
         thread_stack_size=262144,
+        spare_threads=4,
         allow=("10.0.0.0/8", "2001:db8::/32"),
         deny=("10.9.9.9",),
         proxy_protocol="any",
