@@ -55,9 +55,9 @@ def open_listeners(cfg: Config, notifier: systemd.Notifier | None) -> Listeners:
         fdstore.forget(notifier, stored)
         return adopt(activated, cfg)
     asked = wanted(cfg)
-    # Those the file no longer names go first: one may hold an address it now binds.
-    fdstore.forget(notifier, [(n, s) for n, s in stored if key_of(s) not in asked])
     kept = [sock for _, sock in stored if key_of(sock) in asked]
+    # Those the file no longer names go first: one may hold an address it now binds.
+    fdstore.forget(notifier, [(n, s) for n, s in stored if s not in kept])
     try:
         return bind(cfg, reuse=kept)
     except OperatorError:
