@@ -24,7 +24,9 @@ import pytest
 import yaml
 
 from tests.e2e import container as ct
-from tests.e2e.test_instances import build_newer_deb
+from tests.e2e.test_instances import build_newer_deb, events
+from tests.e2e.test_instances import start as start_unit
+from tests.e2e.test_instances import unit as instance
 from tests.e2e.test_systemd import (
     Relay,
     echo_once,
@@ -46,6 +48,7 @@ DEADLINE = 30.0
 #: A short drain keeps each restart quick: the held connection is cut after it.
 SETTINGS: dict[str, Any] = {"mode": "thread", "port": PORT, "workers": 2, "shutdown_timeout": 2}
 INTERVAL = 0.02
+INSTANCE, INSTANCE_PORT = "up", 9103
 
 # The client loop: a new connection every INTERVAL (each in a thread of its own, so that one
 # waiting in the kernel's queue does not delay the next), 256 random bytes each, checked byte
@@ -175,7 +178,7 @@ def service(installed: ct.Container) -> Iterator[ct.Container]:
     write_config(installed, SETTINGS)
     start(installed)
     yield installed
-    systemctl(installed, "stop", UNIT, check=False)
+    systemctl(installed, "stop", UNIT, "echod@*.service", check=False)
     systemctl(installed, "reset-failed", UNIT, check=False)
     installed.run("rm", "-rf", DROP_IN_DIR)
     systemctl(installed, "daemon-reload")
@@ -236,6 +239,10 @@ def test_package_upgrade_is_in_place(service: ct.Container, tmp_path: Path) -> N
     newer = build_newer_deb(tmp_path)
     c.put(newer, "/root/echod-newer.deb")
     old_version = c.run("dpkg-query", "-W", "-f=${Version}", "echod").stdout
+    # An instance beside the service: the package upgrades it in place too.
+    c.path(f"/etc/echod/{INSTANCE}.yaml").write_text(f"port: {INSTANCE_PORT}\n")
+    start_unit(c, instance(INSTANCE))
+    instance_pid = prop(c, "MainPID", instance(INSTANCE))
     main_pid, restarts = prop(c, "MainPID"), prop(c, "NRestarts")
     relay = Relay(c, PORT)
     loop = ClientLoop(c)
@@ -265,6 +272,8 @@ def test_package_upgrade_is_in_place(service: ct.Container, tmp_path: Path) -> N
     (upgraded,) = journal(c, cursor, ECHOD_EVENT="upgraded")
     assert (upgraded["ECHOD_VERSION"], upgraded["ECHOD_FROM_VERSION"]) == (version, old_version)
     assert upgraded["_PID"] == main_pid
+    (restarted,) = journal(c, cursor, ECHOD_EVENT="start")  # the new image's first event
+    assert (restarted["ECHOD_VERSION"], restarted["ECHOD_UPGRADE"]) == (version, "True")
     assert not journal(c, cursor, ECHOD_EVENT="stopping")
     new_workers = {
         e["ECHOD_WORKER_PID"]
@@ -273,6 +282,10 @@ def test_package_upgrade_is_in_place(service: ct.Container, tmp_path: Path) -> N
     }
     assert len(new_workers) == SETTINGS["workers"]
     assert served_by(c, after) <= new_workers
+    # The instance: upgraded in its own pid, and serving.
+    assert prop(c, "MainPID", instance(INSTANCE)) == instance_pid
+    assert events(c, instance(INSTANCE), cursor, "upgraded")
+    assert echo_once(c, INSTANCE_PORT, "instance") == "instance\n"
 
 
 def test_upgrade_onto_broken_code_keeps_serving(service: ct.Container) -> None:
