@@ -5,8 +5,11 @@ each echo byte for byte, while one more connection is held open. `systemctl rest
 refuses none of them (the listening sockets wait in systemd's file descriptor store); without
 the store the same restart refuses many, which is what the store is for. Installing a newer
 .deb over a running echod upgrades it in place: same main pid, no attempt refused or reset,
-the held connection echoes on, new connections are served by the new version's workers.
-New code that does not import is refused by `echod upgrade`, and the old code serves on.
+the held connection echoes on, new connections are served by the new version's workers, and
+a running echod@ instance is upgraded too. A broken /etc/echod.yaml keeps the old echod
+serving through a package upgrade; an upgrade in place that cannot be done falls back to a
+restart. New code that does not import is refused by `echod upgrade`, and the old code
+serves on.
 
 The numbers (attempts, refused, longest wait) are printed with -s and in failure messages.
 """
@@ -286,6 +289,36 @@ def test_package_upgrade_is_in_place(service: ct.Container, tmp_path: Path) -> N
     assert prop(c, "MainPID", instance(INSTANCE)) == instance_pid
     assert events(c, instance(INSTANCE), cursor, "upgraded")
     assert echo_once(c, INSTANCE_PORT, "instance") == "instance\n"
+
+
+def test_package_upgrade_with_a_broken_file_keeps_the_old_echod(service: ct.Container) -> None:
+    """A package upgrade while /etc/echod.yaml does not load neither fails nor restarts
+    echod: the old one serves on, and the package says what to do."""
+    c = service
+    main_pid = prop(c, "MainPID")
+    c.path(CONFIG).write_text(yaml.safe_dump({**SETTINGS, "workers": "many"}))
+    apt = c.run("apt-get", "install", "-y", "--reinstall", "/root/echod-newer.deb", timeout=300)
+    # (apt passes on what the maintainer scripts print on its standard output)
+    assert f"echod: {UNIT} serves on with the previous version" in apt.stdout, apt
+    assert (prop(c, "MainPID"), prop(c, "ActiveState")) == (main_pid, "active")
+    assert echo_once(c, PORT, "still") == "still\n"
+
+
+def test_package_upgrade_falls_back_to_a_restart(service: ct.Container) -> None:
+    """When `echod upgrade` cannot reach the daemon (here the unit now names another
+    pidfile), the package restarts the unit instead, and it serves."""
+    c = service
+    main_pid = prop(c, "MainPID")
+    c.run("mkdir", "-p", DROP_IN_DIR)
+    c.path(f"{DROP_IN_DIR}/pidfile.conf").write_text(
+        "[Service]\nEnvironment=ECHOD_PIDFILE=/run/echod/moved.pid\n"
+    )
+    systemctl(c, "daemon-reload")
+    apt = c.run("apt-get", "install", "-y", "--reinstall", "/root/echod-newer.deb", timeout=300)
+    assert f"echod: {UNIT} could not be upgraded in place; restarting it" in apt.stdout, apt
+    assert prop(c, "MainPID") != main_pid
+    assert prop(c, "ActiveState") == "active"
+    assert echo_once(c, PORT, "restarted") == "restarted\n"
 
 
 def test_upgrade_onto_broken_code_keeps_serving(service: ct.Container) -> None:
