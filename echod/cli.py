@@ -336,6 +336,14 @@ def check_signal_and_wait(
                 exitcodes.EX_CONFIG,
             ) from None
     before = published.reload_serial if published is not None else 0
+    if not catches(pid, signum):
+        # An echod from before upgrade in place would die of SIGUSR2, not upgrade.
+        version = published.version if published is not None else "of an unknown version"
+        raise OperatorError(
+            f"pid {pid} (echod {version}) does not handle {signal.Signals(signum).name}: "
+            f"it cannot be {done} in place; restart it",
+            exitcodes.EX_UNAVAILABLE,
+        )
     os.kill(pid, signum)
     outcome = wait_reloaded(cfg, pid, before, args.timeout)
     where = daemon_path or "embedded defaults"
@@ -402,6 +410,19 @@ def live_pid(cfg: Config) -> int | None:
     except PermissionError as exc:
         message = f"cannot read {cfg.pidfile}: {exc.strerror}"
         raise OperatorError(message, exitcodes.EX_NOPERM) from None
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (its SigCgt mask in /proc);
+    True when that cannot be read: the signal is sent and the outcome waited for."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
 
 
 def read_status(cfg: Config) -> Status | None:

@@ -57,8 +57,9 @@ EX_UNAVAILABLE: Final = _declare(
     "EX_UNAVAILABLE",
     69,
     "cannot serve: the address is in use, or a running echod holds the pidfile; for "
-    "`reload`, the daemon refused the new address for that reason",
-    ("run", "start", "reload"),
+    "`reload`, the daemon refused the new address for that reason; for `upgrade`, the "
+    "daemon is older than upgrade in place (it does not handle SIGUSR2): restart it",
+    ("run", "start", "reload", "upgrade"),
 )
 #: An internal error, and the crash-loop breaker: workers kept dying.
 EX_SOFTWARE: Final = _declare(

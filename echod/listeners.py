@@ -1,4 +1,6 @@
-"""Listening sockets: bound from the configuration or adopted from systemd.
+"""Listening sockets: bound from the configuration, or adopted from systemd (socket
+activation; or the file descriptor store, which gives back after a restart the sockets an
+earlier echod bound, see :mod:`echod.fdstore`).
 
 The supervisor owns them; workers inherit them across ``fork``. A reload that keeps the
 address keeps the very same sockets, so no connection waiting in the backlog is lost; a reload
@@ -11,6 +13,7 @@ import errno
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 from echod import exitcodes
 from echod.config import Config
@@ -111,9 +114,39 @@ def _bind_error(
     return OperatorError(f"cannot listen on {where}: {exc.strerror}", exitcodes.EX_UNAVAILABLE)
 
 
+#: What identifies a listening socket: type, family, address and port.
+SocketKey = tuple[int, int, str, int]
+
+
+def _key(kind: int, family: int, sockaddr: tuple[object, ...]) -> SocketKey:
+    return (int(kind), int(family), str(sockaddr[0]), cast(int, sockaddr[1]))
+
+
+def key_of(sock: socket.socket) -> SocketKey:
+    """The key of a bound socket, comparable with those :func:`wanted` gives."""
+    return _key(sock.type, sock.family, tuple(sock.getsockname()))
+
+
+def wanted(cfg: Config) -> set[SocketKey]:
+    """The sockets ``cfg`` asks for (none of them on port 0: the kernel picks a new one)."""
+    kinds = [socket.SOCK_STREAM, socket.SOCK_DGRAM] if cfg.udp else [socket.SOCK_STREAM]
+    return {
+        _key(kind, family, sockaddr)
+        for kind in kinds
+        for family, sockaddr in _resolve(cfg.host, cfg.port, kind)
+        if cfg.port != 0
+    }
+
+
 def _bind_kind(
-    host: str, port: int, kind: socket.SocketKind, backlog: int
+    host: str,
+    port: int,
+    kind: socket.SocketKind,
+    backlog: int,
+    reuse: dict[SocketKey, socket.socket] | None = None,
 ) -> list[socket.socket]:
+    """Bind every address of ``host``; those in ``reuse`` are taken from it, not bound."""
+    reuse = {} if reuse is None else reuse
     bound: list[socket.socket] = []
     try:
         for family, resolved in _resolve(host, port, kind):
@@ -121,22 +154,32 @@ def _bind_kind(
             if port == 0 and bound:
                 # Every address of one host shares the port the kernel chose for the first.
                 sockaddr = (resolved[0], bound[0].getsockname()[1], *resolved[2:])
-            bound.append(_bind_one(family, kind, sockaddr, backlog))
+            kept = reuse.pop(_key(kind, family, sockaddr), None)
+            if kept is None:
+                bound.append(_bind_one(family, kind, sockaddr, backlog))
+                continue
+            kept.setblocking(False)
+            if kind == socket.SOCK_STREAM:
+                kept.listen(backlog)
+            bound.append(kept)
     except OperatorError:
         close_all(bound)
         raise
     return bound
 
 
-def bind(cfg: Config) -> Listeners:
-    """Bind the TCP (and, if enabled, UDP) sockets ``cfg`` asks for. Raises OperatorError."""
+def bind(cfg: Config, reuse: Iterable[socket.socket] = ()) -> Listeners:
+    """Bind the TCP (and, if enabled, UDP) sockets ``cfg`` asks for, taking those of
+    ``reuse`` that are bound to one of its addresses already (see :func:`wanted`) instead of
+    binding them again. Raises OperatorError."""
+    kept = {key_of(sock): sock for sock in reuse}
     listeners = Listeners(cfg.host, cfg.port, cfg.udp)
-    listeners.tcp = _bind_kind(cfg.host, cfg.port, socket.SOCK_STREAM, cfg.backlog)
+    listeners.tcp = _bind_kind(cfg.host, cfg.port, socket.SOCK_STREAM, cfg.backlog, kept)
     if cfg.udp:
         # UDP shares the TCP port, also when the kernel chose it.
         port = listeners.tcp[0].getsockname()[1] if listeners.tcp else cfg.port
         try:
-            listeners.udp = _bind_kind(cfg.host, port, socket.SOCK_DGRAM, cfg.backlog)
+            listeners.udp = _bind_kind(cfg.host, port, socket.SOCK_DGRAM, cfg.backlog, kept)
         except OperatorError:
             listeners.close()
             raise

@@ -107,7 +107,9 @@ class Shutdown:
             if handle.state in (W.STARTING, W.RUNNING):
                 handle.change_state(W.STOPPING, sup.log, open=handle.open)
         # Close our copies of the listening sockets: once the workers close theirs, the
-        # kernel refuses new clients instead of queueing them for a daemon that is leaving.
+        # kernel refuses new clients instead of queueing them for a daemon that is leaving;
+        # unless systemd keeps them in its store (echod.fdstore), for the next start: then
+        # new clients wait in the queue, and a plain stop closes them with the unit.
         if sup.listeners is not None and not sup.listeners.adopted:
             sup.listeners.close()
         self.kill_at = time.monotonic() + timeout + STOP_GRACE

@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from echod import exitcodes, log, systemd
+from echod import exitcodes, fdstore, log, systemd
 from echod.config import Config
 from echod.errors import OperatorError
-from echod.listeners import Listeners, adopt, bind
+from echod.listeners import Listeners, adopt, bind, close_all, key_of, wanted
 from echod.pidfile import Pidfile, PidfileLocked
 
 
@@ -45,7 +45,21 @@ def acquire_pidfile(cfg: Config, required: bool, logger: Any) -> Pidfile | None:
     return pidfile
 
 
-def open_listeners(cfg: Config) -> Listeners:
-    """The sockets systemd passed (socket activation), else those ``cfg`` asks for."""
-    inherited = systemd.listen_fds(os.environ)
-    return adopt(inherited, cfg) if inherited else bind(cfg)
+def open_listeners(cfg: Config, notifier: systemd.Notifier | None) -> Listeners:
+    """The sockets of socket activation, else those ``cfg`` asks for: bound, or taken from
+    the ones systemd kept in its store across a restart (:mod:`echod.fdstore`)."""
+    passed = systemd.listen_fds_with_names(os.environ)
+    stored = [(name, sock) for name, sock in passed if fdstore.is_stored(name)]
+    activated = [sock for name, sock in passed if not fdstore.is_stored(name)]
+    if activated:
+        fdstore.forget(notifier, stored)
+        return adopt(activated, cfg)
+    asked = wanted(cfg)
+    kept = [sock for _, sock in stored if key_of(sock) in asked]
+    # Those the file no longer names go first: one may hold an address it now binds.
+    fdstore.forget(notifier, [(n, s) for n, s in stored if s not in kept])
+    try:
+        return bind(cfg, reuse=kept)
+    except OperatorError:
+        close_all(kept)
+        raise

@@ -34,6 +34,7 @@ from echod import (
     __version__,
     control,
     exitcodes,
+    fdstore,
     log,
     proctitle,
     signals,
@@ -182,9 +183,10 @@ class Supervisor:
         )
         if handover is None:
             self.pidfile = startup.acquire_pidfile(self.cfg, self.pidfile_required, self.log)
-            self.listeners = startup.open_listeners(self.cfg)
+            self.listeners = startup.open_listeners(self.cfg, self.notifier)
         else:
             self.pidfile, self.listeners = upgrade.adopt_resources(handover)
+        fdstore.keep(self.notifier, self.listeners)  # (an upgrade from before the store too)
         path = status.path_for(self.pidfile.path) if self.pidfile is not None else None
         self.publisher = status.Publisher(
             self.notifier, path, self.summary, lambda: status.of_supervisor(self)
@@ -352,7 +354,7 @@ class Supervisor:
                 self.pool.tell(handle, control.Retire() if kept else control.RetireListeners())
                 handle.change_state(W.RETIRING, self.log, open=handle.open)
         for old in self.old_listeners:
-            old.close()
+            fdstore.release(self.notifier, old)
         self.old_listeners.clear()
         if self.state is S.STARTING:
             self.become_ready()
@@ -431,6 +433,7 @@ class Supervisor:
         if new.listeners is not self.listeners:
             self.old_listeners.append(self.listeners)
             self.listeners = new.listeners
+            fdstore.keep(self.notifier, new.listeners)
         self.cfg = new.cfg
         assert self.selector is not None
         self.endpoint.reconfigure(new.cfg, self.selector)

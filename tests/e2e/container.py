@@ -46,6 +46,7 @@ INCLUDE: tuple[str, ...] = (
     "python3-yaml",
     "python3-daemon",
     "python3-structlog",
+    "python3-prometheus-client",
     "man-db",
 )
 CACHE_DIR = Path(os.environ.get("ECHOD_E2E_CACHE", "/var/cache/echod-e2e"))

@@ -205,3 +205,47 @@ def test_upgrade_onto_broken_code_keeps_the_old_code_serving(tmp_path: Path) -> 
         assert server.stop() == 0
     finally:
         server.kill()
+
+
+# Holds the pidfile as a running echod would, but handles no signal: an echod from before
+# upgrade in place, which SIGUSR2 would kill. Says "locked", then waits for stdin to close.
+OLD_DAEMON = """
+import sys
+from echod.pidfile import Pidfile
+pidfile = Pidfile(sys.argv[1])
+pidfile.acquire()
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_upgrade_refuses_a_daemon_that_does_not_handle_sigusr2(tmp_path: Path) -> None:
+    """`echod upgrade` does not send SIGUSR2 to a daemon without a handler for it (it would
+    die): it exits 69 and says to restart it; the daemon lives on."""
+    pidfile = tmp_path / "echod.pid"
+    config = tmp_path / "echod.yaml"
+    config.write_text(f"pidfile: {pidfile}\n")
+    old = subprocess.Popen(
+        [sys.executable, "-c", OLD_DAEMON, str(pidfile)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        assert old.stdout is not None and old.stdout.readline() == b"locked\n"
+        result = subprocess.run(
+            [sys.executable, "-m", "echod", "upgrade", "--config", str(config)],
+            capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
+        )
+        assert result.returncode == 69, result
+        assert result.stderr == (
+            f"echod: pid {old.pid} (echod of an unknown version) does not handle SIGUSR2: "
+            "it cannot be upgraded in place; restart it\n"
+        )
+        assert old.poll() is None
+    finally:
+        if old.stdin is not None:
+            old.stdin.close()
+        old.wait(timeout=10)
+        if old.stdout is not None:
+            old.stdout.close()
