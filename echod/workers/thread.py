@@ -46,6 +46,8 @@ class ThreadWorker(Worker):
         self.open_sockets: dict[str, socket.socket] = {}
         self.done_r, self.done_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.stopper = CutFlag()
+        # Behind a PROXY header the real client is checked in its thread (Admission locks).
+        self.gate = self.admission if self.settings.proxy_protocol != "off" else None
         self.add_reader(self.done_r, self.on_done)
 
     def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
@@ -63,12 +65,19 @@ class ThreadWorker(Worker):
             raise
 
     def serve_in_thread(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
+        handler = EchoHandler(
+            conn,
+            peer,
+            conn_id,
+            self.settings,
+            self.stopper,
+            local_port=self.local_port,
+            gate=self.gate,
+        )
         try:
-            EchoHandler(
-                conn, peer, conn_id, self.settings, self.stopper, local_port=self.local_port
-            ).serve()
+            handler.serve()
         finally:
-            self.finished.append((conn_id, peer))
+            self.finished.append((conn_id, peer, handler.outcome()))
             # Read after the append: the main thread sets these before it looks at the deque
             # a last time, so either it sees our entry or we see that it waits.
             if self.paused is not None or self.stopping:
@@ -89,9 +98,9 @@ class ThreadWorker(Worker):
 
     def collect_finished(self) -> None:
         while self.finished:
-            conn_id, peer = self.finished.popleft()
+            conn_id, peer, outcome = self.finished.popleft()
             self.open_sockets.pop(conn_id, None)
-            self.connection_closed(peer)
+            self.connection_closed(peer, outcome)
 
     def pause(self, reason: str, retry: float | None = None, **fields: Any) -> None:
         super().pause(reason, retry, **fields)
