@@ -124,6 +124,8 @@ def _parse_v1(head: bytes) -> ProxyHeader | None:
         _check_v1_prefix(head)
         return None
     line = head[: end + 2]
+    if not line.startswith(V1_PREFIX):
+        raise ProxyError(f"not a PROXY header (starts with {_show(line)})")
     if _V1_PRINTABLE.fullmatch(line, 0, end) is None:
         raise ProxyError(f"bad byte in PROXY v1 line {_show(line)}")
     if line.startswith(b"PROXY UNKNOWN"):
