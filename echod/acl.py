@@ -72,28 +72,36 @@ class AddressSet:
     def __contains__(self, address: object) -> bool:
         """Whether ``address`` (as ``str``, e.g. a socket peer's) is in the set; anything
         that is not an IP address (a UNIX socket's path) is not."""
-        if not isinstance(address, str):
-            return False
-        try:
-            if ":" not in address:
-                return _inside(
-                    int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big"),
-                    self._v4_starts,
-                    self._v4_ends,
-                )
-            # (A link-local peer may come with its zone: "fe80::1%eth0".)
-            packed = socket.inet_pton(socket.AF_INET6, address.partition("%")[0])
-            value = int.from_bytes(packed, "big")
-        except OSError:
-            return False
-        if value & _MAPPED_MASK == _MAPPED:
-            return _inside(value & 0xFFFFFFFF, self._v4_starts, self._v4_ends)
-        return _inside(value, self._v6_starts, self._v6_ends)
+        key = address_key(address)
+        return key is not None and self.has(key)
+
+    def has(self, key: tuple[bool, int]) -> bool:
+        """Membership by :func:`address_key` (convert once, look up in several sets)."""
+        is_v6, value = key
+        if is_v6:
+            starts, ends = self._v6_starts, self._v6_ends
+        else:
+            starts, ends = self._v4_starts, self._v4_ends
+        index = bisect_right(starts, value) - 1
+        return index >= 0 and value <= ends[index]
 
 
-def _inside(value: int, starts: list[int], ends: list[int]) -> bool:
-    index = bisect_right(starts, value) - 1
-    return index >= 0 and value <= ends[index]
+def address_key(address: object) -> tuple[bool, int] | None:
+    """(is IPv6, the address as an integer) for an address as text, IPv4-mapped IPv6 as its
+    IPv4 address; None for anything that is not an IP address."""
+    if not isinstance(address, str):
+        return None
+    try:
+        if ":" not in address:
+            return False, int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big")
+        # (A link-local peer may come with its zone: "fe80::1%eth0".)
+        packed = socket.inet_pton(socket.AF_INET6, address.partition("%")[0])
+    except OSError:
+        return None
+    value = int.from_bytes(packed, "big")
+    if value & _MAPPED_MASK == _MAPPED:
+        return False, value & 0xFFFFFFFF
+    return True, value
 
 
 class AccessList:
@@ -112,6 +120,9 @@ class AccessList:
         return acl if acl.allow or acl.deny else None
 
     def permits(self, address: str) -> bool:
-        if address in self.deny:
+        key = address_key(address)
+        if key is None:  # not an IP address: in no list, so allowed only without allow
+            return not self.allow
+        if self.deny.has(key):
             return False
-        return not self.allow or address in self.allow
+        return not self.allow or self.allow.has(key)

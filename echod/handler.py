@@ -192,6 +192,7 @@ class EchoHandler:
         self.client: str | None = None
         self.refused: str | None = None
         self.quiet = False  # log the open and close events at debug level
+        self._receive_timeout = 0.0  # what SO_RCVTIMEO was last set to, behind a PROXY header
 
     def serve(self) -> None:
         """Run setup, handle and finish; finish always runs."""
@@ -216,8 +217,11 @@ class EchoHandler:
             sock.setblocking(True)
         settings = self.settings
         behind_proxy = settings.proxy_protocol != "off"
-        if settings.idle_timeout > 0 and not behind_proxy:  # (else set after the header)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(settings.idle_timeout))
+        # Behind a PROXY header the first read waits at most proxy_timeout; idle_timeout
+        # applies from the end of the header on.
+        receive = settings.proxy_timeout if behind_proxy else settings.idle_timeout
+        if receive > 0:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(receive))
         if settings.write_timeout > 0:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(settings.write_timeout))
         if settings.log_connections and not behind_proxy:
@@ -241,8 +245,9 @@ class EchoHandler:
         open event, and echo what came after the header; raises _Closed to end instead."""
         header, rest = self._read_header()
         settings = self.settings
-        idle = settings.idle_timeout if settings.idle_timeout > 0 else 0.0
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(idle))
+        if self._receive_timeout != settings.idle_timeout:
+            idle = max(settings.idle_timeout, 0.0)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(idle))
         self.proxy_peer = self.peer
         if header.source is not None:
             self.peer = header.source
@@ -259,7 +264,16 @@ class EchoHandler:
             self._emit("conn_open")
         if rest:
             self.bytes_in += len(rest)
-            self._send_rest(memoryview(rest), time.monotonic())
+            started = time.monotonic()
+            try:
+                sent = self.sock.send(rest)
+            except BlockingIOError:
+                raise self._closed(WRITE_TIMEOUT) from None
+            except RESET_ERRORS as exc:
+                raise self._closed(RESET, str(exc)) from None
+            self.bytes_out += sent
+            if sent < len(rest):
+                self._send_rest(memoryview(rest)[sent:], started)
 
     def _read_header(self) -> tuple[proxy.ProxyHeader, bytes]:
         """The header, and the bytes that followed it in what was read."""
@@ -267,6 +281,10 @@ class EchoHandler:
         settings = self.settings
         deadline = self.started + settings.proxy_timeout
         received = bytearray()
+        # setup() set SO_RCVTIMEO to proxy_timeout for the first read: most headers come
+        # whole in it. Each further read waits only for what is left of the deadline.
+        self._receive_timeout = settings.proxy_timeout
+        first = True
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -275,8 +293,13 @@ class EchoHandler:
                     f"no complete PROXY header within {settings.proxy_timeout:g} s"
                     f" ({len(received)} bytes received)",
                 )
-            # At least 1 ms: a timeval that rounds to 0 would mean no timeout at all.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(max(remaining, 0.001)))
+            if not first:
+                # At least 1 ms: a timeval that rounds to 0 would mean no timeout at all.
+                self._receive_timeout = max(remaining, 0.001)
+                sock.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(self._receive_timeout)
+                )
+            first = False
             try:
                 data = sock.recv(settings.buffer_size)
             except BlockingIOError:  # SO_RCVTIMEO expired: the deadline check says so

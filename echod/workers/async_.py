@@ -10,10 +10,9 @@ stands behind :meth:`add_reader`/:meth:`remove_reader`, and the base's timers (h
 resume, drain deadline, refusal summaries) run on one loop timer that is moved whenever an
 event may have brought a deadline closer. An admitted socket is handed to the loop as a
 transport with an :class:`EchoProtocol`; with ``proxy_protocol`` on, first with a
-:class:`HeaderProtocol`, which buffers until the PROXY header is complete (within
-``proxy_timeout``, one loop timer), admits the real client, and hands the transport over
-(``transport.set_protocol``) to an :class:`EchoProtocol` for that client, whose echo path is
-then the same as without the protocol.
+:class:`ProxiedEchoProtocol`, which buffers until the PROXY header is complete (within
+``proxy_timeout``, on the connection's one timer), admits the real client, and then echoes
+as an EchoProtocol does.
 
 Signals: a running loop takes the signal wakeup fd over (uvloop does so even without
 handlers), so SIGTERM, SIGQUIT and SIGUSR1 are registered with ``loop.add_signal_handler``,
@@ -139,7 +138,7 @@ class EchoProtocol(asyncio.Protocol):
         self.stalled_since: float | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.timer_due = 0.0
-        # Behind a PROXY header (set by HeaderProtocol): the balancer, the client counted
+        # Behind a PROXY header (set by ProxiedEchoProtocol): the balancer, the client counted
         # by admission, and whether to log at debug (the balancer's own connection).
         self.proxy_peer: Any = None
         self.client: str | None = None
@@ -154,17 +153,20 @@ class EchoProtocol(asyncio.Protocol):
         self.started = self.last_read = monotonic()
         if worker.quiet:
             self.arm(self.started + worker.quiet)
-        clog = worker.conn_log
+        self.log_open()
+        if self.closing:  # cut before the loop got round to this
+            tr.abort()
+
+    def log_open(self) -> None:
+        clog = self.worker.conn_log
         if clog is not None:
             (clog.debug if self.quiet else clog.info)(
                 "conn_open",
                 conn_id=self.conn_id,
-                mode=worker.mode,
+                mode=self.worker.mode,
                 local_port=self.local_port,
                 **self.peer_fields(),
             )
-        if self.closing:  # cut before the loop got round to this
-            tr.abort()
 
     def peer_fields(self) -> dict[str, Any]:
         if self.proxy_peer is None:
@@ -319,170 +321,119 @@ class EchoProtocol(asyncio.Protocol):
         )
 
 
-class HeaderProtocol(asyncio.Protocol):
-    """Reads a connection's PROXY header, then hands the transport to an EchoProtocol.
+class ProxiedEchoProtocol(EchoProtocol):
+    """An EchoProtocol that first reads the connection's PROXY header.
 
-    Until then nothing is echoed: the bytes are buffered (at most one header and what
-    follows it in the same reads), and a timer closes the connection with ``proxy_error``
-    when the header is not complete within ``proxy_timeout``. Like EchoProtocol, it ends
-    (logs, counts) exactly once, in :meth:`end`; after the hand-over the EchoProtocol does.
+    Until the header is complete nothing is echoed: the bytes are buffered (at most one
+    header and what follows it in the same reads), and the connection's one timer, armed for
+    ``proxy_timeout``, closes it with ``proxy_error`` if the header is late. Then the real
+    client is admitted, the open event logged with it as ``peer``, and the rest echoed. A
+    subclass, not a flag in EchoProtocol: connections without the protocol keep their echo
+    path untouched (the loop binds ``data_received`` once per connection).
     """
 
-    __slots__ = (
-        "buffer",
-        "closing",
-        "conn_id",
-        "ended",
-        "error",
-        "local_port",
-        "peer",
-        "quiet",
-        "reason",
-        "refused",
-        "started",
-        "timer",
-        "transport",
-        "worker",
-    )
-
-    transport: asyncio.Transport
+    __slots__ = ("pending", "refused")
 
     def __init__(self, worker: AsyncWorker, peer: Any, conn_id: str, local_port: Any) -> None:
-        self.worker = worker
-        self.peer = peer
-        self.conn_id = conn_id
-        self.local_port = local_port
-        self.buffer = bytearray()
-        self.reason: str | None = None
-        self.error: str | None = None
+        super().__init__(worker, peer, conn_id, local_port)
+        self.pending: bytearray | None = bytearray()  # None once the header is done
         self.refused: str | None = None
-        self.closing = False
-        self.ended = False
-        self.quiet = False
-        self.started = 0.0
-        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.started = monotonic()
-        timeout = self.worker.settings.proxy_timeout
-        self.timer = self.worker.loop.call_later(timeout, self.on_timeout)
+        self.transport = tr = cast(asyncio.Transport, transport)
+        tr.set_write_buffer_limits(high=self.worker.settings.buffer_size)
+        self.started = self.last_read = monotonic()
+        self.arm(self.started + self.worker.settings.proxy_timeout)
         if self.closing:  # cut before the loop got round to this
-            self.transport.abort()
+            tr.abort()
 
     def data_received(self, data: bytes) -> None:
+        if self.pending is None:  # the echo, as EchoProtocol's
+            self.bytes_in += len(data)
+            self.last_read = monotonic()
+            self.transport.write(data)
+            return
         if self.closing:
             return
-        self.buffer += data
+        self.pending += data
         try:
-            header = proxy.parse(self.buffer, self.worker.settings.proxy_protocol)
+            header = proxy.parse(self.pending, self.worker.settings.proxy_protocol)
         except proxy.ProxyError as exc:
             self.fail(str(exc))
             return
         if header is not None:
-            self.hand_over(header)
+            self.accept_header(header)
 
-    def eof_received(self) -> bool:
-        # Closed without a byte: a TCP connect health check, logged at debug.
-        self.quiet = not self.buffer
-        self.fail(f"closed before a complete PROXY header ({len(self.buffer)} bytes received)")
-        return False
-
-    def on_timeout(self) -> None:
-        self.timer = None
-        timeout = self.worker.settings.proxy_timeout
-        self.fail(
-            f"no complete PROXY header within {timeout:g} s ({len(self.buffer)} bytes received)"
-        )
-
-    def fail(self, error: str) -> None:
-        if self.closing or self.ended:
-            return
-        self.reason = self.refused = PROXY_ERROR
-        self.error = error
-        self.close_now(PROXY_ERROR)
-
-    def hand_over(self, header: proxy.ProxyHeader) -> None:
-        """The header is complete: admit the client, and let an EchoProtocol serve it."""
-        self.cancel_timer()
+    def accept_header(self, header: proxy.ProxyHeader) -> None:
+        """Admit the real client, log the open event, echo what followed the header."""
+        assert self.pending is not None
+        rest = bytes(self.pending[header.length :])
+        self.pending = None
+        self.proxy_peer = self.peer
+        if header.source is not None:
+            self.peer = header.source
+        self.quiet = header.local
         worker = self.worker
-        peer = header.source if header.source is not None else self.peer
-        ip = peer_ip(peer)
+        ip = peer_ip(self.peer)
         refused = worker.admission.admit_client(ip)
         if refused is not None:
             self.refused = refused
             self.close_now(refused)
             return
-        echo = EchoProtocol(worker, peer, self.conn_id, self.local_port)
-        echo.proxy_peer = self.peer
-        echo.client = ip
-        echo.quiet = header.local
-        rest = bytes(self.buffer[header.length :])
-        self.buffer = bytearray()
-        self.ended = True  # the EchoProtocol ends the connection from here on
-        worker.conns.discard(self)
-        worker.conns.add(echo)
-        self.transport.set_protocol(echo)
-        echo.connection_made(self.transport)
+        self.client = ip
+        self.last_read = monotonic()  # idle counts from here
+        self.log_open()
         if rest:
-            echo.data_received(rest)
+            self.data_received(rest)
 
-    def cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+    def eof_received(self) -> bool:
+        if self.pending is None:
+            return super().eof_received()
+        # Closed without a byte: a TCP connect health check, logged at debug.
+        self.quiet = not self.pending
+        self.fail(f"closed before a complete PROXY header ({len(self.pending)} bytes received)")
+        return False
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.cancel_timer()
-        if self.ended:
-            return
-        if not self.closing:
-            if isinstance(exc, RESET_ERRORS):
-                self.reason, self.error = RESET, str(exc)
-            elif exc is not None:
-                self.reason, self.error = ERROR, f"{type(exc).__name__}: {exc}"
+    def on_timer(self) -> None:
+        if self.pending is None:
+            if self.worker.quiet:
+                super().on_timer()
             else:
-                self.reason = CLIENT_CLOSED
-        self.end()
-
-    def close_now(self, reason: str) -> None:
-        """End the connection at once (a header error, a refusal, the shutdown cut)."""
+                self.timer = None  # no idle or write timeout: only the header's deadline
+            return
+        self.timer = None
         if self.closing or self.ended:
             return
-        self.closing = True
-        self.reason = reason
-        if self.started:  # else connection_made has yet to run, and aborts then
-            self.transport.abort()
+        timeout = self.worker.settings.proxy_timeout
+        due = self.started + timeout
+        if monotonic() < due:
+            self.arm(due)  # the timer fired a little early
+            return
+        self.fail(
+            f"no complete PROXY header within {timeout:g} s ({len(self.pending)} bytes received)"
+        )
 
-    def end(self) -> None:
-        """Log the close event (unless the client was refused) and count it; runs once."""
-        self.ended = True
-        self.cancel_timer()
-        worker = self.worker
-        try:
-            clog = worker.conn_log
-            if clog is not None and (self.refused is None or self.refused == PROXY_ERROR):
-                fields: dict[str, Any] = {
-                    "bytes_in": 0,
-                    "bytes_out": 0,
-                    "duration": round(monotonic() - self.started, 6) if self.started else 0.0,
-                    "reason": self.reason or ERROR,
-                }
-                if self.error is not None:
-                    fields["error"] = self.error
-                (clog.debug if self.quiet else clog.info)(
-                    "conn_close",
-                    conn_id=self.conn_id,
-                    mode=worker.mode,
-                    local_port=self.local_port,
-                    **peer_fields(self.peer),
-                    **fields,
-                )
-        finally:
-            worker.connection_ended(self)
+    def fail(self, error: str) -> None:
+        if self.closing or self.ended:
+            return
+        self.refused = PROXY_ERROR
+        self.error = error
+        self.close_now(PROXY_ERROR)
 
     def outcome(self) -> Outcome:
-        return Outcome(self.reason or ERROR, 0, 0, self.refused, None)
+        return Outcome(
+            self.reason or ERROR,
+            self.bytes_in,
+            self.bytes_in - self.unsent,
+            self.refused,
+            self.client,
+        )
+
+    def log_close(self, worker: AsyncWorker) -> None:
+        # A refused client leaves no line (the refused summary counts it); a failed header
+        # leaves one, the close, with the balancer as peer.
+        if self.refused is None or self.refused == PROXY_ERROR:
+            super().log_close(worker)
 
 
 class AsyncWorker(Worker):
@@ -495,7 +446,7 @@ class AsyncWorker(Worker):
     def init_loop(self) -> None:
         self.loop, self.loop_name = new_event_loop()
         self.loop.set_exception_handler(self.on_loop_error)
-        self.conns: set[EchoProtocol | HeaderProtocol] = set()
+        self.conns: set[EchoProtocol] = set()
         self.conn_log: Any = None
         self.timer: asyncio.TimerHandle | None = None
         self.timer_due = 0.0
@@ -592,11 +543,10 @@ class AsyncWorker(Worker):
                 local_port = conn.getsockname()[1]
             except OSError:
                 pass
-        protocol: EchoProtocol | HeaderProtocol
+        protocol_class = EchoProtocol
         if self.settings.proxy_protocol != "off":
-            protocol = HeaderProtocol(self, peer, conn_id, local_port)
-        else:
-            protocol = EchoProtocol(self, peer, conn_id, local_port)
+            protocol_class = ProxiedEchoProtocol
+        protocol = protocol_class(self, peer, conn_id, local_port)
         adopt = self.loop.connect_accepted_socket(lambda: protocol, conn)
         # Driven by hand rather than by a Task: the first step creates the transport at once
         # (errors reach admit(), which refuses the connection), and the rest only returns the
@@ -609,7 +559,7 @@ class AsyncWorker(Worker):
             waiter.add_done_callback(lambda _f: _finish(adopt))
         self.conns.add(protocol)
 
-    def connection_ended(self, protocol: EchoProtocol | HeaderProtocol) -> None:
+    def connection_ended(self, protocol: EchoProtocol) -> None:
         self.conns.discard(protocol)
         self.connection_closed(protocol.peer, protocol.outcome())
         if self.stopping and self.drained():
