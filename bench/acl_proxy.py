@@ -39,6 +39,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import procstat  # noqa: E402  (bench/procstat.py: CPU time of a process tree)
+
 from echod.acl import AccessList  # noqa: E402
 from echod.proxy import parse, v1_header, v2_header  # noqa: E402
 
@@ -235,16 +237,15 @@ def _churn_process(port: int, header: str, threads: int, start: float, until: fl
     return sum(counts)
 
 
-def churn(port: int, header: str, duration: float, processes: int, threads: int) -> float:
-    """Connections per second over ``duration`` seconds."""
+def churn(port: int, header: str, duration: float, processes: int, threads: int) -> int:
+    """Connections completed in ``duration`` seconds."""
     start = time.time() + 0.2
     with mp.get_context("fork").Pool(processes) as pool:
         results = [
             pool.apply_async(_churn_process, (port, header, threads, start, start + duration))
             for _ in range(processes)
         ]
-        total = sum(r.get(timeout=duration + 30) for r in results)
-    return total / duration
+        return sum(r.get(timeout=duration + 30) for r in results)
 
 
 CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
@@ -263,50 +264,92 @@ CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
+Samples = dict[str, list[tuple[float, float]]]  # config -> [(connections/s, CPU us/conn)]
+
+
 def churn_table(
     modes: list[str], rounds: int, duration: float, processes: int, threads: int
-) -> dict[str, dict[str, list[float]]]:
+) -> dict[str, Samples]:
     allow, deny = acl_entries(5000, random.Random(5000))
-    results: dict[str, dict[str, list[float]]] = {}
+    lists = {"ACL_ALLOW": allow, "ACL_DENY": deny}
+    results: dict[str, Samples] = {}
     rng = random.Random(1)
     with tempfile.TemporaryDirectory(prefix="echod-bench-") as tmp:
         for mode in modes:
             servers = {}
             for name, (settings, _header) in CONFIGS.items():
-                values = {"mode": mode}
+                values: dict[str, Any] = {"mode": mode}
                 for key, value in settings.items():
-                    values[key] = (
-                        {"ACL_ALLOW": allow, "ACL_DENY": deny}.get(value, value)
-                        if isinstance(value, str)
-                        else value
-                    )
+                    values[key] = lists.get(value, value) if isinstance(value, str) else value
                 servers[name] = Server(f"{mode}-{name}", Path(tmp), values)
             try:
                 for server in servers.values():
                     server.start()
                 for server in servers.values():
                     server.wait_ready()
-                samples: dict[str, list[float]] = {name: [] for name in servers}
-                for name, server in servers.items():  # warm-up, not counted
-                    churn(server.port, CONFIGS[name][1], 0.3, processes, threads)
-                for round_no in range(rounds):
-                    order = list(servers)
-                    rng.shuffle(order)
-                    for name in order:
-                        rate = churn(
-                            servers[name].port, CONFIGS[name][1], duration, processes, threads
-                        )
-                        samples[name].append(rate)
-                    print(
-                        f"  {mode} round {round_no + 1}/{rounds}: "
-                        + ", ".join(f"{n} {samples[n][-1]:.0f}" for n in servers),
-                        file=sys.stderr,
-                    )
-                results[mode] = samples
+                results[mode] = _rounds(mode, servers, rounds, duration, processes, threads, rng)
             finally:
                 for server in servers.values():
                     server.stop()
     return results
+
+
+def _rounds(
+    mode: str,
+    servers: dict[str, Server],
+    rounds: int,
+    duration: float,
+    processes: int,
+    threads: int,
+    rng: random.Random,
+) -> Samples:
+    samples: Samples = {name: [] for name in servers}
+    for name, server in servers.items():  # warm-up, not counted
+        churn(server.port, CONFIGS[name][1], 0.3, processes, threads)
+    for round_no in range(rounds):
+        order = list(servers)
+        rng.shuffle(order)  # no configuration always runs first, or last
+        for name in order:
+            server = servers[name]
+            assert server.proc is not None
+            # The server's CPU per connection varies less with the machine's load than the
+            # rate: read between samples, while no load runs (procstat's rule).
+            cpu = procstat.tree_cpu_seconds(server.proc.pid)
+            done = churn(server.port, CONFIGS[name][1], duration, processes, threads)
+            cpu = procstat.tree_cpu_seconds(server.proc.pid) - cpu
+            samples[name].append((done / duration, cpu / max(done, 1) * 1e6))
+        line = ", ".join(f"{n} {samples[n][-1][0]:.0f}/s" for n in servers)
+        print(f"  {mode} round {round_no + 1}/{rounds}: {line}", file=sys.stderr)
+    return samples
+
+
+def paired_cost(ratios: list[float], lower_is_better: bool) -> str:
+    """The cost as a signed percentage: fewer connections/s, or more CPU, is a cost."""
+    ratio = statistics.median(ratios)
+    cost = ratio - 1 if lower_is_better else 1 - ratio
+    return f"{cost:+.1%}"
+
+
+def print_churn(results: dict[str, Samples], args: argparse.Namespace) -> None:
+    print(
+        f"\nchurn: medians of {args.rounds} interleaved samples of {args.duration:g} s"
+        f" ({args.processes} client processes x {args.threads} threads); in brackets the cost"
+        " against plain: the median over rounds of the ratio within each round\n"
+    )
+    names = list(CONFIGS)
+    for column, title in ((0, "connections/s"), (1, "server CPU us/connection")):
+        print(f"| {title} | " + " | ".join(names) + " |")
+        print("|---|" + "---:|" * len(names))
+        for mode, samples in results.items():
+            cells = []
+            for name in names:
+                values = [sample[column] for sample in samples[name]]
+                base = [sample[column] for sample in samples["plain"]]
+                paired = [v / b for v, b in zip(values, base, strict=True)]
+                cost = "" if name == "plain" else f" ({paired_cost(paired, column == 1)})"
+                cells.append(f"{statistics.median(values):,.0f}{cost}")
+            print(f"| {mode} | " + " | ".join(cells) + " |")
+        print()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,24 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         modes = [m for m in args.modes.split(",") if m]
         results = churn_table(modes, args.rounds, args.duration, args.processes, args.threads)
         report["churn"] = results
-        print(
-            f"\nchurn, connections/s: median of {args.rounds} interleaved samples of "
-            f"{args.duration:g} s ({args.processes} client processes x {args.threads} threads)\n"
-        )
-        names = list(CONFIGS)
-        print("| mode | " + " | ".join(names) + " |")
-        print("|---|" + "---:|" * len(names))
-        for mode, samples in results.items():
-            cells = []
-            for name in names:
-                median = statistics.median(samples[name])
-                spread = f"{min(samples[name]):,.0f}-{max(samples[name]):,.0f}"
-                # The cost: the median over rounds of this configuration's rate against the
-                # plain one's in the same round (pairs share the machine's mood).
-                paired = [s / p for s, p in zip(samples[name], samples["plain"], strict=True)]
-                ratio = "" if name == "plain" else f" ({statistics.median(paired) - 1:+.1%})"
-                cells.append(f"{median:,.0f}{ratio} [{spread}]")
-            print(f"| {mode} | " + " | ".join(cells) + " |")
+        print_churn(results, args)
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))
     return 0

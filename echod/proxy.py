@@ -160,6 +160,8 @@ def _check_v1_prefix(head: bytes) -> None:
 
 
 def _v1_address(family: int, text: bytes) -> str:
+    if family == socket.AF_INET:
+        return text.decode("ascii")  # the pattern admits only the canonical dotted quad
     try:
         return socket.inet_ntop(family, socket.inet_pton(family, text.decode("ascii")))
     except OSError:
@@ -177,18 +179,15 @@ def _v1_port(text: bytes) -> int:
 
 
 def _parse_v2(data: bytes | bytearray) -> ProxyHeader | None:
-    fixed = bytes(data[:V2_FIXED])
     have = len(data)
-    if not V2_SIGNATURE.startswith(fixed[:12]):
-        raise ProxyError(f"bad PROXY v2 signature {_show(fixed)}")
-    if len(fixed) > 12:
-        _check_v2_fixed(fixed[12], fixed[13] if len(fixed) > 13 else None)
-    if len(fixed) < V2_FIXED:
+    if have < V2_FIXED or not data.startswith(V2_SIGNATURE):
+        _check_v2_start(data)
         return None
-    total = V2_FIXED + int.from_bytes(fixed[14:16], "big")
+    ver_cmd, fam = data[12], data[13]
+    _check_v2_fixed(ver_cmd, fam)
+    total = V2_FIXED + (data[14] << 8 | data[15])
     if have < total:
         return None
-    ver_cmd, fam = fixed[12], fixed[13]
     if ver_cmd & 0x0F == _V2_LOCAL:
         # The spec: use the real endpoints, and discard the block, family included.
         return ProxyHeader(version=2, length=total, local=True)
@@ -197,31 +196,40 @@ def _parse_v2(data: bytes | bytearray) -> ProxyHeader | None:
         # UNSPEC, or a family and transport the spec lists no layout for: the real
         # endpoints stand, and the block (whose layout is unknown) is skipped whole.
         return ProxyHeader(version=2, length=total, local=False)
-    header = bytes(data[:total])
     if total - V2_FIXED < needed:
         raise ProxyError(
             f"PROXY v2 address block of {total - V2_FIXED} bytes is shorter than"
             f" {_FAMILY_NAMES[fam >> 4]} needs ({needed})"
         )
-    _check_tlvs(header, V2_FIXED + needed)
-    if fam not in (0x11, 0x21):
+    if total > V2_FIXED + needed:
+        _check_tlvs(bytes(data[:total]), V2_FIXED + needed)
+    if fam == 0x11:
+        size, af = 4, socket.AF_INET
+    elif fam == 0x21:
+        size, af = 16, socket.AF_INET6
+    else:
         return ProxyHeader(version=2, length=total, local=False)  # UDP, UNIX: see the top
-    size, af = (4, socket.AF_INET) if fam == 0x11 else (16, socket.AF_INET6)
     at = V2_FIXED
     ports = at + 2 * size
     return ProxyHeader(
         version=2,
         length=total,
         local=False,
-        source=(
-            socket.inet_ntop(af, header[at : at + size]),
-            int.from_bytes(header[ports : ports + 2], "big"),
-        ),
+        source=(socket.inet_ntop(af, data[at : at + size]), data[ports] << 8 | data[ports + 1]),
         destination=(
-            socket.inet_ntop(af, header[at + size : ports]),
-            int.from_bytes(header[ports + 2 : ports + 4], "big"),
+            socket.inet_ntop(af, data[at + size : ports]),
+            data[ports + 2] << 8 | data[ports + 3],
         ),
     )
+
+
+def _check_v2_start(data: bytes | bytearray) -> None:
+    """Fewer than 16 bytes, or a wrong signature: fail now if they cannot start a header."""
+    fixed = bytes(data[:V2_FIXED])
+    if not V2_SIGNATURE.startswith(fixed[:12]):
+        raise ProxyError(f"bad PROXY v2 signature {_show(fixed)}")
+    if len(fixed) > 12:
+        _check_v2_fixed(fixed[12], fixed[13] if len(fixed) > 13 else None)
 
 
 def _check_v2_fixed(ver_cmd: int, fam: int | None) -> None:
