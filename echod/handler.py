@@ -23,7 +23,8 @@ connection, nothing per round trip. A header that fails logs one ``conn_close`` 
 nothing (it is counted in the worker's ``refused`` summary, like a refusal at accept). The
 balancer's own connections (v2 ``LOCAL``, v1 ``UNKNOWN``: its health checks) and connections
 closed before sending a byte (a TCP connect check) log at debug level, so that checks every
-few seconds from every balancer do not fill the log.
+few seconds from every balancer do not fill the log; the latter are not counted as refused
+either (the peer left, echod refused nothing), so they do not raise a summary a second.
 
 After :meth:`EchoHandler.serve`, :meth:`EchoHandler.outcome` says how the connection ended,
 for the worker to count (reason, bytes, refusal, the client to release).
@@ -193,6 +194,7 @@ class EchoHandler:
         self.refused: str | None = None
         self.quiet = False  # log the open and close events at debug level
         self._receive_timeout = 0.0  # what SO_RCVTIMEO was last set to, behind a PROXY header
+        self._left = False  # closed by the peer before sending a byte of the header
 
     def serve(self) -> None:
         """Run setup, handle and finish; finish always runs."""
@@ -309,8 +311,9 @@ class EchoHandler:
             if not data:
                 if self.stopper.cut_requested():
                     raise _Closed(SHUTDOWN)
-                # Closed without a byte: a TCP connect health check, logged at debug.
-                self.quiet = not received
+                # Closed without a byte: a TCP connect health check, logged at debug and not
+                # counted as a refusal (the peer left; echod refused nothing).
+                self.quiet = self._left = not received
                 raise _Closed(
                     PROXY_ERROR,
                     f"closed before a complete PROXY header ({len(received)} bytes received)",
@@ -326,7 +329,7 @@ class EchoHandler:
     def outcome(self) -> Outcome:
         """How the connection ended (after :meth:`serve`)."""
         refused = self.refused
-        if refused is None and self.reason == PROXY_ERROR:
+        if refused is None and self.reason == PROXY_ERROR and not self._left:
             refused = PROXY_ERROR
         return Outcome(self.reason, self.bytes_in, self.bytes_out, refused, self.client)
 

@@ -389,9 +389,12 @@ class ProxiedEchoProtocol(EchoProtocol):
     def eof_received(self) -> bool:
         if self.pending is None:
             return super().eof_received()
-        # Closed without a byte: a TCP connect health check, logged at debug.
-        self.quiet = not self.pending
+        # Closed without a byte: a TCP connect health check, logged at debug and not
+        # counted as a refusal (the peer left; echod refused nothing).
+        self.quiet = left = not self.pending
         self.fail(f"closed before a complete PROXY header ({len(self.pending)} bytes received)")
+        if left:
+            self.refused = None
         return False
 
     def on_timer(self) -> None:

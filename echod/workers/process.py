@@ -89,12 +89,18 @@ class ProcessWorker(Worker):
             self.links.parent_side(pid, pair)
 
     def become_connection(
-        self, conn: socket.socket, peer: Any, conn_id: str, pair: Any = None
+        self,
+        conn: socket.socket,
+        peer: Any,
+        conn_id: str,
+        pair: tuple[socket.socket, socket.socket] | None = None,
     ) -> None:
         """In the child: shed the worker's descriptors, serve, and exit."""
         code = exitcodes.EX_SOFTWARE
         try:
-            link = self.links.child_side(pair) if self.links is not None else None
+            link = None
+            if self.links is not None and pair is not None:
+                link = self.links.child_side(pair)
             stopper = self.init_connection_process(conn_id)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
             handler = EchoHandler(

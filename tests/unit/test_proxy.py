@@ -457,13 +457,26 @@ def test_handler_local_and_empty_connections_log_at_debug(tcp_pair: Any) -> None
 
 
 def test_handler_connect_and_close_logs_at_debug(tcp_pair: Any) -> None:
-    """A connection closed before a byte (a TCP connect check) is a proxy_error at debug."""
+    """A connection closed before a byte (a TCP connect check) is a proxy_error at debug,
+    not counted as a refusal; one closed half-way through a header is both."""
     client, _server, _peer = tcp_pair
     handler = handler_for(tcp_pair, RecordingGate())
     echoed, logs = run(handler, client, b"")
     assert echoed == b""
     [closed] = logs
     assert closed["log_level"] == "debug" and closed["reason"] == PROXY_ERROR
+    assert handler.outcome().refused is None
+
+
+def test_handler_header_cut_by_eof_is_refused(tcp_pair: Any) -> None:
+    """A header cut short by the client's EOF: proxy_error at info, counted as refused."""
+    client, _server, _peer = tcp_pair
+    handler = handler_for(tcp_pair, RecordingGate())
+    echoed, logs = run(handler, client, b"PROXY TCP4 1.2")
+    assert echoed == b""
+    [closed] = logs
+    assert closed["log_level"] == "info" and "14 bytes received" in closed["error"]
+    assert handler.outcome().refused == PROXY_ERROR
 
 
 def test_handler_header_deadline(tcp_pair: Any) -> None:
