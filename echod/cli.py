@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK (the entry module; argcomplete looks for this mark in its first lines)
 """The ``echod`` command: argument parsing, sub-commands and exit codes.
 
 Exit codes follow sysexits(3) (see :mod:`echod.exitcodes`); ``status`` follows the LSB
@@ -19,10 +20,17 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from echod import __version__, exitcodes
-from echod.config import Config, ConfigError, dump_config, load_config, resolve_config_path
+from echod.config import (
+    Config,
+    ConfigError,
+    LoadedConfig,
+    dump_config,
+    load_config,
+    read_config,
+    resolve_config_path,
+)
+from echod.exitcodes import LSB_NOT_RUNNING
 
-#: LSB: "program is not running", for actions other than status.
-LSB_NOT_RUNNING = 7
 #: ``echod stop`` waits this long past the daemon's own drain before it sends SIGKILL.
 STOP_MARGIN = 10.0
 
@@ -45,7 +53,7 @@ class CommandError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
-    common.add_argument(
+    config = common.add_argument(
         "-c",
         "--config",
         metavar="PATH",
@@ -53,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="configuration file (default: $ECHOD_CONFIG, else /etc/echod.yaml if it exists, "
         "else the embedded defaults)",
     )
+    config.completer = _complete_paths  # type: ignore[attr-defined]  # read by argcomplete
     common.add_argument(
         "--defaults",
         action="store_true",
@@ -93,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``echod`` command; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # bash asks for completions: answer, then exit
+        return _autocomplete(parser)
+    args = parser.parse_args(argv)
     handler = COMMANDS[args.command]
     try:
         return handler(args)
@@ -101,18 +113,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"echod: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return exitcodes.INTERRUPTED
+
+
+def _autocomplete(parser: argparse.ArgumentParser) -> int:
+    """Let argcomplete answer bash's completion request (it exits), if it is installed;
+    without it, offer nothing and run nothing.
+
+    Imported only here, when bash asks: start-up time matters for every other run, and echod
+    works without argcomplete.
+    """
+    try:
+        import argcomplete
+    except ImportError:
+        return exitcodes.EX_UNAVAILABLE
+    argcomplete.autocomplete(parser)
+    return exitcodes.EX_SOFTWARE  # not reached: argcomplete exits once it has answered
+
+
+def _complete_paths(prefix: str, **kwargs: Any) -> Any:
+    """argcomplete's completer for ``--config``: files and directories."""
+    from argcomplete.completers import FilesCompleter
+
+    return FilesCompleter()(prefix, **kwargs)
 
 
 def load(args: argparse.Namespace) -> tuple[Config, str | None]:
     """The configuration the command works with, and the file it came from (None: defaults)."""
-    if getattr(args, "defaults", False):
-        return load_config(None), None
-    path = resolve_config_path(getattr(args, "config", None), os.environ)
+    loaded = read(args)
+    return loaded.config, loaded.path
+
+
+def read(args: argparse.Namespace) -> LoadedConfig:
+    """The configuration with the files it was read from (and its drop-ins), or exit 78."""
+    path = None
+    if not getattr(args, "defaults", False):
+        path = resolve_config_path(getattr(args, "config", None), os.environ)
     if path is not None:
         path = os.path.abspath(path)
     try:
-        return load_config(path), path
+        return read_config(path)
     except ConfigError as exc:
         raise CommandError(str(exc), exitcodes.EX_CONFIG) from None
 
@@ -128,10 +168,35 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    cfg, path = load(args)
-    sys.stdout.write(dump_config(cfg))
-    print(f"echod: configuration ok ({path or 'embedded defaults'})", file=sys.stderr)
+    loaded = read(args)
+    sys.stdout.write("".join(f"# {line}\n" for line in describe_sources(loaded)))
+    sys.stdout.write(dump_config(loaded.config, loaded.origins))
+    summary = loaded.path or "embedded defaults"
+    dropins = [name for name in loaded.files if name != loaded.path]
+    if dropins:
+        summary += f" and {len(dropins)} drop-in{'s' if len(dropins) > 1 else ''}"
+    if loaded.path is not None and not loaded.origins:
+        summary += "; it sets nothing: every setting is at its default"
+    print(f"echod: configuration ok ({summary})", file=sys.stderr)
     return exitcodes.OK
+
+
+def describe_sources(loaded: LoadedConfig) -> list[str]:
+    """check-config's header: the files read, in order, and what a bare line means."""
+    if loaded.path is None:
+        return ["No file read: every setting is at its embedded default."]
+    lines = ["Files read, in order (a later one wins, setting by setting):"]
+    if loaded.path not in loaded.files:
+        lines.append(f"  ({loaded.path} does not exist: the defaults come first)")
+    lines += [
+        f"  {name}" + (" (sets nothing)" if name in loaded.empty else "")
+        for name in loaded.files
+    ]
+    if not loaded.origins:
+        lines.append("Nothing is set: every setting is at its embedded default.")
+    else:
+        lines.append("A setting without a 'from' comment is at its embedded default.")
+    return lines
 
 
 def cmd_start(args: argparse.Namespace) -> int:

@@ -154,11 +154,9 @@ def test_yaml_syntax_error_has_location(
 
 
 @pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "---\n", "null\n", "~\n"])
-def test_empty_file_is_an_error(tmp_path: Path, loader: type, text: str) -> None:
-    """A file with no settings at all is refused: it is almost surely the wrong file."""
-    path, error = error_for(tmp_path, text)
-    assert str(error).startswith(f"{path}:")
-    assert "file is empty (expected a mapping of settings)" in str(error)
+def test_empty_file_means_defaults(tmp_path: Path, loader: type, text: str) -> None:
+    """A file that sets nothing (empty, comments, a null document) is valid: all defaults."""
+    assert load_config(write(tmp_path, text)) == default_config()
 
 
 @pytest.mark.parametrize(("text", "what"), [("- port: 1\n", "a list"), ("port 9999\n", "a value")])
