@@ -287,7 +287,15 @@ def churn_table(
                     server.start()
                 for server in servers.values():
                     server.wait_ready()
-                results[mode] = _rounds(mode, servers, rounds, duration, processes, threads, rng)
+                results[mode] = _rounds(
+                    mode,
+                    servers,
+                    rounds=rounds,
+                    duration=duration,
+                    processes=processes,
+                    threads=threads,
+                    rng=rng,
+                )
             finally:
                 for server in servers.values():
                     server.stop()
@@ -297,6 +305,7 @@ def churn_table(
 def _rounds(
     mode: str,
     servers: dict[str, Server],
+    *,
     rounds: int,
     duration: float,
     processes: int,
