@@ -21,7 +21,8 @@ after the header. The echo loop is the same either way: the header costs a few c
 connection, nothing per round trip. A header that fails logs one ``conn_close`` (reason
 ``proxy_error``, with ``error``) with the balancer as ``peer``; a client the gate refuses logs
 nothing (it is counted in the worker's ``refused`` summary, like a refusal at accept). The
-balancer's own connections (v2 ``LOCAL``, v1 ``UNKNOWN``: its health checks) and connections
+balancer's own connections (v2 ``LOCAL``, v1 ``UNKNOWN``, or a header naming the connection's
+own endpoints: its health checks, see :func:`balancer_itself`) and connections
 closed before sending a byte (a TCP connect check) log at debug level, so that checks every
 few seconds from every balancer do not fill the log; the latter are not counted as refused
 either (the peer left, echod refused nothing), so they do not raise a summary a second.
@@ -141,6 +142,19 @@ def peer_ip(peer: Any) -> str:
     return str(peer[0]) if isinstance(peer, tuple) else str(peer)
 
 
+def balancer_itself(header: proxy.ProxyHeader, sender: Any) -> bool:
+    """Whether the header says the connection is the balancer's own: v2 LOCAL, v1 UNKNOWN,
+    or a header whose source is the connection's own peer (address and port), which is what
+    a balancer sends for its health checks when it fills the line with the check's endpoints
+    (HAProxy's ``send-proxy`` does, as the spec advises)."""
+    if header.local:
+        return True
+    source = header.source
+    if source is None or not isinstance(sender, tuple) or source[1] != sender[1]:
+        return False
+    return source[0] == str(sender[0]).removeprefix("::ffff:")
+
+
 class _Closed(Exception):
     """Raised inside :meth:`EchoHandler.handle` to end the connection with a reason."""
 
@@ -250,10 +264,10 @@ class EchoHandler:
         if self._receive_timeout != settings.idle_timeout:
             idle = max(settings.idle_timeout, 0.0)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(idle))
+        self.quiet = balancer_itself(header, self.peer)
         self.proxy_peer = self.peer
         if header.source is not None:
             self.peer = header.source
-        self.quiet = header.local
         if self.gate is not None:
             ip = peer_ip(self.peer)
             refused = self.gate.admit_client(ip)

@@ -45,6 +45,7 @@ from echod.handler import (
     WRITE_TIMEOUT,
     HandlerSettings,
     Outcome,
+    balancer_itself,
     peer_fields,
     peer_ip,
     proxy_fields,
@@ -369,10 +370,10 @@ class ProxiedEchoProtocol(EchoProtocol):
         assert self.pending is not None
         rest = bytes(self.pending[header.length :])
         self.pending = None
+        self.quiet = balancer_itself(header, self.peer)
         self.proxy_peer = self.peer
         if header.source is not None:
             self.peer = header.source
-        self.quiet = header.local
         worker = self.worker
         ip = peer_ip(self.peer)
         refused = worker.admission.admit_client(ip)

@@ -5,7 +5,9 @@ hostile batch."""
 
 from __future__ import annotations
 
+import shutil
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -282,3 +284,79 @@ def test_hostile_batch_leaks_no_descriptor(tmp_path: Path, mode: str) -> None:
             assert echo_roundtrip(opened, header + b"still") == b"still"
             opened.close()
         wait_for(lambda: refused_total(server, "proxy_untrusted") == 20, what="20 untrusted")
+
+
+# -- a real HAProxy in front (Debian's haproxy; skipped where it is not installed) -------------
+
+HAPROXY = shutil.which("haproxy") or (
+    "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed")
+@pytest.mark.parametrize(
+    ("mode", "send"),
+    [("thread", "send-proxy-v2"), ("process", "send-proxy"), ("async", "send-proxy")],
+)
+def test_behind_a_real_haproxy(tmp_path: Path, mode: str, send: str) -> None:
+    """HAProxy in mode tcp with send-proxy-v2 (or v1) and health checks: clients from
+    127.0.0.5 are echoed exactly and logged as themselves, HAProxy (127.0.0.1) as
+    proxy_peer; its checks (v2 LOCAL; with v1 a line naming the check's own endpoints)
+    reach echod as its own connections, logged at debug only."""
+    assert HAPROXY is not None
+    with echod(tmp_path, mode=mode, log={"level": "debug"}, **behind_proxy()) as server:
+        front = free_port()
+        config = tmp_path / "haproxy.cfg"
+        config.write_text(
+            "global\n    maxconn 100\n"
+            "defaults\n    mode tcp\n    timeout connect 2s\n"
+            "    timeout client 10s\n    timeout server 10s\n"
+            f"frontend f\n    bind 127.0.0.1:{front}\n    default_backend b\n"
+            f"backend b\n    server e 127.0.0.1:{server.port} {send} check inter 100ms\n"
+        )
+        haproxy = subprocess.Popen(
+            [HAPROXY, "-db", "-f", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=(tmp_path / "haproxy.out").open("wb"),
+            start_new_session=True,
+        )
+        try:
+            # Its health checks arrive (and succeed, or it would mark the server down).
+            server.wait_event("conn_close", lambda e: e["level"] == "debug", count=3)
+
+            def through(data: bytes) -> bytes | None:
+                try:
+                    sock = socket.socket()
+                    sock.bind(("127.0.0.5", 0))
+                    sock.settimeout(10)
+                    sock.connect(("127.0.0.1", front))
+                except OSError:
+                    return None  # HAProxy is not listening yet
+                with sock:
+                    return echo_roundtrip(sock, data)
+
+            payload = bytes(range(256)) * 200
+            assert wait_for(lambda: through(payload), what="an echo through HAProxy") == payload
+            for _ in range(4):
+                assert through(payload) == payload
+            served = [e for e in server.events("conn_close") if e["level"] == "info"]
+            assert len(served) == 5
+            assert {(e["peer"], e["proxy_peer"]) for e in served} == {("127.0.0.5", "127.0.0.1")}
+            assert {e["bytes_in"] for e in served} == {len(payload)}
+            checks = [e for e in server.events("conn_close") if e["level"] == "debug"]
+            assert {e["peer"] for e in checks} == {"127.0.0.1"}
+            assert not [
+                e
+                for e in server.events("conn_open")
+                if e.get("peer") == "127.0.0.5" and e["level"] != "info"
+            ]
+        finally:
+            haproxy.kill()  # the one process this test started
+            haproxy.wait(10)

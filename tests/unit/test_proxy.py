@@ -23,6 +23,7 @@ from echod.handler import (
     EchoHandler,
     HandlerSettings,
     Outcome,
+    balancer_itself,
 )
 from echod.proxy import ProxyError, ProxyHeader, parse, v1_header, v2_header
 
@@ -454,6 +455,23 @@ def test_handler_local_and_empty_connections_log_at_debug(tcp_pair: Any) -> None
     assert echoed == b"ping"
     assert [e["log_level"] for e in logs] == ["debug", "debug"]
     assert logs[0]["peer"] == peer[0]
+
+
+def test_a_header_naming_its_own_connection_is_the_balancers() -> None:
+    """A header whose source is the connection's own peer, address and port (what HAProxy's
+    send-proxy sends for its checks), is the balancer's own connection, as LOCAL is; a
+    client behind it, or the same address with another port, is not."""
+    sender = ("10.0.0.2", 41000)
+    own = parse(v1_header(sender, ("10.0.0.9", 9999)))
+    client = parse(v1_header(("203.0.113.1", 41000), ("10.0.0.9", 9999)))
+    other_port = parse(v2_header(("10.0.0.2", 41001), ("10.0.0.9", 9999)))
+    assert own is not None and client is not None and other_port is not None
+    assert balancer_itself(own, sender)
+    assert balancer_itself(own, ("::ffff:10.0.0.2", 41000, 0, 0))  # a dual-stack listener
+    assert not balancer_itself(client, sender)
+    assert not balancer_itself(other_port, sender)
+    local = parse(v2_header(None, None))
+    assert local is not None and balancer_itself(local, sender)
 
 
 def test_handler_connect_and_close_logs_at_debug(tcp_pair: Any) -> None:
