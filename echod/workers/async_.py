@@ -374,14 +374,15 @@ class ProxiedEchoProtocol(EchoProtocol):
         self.proxy_peer = self.peer
         if header.source is not None:
             self.peer = header.source
-        worker = self.worker
-        ip = peer_ip(self.peer)
-        refused = worker.admission.admit_client(ip)
-        if refused is not None:
-            self.refused = refused
-            self.close_now(refused)
-            return
-        self.client = ip
+        admission = self.worker.admission
+        if admission.checks_clients:
+            ip = peer_ip(self.peer)
+            refused = admission.admit_client(ip)
+            if refused is not None:
+                self.refused = refused
+                self.close_now(refused)
+                return
+            self.client = ip
         self.last_read = monotonic()  # idle counts from here
         self.log_open()
         if rest:

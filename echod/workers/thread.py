@@ -47,7 +47,8 @@ class ThreadWorker(Worker):
         self.done_r, self.done_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.stopper = CutFlag()
         # Behind a PROXY header the real client is checked in its thread (Admission locks).
-        self.gate = self.admission if self.settings.proxy_protocol != "off" else None
+        behind_proxy = self.settings.proxy_protocol != "off"
+        self.gate = self.admission if behind_proxy and self.admission.checks_clients else None
         self.add_reader(self.done_r, self.on_done)
 
     def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
