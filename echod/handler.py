@@ -131,11 +131,13 @@ def peer_fields(peer: Any) -> dict[str, Any]:
 
 def proxy_fields(peer: Any, sender: Any) -> dict[str, Any]:
     """Log fields for a connection behind a PROXY header: the client, then the balancer."""
-    fields = peer_fields(peer)
+    if isinstance(sender, tuple) and len(sender) >= 2:  # always, for TCP
+        fields = peer_fields(peer)
+        fields["proxy_peer"] = sender[0]
+        fields["proxy_peer_port"] = sender[1]
+        return fields
     balancer = peer_fields(sender)
-    fields["proxy_peer"] = balancer["peer"]
-    fields["proxy_peer_port"] = balancer["peer_port"]
-    return fields
+    return {**peer_fields(peer), "proxy_peer": balancer["peer"], "proxy_peer_port": None}
 
 
 def peer_ip(peer: Any) -> str:

@@ -333,12 +333,13 @@ class ProxiedEchoProtocol(EchoProtocol):
     path untouched (the loop binds ``data_received`` once per connection).
     """
 
-    __slots__ = ("pending", "refused")
+    __slots__ = ("fields", "pending", "refused")
 
     def __init__(self, worker: AsyncWorker, peer: Any, conn_id: str, local_port: Any) -> None:
         super().__init__(worker, peer, conn_id, local_port)
         self.pending: bytearray | None = bytearray()  # None once the header is done
         self.refused: str | None = None
+        self.fields: dict[str, Any] | None = None  # the peer fields, once the header is done
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = tr = cast(asyncio.Transport, transport)
@@ -384,7 +385,9 @@ class ProxiedEchoProtocol(EchoProtocol):
                 return
             self.client = ip
         self.last_read = monotonic()  # idle counts from here
-        self.log_open()
+        if self.worker.conn_log is not None:
+            self.fields = proxy_fields(self.peer, self.proxy_peer)  # for both events
+            self.log_open()
         if rest:
             self.data_received(rest)
 
@@ -417,6 +420,9 @@ class ProxiedEchoProtocol(EchoProtocol):
         self.fail(
             f"no complete PROXY header within {timeout:g} s ({len(self.pending)} bytes received)"
         )
+
+    def peer_fields(self) -> dict[str, Any]:
+        return self.fields if self.fields is not None else super().peer_fields()
 
     def fail(self, error: str) -> None:
         if self.closing or self.ended:
