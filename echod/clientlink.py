@@ -115,6 +115,10 @@ class WorkerLinks:
         self.remove_reader = remove_reader
         self.links: dict[int, _Link] = {}
         self.by_fd: dict[int, _Link] = {}
+        # Whether a connection process may ask about its client: only behind a PROXY header
+        # (else the worker checked at accept), and only with something to check. Without
+        # PROXY the links still carry the end reports, for the metrics.
+        self.asks = admission.trusted is not None and admission.checks_clients
 
     def pair(self) -> tuple[socket.socket, socket.socket]:
         return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -127,7 +131,7 @@ class WorkerLinks:
         self.links.clear()
         self.by_fd.clear()
         pair[0].close()
-        return ChildGate(pair[1], self.admission.checks_clients, self.timeout)
+        return ChildGate(pair[1], self.asks, self.timeout)
 
     def parent_side(self, pid: int, pair: tuple[socket.socket, socket.socket]) -> None:
         pair[1].close()
@@ -135,7 +139,7 @@ class WorkerLinks:
         sock.setblocking(False)
         link = _Link(sock)
         self.links[pid] = link
-        if self.admission.checks_clients:
+        if self.asks:
             # Only a process that may ask needs an answer while it lives; the end report
             # is read at the reap.
             self.by_fd[sock.fileno()] = link

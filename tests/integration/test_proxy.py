@@ -346,7 +346,12 @@ def test_behind_a_real_haproxy(tmp_path: Path, mode: str, send: str) -> None:
             assert wait_for(lambda: through(payload), what="an echo through HAProxy") == payload
             for _ in range(4):
                 assert through(payload) == payload
-            served = [e for e in server.events("conn_close") if e["level"] == "info"]
+
+            def served_closes() -> list[dict[str, Any]]:
+                return [e for e in server.events("conn_close") if e["level"] == "info"]
+
+            # (The close is logged just after the client saw EOF: wait for the fifth.)
+            served = wait_for(lambda: len(served_closes()) >= 5 and served_closes())
             assert len(served) == 5
             assert {(e["peer"], e["proxy_peer"]) for e in served} == {("127.0.0.5", "127.0.0.1")}
             assert {e["bytes_in"] for e in served} == {len(payload)}
