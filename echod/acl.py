@@ -16,6 +16,7 @@ form lands in the IPv4 table, so either spelling matches the other.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from bisect import bisect_right
@@ -113,11 +114,13 @@ class AccessList:
         self.allow = AddressSet(allow)
         self.deny = AddressSet(deny)
 
-    @classmethod
-    def from_lists(cls, allow: Iterable[str], deny: Iterable[str]) -> AccessList | None:
-        """The compiled lists, or None when both are empty (everyone is allowed: no lookup)."""
-        acl = cls(allow, deny)
-        return acl if acl.allow or acl.deny else None
+    @staticmethod
+    def from_lists(allow: tuple[str, ...], deny: tuple[str, ...]) -> AccessList | None:
+        """The compiled lists, or None when both are empty (everyone is allowed: no lookup).
+
+        Compiled once per pair of lists (the TCP and UDP sides of every worker of a
+        generation share one), since thousands of entries take tens of milliseconds."""
+        return _compiled(tuple(allow), tuple(deny))
 
     def permits(self, address: str) -> bool:
         key = address_key(address)
@@ -126,3 +129,9 @@ class AccessList:
         if self.deny.has(key):
             return False
         return not self.allow or self.allow.has(key)
+
+
+@functools.lru_cache(maxsize=4)  # the current generation's lists and the previous one's
+def _compiled(allow: tuple[str, ...], deny: tuple[str, ...]) -> AccessList | None:
+    acl = AccessList(allow, deny)
+    return acl if acl.allow or acl.deny else None

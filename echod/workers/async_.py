@@ -357,19 +357,23 @@ class ProxiedEchoProtocol(EchoProtocol):
             return
         if self.closing:
             return
-        self.pending += data
+        received: bytes | bytearray = data
+        if self.pending:
+            self.pending += data
+            received = self.pending
+        # (Most headers come whole in the first read: parsed as read, without a copy.)
         try:
-            header = proxy.parse(self.pending, self.worker.settings.proxy_protocol)
+            header = proxy.parse(received, self.worker.settings.proxy_protocol)
         except proxy.ProxyError as exc:
             self.fail(str(exc))
             return
         if header is not None:
-            self.accept_header(header)
+            self.accept_header(header, bytes(received[header.length :]))
+        elif received is data:
+            self.pending += data
 
-    def accept_header(self, header: proxy.ProxyHeader) -> None:
+    def accept_header(self, header: proxy.ProxyHeader, rest: bytes) -> None:
         """Admit the real client, log the open event, echo what followed the header."""
-        assert self.pending is not None
-        rest = bytes(self.pending[header.length :])
         self.pending = None
         self.quiet = balancer_itself(header, self.peer)
         self.proxy_peer = self.peer
