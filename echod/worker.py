@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 from echod import control, log, proctitle, signals
 from echod.admission import Admission, SharedIpCounts
 from echod.config import Config
-from echod.handler import HandlerSettings
+from echod.handler import HandlerSettings, Outcome
 from echod.listeners import Listeners
 from echod.udp import UdpEcho
 
@@ -347,9 +347,13 @@ class Worker:
     def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
         raise NotImplementedError
 
-    def connection_closed(self, peer: Any) -> None:
-        """Called by the mode in the worker's main thread when a connection has ended."""
-        self.admission.closed(peer_ip(peer))
+    def connection_closed(self, peer: Any, outcome: Outcome | None = None) -> None:
+        """Called by the mode in the worker's main thread when a connection has ended;
+        ``outcome``, when the mode has it, says how (what the metrics count)."""
+        if outcome is None:
+            self.admission.closed(peer_ip(peer))
+        else:
+            self.admission.closed(peer_ip(peer), outcome.client, outcome.refused)
         if self.paused in (LIMIT_CONNECTIONS, LIMIT_FDS):
             self.maybe_resume()
 

@@ -105,6 +105,9 @@ class ThreadWorker(Worker):
         self.jobs: queue.SimpleQueue[tuple[socket.socket, Any, str] | None] = queue.SimpleQueue()
         self.spare = 0
         self.spare_lock = threading.Lock()
+        # Behind a PROXY header the real client is checked in its thread (Admission locks).
+        behind_proxy = self.settings.proxy_protocol != "off"
+        self.gate = self.admission if behind_proxy and self.admission.checks_clients else None
         self.add_reader(self.done_r, self.on_done)
 
     def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
@@ -162,13 +165,20 @@ class ThreadWorker(Worker):
 
     def serve_in_thread(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
         stopper = ConnectionStopper(self.stopper, self.end_lock)
+        handler = EchoHandler(
+            conn,
+            peer,
+            conn_id,
+            self.settings,
+            stopper,
+            local_port=self.local_port,
+            gate=self.gate,
+        )
         try:
-            EchoHandler(
-                conn, peer, conn_id, self.settings, stopper, local_port=self.local_port
-            ).serve()
+            handler.serve()
         finally:
             stopper.release()
-            self.finished.append((conn_id, peer))
+            self.finished.append((conn_id, peer, handler.outcome()))
             # Read after the append: the main thread sets these before it looks at the deque
             # a last time, so either it sees our entry or we see that it waits.
             if self.paused is not None or self.stopping:
@@ -189,9 +199,9 @@ class ThreadWorker(Worker):
 
     def collect_finished(self) -> None:
         while self.finished:
-            conn_id, peer = self.finished.popleft()
+            conn_id, peer, outcome = self.finished.popleft()
             self.open_sockets.pop(conn_id, None)
-            self.connection_closed(peer)
+            self.connection_closed(peer, outcome)
 
     def pause(self, reason: str, retry: float | None = None, **fields: Any) -> None:
         super().pause(reason, retry, **fields)
