@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from echod.acl import AccessList, AddressSet
 from echod.config import Config
+from echod.metrics import WorkerCounters
 
 # Why a client was refused, as counted in the summary event.
 REFUSED_LIMIT = "max_connections"
@@ -196,7 +197,10 @@ class Admission:
         index: int,
         shared: SharedIpCounts | None = None,
         slot: int | None = None,
+        counters: WorkerCounters | None = None,
     ) -> None:
+        #: The metrics' cumulative counts (``refused`` below is the summary's, reset each time).
+        self.counters = counters if counters is not None else WorkerCounters()
         self.limit = worker_share(cfg.max_connections, cfg.workers, index)
         self.per_ip = cfg.max_connections_per_ip
         self.shared = shared if self.per_ip and slot is not None else None
@@ -251,6 +255,7 @@ class Admission:
             reason = REFUSED_RATE
         if reason is not None:
             self.refused[reason] += 1
+            self.counters.refused(reason)
             return reason
         self.active += 1
         if self.trusted is None:
@@ -292,6 +297,7 @@ class Admission:
             self.served += 1
         else:
             self.refused[refused] += 1
+            self.counters.refused(refused)
         if self.trusted is None:
             self._count(ip, -1)
         elif client is not None:

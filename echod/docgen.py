@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from echod import __version__
+from echod import __version__, metrics
 from echod.config import (
     DEFAULT_PATH,
     ENV_VAR,
@@ -287,10 +287,13 @@ def replace_between(text: str, begin: str, end: str, block: str) -> str | None:
 
 
 def _render_readme(old: str) -> str | None:
-    """README.md with both generated tables; None when it has neither pair of markers."""
+    """README.md with its generated tables (settings, exit codes, metrics); None when it has
+    none of their markers."""
     new = replace_block(old, render_readme_table())
     exits = replace_between(new or old, EXIT_BEGIN, EXIT_END, f"\n{render_exit_table()}\n")
-    return exits if exits is not None else new
+    new = exits if exits is not None else new
+    with_metrics = metrics.replace_block(new or old, metrics.render_readme_table())
+    return with_metrics if with_metrics is not None else new
 
 
 def _outputs(root: Path) -> list[tuple[Path, Callable[[str], str | None]]]:

@@ -51,7 +51,15 @@ Kind = Literal["counter", "gauge"]
 # increase() see a series from the first scrape. They are the reasons the code logs; a test
 # checks them against the modules that define them (handler, admission, udp). Other values
 # a worker reports are exposed too, once counted.
-CLOSE_REASONS = ("client_closed", "idle_timeout", "write_timeout", "reset", "shutdown", "error")
+CLOSE_REASONS = (
+    "client_closed",
+    "idle_timeout",
+    "write_timeout",
+    "reset",
+    "shutdown",
+    "error",
+    "proxy_error",
+)
 REFUSE_REASONS = (
     "max_connections",
     "max_connections_per_ip",

@@ -20,6 +20,7 @@ from echod import log
 from echod.acl import AccessList
 from echod.admission import SUMMARY_INTERVAL, TokenBucket
 from echod.config import Config
+from echod.metrics import WorkerCounters
 
 LOOP_PORTS = frozenset({7, 13, 17, 19})
 MAX_DATAGRAM = 65535
@@ -37,8 +38,10 @@ DROP_SEND_ERROR = "send_error"
 class UdpEcho:
     """Echoes datagrams on one or more UDP sockets; shared by every mode."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, counters: WorkerCounters | None = None) -> None:
         self.rate = cfg.udp_rate
+        # The metrics' cumulative counts, beside the summary's, which reset every second.
+        self.counters = counters if counters is not None else WorkerCounters()
         self.acl = AccessList.from_lists(cfg.allow, cfg.deny)
         self.sources: OrderedDict[str, TokenBucket] = OrderedDict()
         self.echoed = 0
@@ -96,8 +99,10 @@ class UdpEcho:
             else:
                 self.echoed += 1
                 self.echoed_bytes += len(data)
+                self.counters.udp_echoed()
                 return
         self.dropped[reason] += 1
+        self.counters.udp_dropped(reason)
 
     def summary_due(self, now: float) -> float | None:
         """Seconds until a summary is due (<= 0: now), None when there is nothing to say."""

@@ -25,8 +25,9 @@ from typing import Any, ClassVar
 from echod import control, log, proctitle, signals
 from echod.admission import Admission, SharedIpCounts
 from echod.config import Config
-from echod.handler import HandlerSettings, Outcome
+from echod.handler import ERROR, HandlerSettings, Outcome
 from echod.listeners import Listeners
+from echod.metrics import WorkerCounters
 from echod.udp import UdpEcho
 
 #: How many connections one readiness event accepts before the loop serves other events.
@@ -45,6 +46,9 @@ _TRANSIENT_ACCEPT_ERRORS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EP
 LIMIT_CONNECTIONS = "max_connections"
 LIMIT_RATE = "connection_rate"
 LIMIT_FDS = "file_descriptors"
+#: The close reason counted when a connection's end was not reported (process mode with
+#: neither metrics nor PROXY: nothing scrapes the count then).
+UNREPORTED = "unreported"
 
 
 def heartbeat_interval(cfg: Config) -> float:
@@ -84,8 +88,11 @@ class Worker:
         self.spec = spec
         self.cfg = spec.config
         self.settings = HandlerSettings.from_config(spec.config)
-        self.admission = Admission(spec.config, spec.index, spec.ip_counts, spec.ip_slot)
-        self.udp = UdpEcho(spec.config)
+        self.metrics = WorkerCounters()
+        self.admission = Admission(
+            spec.config, spec.index, spec.ip_counts, spec.ip_slot, counters=self.metrics
+        )
+        self.udp = UdpEcho(spec.config, counters=self.metrics)
         self.seq = 0
         self.stopping = False
         self.drain_deadline: float | None = None
@@ -235,7 +242,7 @@ class Worker:
     def counters(self) -> dict[str, int]:
         """This worker's metrics counters, cumulative since it started (name -> count), sent
         with every heartbeat and with the bye; the supervisor sums them over all workers."""
-        return {}
+        return self.metrics.snapshot()
 
     # -- control channel and signals -------------------------------------------------------
 
@@ -337,11 +344,13 @@ class Worker:
             return
         self.seq += 1
         conn_id = f"{self.spec.serial}-{self.seq}"
+        self.metrics.opened()
         try:
             self.start_connection(conn, peer, conn_id)
         except Exception as exc:  # e.g. no more threads or processes: refuse, keep serving
             _close_quietly(conn)
             self.admission.closed(ip)
+            self.metrics.closed(ERROR, 0, 0)
             self.log.error("conn_start_failed", conn_id=conn_id, error=str(exc))
 
     def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
@@ -351,9 +360,12 @@ class Worker:
         """Called by the mode in the worker's main thread when a connection has ended;
         ``outcome``, when the mode has it, says how (what the metrics count)."""
         if outcome is None:
+            # Process mode without metrics or PROXY: no report came back, nothing to count.
             self.admission.closed(peer_ip(peer))
+            self.metrics.closed(UNREPORTED, 0, 0)
         else:
             self.admission.closed(peer_ip(peer), outcome.client, outcome.refused)
+            self.metrics.closed(outcome.reason, outcome.bytes_in, outcome.bytes_out)
         if self.paused in (LIMIT_CONNECTIONS, LIMIT_FDS):
             self.maybe_resume()
 

@@ -63,10 +63,11 @@ class ProcessWorker(Worker):
         # pid -> (peer, our descriptor of its connection, kept to cut it at the deadline)
         self.children: dict[int, tuple[Any, socket.socket]] = {}
         self.worker_pid = os.getpid()
-        # Behind a PROXY header, each connection process asks about its real client and
-        # reports how it ended over a link of its own (see echod.clientlink).
+        # Behind a PROXY header, each connection process asks about its real client, and
+        # with PROXY or metrics on it reports how it ended, over a link of its own (see
+        # echod.clientlink). Without either, no link: the classic fork costs nothing more.
         self.links: WorkerLinks | None = None
-        if self.settings.proxy_protocol != "off":
+        if self.settings.proxy_protocol != "off" or self.cfg.metrics is not None:
             self.links = WorkerLinks(
                 self.admission, self.cfg.proxy_timeout, self.add_reader, self.remove_reader
             )

@@ -9,8 +9,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
-
 from tests.fleet import exporter
 from tests.fleet.conftest import HOSTS, Started
 from tests.fleet.load import Clients
@@ -166,7 +164,6 @@ def prometheus_totals(prometheus: Prometheus) -> dict[str, float]:
     return {k: lifetime_totals(raw_samples(prometheus, v), starts) for k, v in names.items()}
 
 
-@pytest.mark.skip(reason="needs PROXY/metrics wiring")
 def test_rolling_restart_behind_haproxy(
     network: Network, started: Started, tmp_path: Path
 ) -> None:

@@ -4,7 +4,6 @@ internal error in its loop, and a worker that exits 0 by itself.
 
 from __future__ import annotations
 
-import http.client
 import os
 import resource
 import signal
@@ -20,6 +19,7 @@ from tests.support import (
     NotifySocket,
     connection_owners,
     echo_roundtrip,
+    http_get,
     recv_exactly,
     refused,
     wait_for,
@@ -191,17 +191,6 @@ def test_sigterms_until_the_end_leave_the_exit_status_0(tmp_path: Path) -> None:
     finally:
         server.kill()
     assert server.events("stopped")[0]["exit_code"] == 0
-
-
-def http_get(port: int, path: str) -> tuple[int, str]:
-    """One GET to the supervisor's endpoint: (status, body)."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        connection.close()
 
 
 def test_healthz_and_metrics_follow_the_supervisor(tmp_path: Path) -> None:

@@ -37,11 +37,12 @@ def test_names_follow_prometheus_conventions() -> None:
 def test_known_reasons_are_the_ones_the_code_uses() -> None:
     """The label values exposed at 0 are the reasons handler, admission and udp define."""
     closes = {handler.CLIENT_CLOSED, handler.IDLE_TIMEOUT, handler.WRITE_TIMEOUT}
-    closes |= {handler.RESET, handler.SHUTDOWN, handler.ERROR}
+    closes |= {handler.RESET, handler.SHUTDOWN, handler.ERROR, handler.PROXY_ERROR}
     assert set(metrics.CLOSE_REASONS) == closes
     refusals = {admission.REFUSED_LIMIT, admission.REFUSED_PER_IP, admission.REFUSED_RATE}
-    assert refusals <= set(metrics.REFUSE_REASONS)
-    drops = {udp.DROP_LOOP_PORT, udp.DROP_RATE, udp.DROP_SEND_ERROR}
+    refusals |= {admission.REFUSED_ACCESS, admission.REFUSED_UNTRUSTED, admission.REFUSED_PROXY}
+    assert refusals == set(metrics.REFUSE_REASONS)
+    drops = {udp.DROP_LOOP_PORT, udp.DROP_RATE, udp.DROP_SEND_ERROR, udp.DROP_ACCESS_LIST}
     assert drops <= set(metrics.UDP_DROP_REASONS)
 
 
