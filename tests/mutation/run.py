@@ -71,6 +71,7 @@ MODULES: dict[str, tuple[str, ...]] = {
 #: Modules that are to join MODULES once they land.
 PENDING: tuple[str, ...] = ("echod/proxy.py", "echod/acl.py", "echod/control.py")
 
+VERBOSE = False  # --verbose: each run's pytest output goes to the terminal
 PYTEST_ARGS = ("-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly")
 #: A mutant's run may take this many times the clean run, plus the constant, before it is cut.
 TIMEOUT_FACTOR = 3.0
@@ -136,13 +137,21 @@ def make_mutants(module: str) -> list[Mutant]:
     code = (ROOT / module).read_text()
     tree, mutations, _, _ = create_mutations(module, code)
     names: dict[int, str] = {}  # id of each function or method node -> its qualified name
+    tops: dict[int, libcst.CSTNode] = {}  # ... -> the top-level statement that holds it
     for node in tree.body:
         if isinstance(node, libcst.FunctionDef):
             names[id(node)] = node.name.value
+            tops[id(node)] = node
         elif isinstance(node, libcst.ClassDef) and isinstance(node.body, libcst.IndentedBlock):
             for method in node.body.body:
                 if isinstance(method, libcst.FunctionDef):
                     names[id(method)] = f"{node.name.value}.{method.name.value}"
+                    tops[id(method)] = node
+    # The module is its top-level statements' texts end to end; a mutant replaces one of them:
+    # a top-level node renders exactly as written, and far faster than the whole module.
+    pieces = [tree.code_for_node(node) for node in tree.body]
+    assert "".join(pieces) == code
+    place = {id(node): index for index, node in enumerate(tree.body)}
     original = code.splitlines()
     mutants: list[Mutant] = []
     seen: Counter[str] = Counter()
@@ -150,8 +159,12 @@ def make_mutants(module: str) -> list[Mutant]:
         outer = mutation.contained_by_top_level_function
         if id(outer) not in names:  # module-level tables are data, checked by their own tests
             continue
-        mutated = deep_replace(tree, mutation.original_node, mutation.mutated_node)
-        source = mutated.code  # type: ignore[union-attr]
+        top = tops[id(outer)]
+        replaced = deep_replace(top, mutation.original_node, mutation.mutated_node)
+        assert isinstance(replaced, libcst.CSTNode)
+        index = place[id(top)]
+        text = tree.code_for_node(replaced)
+        source = "".join([*pieces[:index], text, *pieces[index + 1 :]])
         line, before, after = _changed(original, source.splitlines())
         mutant = Mutant(module, len(mutants) + 1, names[id(outer)], line, before, after, source)
         seen[mutant.key] += 1
@@ -271,7 +284,7 @@ def _start(slot: Slot, module: str, source: str | None, tests: Sequence[str], li
             os.environ["PYTHONPATH"] = str(slot.work)
             os.environ[MARK] = slot.work.name
             devnull = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
+            for fd in (0, 1, 2) if not VERBOSE else (0,):
                 os.dup2(devnull, fd)
             import pytest
 
@@ -424,6 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tests", nargs="+", help="run these tests instead of the module's")
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
     parser.add_argument("--out", type=Path, help="write the summary here (docs/mutation.md)")
+    parser.add_argument("--verbose", action="store_true", help="show each run's pytest output")
+    parser.add_argument("--work", type=Path, default=WORK, help="where the copies go")
     args = parser.parse_args(argv)
 
     modules = args.module or [m for m in MODULES if (ROOT / m).exists()]
@@ -440,11 +455,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{m.module}:{m.line}: {m.key}")
         return 0
 
+    global VERBOSE  # noqa: PLW0603 - set once, before any run is forked
+    VERBOSE = args.verbose
     sys.dont_write_bytecode = True  # a mutant must never be run from a stale .pyc
     os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
     _become_subreaper()
     _preload()
-    slots = [Slot(WORK / f"work-{n}") for n in range(max(1, args.jobs))]
+    slots = [Slot(args.work / f"work-{n}") for n in range(max(1, args.jobs))]
     for slot in slots:
         _prepare(slot)
     started = time.monotonic()

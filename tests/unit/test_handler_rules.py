@@ -1,0 +1,356 @@
+"""EchoHandler's edges on real loopback sockets: socket options, the reasons a connection ends,
+the slow write path, a shared descriptor, and the close event's fields.
+
+These are the checks the mutation run (``make mutation``) found missing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+import termios
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from echod.handler import (
+    CLIENT_CLOSED,
+    ERROR,
+    IDLE_TIMEOUT,
+    RESET,
+    SHUTDOWN,
+    WRITE_TIMEOUT,
+    EchoHandler,
+    HandlerSettings,
+    peer_fields,
+)
+from tests.support import wait_for
+
+pytestmark = pytest.mark.timeout(30)
+
+TIMEVAL = struct.calcsize("@ll")
+
+
+class FlagStopper:
+    """A Stopper the test controls: ``cut`` marks the connection cut, as a worker does."""
+
+    def __init__(self) -> None:
+        self.cut = False
+        self.before_close_calls = 0
+
+    def cut_requested(self) -> bool:
+        return self.cut
+
+    def before_close_event(self) -> None:
+        self.before_close_calls += 1
+
+
+@pytest.fixture
+def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket, Any]]:
+    """A connected (client, server side, peer address) over 127.0.0.1."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname(), timeout=10)
+        server_side, peer = listener.accept()
+    yield client, server_side, peer
+    client.close()
+    server_side.close()
+
+
+def settings(**changes: Any) -> HandlerSettings:
+    values: dict[str, Any] = {
+        "mode": "thread",
+        "buffer_size": 4096,
+        "idle_timeout": 10.0,
+        "write_timeout": 10.0,
+        "log_connections": True,
+    }
+    values.update(changes)
+    return HandlerSettings(**values)
+
+
+def serve_in_thread(handler: EchoHandler) -> threading.Thread:
+    thread = threading.Thread(target=handler.serve, name="test-handler", daemon=True)
+    thread.start()
+    return thread
+
+
+def timeouts(sock: socket.socket) -> tuple[float, float]:
+    """The socket's SO_RCVTIMEO and SO_SNDTIMEO in seconds."""
+    found = []
+    for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+        seconds, micro = struct.unpack("@ll", sock.getsockopt(socket.SOL_SOCKET, option, TIMEVAL))
+        found.append(seconds + micro / 1e6)
+    return found[0], found[1]
+
+
+def about(seconds: float) -> Any:
+    """A timeout as the kernel keeps it: rounded up to its clock tick (at most 10 ms)."""
+    return pytest.approx(seconds, abs=0.011)
+
+
+def test_peer_fields_of_a_one_element_tuple() -> None:
+    """A tuple too short to hold a port is shown whole, with no port."""
+    assert peer_fields(("x",)) == {"peer": "('x',)", "peer_port": None}
+
+
+@pytest.mark.parametrize(("idle", "write"), [(0.5, 0.25), (0.0, 2.0), (3.0, 0.0), (0.0, 0.0)])
+def test_setup_sets_the_kernel_timeouts(
+    tcp_pair: tuple[socket.socket, socket.socket, Any], idle: float, write: float
+) -> None:
+    """setup makes the socket blocking and hands each timeout to the kernel, 0 leaving none."""
+    _, server_side, peer = tcp_pair
+    server_side.settimeout(5.0)
+    handler = EchoHandler(
+        server_side,
+        peer,
+        "1-1",
+        settings(idle_timeout=idle, write_timeout=write, log_connections=False),
+        FlagStopper(),
+    )
+    handler.setup()
+    assert server_side.gettimeout() is None
+    assert timeouts(server_side) == (about(idle), about(write))
+    assert handler.started > 0
+
+
+def test_open_event_uses_the_port_it_was_given(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """A local port handed in by the worker is logged as is, without asking the socket."""
+    _, server_side, peer = tcp_pair
+    handler = EchoHandler(server_side, peer, "1-2", settings(), FlagStopper(), local_port=4242)
+    with capture_logs() as logs:
+        handler.setup()
+    assert logs == [
+        {
+            "event": "conn_open",
+            "log_level": "info",
+            "conn_id": "1-2",
+            "mode": "thread",
+            "local_port": 4242,
+            "peer": peer[0],
+            "peer_port": peer[1],
+        }
+    ]
+
+
+def test_open_event_of_a_socket_that_cannot_say_its_port() -> None:
+    """When getsockname fails the open event says local_port None, and serving goes on."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.close()
+    handler = EchoHandler(
+        sock, ("127.0.0.1", 1), "1-3", settings(idle_timeout=0, write_timeout=0), FlagStopper()
+    )
+    with capture_logs() as logs:
+        handler.setup()
+    assert logs[0]["local_port"] is None
+
+
+def test_an_unexpected_error_is_logged_with_its_type(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """An exception that is not the peer's doing ends the connection with reason error and
+    the exception's type and text, and the close event still comes."""
+    client, server_side, peer = tcp_pair
+    stopper = FlagStopper()
+    handler = EchoHandler(server_side, peer, "1-4", settings(buffer_size=-1), stopper)
+    with capture_logs() as logs:
+        handler.serve()
+    assert (handler.reason, handler.error) == (ERROR, "ValueError: negative buffersize in recv")
+    assert logs[-1]["event"] == "conn_close"
+    assert (logs[-1]["reason"], logs[-1]["error"]) == (ERROR, handler.error)
+    assert stopper.before_close_calls == 1
+    assert client.recv(1) == b""
+
+
+def test_close_event_fields(tcp_pair: tuple[socket.socket, socket.socket, Any]) -> None:
+    """The close event counts the bytes both ways and gives a duration in seconds, rounded to
+    the microsecond."""
+    client, server_side, peer = tcp_pair
+    handler = EchoHandler(server_side, peer, "1-5", settings(), FlagStopper())
+    with capture_logs() as logs:
+        thread = serve_in_thread(handler)
+        client.sendall(b"12345")
+        assert client.recv(5) == b"12345"
+        client.shutdown(socket.SHUT_WR)
+        assert client.recv(1) == b""
+        thread.join(10)
+    closed = logs[-1]
+    assert (closed["bytes_in"], closed["bytes_out"], closed["reason"]) == (5, 5, CLIENT_CLOSED)
+    assert isinstance(closed["duration"], float)
+    assert 0 <= closed["duration"] < 10
+    assert closed["duration"] == round(closed["duration"], 6)
+    assert "error" not in closed
+
+
+def test_a_cut_wins_over_a_reset(tcp_pair: tuple[socket.socket, socket.socket, Any]) -> None:
+    """A connection the worker has cut ends with reason shutdown even when the peer reset it."""
+    client, server_side, peer = tcp_pair
+    stopper = FlagStopper()
+    handler = EchoHandler(server_side, peer, "1-6", settings(), stopper)
+    thread = serve_in_thread(handler)
+    client.sendall(b"x")
+    assert client.recv(1) == b"x"
+    stopper.cut = True
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+    thread.join(10)
+    assert (handler.reason, handler.error) == (SHUTDOWN, None)
+
+
+def test_a_cut_wins_over_an_idle_timeout(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """A cut connection whose receive timeout expires ends with reason shutdown."""
+    _, server_side, peer = tcp_pair
+    stopper = FlagStopper()
+    stopper.cut = True
+    handler = EchoHandler(server_side, peer, "1-7", settings(idle_timeout=0.05), stopper)
+    handler.serve()
+    assert handler.reason == SHUTDOWN
+
+
+def test_idle_timeout_below_a_second_is_honoured(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """An idle timeout of a fraction of a second closes a silent client with idle_timeout."""
+    client, server_side, peer = tcp_pair
+    handler = EchoHandler(server_side, peer, "1-8", settings(idle_timeout=0.3), FlagStopper())
+    started = time.monotonic()
+    handler.serve()
+    assert handler.reason == IDLE_TIMEOUT
+    assert 0.25 <= time.monotonic() - started < 5
+    assert client.recv(1) == b""
+
+
+def test_shared_descriptor_is_shut_down_so_the_client_sees_the_end(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """With another descriptor of the socket open (process mode), finish shuts the connection
+    down, so the client gets its EOF although that descriptor stays open."""
+    client, server_side, peer = tcp_pair
+    other = server_side.dup()
+    try:
+        handler = EchoHandler(
+            server_side, peer, "1-9", settings(), FlagStopper(), shared_descriptor=True
+        )
+        thread = serve_in_thread(handler)
+        client.sendall(b"ping")
+        assert client.recv(4) == b"ping"
+        client.shutdown(socket.SHUT_WR)
+        thread.join(10)
+        assert handler.reason == CLIENT_CLOSED
+        assert client.recv(1) == b""
+        with pytest.raises(OSError):
+            other.send(b"late")
+    finally:
+        other.close()
+
+
+def slow_write(
+    tcp_pair: tuple[socket.socket, socket.socket, Any], write_timeout: float
+) -> tuple[EchoHandler, threading.Thread, socket.socket]:
+    """A handler stuck in its slow path: the client sent 4 MiB and reads none of the echo."""
+    client, server_side, peer = tcp_pair
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    handler = EchoHandler(
+        server_side,
+        peer,
+        "1-10",
+        settings(buffer_size=4 << 20, write_timeout=write_timeout),
+        FlagStopper(),
+    )
+    thread = serve_in_thread(handler)
+    sender = threading.Thread(target=lambda: _send_quietly(client, b"z" * (4 << 20)))
+    sender.daemon = True
+    sender.start()
+    # In the slow path: the first send took part of a read, the rest waits for the client.
+    wait_for(lambda: 0 < handler.bytes_out < handler.bytes_in, 10, what="a partial send")
+    return handler, thread, client
+
+
+def queued(sock: socket.socket) -> int:
+    """Bytes in the socket's send queue, not yet acknowledged by the peer."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0]  # type: ignore[no-any-return]
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass  # the handler gave up on this client, as the test wants
+
+
+def test_a_reset_during_a_slow_write_ends_with_reset(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """A client that resets while the handler is still writing its echo ends with reason
+    reset and the OS's words for it."""
+    client, server_side, peer = tcp_pair
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    handler = EchoHandler(server_side, peer, "1-12", settings(buffer_size=4 << 20), FlagStopper())
+    thread = serve_in_thread(handler)
+    sender = threading.Thread(target=lambda: _send_quietly(client, b"r" * (1 << 20)), daemon=True)
+    sender.start()
+    # The first send has queued part of a read and waits for room: a reset now cuts it short.
+    wait_for(lambda: handler.bytes_in > 0 and queued(server_side) > 0, 10, what="a blocked send")
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert handler.reason == RESET
+    assert handler.error in ("[Errno 104] Connection reset by peer", "[Errno 32] Broken pipe")
+
+
+def test_write_timeout_bounds_the_whole_slow_write(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """A client that takes its echo a trickle at a time cannot stretch a write past
+    write_timeout: the handler ends it with write_timeout although each bit moved."""
+    handler, thread, client = slow_write(tcp_pair, 0.5)
+    started = time.monotonic()
+    client.settimeout(0.05)
+    deadline = started + 10
+    while thread.is_alive() and time.monotonic() < deadline:
+        try:
+            client.recv(512)  # a trickle: enough for the handler to make progress
+        except TimeoutError:
+            pass
+        except OSError:
+            break
+        thread.join(0.05)
+    assert not thread.is_alive()
+    assert handler.reason == WRITE_TIMEOUT
+    assert time.monotonic() - started < 5
+
+
+def test_the_send_timeout_is_restored_after_a_slow_write(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """After the slow path has sent everything, the socket's send timeout is write_timeout
+    again, not what was left of it."""
+    client, server_side, peer = tcp_pair
+    handler = EchoHandler(server_side, peer, "1-11", settings(write_timeout=7.0), FlagStopper())
+    handler.setup()
+    data = b"w" * 100_000
+    reader = threading.Thread(target=lambda: _recv_exactly(client, len(data)), daemon=True)
+    reader.start()
+    handler._send_rest(memoryview(data), time.monotonic())
+    reader.join(10)
+    assert handler.bytes_out == len(data)
+    assert timeouts(server_side)[1] == about(7.0)
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> None:
+    got = 0
+    while got < size:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return
+        got += len(chunk)
