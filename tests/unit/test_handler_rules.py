@@ -28,6 +28,7 @@ from echod.handler import (
     EchoHandler,
     HandlerSettings,
     peer_fields,
+    timeval,
 )
 from tests.support import wait_for
 
@@ -91,6 +92,12 @@ def timeouts(sock: socket.socket) -> tuple[float, float]:
 def about(seconds: float) -> Any:
     """A timeout as the kernel keeps it: rounded up to its clock tick (at most 10 ms)."""
     return pytest.approx(seconds, abs=0.011)
+
+
+def test_timeval_never_rounds_up_to_a_whole_second() -> None:
+    """Just under a second gives 999999 microseconds, never 1000000 (which the kernel refuses)."""
+    assert struct.unpack("@ll", timeval(0.9999995)) == (0, 999999)
+    assert struct.unpack("@ll", timeval(2.9999995)) == (2, 999999)
 
 
 def test_peer_fields_of_a_one_element_tuple() -> None:
@@ -232,24 +239,96 @@ def test_shared_descriptor_is_shut_down_so_the_client_sees_the_end(
     tcp_pair: tuple[socket.socket, socket.socket, Any],
 ) -> None:
     """With another descriptor of the socket open (process mode), finish shuts the connection
-    down, so the client gets its EOF although that descriptor stays open."""
+    down, so a client that went idle gets its EOF although that descriptor stays open."""
     client, server_side, peer = tcp_pair
     other = server_side.dup()
     try:
         handler = EchoHandler(
-            server_side, peer, "1-9", settings(), FlagStopper(), shared_descriptor=True
+            server_side,
+            peer,
+            "1-9",
+            settings(idle_timeout=0.05),
+            FlagStopper(),
+            shared_descriptor=True,
         )
-        thread = serve_in_thread(handler)
-        client.sendall(b"ping")
-        assert client.recv(4) == b"ping"
-        client.shutdown(socket.SHUT_WR)
-        thread.join(10)
-        assert handler.reason == CLIENT_CLOSED
+        handler.serve()
+        assert handler.reason == IDLE_TIMEOUT
+        client.settimeout(5)
         assert client.recv(1) == b""
         with pytest.raises(OSError):
             other.send(b"late")
     finally:
         other.close()
+
+
+def test_serving_without_connection_logs_returns_cleanly(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """With log.connections off, serve echoes and returns without a close event to write."""
+    client, server_side, peer = tcp_pair
+    client.sendall(b"abc")
+    client.shutdown(socket.SHUT_WR)
+    handler = EchoHandler(server_side, peer, "1-13", settings(log_connections=False), FlagStopper())
+    with capture_logs() as logs:
+        assert handler.serve() is None
+    assert (handler.reason, logs) == (CLIENT_CLOSED, [])
+    assert client.recv(3) == b"abc"
+
+
+def blocked_one_byte_at_a_time(
+    tcp_pair: tuple[socket.socket, socket.socket, Any], write_timeout: float
+) -> tuple[EchoHandler, threading.Thread, socket.socket]:
+    """A handler that reads one byte at a time from a client that sends and never reads, so
+    that it ends up blocked sending a byte that cannot be sent at all."""
+    client, server_side, peer = tcp_pair
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    handler = EchoHandler(
+        server_side,
+        peer,
+        "1-14",
+        settings(buffer_size=1, write_timeout=write_timeout),
+        FlagStopper(),
+    )
+    thread = serve_in_thread(handler)
+    sender = threading.Thread(target=lambda: _send_quietly(client, b"o" * (1 << 20)), daemon=True)
+    sender.start()
+    return handler, thread, client
+
+
+def test_a_byte_that_cannot_be_sent_ends_with_write_timeout(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """When not one byte of the echo can be sent within write_timeout, the connection ends
+    with write_timeout, that byte read but not echoed."""
+    handler, thread, _ = blocked_one_byte_at_a_time(tcp_pair, 0.2)
+    thread.join(20)
+    assert not thread.is_alive()
+    assert handler.reason == WRITE_TIMEOUT
+    assert handler.bytes_in == handler.bytes_out + 1
+
+
+def test_a_reset_while_blocked_sending_ends_with_reset(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """A client that resets while the handler waits to send it a byte ends with reason reset."""
+    handler, thread, client = blocked_one_byte_at_a_time(tcp_pair, 0.0)
+    last = [-1]
+
+    def stalled() -> bool:
+        # No byte echoed since the last look (2 ms or more ago), one read and not yet sent.
+        now = handler.bytes_out
+        same = now == last[0]
+        last[0] = now
+        return same and handler.bytes_in == now + 1
+
+    wait_for(stalled, 10, what="the handler blocked in send")
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert handler.reason == RESET
+    assert handler.error in ("[Errno 104] Connection reset by peer", "[Errno 32] Broken pipe")
 
 
 def slow_write(
