@@ -7,6 +7,7 @@ These are the checks the mutation run (``make mutation``) found missing.
 from __future__ import annotations
 
 import fcntl
+import signal
 import socket
 import struct
 import termios
@@ -334,9 +335,10 @@ def test_a_reset_while_blocked_sending_ends_with_reset(
 def slow_write(
     tcp_pair: tuple[socket.socket, socket.socket, Any], write_timeout: float
 ) -> tuple[EchoHandler, threading.Thread, socket.socket]:
-    """A handler stuck in its slow path: the client sent 4 MiB and reads none of the echo."""
+    """A handler in its slow path: its first read is far larger than the client's window and
+    the client reads none of the echo, so the first send returns part-way at write_timeout."""
     client, server_side, peer = tcp_pair
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    server_side.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     handler = EchoHandler(
         server_side,
@@ -345,11 +347,11 @@ def slow_write(
         settings(buffer_size=4 << 20, write_timeout=write_timeout),
         FlagStopper(),
     )
-    thread = serve_in_thread(handler)
     sender = threading.Thread(target=lambda: _send_quietly(client, b"z" * (4 << 20)))
     sender.daemon = True
     sender.start()
-    # In the slow path: the first send took part of a read, the rest waits for the client.
+    wait_for(lambda: waiting(server_side) >= 256 << 10, 10, what="256 KiB to read")
+    thread = serve_in_thread(handler)
     wait_for(lambda: 0 < handler.bytes_out < handler.bytes_in, 10, what="a partial send")
     return handler, thread, client
 
@@ -357,6 +359,11 @@ def slow_write(
 def queued(sock: socket.socket) -> int:
     """Bytes in the socket's send queue, not yet acknowledged by the peer."""
     return struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0]  # type: ignore[no-any-return]
+
+
+def waiting(sock: socket.socket) -> int:
+    """Bytes received on the socket and not yet read."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]  # type: ignore[no-any-return]
 
 
 def _send_quietly(sock: socket.socket, data: bytes) -> None:
@@ -398,7 +405,7 @@ def test_write_timeout_bounds_the_whole_slow_write(
     deadline = started + 10
     while thread.is_alive() and time.monotonic() < deadline:
         try:
-            client.recv(512)  # a trickle: enough for the handler to make progress
+            client.recv(65536)  # paced by the join below: enough for a write to progress
         except TimeoutError:
             pass
         except OSError:
@@ -407,6 +414,127 @@ def test_write_timeout_bounds_the_whole_slow_write(
     assert not thread.is_alive()
     assert handler.reason == WRITE_TIMEOUT
     assert time.monotonic() - started < 5
+
+
+def interrupted_send(
+    tcp_pair: tuple[socket.socket, socket.socket, Any], then: Any, write_timeout: float = 1.0
+) -> tuple[EchoHandler, socket.socket]:
+    """Serve in this (the main) thread a client that sends 1 MiB without reading; once the
+    first send is blocked, interrupt it with a signal, so that it returns having sent part of
+    its bytes, early, then run ``then(client, handler)`` from a helper thread."""
+    client, server_side, peer = tcp_pair
+    server_side.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    handler = EchoHandler(
+        server_side,
+        peer,
+        "1-15",
+        settings(buffer_size=1 << 20, write_timeout=write_timeout),
+        FlagStopper(),
+    )
+    main = threading.main_thread().ident
+    assert main is not None and main == threading.get_ident()
+    sender = threading.Thread(target=lambda: _send_quietly(client, b"s" * (1 << 20)))
+    sender.daemon = True
+    sender.start()
+    # A first read far larger than the client's window, so that its echo must block.
+    wait_for(lambda: waiting(server_side) >= 256 << 10, 10, what="256 KiB to read")
+
+    def helper() -> None:
+        wait_for(
+            lambda: handler.bytes_in > 0 and handler.bytes_out == 0 and queued(server_side) > 0,
+            10,
+            what="the first send blocked",
+        )
+        signal.pthread_kill(main, signal.SIGUSR1)
+        wait_for(lambda: handler.bytes_out > 0, 10, what="the interrupted send")
+        then(client, handler)
+
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    try:
+        worker = threading.Thread(target=helper, daemon=True)
+        worker.start()
+        handler.serve()
+        SERVED.set()
+        worker.join(10)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        SERVED.clear()
+    return handler, client
+
+
+SERVED = threading.Event()  # set when interrupted_send's handler has returned
+
+
+@pytest.mark.parametrize("write_timeout", [1.0, 0.0])
+def test_an_interrupted_send_goes_on_within_write_timeout(
+    tcp_pair: tuple[socket.socket, socket.socket, Any], write_timeout: float
+) -> None:
+    """A send cut short by a signal goes on with the rest, under what is left of
+    write_timeout (or without limit when it is 0): a client that then reads gets its whole
+    echo."""
+    received = bytearray()
+
+    def read_all(client: socket.socket, handler: EchoHandler) -> None:
+        while len(received) < 1 << 20:
+            chunk = client.recv(1 << 20)
+            if not chunk:
+                return
+            received.extend(chunk)
+        client.shutdown(socket.SHUT_WR)
+
+    handler, _ = interrupted_send(tcp_pair, read_all, write_timeout)
+    assert handler.reason == CLIENT_CLOSED
+    assert handler.bytes_in == handler.bytes_out == len(received) == 1 << 20
+
+
+def test_a_reset_after_an_interrupted_send_ends_with_reset(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """A client that resets while the rest of an interrupted send waits ends with reason
+    reset and the OS's words for it."""
+
+    def reset(client: socket.socket, handler: EchoHandler) -> None:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+
+    handler, _ = interrupted_send(tcp_pair, reset)
+    assert handler.reason == RESET
+    assert handler.error in ("[Errno 104] Connection reset by peer", "[Errno 32] Broken pipe")
+
+
+def test_the_rest_of_an_interrupted_send_keeps_the_deadline(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """After a signal cut a send short, the rest must go within what is left of
+    write_timeout: a client that takes nothing more is closed with write_timeout in time."""
+    started = time.monotonic()
+    handler, _ = interrupted_send(tcp_pair, lambda client, handler: None)
+    assert handler.reason == WRITE_TIMEOUT
+    assert time.monotonic() - started < 5
+
+
+def test_the_rest_of_an_interrupted_send_is_sent_bit_by_bit(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """A client that takes the rest of an interrupted send slowly gets it a part at a time
+    until write_timeout runs out, then the connection ends with write_timeout."""
+
+    def trickle(client: socket.socket, handler: EchoHandler) -> None:
+        client.settimeout(0.05)
+        deadline = time.monotonic() + 15
+        while not SERVED.is_set() and time.monotonic() < deadline:
+            try:
+                client.recv(16384)
+            except TimeoutError:
+                pass
+            except OSError:
+                return
+            SERVED.wait(0.05)  # paces the client: about 300 KB a second
+
+    handler, _ = interrupted_send(tcp_pair, trickle)
+    assert handler.reason == WRITE_TIMEOUT
+    assert 0 < handler.bytes_out < handler.bytes_in
 
 
 def test_the_send_timeout_is_restored_after_a_slow_write(
