@@ -416,6 +416,16 @@ def write_report(
     for module in PENDING:
         if module not in results:
             lines.append(f"| `{module}` | pending: joins `MODULES` once it lands | | | | | | |")
+    lines += ["", "## The tests each module is run against", ""]
+    for module in results:
+        lines.append(f"- `{module}`: " + ", ".join(f"`{t}`" for t in MODULES[module]))
+    lines += [
+        "",
+        "`config.py` is pure functions over text, so its unit tests reach every path the CLI",
+        "does; the handler and admission are also run against real `python -m echod`",
+        "processes, where only they reveal a mutant (the process mode's shared descriptor,",
+        "counts shared by forked workers). Pending modules join `MODULES` when they land.",
+    ]
     for module, entries in used.items():
         lines += ["", f"## Equivalent mutants of `{module}`", ""]
         lines += [f"- `{key}`: {why}" for key, why in entries] or ["None."]
