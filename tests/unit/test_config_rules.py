@@ -135,6 +135,7 @@ def test_a_bound_with_a_fraction_is_written_as_is() -> None:
         ("metrics", "a:65536", ("has a port that is not an integer from 0 to 65535", "")),
         ("metrics", "[x]:1", ("has an invalid IPv6 address in brackets", "")),
         ("metrics", "::1:80", ("is ambiguous", 'write an IPv6 address as "[addr]:port"')),
+        ("metrics", "[::1:80", ("is ambiguous", 'write an IPv6 address as "[addr]:port"')),
         ("metrics", "a_b:80", ("is not a valid IP address or host name", "")),
         ("host", "[::1]", ("is not a valid address", "write an IPv6 address without brackets")),
         ("host", "", ("is not a valid IP address or host name", "")),
@@ -167,6 +168,8 @@ def test_convert_refuses_with_the_exact_problem(
         ("allow", [], ()),
         ("allow", ("10.0.0.0/8", "::1"), ("10.0.0.0/8", "::1")),
         ("metrics", "[::1]:0", "[::1]:0"),
+        ("metrics", "[::ffff:10.0.0.1]:80", "[::ffff:10.0.0.1]:80"),
+        ("allow", ["10.0.0.1/8"], ("10.0.0.1/8",)),
         ("metrics", "127.0.0.1:65535", "127.0.0.1:65535"),
         ("metrics", "metrics.example:9107", "metrics.example:9107"),
         ("mode", "async", "async"),
@@ -266,6 +269,7 @@ def test_show_value_keeps_exactly_sixty_characters() -> None:
         ([1], "a list"),
         ({"a": 1}, "a mapping"),
         (datetime.date(2026, 1, 1), "a date"),
+        (datetime.datetime(2026, 1, 1, 10, 0), "a date"),
         ({1}, "a set"),
     ],
 )
@@ -448,6 +452,14 @@ def test_structural_errors_word_for_word(
         rule,
         "f.yaml",
     )
+
+
+def test_text_without_a_path_is_named_string() -> None:
+    """Text parsed without a path is called <string> in its messages."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config("port: x\n")
+    assert str(caught.value).startswith("<string>:1:7: port: 'x' is a string")
+    assert caught.value.path == "<string>"
 
 
 def test_empty_text_has_no_line() -> None:
