@@ -570,8 +570,8 @@ def test_syntax_errors_word_for_word(loader: type, text: str, expected: dict[str
 
 def test_a_bad_character_on_a_later_line_is_placed(loader: type) -> None:
     """A character YAML does not allow is reported at its own line and column."""
-    found = error('port: 1\nhost: "ab\x07"\n')
-    assert str(found) == "f.yaml:2:10: syntax error: character 0x7 is not allowed in YAML"
+    found = error('port: 1\nbacklog: 2\nhost: "ab\x07"\n')
+    assert str(found) == "f.yaml:3:10: syntax error: character 0x7 is not allowed in YAML"
 
 
 class _FailingLoader(yaml.SafeLoader):
@@ -622,6 +622,22 @@ def test_a_file_of_exactly_the_limit_is_read(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(str(path))
     assert str(caught.value) == f"{path}: cannot read: larger than 1048576 bytes"
+
+
+def test_an_endless_file_is_cut_at_the_limit() -> None:
+    """An endless file (a device) is read only up to the limit, then refused."""
+    with pytest.raises(ConfigError) as caught:
+        load_config("/dev/zero")
+    assert str(caught.value) == "/dev/zero: cannot read: larger than 1048576 bytes"
+
+
+def test_bad_utf8_on_a_later_line(tmp_path: Path) -> None:
+    """A bad byte is placed at its own line, and at its column within that line."""
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"port: 1\nbacklog: 2\nhost: caf\xe9\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert str(caught.value) == f"{path}:3:10: cannot read: not UTF-8 text (byte 0xe9)"
 
 
 def test_a_byte_order_mark_is_skipped(tmp_path: Path) -> None:
