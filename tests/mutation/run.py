@@ -368,6 +368,17 @@ def load_equivalent() -> dict[str, dict[str, str]]:
     return {module: dict(entries or {}) for module, entries in data.items()}
 
 
+def _why(key: str, known: dict[str, str]) -> str | None:
+    """Why mutant ``key`` is equivalent, or None; an entry ending in "..." stands for every
+    key that starts with the text before it (all the mutants of one unreachable line)."""
+    if key in known:
+        return known[key]
+    for entry, why in known.items():
+        if entry.endswith("...") and key.startswith(entry[:-3]):
+            return why
+    return None
+
+
 def _rate(killed: int, total: int) -> str:
     return f"{100 * killed / total:.1f} %" if total else "-"
 
@@ -403,10 +414,11 @@ def write_report(
     for module, found in results.items():
         counts = Counter(r.status for r in found)
         known = equivalent.get(module, {})
-        left = [r for r in found if r.status == "survived" and r.mutant.key not in known]
-        same = [r for r in found if r.status == "survived" and r.mutant.key in known]
+        why = {r.mutant.key: _why(r.mutant.key, known) for r in found if r.status == "survived"}
+        left = [r for r in found if r.status == "survived" and why[r.mutant.key] is None]
+        same = [r for r in found if r.status == "survived" and why[r.mutant.key] is not None]
         survivors[module] = left
-        used[module] = [(r.mutant.key, known[r.mutant.key]) for r in same]
+        used[module] = [(r.mutant.key, str(why[r.mutant.key])) for r in same]
         dead = counts["killed"] + counts["timeout"]
         lines.append(
             f"| `{module}` | {len(found)} | {counts['killed']} | {counts['timeout']} |"
