@@ -26,6 +26,7 @@ import argparse
 import ctypes
 import dataclasses
 import difflib
+import json
 import os
 import select
 import shutil
@@ -359,6 +360,34 @@ def run_mutants(
                 yield Result(slot.mutant, status, seconds)
 
 
+def _saved(module: str) -> Path:
+    return WORK / "results" / (module.replace("/", "_") + ".json")
+
+
+def save_results(module: str, found: list[Result]) -> None:
+    """Keep a module's results, so that a run of one module leaves the others' rows as they
+    were in the report."""
+    rows = [
+        {**dataclasses.asdict(r.mutant), "source": "", "status": r.status, "seconds": r.seconds}
+        for r in found
+    ]
+    path = _saved(module)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows))
+
+
+def load_results(module: str) -> list[Result] | None:
+    try:
+        rows = json.loads(_saved(module).read_text())
+    except (OSError, ValueError):
+        return None
+    results = []
+    for row in rows:
+        status, seconds = row.pop("status"), row.pop("seconds")
+        results.append(Result(Mutant(**row), status, seconds))
+    return results
+
+
 # -- the report -------------------------------------------------------------------------------
 
 
@@ -395,6 +424,7 @@ def write_report(
         "",
         "Written by `make mutation` (`tests/mutation/run.py`); do not edit by hand.",
         f"Last run: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {seconds / 60:.1f} min"
+        f" on {os.cpu_count()} cores, two runs at a time"
         + (f", every {sample}th mutant only" if sample > 1 else "")
         + ".",
         "",
@@ -501,12 +531,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"  {result.status}: line {result.mutant.line}: {result.mutant.key}")
             counts = Counter(r.status for r in found)
             print(f"  {dict(counts)} in {sum(r.seconds for r in found):.0f} s of runs")
+            if args.match == "" and args.sample == 1 and not args.tests:
+                save_results(module, found)
             for slot in slots:  # leave every copy unmutated for the next module
                 (slot.work / module).write_text((ROOT / module).read_text())
     finally:
         _reap_leftovers(None, set())
     elapsed = time.monotonic() - started
     if args.out:
+        for module in MODULES:  # the rows of modules not run this time, from their last run
+            if module not in results and (ROOT / module).exists():
+                earlier = load_results(module)
+                if earlier is not None:
+                    results[module] = earlier
         write_report(args.out, results, load_equivalent(), elapsed, args.sample)
         print(f"wrote {args.out}")
     return 0

@@ -434,6 +434,12 @@ def test_config_error_str_and_attributes() -> None:
             "a plain YAML value",
         ),
         (
+            "allow:\n  - !!int x\n",
+            "2:5: allow: cannot read the value: invalid literal for int() with base 10: 'x'",
+            "allow",
+            "a plain YAML value",
+        ),
+        (
             "{a: 1}: 2\n",
             "1:1: a mapping was found where a setting name belongs",
             None,
@@ -473,13 +479,14 @@ def test_empty_text_has_no_line() -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "message", "value", "rule"),
+    ("text", "message", "value", "rule", "key"),
     [
         (
             "log:\n  target: file\n",
             "2:11: log.target: 'file' needs log.file to name the file (set log.file to a path)",
             "file",
             "log.file set when log.target is file",
+            "log.target",
         ),
         (
             "proxy_protocol: v1\n",
@@ -487,6 +494,7 @@ def test_empty_text_has_no_line() -> None:
             " to send the header",
             "v1",
             "proxy_trusted not empty when proxy_protocol is on",
+            "proxy_protocol",
         ),
         (
             "workers: 4\nmax_connections: 3\n",
@@ -494,19 +502,21 @@ def test_empty_text_has_no_line() -> None:
             " it is split across the workers, each needs at least one)",
             3,
             "max_connections >= workers",
+            "max_connections",
         ),
     ],
 )
 def test_rules_across_settings_word_for_word(
-    text: str, message: str, value: object, rule: str
+    text: str, message: str, value: object, rule: str, key: str
 ) -> None:
     """A rule that spans settings names the deciding value, where it was written, and why."""
     found = error(text)
-    assert (str(found), found.value, found.rule, found.has_value) == (
+    assert (str(found), found.value, found.rule, found.has_value, found.key) == (
         f"f.yaml:{message}",
         value,
         rule,
         True,
+        key,
     )
 
 
@@ -692,6 +702,7 @@ def test_a_dangling_default_link_is_still_returned(tmp_path: Path) -> None:
         ("thread", "thread"),
         ("/run/echod/echod.pid", "/run/echod/echod.pid"),
         ("_a.b-c", "_a.b-c"),
+        ("Ab_C", "Ab_C"),
         ("127.0.0.1", '"127.0.0.1"'),
         ("yes", '"yes"'),
         ("null", '"null"'),
@@ -785,6 +796,36 @@ def test_yaml_lines_open_nested_sections_once(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(config, "SECTIONS", {"a": "Section A."})
     undocumented = list(iter_yaml_lines(values, docs=True))
     assert undocumented[3:6] == ["", "  #", "  b:"]
+
+
+def test_yaml_lines_reopen_only_what_differs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A setting in a sibling sub-section opens that sub-section under the same parent."""
+    table = (Setting("a.x.y", "int", 1, "Y."), Setting("a.b.c", "int", 2, "C."))
+    monkeypatch.setattr(config, "SETTINGS", table)
+    values = {"a.x.y": 1, "a.b.c": 2}
+    assert list(iter_yaml_lines(values, docs=False)) == [
+        "a:",
+        "  x:",
+        "    y: 1",
+        "  b:",
+        "    c: 2",
+    ]
+
+
+def test_section_names_at_every_depth(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each section allows its own settings and sub-sections, whatever lies deeper elsewhere."""
+    table = (
+        Setting("a.b.c", "int", 1, "C."),
+        Setting("a.b.d", "int", 2, "D."),
+        Setting("a.e", "int", 3, "E."),
+        Setting("g.h.i", "int", 4, "I."),
+        Setting("f", "int", 5, "F."),
+    )
+    monkeypatch.setattr(config, "SETTINGS", table)
+    assert config._section_names("") == ["a", "g", "f"]
+    assert config._section_names("a") == ["b", "e"]
+    assert config._section_names("a.b") == ["c", "d"]
+    assert config._section_names("g") == ["h"]
 
 
 def test_section_names() -> None:
