@@ -408,6 +408,13 @@ def _why(key: str, known: dict[str, str]) -> str | None:
     return None
 
 
+def kill_rate(found: list[Result], known: dict[str, str]) -> float:
+    """(killed + timeout) / (mutants - equivalent), in per cent; 100 when nothing is left."""
+    dead = sum(r.status in ("killed", "timeout") for r in found)
+    same = sum(r.status == "survived" and _why(r.mutant.key, known) is not None for r in found)
+    return 100.0 * dead / (len(found) - same) if len(found) > same else 100.0
+
+
 def _rate(killed: int, total: int) -> str:
     return f"{100 * killed / total:.1f} %" if total else "-"
 
@@ -490,6 +497,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
     parser.add_argument("--out", type=Path, help="write the summary here (docs/mutation.md)")
     parser.add_argument("--verbose", action="store_true", help="show each run's pytest output")
+    parser.add_argument(
+        "--fail-under", type=float, default=0.0, help="exit 1 if a module's kill rate is lower"
+    )
     parser.add_argument("--work", type=Path, default=WORK, help="where the copies go")
     args = parser.parse_args(argv)
 
@@ -546,7 +556,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     results[module] = earlier
         write_report(args.out, results, load_equivalent(), elapsed, args.sample)
         print(f"wrote {args.out}")
-    return 0
+    equivalent = load_equivalent()
+    low = {m: kill_rate(f, equivalent.get(m, {})) for m, f in results.items()}
+    low = {m: rate for m, rate in low.items() if rate < args.fail_under}
+    for module, rate in low.items():
+        print(f"{module}: kill rate {rate:.1f} % is under {args.fail_under:g} %")
+    return 1 if low else 0
 
 
 def _preload() -> None:
