@@ -425,15 +425,26 @@ def write_report(
     equivalent: dict[str, dict[str, str]],
     seconds: float,
     sample: int,
+    *,
+    earlier: Sequence[str] = (),
 ) -> None:
     lines = [
         "# Mutation testing",
         "",
         "Written by `make mutation` (`tests/mutation/run.py`); do not edit by hand.",
-        f"Last run: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {seconds / 60:.1f} min"
-        f" on {os.cpu_count()} cores, two runs at a time"
+        (
+            f"Last run: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {seconds / 60:.1f} min"
+            f" on {os.cpu_count()} cores, two runs at a time"
+            if seconds
+            else f"Written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from kept results"
+        )
         + (f", every {sample}th mutant only" if sample > 1 else "")
-        + ".",
+        + "."
+        + (
+            " The rows of " + ", ".join(f"`{m}`" for m in earlier) + " are from an earlier run."
+            if earlier and seconds
+            else ""
+        ),
         "",
         "Each mutant is one small change to one module (mutmut's operators). The tests listed",
         "in `MODULES` in `tests/mutation/run.py` run against it, integration tests included,",
@@ -495,6 +506,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--match", default="", help="only mutants whose key contains this")
     parser.add_argument("--tests", nargs="+", help="run these tests instead of the module's")
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
+    parser.add_argument(
+        "--report-only", action="store_true", help="write --out from the kept results only"
+    )
     parser.add_argument("--out", type=Path, help="write the summary here (docs/mutation.md)")
     parser.add_argument("--verbose", action="store_true", help="show each run's pytest output")
     parser.add_argument(
@@ -511,6 +525,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for module in modules:
         mutants = [m for m in make_mutants(module) if args.match in m.key]
         chosen[module] = mutants[:: args.sample]
+    if args.report_only:
+        chosen = {}
     if args.list:
         for mutants in chosen.values():
             for m in mutants:
@@ -547,14 +563,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 (slot.work / module).write_text((ROOT / module).read_text())
     finally:
         _reap_leftovers(None, set())
-    elapsed = time.monotonic() - started
+    elapsed = 0.0 if args.report_only else time.monotonic() - started
     if args.out:
+        earlier_rows = []
         for module in MODULES:  # the rows of modules not run this time, from their last run
             if module not in results and (ROOT / module).exists():
                 earlier = load_results(module)
                 if earlier is not None:
                     results[module] = earlier
-        write_report(args.out, results, load_equivalent(), elapsed, args.sample)
+                    earlier_rows.append(module)
+        write_report(
+            args.out, results, load_equivalent(), elapsed, args.sample, earlier=earlier_rows
+        )
         print(f"wrote {args.out}")
     equivalent = load_equivalent()
     low = {m: kill_rate(f, equivalent.get(m, {})) for m, f in results.items()}
