@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 COMPLETION := $(VENV)/share/bash-completion/completions/echod
 PYTEST_ARGS ?=
 
-.PHONY: help venv completion run test test-fast test-debian lint generate bench deb e2e clean
+.PHONY: help venv completion run test test-fast test-debian lint generate bench mutation deb e2e clean
 
 help:
 	@echo "make run        set up, then serve echo in the foreground on the embedded defaults"
@@ -20,6 +20,7 @@ help:
 	@echo "make lint       ruff and mypy"
 	@echo "make generate   regenerate config/echod.yaml, the README tables, echod.yaml(5), echod(8)"
 	@echo "make bench      run the benchmark suite; writes docs/bench.md and docs/bench.png"
+	@echo "make mutation   mutation testing of config, handler, admission; writes docs/mutation.md"
 	@echo "make deb        build dist/echod_<version>_all.deb"
 
 $(STAMP): setup.cfg pyproject.toml bench/requirements.txt
@@ -64,6 +65,12 @@ generate: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run.py --out docs
 
+# Niced, two runs at a time: the machine is shared. MUTATION_ARGS narrows it, for example
+# MUTATION_ARGS="--module echod/handler.py --sample 5".
+MUTATION_ARGS ?=
+mutation: $(STAMP)
+	nice -n 15 $(PY) tests/mutation/run.py --jobs 2 --out docs/mutation.md $(MUTATION_ARGS)
+
 deb:
 	bash packaging/build-deb.sh
 
@@ -71,4 +78,4 @@ e2e: $(STAMP)
 	ECHOD_DEB=$$(bash packaging/build-deb.sh) $(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .mutation

@@ -1,0 +1,870 @@
+"""The exact rules and messages of echod.config, one branch at a time.
+
+Each test pins a value (a message, a bound, a formatted scalar), so that a changed comparison,
+number or string in the module makes it fail: these are the tests the mutation run
+(``make mutation``) found missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from echod import config
+from echod.config import (
+    SETTINGS,
+    ConfigError,
+    InvalidValueError,
+    Setting,
+    default_config,
+    dump_config,
+    iter_yaml_lines,
+    load_config,
+    parse_config,
+    resolve_config_path,
+    show_value,
+    split_endpoint,
+    yaml_scalar,
+)
+
+LOADERS = [yaml.SafeLoader] + ([yaml.CSafeLoader] if hasattr(yaml, "CSafeLoader") else [])
+BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@pytest.fixture(params=LOADERS, ids=lambda loader: loader.__name__)
+def loader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> type:
+    """Run a test under libyaml's loader and under the pure-Python one."""
+    monkeypatch.setattr(config, "_LOADER", request.param)
+    return request.param  # type: ignore[no-any-return]
+
+
+def problem(setting: str, value: object) -> tuple[str, str]:
+    """The (problem, hint) that ``setting`` gives for ``value``."""
+    with pytest.raises(InvalidValueError) as caught:
+        BY_NAME[setting].convert(value)
+    return caught.value.problem, caught.value.hint
+
+
+def error(text: str, path: str = "f.yaml") -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, path)
+    return caught.value
+
+
+# -- Setting: names, rules, conversion -------------------------------------------------------
+
+
+def test_key_and_section_split_the_dotted_name() -> None:
+    """A dotted name splits into its section and key; a top-level one has no section."""
+    level, port = BY_NAME["log.level"], BY_NAME["port"]
+    assert (level.section, level.key) == ("log", "level")
+    assert (port.section, port.key) == ("", "port")
+
+
+@pytest.mark.parametrize(
+    ("name", "rule", "expects"),
+    [
+        ("port", "an integer from 0 to 65535", "an integer"),
+        ("thread_stack_size", "0, or an integer from 32768 to 67108864", "an integer"),
+        ("idle_timeout", "a number >= 0", "a number"),
+        ("worker_timeout", "a number > 0", "a number"),
+        ("udp", "true or false", "a boolean"),
+        ("mode", "one of thread, process, async", "a string"),
+        ("host", "an IP address or a host name", "a string"),
+        ("allow", "a list of IP addresses and CIDR blocks (IPv4 or IPv6)", "a list"),
+        (
+            "metrics",
+            'an address and port as "host:port" ("[::1]:port" for IPv6), or null',
+            "a string",
+        ),
+        ("pidfile", "an absolute path, or null", "a string"),
+        ("log.file", "an absolute path, or null", "a string"),
+    ],
+)
+def test_rule_and_expected_type_in_words(name: str, rule: str, expects: str) -> None:
+    """Each kind of setting states its rule and its expected type exactly."""
+    assert (BY_NAME[name].rule, BY_NAME[name].expects) == (rule, expects)
+
+
+def test_a_bound_with_a_fraction_is_written_as_is() -> None:
+    """A fractional bound is shown with its fraction, a whole one without ".0", none as "?"."""
+    assert Setting("x", "number", 1.0, "X.", minimum=0.5).rule == "a number >= 0.5"
+    assert Setting("x", "number", 1.0, "X.", minimum=2.0).rule == "a number >= 2"
+    assert Setting("x", "int", 1, "X.").rule == "an integer from ? to ?"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("port", None, ("is not allowed", "")),
+        ("port", True, ("is a boolean, not an integer", "")),
+        ("port", 1.5, ("is a decimal number, not an integer", "")),
+        ("port", "80", ("is a string, not an integer", "")),
+        ("port", -1, ("is out of range", "")),
+        ("port", 65536, ("is out of range", "")),
+        ("idle_timeout", False, ("is a boolean, not a number", "")),
+        ("idle_timeout", "1", ("is a string, not a number", "")),
+        ("idle_timeout", 10**400, ("is out of range", "")),
+        ("idle_timeout", float("inf"), ("is not a finite number", "")),
+        ("idle_timeout", float("nan"), ("is not a finite number", "")),
+        ("idle_timeout", -0.5, ("is out of range", "")),
+        ("worker_timeout", 0, ("is out of range", "")),
+        ("worker_timeout", 0.0, ("is out of range", "")),
+        ("thread_stack_size", 32767, ("is out of range", "")),
+        ("thread_stack_size", 64 * 1024 * 1024 + 1, ("is out of range", "")),
+        ("udp", 1, ("is an integer, not a boolean", "")),
+        ("udp", "true", ("is a string, not a boolean", "")),
+        ("mode", 1, ("is an integer, not a string", "")),
+        ("mode", "treads", ("is not a valid choice", "did you mean 'thread'?")),
+        ("mode", "zzz", ("is not a valid choice", "")),
+        ("pidfile", "", ("is empty", "")),
+        ("pidfile", "/run/a\0b", ("contains a NUL character", "")),
+        ("pidfile", "run/echod.pid", ("is not an absolute path", "")),
+        ("allow", "10.0.0.1", ("is a string, not a list", "")),
+        ("allow", ["10.0.0.1", 7], ("item 2 7 is an integer, not a string", "")),
+        ("allow", ["x"], ("item 1 'x' is not an IP address or CIDR block", "")),
+        ("metrics", "localhost", ("has no port", 'write it as "host:port"')),
+        ("metrics", ":9107", ("has no port", 'write it as "host:port"')),
+        ("metrics", "a:", ("has a port that is not an integer from 0 to 65535", "")),
+        ("metrics", "a:x1", ("has a port that is not an integer from 0 to 65535", "")),
+        ("metrics", "a:65536", ("has a port that is not an integer from 0 to 65535", "")),
+        ("metrics", "[x]:1", ("has an invalid IPv6 address in brackets", "")),
+        ("metrics", "::1:80", ("is ambiguous", 'write an IPv6 address as "[addr]:port"')),
+        ("metrics", "[::1:80", ("is ambiguous", 'write an IPv6 address as "[addr]:port"')),
+        ("metrics", "a_b:80", ("is not a valid IP address or host name", "")),
+        ("host", "[::1]", ("is not a valid address", "write an IPv6 address without brackets")),
+        ("host", "", ("is not a valid IP address or host name", "")),
+        ("host", "[::1", ("is not a valid IP address or host name", "")),
+        ("host", "::1]", ("is not a valid IP address or host name", "")),
+    ],
+)
+def test_convert_refuses_with_the_exact_problem(
+    name: str, value: object, expected: tuple[str, str]
+) -> None:
+    """Each rule refuses a bad value with its own problem and hint, word for word."""
+    assert problem(name, value) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("port", 0, 0),
+        ("port", 65535, 65535),
+        ("backlog", 1, 1),
+        ("idle_timeout", 0, 0.0),
+        ("idle_timeout", 7, 7.0),
+        ("worker_timeout", 0.001, 0.001),
+        ("thread_stack_size", 0, 0),
+        ("thread_stack_size", 32768, 32768),
+        ("thread_stack_size", 64 * 1024 * 1024, 64 * 1024 * 1024),
+        ("udp", False, False),
+        ("pidfile", None, None),
+        ("pidfile", "/run/x.pid", "/run/x.pid"),
+        ("allow", [], ()),
+        ("allow", ("10.0.0.0/8", "::1"), ("10.0.0.0/8", "::1")),
+        ("metrics", "[::1]:0", "[::1]:0"),
+        ("metrics", "[::ffff:10.0.0.1]:80", "[::ffff:10.0.0.1]:80"),
+        ("allow", ["10.0.0.1/8"], ("10.0.0.1/8",)),
+        ("metrics", "127.0.0.1:65535", "127.0.0.1:65535"),
+        ("metrics", "metrics.example:9107", "metrics.example:9107"),
+        ("mode", "async", "async"),
+    ],
+)
+def test_convert_accepts_the_edges(name: str, value: object, expected: object) -> None:
+    """The bounds themselves, 0 where it is allowed besides the range, and null where nullable
+    are accepted, and a number comes back as a float."""
+    got = BY_NAME[name].convert(value)
+    assert (type(got), got) == (type(expected), expected)
+
+
+# -- host names ------------------------------------------------------------------------------
+
+
+#: Host names of 253 and 254 characters, every label a valid 61 to 63.
+NAME_253 = ".".join(["a" * 63] * 3 + ["b" * 61])
+NAME_254 = ".".join(["a" * 63] * 3 + ["b" * 62])
+
+
+@pytest.mark.parametrize(
+    ("host", "ok"),
+    [
+        (NAME_253, True),
+        (NAME_253 + ".", True),
+        (NAME_254, False),
+        ("a" * 63 + ".example", True),
+        ("a" * 64 + ".example", False),
+        ("x.", True),
+        (".", False),
+        ("example.123", False),
+        ("123.example", True),
+        ("a-1", True),
+        ("a-", False),
+        ("::ffff:10.0.0.1", True),
+    ],
+)
+def test_host_name_limits(host: str, ok: bool) -> None:
+    """A host name is at most 253 characters (a final dot aside) in labels of at most 63,
+    and its last label is not all digits."""
+    assert (len(NAME_253), len(NAME_254)) == (253, 254)
+    setting = BY_NAME["host"]
+    if ok:
+        assert setting.convert(host) == host
+    else:
+        assert problem("host", host) == ("is not a valid IP address or host name", "")
+
+
+def test_split_endpoint_of_a_name() -> None:
+    """A host name and port split at the last colon."""
+    assert split_endpoint("metrics.example:9107") == ("metrics.example", 9107)
+
+
+# -- messages ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (None, "null"),
+        (True, "true"),
+        (False, "false"),
+        (("a", 1), "['a', 1]"),
+        (["x"], "['x']"),
+        (float("nan"), ".nan"),
+        (float("inf"), ".inf"),
+        (float("-inf"), "-.inf"),
+        (1.5, "1.5"),
+        (7, "7"),
+        (datetime.date(2026, 12, 1), "2026-12-01"),
+        ("x" * 58, repr("x" * 58)),
+        ("x" * 59, repr("x" * 57)[:57] + "..."),
+        (b"hi", "b'hi'"),
+    ],
+)
+def test_show_value(value: object, shown: str) -> None:
+    """Values are shown much as YAML writes them; a long one is cut to 60 characters."""
+    assert show_value(value) == shown
+
+
+def test_show_value_keeps_exactly_sixty_characters() -> None:
+    """A value shown in 60 characters is kept whole; 61 are cut to 57 and an ellipsis."""
+    assert show_value("y" * 58) == "'" + "y" * 58 + "'"
+    assert len(show_value("y" * 58)) == 60
+    assert show_value("y" * 59) == "'" + "y" * 56 + "..."
+
+
+@pytest.mark.parametrize(
+    ("value", "described"),
+    [
+        (None, "null"),
+        (True, "a boolean"),
+        (1, "an integer"),
+        (1.5, "a decimal number"),
+        ("s", "a string"),
+        (b"b", "binary data"),
+        ([1], "a list"),
+        ({"a": 1}, "a mapping"),
+        (datetime.date(2026, 1, 1), "a date"),
+        (datetime.datetime(2026, 1, 1, 10, 0), "a date"),
+        ({1}, "a set"),
+    ],
+)
+def test_describe_names_each_yaml_type(value: object, described: str) -> None:
+    """Each type YAML can give is named as a person would say it."""
+    assert config._describe(value) == described
+
+
+def test_config_error_str_and_attributes() -> None:
+    """str() is path:line:column: message on one line; each part may be missing."""
+    full = ConfigError("a\nb", path="/p", line=3, column=4, key="k", value=None, rule="r")
+    assert str(full) == "/p:3:4: a b"
+    assert (full.message, full.key, full.rule, full.has_value, full.value) == (
+        "a\nb",
+        "k",
+        "r",
+        True,
+        None,
+    )
+    assert str(ConfigError("m", path="/p", line=3)) == "/p:3: m"
+    assert str(ConfigError("m", line=3, column=4)) == "<config>:3:4: m"
+    bare = ConfigError("m")
+    assert (str(bare), bare.path, bare.line, bare.column, bare.key, bare.rule) == (
+        "<config>: m",
+        None,
+        None,
+        None,
+        None,
+        "",
+    )
+    assert (bare.has_value, bare.value) == (False, None)
+    assert repr(config._NO_VALUE) == "<no value>"
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "key", "rule"),
+    [
+        (
+            "mode: treads\n",
+            "1:7: mode: 'treads' is not a valid choice"
+            " (one of thread, process, async; did you mean 'thread'?)",
+            "mode",
+            "one of thread, process, async",
+        ),
+        (
+            "port: {a: 1}\n",
+            "1:7: port: a mapping was found where an integer belongs (an integer from 0 to 65535)",
+            "port",
+            "an integer from 0 to 65535",
+        ),
+        (
+            "log: 5\n",
+            "1:6: log: 5 is a value where a mapping belongs"
+            " (a mapping with the keys format, target, file, level, connections)",
+            "log",
+            "a mapping with the keys format, target, file, level, connections",
+        ),
+        (
+            "log: [json]\n",
+            "1:6: log: a list was found where a mapping belongs"
+            " (a mapping with the keys format, target, file, level, connections)",
+            "log",
+            "a mapping with the keys format, target, file, level, connections",
+        ),
+        (
+            "? [a]\n: 1\n",
+            "1:3: a list was found where a setting name belongs",
+            None,
+            "setting names are plain words",
+        ),
+        (
+            "log:\n  ? {a: 1}\n  : 1\n",
+            "2:5: a mapping was found where a setting name belongs",
+            "log",
+            "setting names are plain words",
+        ),
+        (
+            "<<: {port: 1}\n",
+            "1:1: merge keys ('<<') are not supported; write each setting out",
+            None,
+            "setting names are plain words",
+        ),
+        (
+            "log:\n  <<: {level: info}\n",
+            "2:3: merge keys ('<<') are not supported; write each setting out",
+            "log",
+            "setting names are plain words",
+        ),
+        (
+            "zzzzzz: 1\n",
+            "1:1: unknown setting 'zzzzzz' (see echod.yaml(5) for the settings)",
+            "zzzzzz",
+            "only the settings of echod.yaml(5)",
+        ),
+        (
+            "1: 1\n",
+            "1:1: unknown setting '1' (see echod.yaml(5) for the settings)",
+            "1",
+            "only the settings of echod.yaml(5)",
+        ),
+        (
+            "log:\n  host: x\n",
+            "2:3: unknown setting 'log.host' (did you mean 'host'?)",
+            "log.host",
+            "only the settings of echod.yaml(5)",
+        ),
+        (
+            "port: 1\nport: 2\n",
+            "2:1: duplicate setting 'port' (first set at line 1, column 1)",
+            "port",
+            "each setting at most once",
+        ),
+        (
+            "log:\n  level: info\n  level: info\n",
+            "3:3: duplicate setting 'log.level' (first set at line 2, column 3)",
+            "log.level",
+            "each setting at most once",
+        ),
+        (
+            "port: !!int x\n",
+            "1:7: port: cannot read the value: invalid literal for int() with base 10: 'x'",
+            "port",
+            "a plain YAML value",
+        ),
+        (
+            "log: !!int x\n",
+            "1:6: log: cannot read the value: invalid literal for int() with base 10: 'x'",
+            "log",
+            "a plain YAML value",
+        ),
+        (
+            "allow:\n  - [1]\n",
+            "2:5: allow: a list was found where a list item belongs"
+            " (a list of IP addresses and CIDR blocks (IPv4 or IPv6))",
+            "allow",
+            "a list of IP addresses and CIDR blocks (IPv4 or IPv6)",
+        ),
+        (
+            "allow: [10.0.0.1, x]\n",
+            "1:19: allow: 'x' is not an IP address or CIDR block"
+            " (a list of IP addresses and CIDR blocks (IPv4 or IPv6))",
+            "allow",
+            "a list of IP addresses and CIDR blocks (IPv4 or IPv6)",
+        ),
+        (
+            "null\n",
+            "1:1: file is empty (expected a mapping of settings)",
+            None,
+            "a mapping of settings",
+        ),
+        (
+            "- 1\n",
+            "1:1: the file holds a list where a mapping of settings belongs",
+            None,
+            "a mapping of settings",
+        ),
+        (
+            "port: !custom 1\n",
+            "1:7: port: cannot read the value: could not determine a constructor for the tag"
+            " '!custom'",
+            "port",
+            "a plain YAML value",
+        ),
+        (
+            "allow:\n  - !!int x\n",
+            "2:5: allow: cannot read the value: invalid literal for int() with base 10: 'x'",
+            "allow",
+            "a plain YAML value",
+        ),
+        (
+            "{a: 1}: 2\n",
+            "1:1: a mapping was found where a setting name belongs",
+            None,
+            "setting names are plain words",
+        ),
+    ],
+)
+def test_structural_errors_word_for_word(
+    loader: type, text: str, message: str, key: str | None, rule: str
+) -> None:
+    """Errors in the file's shape read exactly so, with the key and the rule they name."""
+    found = error(text)
+    assert (str(found), found.key, found.rule, found.path) == (
+        f"f.yaml:{message}",
+        key,
+        rule,
+        "f.yaml",
+    )
+
+
+def test_text_without_a_path_is_named_string() -> None:
+    """Text parsed without a path is called <string> in its messages."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config("port: x\n")
+    assert str(caught.value).startswith("<string>:1:7: port: 'x' is a string")
+    assert caught.value.path == "<string>"
+
+
+def test_empty_text_has_no_line() -> None:
+    """An empty file is reported against the file alone, with no line or column."""
+    found = error("")
+    assert (str(found), found.line, found.column) == (
+        "f.yaml: file is empty (expected a mapping of settings)",
+        None,
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "value", "rule", "key"),
+    [
+        (
+            "log:\n  target: file\n",
+            "2:11: log.target: 'file' needs log.file to name the file (set log.file to a path)",
+            "file",
+            "log.file set when log.target is file",
+            "log.target",
+        ),
+        (
+            "proxy_protocol: v1\n",
+            "1:17: proxy_protocol: 'v1' needs proxy_trusted to list the load balancers allowed"
+            " to send the header",
+            "v1",
+            "proxy_trusted not empty when proxy_protocol is on",
+            "proxy_protocol",
+        ),
+        (
+            "workers: 4\nmax_connections: 3\n",
+            "2:18: max_connections: 3 is less than workers (4) (max_connections >= workers:"
+            " it is split across the workers, each needs at least one)",
+            3,
+            "max_connections >= workers",
+            "max_connections",
+        ),
+    ],
+)
+def test_rules_across_settings_word_for_word(
+    text: str, message: str, value: object, rule: str, key: str
+) -> None:
+    """A rule that spans settings names the deciding value, where it was written, and why."""
+    found = error(text)
+    assert (str(found), found.value, found.rule, found.has_value, found.key) == (
+        f"f.yaml:{message}",
+        value,
+        rule,
+        True,
+        key,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "value"),
+    [
+        ("workers: 4\nmax_connections: 4\n", "max_connections", 4),
+        ("log:\n  target: file\n  file: /var/log/e.log\n", "log.file", "/var/log/e.log"),
+        ("proxy_protocol: v2\nproxy_trusted: [127.0.0.1]\n", "proxy_trusted", ("127.0.0.1",)),
+        ("log:\n  target: stdout\n", "log.target", "stdout"),
+    ],
+)
+def test_rules_across_settings_accept_the_edge(text: str, name: str, value: object) -> None:
+    """As many connections as workers, a log file named, a trusted balancer: all accepted."""
+    assert config.config_values(parse_config(text))[name] == value
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "port: [1, 2\n",
+            {
+                "SafeLoader": "2:1: syntax error: expected ',' or ']', but got '<stream end>'"
+                " (while parsing a flow sequence at line 1, column 7)",
+                "CSafeLoader": "2:1: syntax error: did not find expected ',' or ']'"
+                " (while parsing a flow sequence at line 1, column 7)",
+            },
+        ),
+        (
+            "\tport: 1\n",
+            {
+                "SafeLoader": "1:1: syntax error: found character '\\t' that cannot start any"
+                " token (while scanning for the next token)",
+                "CSafeLoader": "1:1: syntax error: found character that cannot start any token"
+                " (while scanning for the next token at line 1, column 1)",
+            },
+        ),
+        (
+            "port: *nowhere\n",
+            {
+                "SafeLoader": "1:7: syntax error: found undefined alias 'nowhere'",
+                "CSafeLoader": "1:7: syntax error: found undefined alias",
+            },
+        ),
+        (
+            'host: "a\x00b"\n',
+            {
+                "SafeLoader": "1:9: syntax error: character 0x0 is not allowed in YAML",
+                "CSafeLoader": "1:9: syntax error: character 0x0 is not allowed in YAML",
+            },
+        ),
+    ],
+)
+def test_syntax_errors_word_for_word(loader: type, text: str, expected: dict[str, str]) -> None:
+    """A YAML syntax error says what the parser found and the context it was in, and where."""
+    found = error(text)
+    assert str(found) == f"f.yaml:{expected[loader.__name__]}"
+    assert (found.key, found.rule, found.has_value) == (None, "", False)
+
+
+def test_a_bad_character_on_a_later_line_is_placed(loader: type) -> None:
+    """A character YAML does not allow is reported at its own line and column."""
+    found = error('port: 1\nbacklog: 2\nhost: "ab\x07"\n')
+    assert str(found) == "f.yaml:3:10: syntax error: character 0x7 is not allowed in YAML"
+
+
+class _FailingLoader(yaml.SafeLoader):
+    """A loader that fails without a mark, as a YAMLError that is neither kind the parser
+    raises would."""
+
+    def get_single_node(self) -> None:
+        raise yaml.YAMLError("the loader gave up")
+
+
+def test_any_other_yaml_error_is_a_syntax_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error from the loader without a position is still one line naming the file."""
+    monkeypatch.setattr(config, "_LOADER", _FailingLoader)
+    found = error("port: 1\n")
+    assert (str(found), found.line) == ("f.yaml: syntax error: the loader gave up", None)
+
+
+def test_syntax_error_without_a_problem_keeps_the_context() -> None:
+    """A parser error that has only a context reports the context, at its mark."""
+    mark = yaml.Mark("f", 0, 4, 2, None, None)
+    bare = yaml.MarkedYAMLError(context="while parsing", context_mark=mark)
+    assert str(config._syntax_error(bare, "f.yaml")) == "f.yaml:5:3: syntax error: while parsing"
+    none = yaml.MarkedYAMLError()
+    assert str(config._syntax_error(none, "f.yaml")) == "f.yaml: syntax error: not valid YAML"
+    same = yaml.MarkedYAMLError("while x", mark, "found y", mark)
+    assert str(config._syntax_error(same, "f.yaml")) == (
+        "f.yaml:5:3: syntax error: found y (while x)"
+    )
+
+
+# -- reading files ----------------------------------------------------------------------------
+
+
+def test_a_path_with_a_nul_cannot_be_read() -> None:
+    """A path with an embedded NUL is a ConfigError, not a ValueError."""
+    with pytest.raises(ConfigError) as caught:
+        load_config("/etc/echod\0.yaml")
+    assert str(caught.value) == "/etc/echod\0.yaml: cannot read: embedded null byte"
+
+
+def test_a_file_of_exactly_the_limit_is_read(tmp_path: Path) -> None:
+    """A file of exactly MAX_FILE_SIZE bytes is read; one byte more is refused, saying so."""
+    path = tmp_path / "big.yaml"
+    path.write_bytes(b"port: 7\n" + b"#" * (config.MAX_FILE_SIZE - 9) + b"\n")
+    assert os.path.getsize(path) == config.MAX_FILE_SIZE
+    assert load_config(str(path)).port == 7
+    path.write_bytes(b"port: 7\n" + b"#" * (config.MAX_FILE_SIZE - 8) + b"\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert str(caught.value) == f"{path}: cannot read: larger than 1048576 bytes"
+
+
+def test_an_endless_file_is_cut_at_the_limit() -> None:
+    """An endless file (a device) is read only up to the limit, then refused."""
+    with pytest.raises(ConfigError) as caught:
+        load_config("/dev/zero")
+    assert str(caught.value) == "/dev/zero: cannot read: larger than 1048576 bytes"
+
+
+def test_bad_utf8_on_a_later_line(tmp_path: Path) -> None:
+    """A bad byte is placed at its own line, and at its column within that line."""
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"port: 1\nbacklog: 2\nhost: caf\xe9\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert str(caught.value) == f"{path}:3:10: cannot read: not UTF-8 text (byte 0xe9)"
+
+
+def test_a_byte_order_mark_is_skipped(tmp_path: Path) -> None:
+    """A UTF-8 file that starts with a byte order mark loads as if it had none."""
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbfport: 7\n")
+    assert load_config(str(path)).port == 7
+
+
+def test_bad_utf8_on_the_first_line(tmp_path: Path) -> None:
+    """A bad byte on the first line is placed at line 1 and its column."""
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"\xff")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert (caught.value.line, caught.value.column) == (1, 1)
+    assert str(caught.value) == f"{path}:1:1: cannot read: not UTF-8 text (byte 0xff)"
+
+
+def test_a_dangling_default_link_is_still_returned(tmp_path: Path) -> None:
+    """A default path that is a broken symbolic link is returned, so that the operator is told."""
+    link = tmp_path / "echod.yaml"
+    link.symlink_to(tmp_path / "absent")
+    assert resolve_config_path(None, {}, default_path=str(link)) == str(link)
+
+
+# -- writing YAML ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (None, "null"),
+        (True, "true"),
+        (False, "false"),
+        (0, "0"),
+        (-3, "-3"),
+        (2.0, "2"),
+        (-2.0, "-2"),
+        (0.25, "0.25"),
+        (1e14, "100000000000000"),
+        (1e15, "1000000000000000.0"),
+        (-1e15, "-1000000000000000.0"),
+        (1e16, "1.0e+16"),
+        (1e20, "1.0e+20"),
+        (1e-07, "1.0e-07"),
+        (1.5e-07, "1.5e-07"),
+        (1.5e300, "1.5e+300"),
+        ((), "[]"),
+        (("10.0.0.0/8", "::1"), '["10.0.0.0/8", "::1"]'),
+        ([1, None], "[1, null]"),
+        ("thread", "thread"),
+        ("/run/echod/echod.pid", "/run/echod/echod.pid"),
+        ("_a.b-c", "_a.b-c"),
+        ("Ab_C", "Ab_C"),
+        ("127.0.0.1", '"127.0.0.1"'),
+        ("yes", '"yes"'),
+        ("null", '"null"'),
+        ("a b", '"a b"'),
+        ('a"b\\c', '"a\\"b\\\\c"'),
+        ("", '""'),
+    ],
+)
+def test_yaml_scalar_exact(value: object, text: str) -> None:
+    """Each value is written in the plainest YAML that reads back as the same value and type."""
+    assert yaml_scalar(value) == text
+    loaded = yaml.safe_load(f"v: {text}")["v"]
+    expected = list(value) if isinstance(value, tuple) else value
+    assert loaded == expected
+
+
+def test_resolves_to_str() -> None:
+    """Plain words stay strings; YAML's booleans and null do not."""
+    assert [config._resolves_to_str(t) for t in ("thread", "on", "null", "No", "x1")] == [
+        True,
+        False,
+        False,
+        False,
+        True,
+    ]
+
+
+def test_dump_of_the_defaults_line_by_line() -> None:
+    """dump_config writes one line per setting, in table order, the log settings indented
+    under one log: line."""
+    lines = dump_config(default_config()).splitlines()
+    top = [s for s in SETTINGS if not s.section]
+    assert lines[: len(top)] == [f"{s.key}: {yaml_scalar(s.default)}" for s in top]
+    assert lines[:3] == ["mode: thread", 'host: "127.0.0.1"', "port: 9999"]
+    assert lines[len(top) :] == [
+        "log:",
+        "  format: auto",
+        "  target: auto",
+        "  file: null",
+        "  level: info",
+        "  connections: true",
+    ]
+
+
+def test_documented_lines_put_the_doc_and_rule_before_each_setting() -> None:
+    """With docs, each setting follows a blank line, its doc and its rule; a section its doc."""
+    values = config.config_values(default_config())
+    lines = list(iter_yaml_lines(values, docs=True))
+    assert lines[:4] == [
+        "",
+        "# How connections are served: a thread each, a process each, or an event loop.",
+        "# Allowed: one of thread, process, async.",
+        "mode: thread",
+    ]
+    start = lines.index("log:")
+    assert lines[start - 2 : start + 5] == [
+        "",
+        "# How and where echod writes its structured logs.",
+        "log:",
+        "",
+        "  # Log line format: json, console (readable), or auto (console on a terminal, else"
+        " json).",
+        "  # Allowed: one of auto, json, console.",
+        "  format: auto",
+    ]
+
+
+def test_yaml_lines_open_nested_sections_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings two sections deep open each section once, indented by depth, and a section
+    that ends is not reopened for the settings after it."""
+    table = (
+        Setting("a.b.c", "int", 1, "C."),
+        Setting("a.b.d", "int", 2, "D."),
+        Setting("a.e", "int", 3, "E."),
+        Setting("f", "int", 4, "F."),
+    )
+    monkeypatch.setattr(config, "SETTINGS", table)
+    monkeypatch.setattr(config, "SECTIONS", {"a": "Section A.", "a.b": "Section B."})
+    values = {"a.b.c": 1, "a.b.d": 2, "a.e": 3, "f": 4}
+    assert list(iter_yaml_lines(values, docs=False)) == [
+        "a:",
+        "  b:",
+        "    c: 1",
+        "    d: 2",
+        "  e: 3",
+        "f: 4",
+    ]
+    documented = list(iter_yaml_lines(values, docs=True))
+    assert documented[:4] == ["", "# Section A.", "a:", ""]
+    assert documented[4:7] == ["  # Section B.", "  b:", ""]
+    monkeypatch.setattr(config, "SECTIONS", {"a": "Section A."})
+    undocumented = list(iter_yaml_lines(values, docs=True))
+    assert undocumented[3:6] == ["", "  #", "  b:"]
+
+
+def test_yaml_lines_reopen_only_what_differs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A setting in a sibling sub-section opens that sub-section under the same parent."""
+    table = (Setting("a.x.y", "int", 1, "Y."), Setting("a.b.c", "int", 2, "C."))
+    monkeypatch.setattr(config, "SETTINGS", table)
+    values = {"a.x.y": 1, "a.b.c": 2}
+    assert list(iter_yaml_lines(values, docs=False)) == [
+        "a:",
+        "  x:",
+        "    y: 1",
+        "  b:",
+        "    c: 2",
+    ]
+
+
+def test_section_names_at_every_depth(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each section allows its own settings and sub-sections, whatever lies deeper elsewhere."""
+    table = (
+        Setting("a.b.c", "int", 1, "C."),
+        Setting("a.b.d", "int", 2, "D."),
+        Setting("a.e", "int", 3, "E."),
+        Setting("g.h.i", "int", 4, "I."),
+        Setting("f", "int", 5, "F."),
+    )
+    monkeypatch.setattr(config, "SETTINGS", table)
+    assert config._section_names("") == ["a", "g", "f"]
+    assert config._section_names("a") == ["b", "e"]
+    assert config._section_names("a.b") == ["c", "d"]
+    assert config._section_names("g") == ["h"]
+
+
+def test_section_names() -> None:
+    """The keys allowed at the top are the top-level settings then log; in log, its keys."""
+    top = config._section_names("")
+    assert top[-1] == "log"
+    assert top[:-1] == [s.name for s in SETTINGS if not s.section]
+    assert config._section_names("log") == ["format", "target", "file", "level", "connections"]
+
+
+# -- the table check ---------------------------------------------------------------------------
+
+
+def test_table_check_notices_a_setting_out_of_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table whose top-level settings differ from Config's fields fails the import check."""
+    table = list(SETTINGS)
+    table[0], table[1] = table[1], table[0]
+    monkeypatch.setattr(config, "SETTINGS", tuple(table))
+    with pytest.raises(AssertionError) as caught:
+        config._check_table()
+    assert str(caught.value) == "SETTINGS and Config disagree"
+
+
+def test_table_check_notices_a_missing_log_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table whose log settings differ from LogConfig's fields fails the import check."""
+    monkeypatch.setattr(config, "SETTINGS", SETTINGS[:-1])
+    with pytest.raises(AssertionError) as caught:
+        config._check_table()
+    assert str(caught.value) == "SETTINGS and LogConfig disagree"
+
+
+def test_table_check_passes_the_real_table() -> None:
+    """The shipped table passes its own check."""
+    assert config._check_table() is None
+
+
+def test_config_values_follow_the_table() -> None:
+    """config_values gives every setting by dotted name, in table order, with its value."""
+    cfg = dataclasses.replace(default_config(), port=7)
+    values = config.config_values(cfg)
+    assert list(values) == [s.name for s in SETTINGS]
+    assert (values["port"], values["log.level"]) == (7, "info")
