@@ -23,9 +23,11 @@ shift
 ((EUID == 0)) || { echo "in-debian: needs root (systemd-nspawn)" >&2; exit 77; }
 tree=$(/usr/bin/python3 "$top/tests/e2e/container.py" rootfs --dev --suite "$release")
 # --as-pid2: a stub init reaps orphans and forwards signals, as PID 1 should; the tests'
-# own processes then behave as they do on a host.
+# own processes then behave as they do on a host. nspawn gives its payload a NOTIFY_SOCKET
+# (for a booted init to report to): unset, or `echod start` would take itself for a
+# systemd service and stay in the foreground.
 exec systemd-nspawn --quiet -D "$tree" -M "echod-$release-$$" --register=no --keep-unit \
     --volatile=overlay --as-pid2 --console=pipe \
     --bind-ro="$top:/src" --chdir=/src "${binds[@]}" \
     --setenv=LANG=C.UTF-8 --setenv=PYTHONDONTWRITEBYTECODE=1 --setenv=PYTHONPATH=/src \
-    -- "$@"
+    -- /usr/bin/env -u NOTIFY_SOCKET "$@"

@@ -80,6 +80,10 @@ DEV_INCLUDE: tuple[str, ...] = (
     "groff-base",
     "lintian",
 )
+#: Packages debootstrap cannot configure in its own order (lintian's many Perl modules fail
+#: with "Failure while configuring base packages" on trixie): apt-get installs them inside
+#: the fresh tree afterwards, with the host's network, before the tree is cached.
+APT_AFTER = frozenset({"lintian"})
 CACHE_DIR = Path(os.environ.get("ECHOD_E2E_CACHE", "/var/cache/echod-e2e"))
 #: Where every test container's copy of the tree lives; copies are removed after use.
 WORK_DIR = Path(os.environ.get("ECHOD_E2E_WORKDIR", "/var/tmp"))
@@ -207,7 +211,9 @@ def cached_rootfs(
         ensure_host_tools()
         scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=CACHE_DIR))
         try:
-            _debootstrap(scratch / "rootfs", include, timeout, suite)
+            first = [p for p in include if p not in APT_AFTER]
+            _debootstrap(scratch / "rootfs", first, timeout, suite)
+            _apt_install(scratch / "rootfs", [p for p in include if p in APT_AFTER], timeout)
             _prepare(scratch / "rootfs")
             shutil.rmtree(target, ignore_errors=True)
             (scratch / "rootfs").rename(target)
@@ -238,6 +244,32 @@ def _debootstrap(rootfs: Path, include: Sequence[str], timeout: float, suite: st
         tail = "\n".join((result.stdout + result.stderr).splitlines()[-30:])
         raise ContainerError(f"debootstrap failed ({result.returncode}):\n{tail}")
     log(f"root file system built in {time.monotonic() - started:.0f} s")
+
+
+def _apt_install(rootfs: Path, packages: Sequence[str], timeout: float) -> None:
+    """``apt-get install`` of ``packages`` inside ``rootfs`` (under nspawn, not booted)."""
+    if not packages:
+        return
+    script = (
+        "apt-get update -qq && apt-get install -y -qq --no-install-recommends "
+        f"{' '.join(packages)} && apt-get clean"
+    )
+    command = [
+        "systemd-nspawn", "--quiet", "-D", str(rootfs), "-M", f"echod-build-{os.getpid()}",
+        "--register=no", "--keep-unit", "--pipe", "--setenv=DEBIAN_FRONTEND=noninteractive",
+        "--", "sh", "-c", script,
+    ]  # fmt: skip
+    log(f"installing {' '.join(packages)} in the new tree")
+    try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, check=False,
+            stdin=subprocess.DEVNULL, env={"PATH": INSIDE_ENV["PATH"], "LANG": "C.UTF-8"},
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as exc:
+        raise ContainerError(f"apt-get install took longer than {timeout:.0f} s") from exc
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-30:])
+        raise ContainerError(f"apt-get install {' '.join(packages)} failed:\n{tail}")
 
 
 def _prepare(rootfs: Path) -> None:
