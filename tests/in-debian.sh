@@ -7,17 +7,18 @@
 # never changes. The host's network namespace is shared (loopback for the integration
 # tests); nothing inside needs the network.
 #
-# Usage: tests/in-debian.sh [--bind DIR]... RELEASE COMMAND [ARG]...
-#   --bind DIR  also bind DIR (read-write) at the same path inside
+# Usage: tests/in-debian.sh [--bind PATH[:INSIDE]]... [--bind-ro PATH[:INSIDE]]...
+#                           RELEASE COMMAND [ARG]...
+#   --bind, --bind-ro  also bind PATH (read-write, read-only) at INSIDE (default: PATH)
 # Needs root. Exits with the command's status.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 binds=()
-while [[ ${1:-} == --bind ]]; do
-    binds+=("--bind=$2")
+while [[ ${1:-} == --bind || ${1:-} == --bind-ro ]]; do
+    binds+=("$1=$2")
     shift 2
 done
-(($# >= 2)) || { echo "usage: $0 [--bind DIR]... RELEASE COMMAND [ARG]..." >&2; exit 64; }
+(($# >= 2)) || { echo "usage: $0 [--bind[-ro] PATH[:INSIDE]]... RELEASE COMMAND [ARG]..." >&2; exit 64; }
 release=$1
 shift
 ((EUID == 0)) || { echo "in-debian: needs root (systemd-nspawn)" >&2; exit 77; }

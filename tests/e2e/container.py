@@ -111,15 +111,18 @@ def log(message: str) -> None:
 # --- the host ------------------------------------------------------------------------------
 
 
-def ensure_host_tools() -> None:
-    """Install systemd-nspawn and debootstrap with apt-get if they are missing."""
-    missing = sorted({pkg for tool, pkg in HOST_TOOLS.items() if shutil.which(tool) is None})
+def ensure_host_tools(tools: dict[str, str] = HOST_TOOLS) -> None:
+    """Install the packages of ``tools`` (command: package; by default systemd-nspawn and
+    debootstrap) with apt-get if a command is missing."""
+    missing = sorted({pkg for tool, pkg in tools.items() if shutil.which(tool) is None})
     if not missing:
         return
     log(f"installing {' '.join(missing)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     result = subprocess.run(
-        ["apt-get", "install", "-y", "--no-install-recommends", *missing],
+        # Other apt-get runs (a parallel build of the .deb) hold the lock for a while.
+        ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y",
+         "--no-install-recommends", *missing],
         env=env,
         capture_output=True,
         text=True,
