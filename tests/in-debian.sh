@@ -26,9 +26,10 @@ tree=$(/usr/bin/python3 "$top/tests/e2e/container.py" rootfs --dev --suite "$rel
 # --as-pid2: a stub init reaps orphans and forwards signals, as PID 1 should; the tests'
 # own processes then behave as they do on a host. nspawn gives its payload a NOTIFY_SOCKET
 # (for a booted init to report to): unset, or `echod start` would take itself for a
-# systemd service and stay in the foreground.
+# systemd service and stay in the foreground. CAP_NET_ADMIN, which nspawn drops, is root's
+# on the host too: the fault tests put a socket in TCP repair mode to vanish silently.
 exec systemd-nspawn --quiet -D "$tree" -M "echod-$release-$$" --register=no --keep-unit \
-    --volatile=overlay --as-pid2 --console=pipe \
+    --volatile=overlay --as-pid2 --console=pipe --capability=CAP_NET_ADMIN \
     --bind-ro="$top:/src" --chdir=/src "${binds[@]}" \
     --setenv=LANG=C.UTF-8 --setenv=PYTHONDONTWRITEBYTECODE=1 --setenv=PYTHONPATH=/src \
     -- /usr/bin/env -u NOTIFY_SOCKET "$@"

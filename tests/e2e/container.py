@@ -47,7 +47,8 @@ RELEASES: tuple[str, ...] = ("bookworm", "trixie")
 SUITE = RELEASES[0]
 #: What the root file system holds: enough to boot systemd, and the Debian packages the
 #: echod .deb depends on or recommends (there is no network inside to fetch them at install
-#: time). man-db lets ``systemd-analyze verify`` check the units' Documentation= pages.
+#: time). man-db lets ``systemd-analyze verify`` check the units' Documentation= pages;
+#: logrotate (suggested) lets piuparts check /etc/logrotate.d/echod.
 INCLUDE: tuple[str, ...] = (
     "systemd",
     "systemd-sysv",
@@ -61,10 +62,12 @@ INCLUDE: tuple[str, ...] = (
     "python3-uvloop",
     "python3-setproctitle",
     "man-db",
+    "logrotate",
 )
 #: The tree the core tests run in with a release's own python3 and libraries (no systemd
 #: boot: a command under nspawn): echod's dependencies, pytest, the tools the integration
-#: tests call (ss, groff) and lintian, to check the package with that release's rules.
+#: tests call (ss, groff; git and matplotlib for the benchmark's smoke test) and lintian, to
+#: check the package with that release's rules.
 DEV_INCLUDE: tuple[str, ...] = (
     "python3",
     "python3-yaml",
@@ -78,6 +81,8 @@ DEV_INCLUDE: tuple[str, ...] = (
     "iproute2",
     "procps",
     "groff-base",
+    "git",
+    "python3-matplotlib",
     "lintian",
 )
 #: Packages debootstrap cannot configure in its own order (lintian's many Perl modules fail
