@@ -8,13 +8,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test test-fast test-debian lint generate bench deb e2e clean
+.PHONY: help venv run test test-fast test-debian test-trixie lint generate bench deb e2e clean
 
 help:
 	@echo "make run        set up, then serve echo in the foreground on the embedded defaults"
-	@echo "make test       set up, then run every test (unit, integration, systemd e2e)"
+	@echo "make test       set up, then run every test (unit, integration, systemd e2e and"
+	@echo "                packaging on Debian 12 and 13, both releases' packaged libraries)"
 	@echo "make test-fast  unit and integration tests only"
-	@echo "make test-debian  the core tests on Debian 12's packaged libraries"
+	@echo "make test-debian  the core tests on Debian 12's and 13's packaged libraries"
+	@echo "make test-trixie  make test-fast's tests in a Debian 13 tree (python3.13, its libraries)"
 	@echo "make lint       ruff and mypy"
 	@echo "make generate   regenerate config/echod.yaml, the README reference, echod.yaml(5)"
 	@echo "make bench      run the benchmark suite; writes docs/bench.md and docs/bench.png"
@@ -37,6 +39,11 @@ test: $(STAMP)
 
 test-debian:
 	bash tests/debian-libs.sh
+
+# Debian 13's python3 and packaged libraries only (no virtual environment), under nspawn.
+test-trixie:
+	bash tests/in-debian.sh trixie /usr/bin/python3 -m pytest -p no:cacheprovider \
+		-m "not e2e" $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)

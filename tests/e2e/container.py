@@ -124,15 +124,14 @@ def ensure_host_tools(tools: dict[str, str] = HOST_TOOLS) -> None:
         return
     log(f"installing {' '.join(missing)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    result = subprocess.run(
-        # Other apt-get runs (a parallel build of the .deb) hold the lock for a while.
-        ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y",
-         "--no-install-recommends", *missing],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    # Other apt-get runs (a parallel build of the .deb) hold the lock for a while.
+    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=300"]
+    install = [*apt, "install", "-y", "--no-install-recommends", *missing]
+    result = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        # A fresh machine may have no package lists yet.
+        subprocess.run([*apt, "update"], env=env, capture_output=True, check=False)
+        result = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise ContainerError(f"apt-get install {' '.join(missing)} failed:\n{result.stderr}")
 

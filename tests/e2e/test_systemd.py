@@ -37,6 +37,8 @@ DROP_IN_DIR = "/run/systemd/system/echod.service.d"
 CLOSE_EVENT = "conn_close"
 DEADLINE = 30.0
 MAX_SECURITY_EXPOSURE = 2.0
+#: Each release's python3, which the packaged echod runs on.
+RELEASE_PYTHON = {"bookworm": "3.11", "trixie": "3.13"}
 
 #: Base settings for the tests: the shipped defaults, with a short drain to keep stops quick.
 BASE_CONFIG: dict[str, Any] = {
@@ -264,6 +266,17 @@ def test_package_installs_the_debian_way(installed: ct.Container) -> None:
     c.run("echod", "-c", CONFIG, "check-config")
 
 
+def test_serves_on_the_release_and_its_python(echod: ct.Container, release: str) -> None:
+    """The container runs the release in the test's id, and echod runs on its python3."""
+    os_release = echod.path("/etc/os-release").read_text()
+    assert f"VERSION_CODENAME={release}" in os_release.splitlines()
+    cursor = journal_cursor(echod)
+    start(echod)
+    started = wait_event(echod, cursor, "start")
+    assert started["ECHOD_PYTHON"].rsplit(".", 1)[0] == RELEASE_PYTHON[release]
+    assert echo_once(echod, 9999, release) == f"{release}\n"
+
+
 def test_started_on_install_with_the_shipped_config(echod: ct.Container) -> None:
     """apt-get install started the service; the shipped /etc/echod.yaml serves as it is."""
     assert after_install["active"] == "active", after_install["journal"][-3000:]
@@ -426,8 +439,8 @@ def test_units_verify_silently(installed: ct.Container) -> None:
     result = installed.run(
         "systemd-analyze",
         "verify",
-        f"/lib/systemd/system/{UNIT}",
-        f"/lib/systemd/system/{SOCKET_UNIT}",
+        f"/usr/lib/systemd/system/{UNIT}",
+        f"/usr/lib/systemd/system/{SOCKET_UNIT}",
         check=False,
     )
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
