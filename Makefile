@@ -42,7 +42,7 @@ test-debian:
 
 # Debian 13's python3 and packaged libraries only (no virtual environment), under nspawn.
 test-trixie:
-	bash tests/in-debian.sh trixie /usr/bin/python3 -m pytest -p no:cacheprovider \
+	bash tests/in-debian.sh --bench trixie /usr/bin/python3 -m pytest -p no:cacheprovider \
 		-m "not e2e" $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

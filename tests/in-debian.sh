@@ -7,13 +7,19 @@
 # never changes. The host's network namespace is shared (loopback for the integration
 # tests); nothing inside needs the network.
 #
-# Usage: tests/in-debian.sh [--bind PATH[:INSIDE]]... [--bind-ro PATH[:INSIDE]]...
+# Usage: tests/in-debian.sh [--bench] [--bind PATH[:INSIDE]]... [--bind-ro PATH[:INSIDE]]...
 #                           RELEASE COMMAND [ARG]...
+#   --bench            the tree with what the benchmark's smoke test needs too (git, matplotlib)
 #   --bind, --bind-ro  also bind PATH (read-write, read-only) at INSIDE (default: PATH)
 # Needs root. Exits with the command's status.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 binds=()
+tree_kind=--dev
+if [[ ${1:-} == --bench ]]; then
+    tree_kind=--bench
+    shift
+fi
 while [[ ${1:-} == --bind || ${1:-} == --bind-ro ]]; do
     binds+=("$1=$2")
     shift 2
@@ -22,7 +28,7 @@ done
 release=$1
 shift
 ((EUID == 0)) || { echo "in-debian: needs root (systemd-nspawn)" >&2; exit 77; }
-tree=$(/usr/bin/python3 "$top/tests/e2e/container.py" rootfs --dev --suite "$release")
+tree=$(/usr/bin/python3 "$top/tests/e2e/container.py" rootfs "$tree_kind" --suite "$release")
 # --as-pid2: a stub init reaps orphans and forwards signals, as PID 1 should; the tests'
 # own processes then behave as they do on a host. nspawn gives its payload a NOTIFY_SOCKET
 # (for a booted init to report to): unset, or `echod start` would take itself for a

@@ -19,8 +19,9 @@ release's python3 with echod's libraries, pytest and lintian, for the core tests
 release's own packages (``tests/debian-libs.sh``, ``make test-trixie``) and its lintian.
 
 Run ``python3 tests/e2e/container.py boot --suite trixie`` to build (or find) the cached tree
-and boot it once, printing how long each step took; ``rootfs --suite S [--dev]`` prints the
-tree's path (building it first), ``tarball --suite S`` a base tarball of it for piuparts.
+and boot it once, printing how long each step took; ``rootfs --suite S [--dev | --bench]``
+prints the tree's path (building it first), ``tarball --suite S`` a base tarball of it for
+piuparts.
 This module uses only the standard library, so Debian's own python3 runs it.
 """
 
@@ -66,8 +67,7 @@ INCLUDE: tuple[str, ...] = (
 )
 #: The tree the core tests run in with a release's own python3 and libraries (no systemd
 #: boot: a command under nspawn): echod's dependencies, pytest, the tools the integration
-#: tests call (ss, groff; git and matplotlib for the benchmark's smoke test) and lintian, to
-#: check the package with that release's rules.
+#: tests call (ss, groff) and lintian, to check the package with that release's rules.
 DEV_INCLUDE: tuple[str, ...] = (
     "python3",
     "python3-yaml",
@@ -81,10 +81,11 @@ DEV_INCLUDE: tuple[str, ...] = (
     "iproute2",
     "procps",
     "groff-base",
-    "git",
-    "python3-matplotlib",
     "lintian",
 )
+#: What the benchmark's smoke test needs on top (the commit, the chart): the whole of
+#: ``make test-fast`` runs in DEV_INCLUDE + BENCH_INCLUDE (matplotlib doubles the tree).
+BENCH_INCLUDE: tuple[str, ...] = ("git", "python3-matplotlib")
 #: Packages debootstrap cannot configure in its own order (lintian's many Perl modules fail
 #: with "Failure while configuring base packages" on trixie): apt-get installs them inside
 #: the fresh tree afterwards, with the host's network, before the tree is cached.
@@ -597,10 +598,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("action", choices=("boot", "rootfs", "tarball"), nargs="?", default="boot")
     parser.add_argument("--suite", choices=RELEASES, default=SUITE)
     parser.add_argument("--dev", action="store_true", help="the tree of DEV_INCLUDE (rootfs)")
+    parser.add_argument("--bench", action="store_true", help="--dev, and BENCH_INCLUDE too")
     args = parser.parse_args(argv)
     started = time.monotonic()
     if args.action == "rootfs":
-        print(cached_rootfs(DEV_INCLUDE if args.dev else INCLUDE, suite=args.suite))
+        include = INCLUDE
+        if args.dev or args.bench:
+            include = DEV_INCLUDE + (BENCH_INCLUDE if args.bench else ())
+        print(cached_rootfs(include, suite=args.suite))
         return 0
     if args.action == "tarball":
         print(base_tarball(args.suite))
