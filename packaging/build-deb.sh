@@ -35,7 +35,9 @@ done
 if [ -n "$missing" ]; then
 	echo "build-deb: installing build dependencies:$missing" >&2
 	# shellcheck disable=SC2086 # one word per package
-	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $missing >&2
+	install_missing() { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y --no-install-recommends $missing >&2; }
+	# A fresh machine may have no package lists yet.
+	install_missing || { apt-get -o DPkg::Lock::Timeout=300 update >&2 && install_missing; }
 fi
 
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/echod-deb.XXXXXX")
