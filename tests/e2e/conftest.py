@@ -38,6 +38,7 @@ def selected_releases() -> tuple[str, ...]:
 RELEASES = selected_releases()
 #: What the container looked like right after the package was installed, before any test
 #: changed it: "active" (the unit's state), "journal" (its log), "config" (/etc/echod.yaml).
+#: It describes the container of the release being tested: each install replaces it.
 after_install: dict[str, str] = {}
 
 
