@@ -6,29 +6,42 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+COMPLETION := $(VENV)/share/bash-completion/completions/echod
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test test-fast test-debian test-trixie lint generate bench deb e2e clean
+.PHONY: help venv completion run test test-fast test-debian test-trixie lint generate bench deb e2e clean
 
 help:
 	@echo "make run        set up, then serve echo in the foreground on the embedded defaults"
 	@echo "make test       set up, then run every test (unit, integration, systemd e2e and"
 	@echo "                packaging on Debian 12 and 13, both releases' packaged libraries)"
 	@echo "make test-fast  unit and integration tests only"
+	@echo "make completion bash completion for the virtual environment's echod"
 	@echo "make test-debian  the core tests on Debian 12's and 13's packaged libraries"
 	@echo "make test-trixie  make test-fast's tests in a Debian 13 tree (python3.13, its libraries)"
 	@echo "make lint       ruff and mypy"
-	@echo "make generate   regenerate config/echod.yaml, the README reference, echod.yaml(5)"
+	@echo "make generate   regenerate config/echod.yaml, the README tables, echod.yaml(5), echod(8)"
 	@echo "make bench      run the benchmark suite; writes docs/bench.md and docs/bench.png"
 	@echo "make deb        build dist/echod_<version>_all.deb"
 
 $(STAMP): setup.cfg pyproject.toml bench/requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[fast,test,dev]' -r bench/requirements.txt
+	$(PY) -m pip install --quiet -e '.[fast,test,dev,completion]' -r bench/requirements.txt
 	touch $@
 
-venv: $(STAMP)
+venv: $(STAMP) $(COMPLETION)
+
+# Generated from the argument parser by argcomplete; for `echod` on PATH (an activated
+# virtual environment) and for $(VENV)/bin/echod typed as it is.
+$(COMPLETION): $(STAMP)
+	mkdir -p $(@D)
+	$(VENV)/bin/register-python-argcomplete echod $(VENV)/bin/echod >$@.tmp
+	mv $@.tmp $@
+
+completion: $(COMPLETION)
+	@echo "bash completion for echod: source $(COMPLETION)"
+	@echo "  (add that line to ~/.bashrc to keep it)"
 
 run: $(STAMP)
 	$(VENV)/bin/echod run --defaults

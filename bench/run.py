@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
-"""Benchmark echod's modes against the classic echo servers and a bare event loop, in one run.
+"""Benchmark echod's modes against classic echo servers, xinetd, C and a bare event loop.
 
-Starts each server in turn (a fresh process per scenario, on a free port of 127.0.0.1), drives
-it with bench/loadgen.py, stops it with SIGTERM, and writes bench.md (tables and ratios),
-bench.png (chart) and bench.json (every number) to --out (default: docs/).
+For each load scenario every server is started at once (a fresh process each, on a free port
+of 127.0.0.1), then driven in short slices, one server after another, round after round (the
+order rotated each round); each figure is the median over the rounds. On a shared machine
+load comes and goes: interleaving spreads it over every server alike, where one long run per
+server would charge it to whichever ran at the time. The load comes from bench/loadgen.c
+(built here with the system compiler; bench/loadgen.py when there is none), the idle-memory
+scenario from bench/loadgen.py, one server at a time. Each server is stopped with SIGTERM.
+Writes bench.md (tables and ratios), bench.png (chart) and bench.json (every number) to --out
+(default: docs/).
 
-    python bench/run.py                      # everything: about 5.5 minutes on 2 CPUs
-    python bench/run.py --quick              # a smoke run: short, fewer idle connections
-    python bench/run.py --servers bare_uvloop,echod_async --scenarios churn-64B-c10
+    python bench/run.py                      # everything: about 8 minutes on 2 CPUs
+    python bench/run.py --quick              # development, about a minute: 2 x 0.3 s, 500 idle
+    python bench/run.py --servers c_epoll,echod_async --scenarios churn-64B-c10
 
 An echod mode that does not start (or is not implemented yet) is reported as n/a. The exit
 status is 1 if any echoed byte differed or a run failed against a server that did start.
@@ -35,7 +41,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import cbuild
+import cload
 import loadgen
+import massclose
 import procstat
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +54,11 @@ START_TIMEOUT = 15.0  # seconds for a server to accept its first connection
 STOP_TIMEOUT = 15.0  # seconds for a server to exit after SIGTERM
 READY_TIMEOUT = 5.0  # seconds to wait for READY=1 in the start-up measurement
 IDLE_FULL, IDLE_QUICK = 10_000, 500
+ROUNDS_FULL, ROUNDS_QUICK = 3, 2  # interleaved rounds per scenario
+SLICE_FULL, SLICE_QUICK = 2.0, 0.3  # seconds of load per server per round
+XINETD = Path("/usr/sbin/xinetd")
+NOTES = ROOT / "bench" / "notes.md"
+TOOL_BASELINES = frozenset({"c_epoll", "xinetd"})  # n/a without cc or xinetd, not a failure
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,9 @@ class ServerSpec:
     about: str
     script: str | None = None  # bench/baselines/<script> PORT
     mode: str | None = None  # python -m echod run --config <yaml with this mode>
+    binary: str | None = None  # a program cbuild builds, run as <binary> PORT
+    xinetd: bool = False  # xinetd's built-in echo, on a private configuration
+    settings: str = ""  # echod: YAML lines added to its configuration
 
     @property
     def is_echod(self) -> bool:
@@ -62,10 +79,18 @@ class ServerSpec:
 
 
 SERVERS: tuple[ServerSpec, ...] = (
+    ServerSpec("c_epoll", "C, one epoll loop (the limit for this client)", binary="epoll_echo"),
+    ServerSpec("xinetd", "xinetd's built-in echo (forks per connection)", xinetd=True),
     ServerSpec("classic_thread", "tutorial server, thread per connection", "classic_thread.py"),
     ServerSpec("classic_process", "tutorial server, fork per connection", "classic_process.py"),
     ServerSpec("bare_uvloop", "asyncio Protocol echo on uvloop, nothing else", "bare_uvloop.py"),
     ServerSpec("echod_thread", "echod mode thread, 1 worker, connections logged", mode="thread"),
+    ServerSpec(
+        "echod_thread_spare",
+        "echod_thread with spare_threads: 64 (threads reused across connections)",
+        mode="thread",
+        settings="spare_threads: 64\n",
+    ),
     ServerSpec("echod_process", "echod mode process, 1 worker, connections logged", mode="process"),
     ServerSpec("echod_async", "echod mode async, 1 worker, connections logged", mode="async"),
 )
@@ -75,7 +100,10 @@ SERVER_NAMES = tuple(s.name for s in SERVERS)
 RATIOS: tuple[tuple[str, str], ...] = (
     ("echod_async", "bare_uvloop"),
     ("echod_thread", "classic_thread"),
+    ("echod_thread_spare", "classic_thread"),
     ("echod_process", "classic_process"),
+    *((f"echod_{mode}", "c_epoll") for mode in ("async", "thread", "process")),
+    *((f"echod_{mode}", "xinetd") for mode in ("async", "thread", "process")),
 )
 
 
@@ -102,7 +130,14 @@ def accepts(port: int) -> bool:
 class Server:
     """One server process of the harness. Construction starts nothing; start() does."""
 
-    def __init__(self, spec: ServerSpec, workdir: Path, tag: str, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        spec: ServerSpec,
+        workdir: Path,
+        tag: str,
+        env: dict[str, str],
+        binaries: dict[str, Path] | None = None,
+    ) -> None:
         self.spec = spec
         self.port = 0  # chosen by start()
         self.workdir = workdir
@@ -110,12 +145,61 @@ class Server:
         self.log_file = workdir / f"{tag}.log"
         self.config = workdir / f"{tag}.yaml"
         self.env = env
+        self.binaries = binaries or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
         if self.spec.script is not None:
             return [sys.executable, str(BASELINES / self.spec.script), str(self.port)]
+        if self.spec.binary is not None:
+            built = self.binaries.get(self.spec.binary)
+            if built is None:
+                raise ServerStartError(f"{self.spec.binary} was not built")
+            return [str(built), str(self.port)]
+        if self.spec.xinetd:
+            if not XINETD.exists():
+                raise ServerStartError(f"{XINETD} is not installed (apt-get install xinetd)")
+            # In the foreground (-dontfork), so that our pid is xinetd's; its own messages to
+            # a file of ours, not to syslog; a pidfile of ours, not /run/xinetd.pid.
+            return [
+                str(XINETD),
+                "-dontfork",
+                "-filelog",
+                str(self.output.with_suffix(".xinetd")),
+                "-f",
+                str(self.config),
+                "-pidfile",
+                str(self.workdir / f"{self.config.stem}.pid"),
+            ]
         return [sys.executable, "-m", "echod", "run", "--config", str(self.config)]
+
+    def write_xinetd_config(self) -> None:
+        """The echo service built into xinetd, alone, on our port of 127.0.0.1.
+
+        The service must be named echo (xinetd finds a built-in by name and id); UNLISTED
+        because its port is not the one /etc/services gives echo. The default rate limit
+        (cps 50 10: fifty connections a second, then ten seconds off) would stop the churn
+        scenario at once, so there is none. Each connection is logged to a file, as echod logs
+        its connections in the bench.
+        """
+        self.config.write_text(
+            "service echo\n{\n"
+            "\ttype = INTERNAL UNLISTED\n"
+            "\tid = echo-stream\n"
+            "\tsocket_type = stream\n"
+            "\tprotocol = tcp\n"
+            "\tuser = root\n"
+            "\twait = no\n"
+            f"\tport = {self.port}\n"
+            f"\tbind = {HOST}\n"
+            "\tinstances = UNLIMITED\n"
+            "\tper_source = UNLIMITED\n"
+            "\tcps = 1000000 1\n"
+            f"\tlog_type = FILE {self.log_file}\n"
+            "\tlog_on_success = PID HOST DURATION\n"
+            "\tlog_on_failure = HOST\n"
+            "}\n"
+        )
 
     def write_config(self) -> None:
         # JSON strings are valid YAML scalars: no YAML library needed to write this.
@@ -130,7 +214,7 @@ class Server:
             f"  file: {json.dumps(str(self.log_file))}\n"
             "  format: json\n"
             "  level: info\n"
-            "  connections: true\n"
+            "  connections: true\n" + self.spec.settings
         )
 
     @property
@@ -142,12 +226,15 @@ class Server:
         self.port = free_port()
         if self.spec.is_echod:
             self.write_config()
+        elif self.spec.xinetd:
+            self.write_xinetd_config()
+        argv = self.argv()
         env = {**os.environ, **self.env}
         # The tree under test, not an installed copy, is what gets measured.
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         with self.output.open("wb") as out:
             self.proc = subprocess.Popen(
-                self.argv(),
+                argv,
                 cwd=ROOT,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -216,7 +303,9 @@ class Server:
 # --------------------------------------------------------------------------- measurements
 
 
-def measure_startup(spec: ServerSpec, workdir: Path, runs: int) -> dict[str, Any]:
+def measure_startup(
+    spec: ServerSpec, workdir: Path, runs: int, binaries: dict[str, Path]
+) -> dict[str, Any]:
     """Start the server runs times; median time from exec to READY=1 and to listening.
 
     READY=1 comes on a NOTIFY_SOCKET made here (sd_notify protocol); None when none came
@@ -231,9 +320,11 @@ def measure_startup(spec: ServerSpec, workdir: Path, runs: int) -> dict[str, Any
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
             notify.bind(str(path))
             env = {"NOTIFY_SOCKET": str(path)}
-            server = Server(spec, workdir, f"startup-{spec.name}-{i}", env)
+            server = Server(spec, workdir, f"startup-{spec.name}-{i}", env, binaries)
             try:
                 t_ready, t_listen, failure = _time_startup(server, notify, wait_ready)
+            except ServerStartError as exc:
+                t_ready, t_listen, failure = None, None, str(exc)
             finally:
                 server.stop()
         # No READY in the first run: the others only time listening, not 5 s each for nothing.
@@ -275,13 +366,131 @@ def _time_startup(
     return t_ready, t_listen, None
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How the load scenarios run: interleaved rounds of slices, by which client."""
+
+    rounds: int
+    slice_s: float
+    loadgen_c: Path | None  # the built C client; None: bench/loadgen.py
+    binaries: dict[str, Path]
+
+
+def bench_interleaved(
+    specs: list[ServerSpec], scenario: loadgen.Scenario, plan: Plan, workdir: Path
+) -> dict[str, dict[str, Any]]:
+    """One scenario against every server, all up at once, in rounds of short slices.
+
+    Round r runs the servers in the order rotated by r, so that no server always follows the
+    same one (whose connections may still be closing). Each figure of the result is the
+    median over the rounds; "slices" keeps every round's headline number and CPU.
+    """
+    results: dict[str, dict[str, Any]] = {}
+    servers: dict[str, Server] = {}
+    slices: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for spec in specs:
+            server = Server(spec, workdir, f"{spec.name}-{scenario.name}", {}, plan.binaries)
+            try:
+                server.start()
+                server.wait_listening()
+            except ServerStartError as exc:
+                results[spec.name] = {"status": "n/a", "reason": str(exc)}
+                server.stop()
+                _progress(spec.name, scenario.name, results[spec.name])
+                continue
+            servers[spec.name] = server
+            slices[spec.name] = []
+        names = list(servers)
+        for rnd in range(plan.rounds):
+            shift = rnd % len(names) if names else 0
+            for name in names[shift:] + names[:shift]:
+                entry = _run_slice(servers[name], scenario, plan)
+                slices[name].append(entry)
+                _progress(name, f"{scenario.name} #{rnd + 1}", entry)
+    finally:
+        for name, server in servers.items():  # also on Ctrl-C: each is in a session of its own
+            code = server.stop()
+            entry = _combine(slices.get(name, []))
+            entry["exit_status"] = code
+            if server.spec.is_echod:
+                entry["log_lines"] = _count_lines(server.log_file)
+            if name == "bare_uvloop":
+                entry["loop"] = _loop_line(server)
+            results[name] = entry
+    return {spec.name: results[spec.name] for spec in specs if spec.name in results}
+
+
+def _run_slice(server: Server, scenario: loadgen.Scenario, plan: Plan) -> dict[str, Any]:
+    """One slice of load against a running server."""
+    if not server.alive():
+        return {"status": "failed", "reason": f"server exited: {server.tail()}"}
+    try:
+        if plan.loadgen_c is not None:
+            result = cload.run(
+                plan.loadgen_c, scenario, server.port, duration=plan.slice_s, server_pid=server.pid
+            )
+        else:
+            result = loadgen.run(
+                scenario, server.port, host=HOST, duration=plan.slice_s, server_pid=server.pid
+            )
+    except Exception as exc:  # one broken slice must not lose the others
+        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+    entry: dict[str, Any] = {"status": "ok", **result.to_dict()}
+    if not server.alive():
+        entry["status"] = "failed"
+        entry["reason"] = f"server exited during the run: {server.tail()}"
+    return entry
+
+
+# Medians over the slices; the counts are summed; the rest is the first slice's.
+_MEDIAN_KEYS = (
+    "rt_per_s",
+    "mb_per_s",
+    "conn_per_s",
+    "p50_us",
+    "p99_us",
+    "server_cpu_us_per_rt",
+    "server_cpu_pct",
+    "client_cpu_pct",
+    "client_cpu_us_per_rt",
+    "other_cpu_pct",
+    "elapsed_s",
+)
+_SUM_KEYS = ("round_trips", "connections", "sent_bytes", "verified_bytes", "mismatches", "errors")
+
+
+def _combine(slices: list[dict[str, Any]]) -> dict[str, Any]:
+    if not slices:
+        return {"status": "failed", "reason": "no slice ran"}
+    failed = [e for e in slices if e["status"] != "ok"]
+    if failed:
+        return {"status": "failed", "reason": failed[0]["reason"]}
+    entry = dict(slices[0])
+    for key in _MEDIAN_KEYS:
+        values = [e[key] for e in slices if e.get(key) is not None]
+        entry[key] = statistics.median(values) if values else None
+    for key in _SUM_KEYS:
+        entry[key] = sum(e[key] for e in slices)
+    entry["error_samples"] = [m for e in slices for m in e["error_samples"]][:5]
+    entry["verified"] = all(e["verified"] for e in slices)
+    entry["slices"] = [
+        {"value": primary_value(e), "cpu_us": e["server_cpu_us_per_rt"]} for e in slices
+    ]
+    return entry
+
+
 def bench_server(
-    spec: ServerSpec, scenarios: list[loadgen.Scenario], duration: float, workdir: Path
+    spec: ServerSpec,
+    scenarios: list[loadgen.Scenario],
+    duration: float,
+    workdir: Path,
+    binaries: dict[str, Path],
 ) -> dict[str, dict[str, Any]]:
     """Every scenario against a fresh process of this server; n/a where it does not start."""
     results: dict[str, dict[str, Any]] = {}
     for scenario in scenarios:
-        server = Server(spec, workdir, f"{spec.name}-{scenario.name}", {})
+        server = Server(spec, workdir, f"{spec.name}-{scenario.name}", {}, binaries)
         try:
             entry = _run_one(server, scenario, duration)
         except ServerStartError as exc:
@@ -444,8 +653,13 @@ def render_markdown(report: dict[str, Any], scenarios: list[loadgen.Scenario]) -
     out = [
         "# echod benchmarks",
         "",
-        f"Run {report['date']} with `{report['command']}`: "
-        f"{report['duration']:g} s per scenario, a fresh server process per scenario.",
+        f"Run {report['date']} with `{report['command']}`: for each load scenario every "
+        f"server up at once, driven in {report['rounds']} interleaved rounds of "
+        f"{report['duration']:g} s slices by {report['client']}; medians over the rounds.",
+        "",
+        "The machine was shared with other work while this ran: throughput moves with that "
+        "load by 10-30 % (the one-client ping-pong several-fold); server CPU per operation, "
+        "beside it, moves far less. A table to publish needs a quiet machine.",
         "",
         f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory']}, Linux {m['kernel']}, "
         f"Python {m['python']}, uvloop {m['uvloop']} "
@@ -461,11 +675,16 @@ def render_markdown(report: dict[str, Any], scenarios: list[loadgen.Scenario]) -
         "connections). Start-up: median ms from exec to READY=1 / to accepting.",
         "",
     ]
+    out += [
+        "Each cell: the headline number, then the server's CPU per operation (round trip; "
+        "churn: connection) in µs.",
+        "",
+    ]
     head = [f"{s.name} {unit(s)}" for s in scenarios]
     out += _table(
         ["server", *head, "start-up ms"],
         [
-            [name, *[primary(runs[name][s.name]) for s in scenarios], _startup(startup, name)]
+            [name, *[_with_cpu(runs[name][s.name]) for s in scenarios], _startup(startup, name)]
             for name in servers
         ],
     )
@@ -502,15 +721,25 @@ def render_markdown(report: dict[str, Any], scenarios: list[loadgen.Scenario]) -
         [[n, *[_field(runs[n][s.name], "other_cpu_pct", 0) for s in scenarios]] for n in servers],
     )
     out += _ratio_section(report, scenarios)
+    out += _mass_close_section(report)
     out += _verification_section(report)
     out += [
         "",
         "## Method",
         "",
-        "- Load: bench/loadgen.py, client processes = min(connections, CPUs), each driving its "
-        "connections with one epoll loop (one connection: blocking calls). Every echoed byte is "
+        "- Load: bench/loadgen.c (built at run time with the system compiler; bench/loadgen.py "
+        "if there is none, and for the idle scenario), client processes = min(connections, "
+        "CPUs), each driving its connections with one epoll loop. Every echoed byte is "
         "compared with what was sent; each connection half-closes at the end and must then "
         "see EOF and nothing else.",
+        "- Interleaving: for each scenario every server is started, then each gets a slice of "
+        "load in turn, the order rotated every round; the figures are medians over the "
+        "rounds (bench.json keeps every slice). Server CPU is read from /proc over the "
+        "server's process tree (bench/procstat.py) before and after each slice.",
+        "- c_epoll (bench/baselines/epoll_echo.c, cc -O2) is the physical limit of this "
+        "client on this machine. xinetd runs its built-in echo (type INTERNAL UNLISTED, "
+        "id echo-stream) on a private configuration and port, in the foreground, with no "
+        "connection-rate limit, logging each connection to a file; it forks per connection.",
         "- MB/s counts payload echoed back, 10^6 bytes. Latency is per round trip (churn: "
         "connect to echo). Churn: connect, echo 64 B, close, repeat.",
         "- The clients share the machine's CPUs with the server; on a small machine they are "
@@ -535,6 +764,59 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines
+
+
+def _with_cpu(entry: dict[str, Any]) -> str:
+    """The headline number, and CPU per operation beside it (not for idle: memory)."""
+    text = primary(entry)
+    cpu = entry.get("server_cpu_us_per_rt")
+    if entry.get("status") != "ok" or entry["kind"] == "idle" or cpu is None:
+        return text
+    return f"{text} · {cpu:,.1f} µs"
+
+
+def _mass_close_section(report: dict[str, Any]) -> list[str]:
+    runs: dict[str, dict[str, Any]] = report.get("mass_close", {})
+    if not runs:
+        return []
+    out = ["", "## Many connections closing at once (thread servers)", ""]
+    out += [
+        "N idle connections (each echoed once) closed by the client in the same moment. "
+        "Retired: from the last close until the server is back to its threads before the "
+        "clients came, and (echod) every close event is logged. Meanwhile a probe client "
+        f"connects, echoes 8 B and closes every {massclose.PROBE_EVERY * 1000:g} ms: its "
+        f"worst time (the target: under {massclose.PROBE_TARGET_MS:g} ms). Stop: N again, "
+        "closed at once, then SIGTERM: time to exit, and whether `open` in `stopping` equals "
+        "`finished` + `cut` in `stopped`.",
+        "",
+    ]
+    rows = []
+    for server, e in runs.items():
+        if e.get("status") != "ok":
+            rows.append([server, "failed", e.get("reason", ""), "", "", ""])
+            continue
+        stop = e.get("stop")
+        stop_cell = "n/a"
+        if stop is not None:
+            counts = (
+                f"{stop.get('open')} = {stop.get('finished')} + {stop.get('cut')}"
+                if "open" in stop
+                else stop.get("note", "")
+            )
+            verdict = "adds up" if stop.get("adds_up") else "does NOT add up"
+            stop_cell = f"{stop['stop_s']:.2f} s; {counts}: {verdict}"
+        rows.append(
+            [
+                server,
+                f"{e['connections']:,}",
+                _num(e["retire_s"], 2) + " s",
+                f"{_num(e['probe_p50_ms'], 1)} / {_num(e['probe_max_ms'], 1)} ms",
+                f"{e['probes_over_target']} of {e['probes']} (failed {e['probe_failures']})",
+                stop_cell,
+            ]
+        )
+    head = ["server", "connections", "retired in", "probe p50 / max", "probes > target"]
+    return out + _table([*head, "stop (echod)"], rows)
 
 
 def _field(entry: dict[str, Any], key: str, digits: int) -> str:
@@ -647,13 +929,21 @@ def _verification_section(report: dict[str, Any]) -> list[str]:
                 failed += 1
                 why = e.get("reason") or "; ".join(e.get("error_samples", [])) or "mismatch"
                 problems.append(f"- {server} {scenario}: FAILED ({why})")
-    verdict = "passed" if failed == 0 and ok > 0 else "FAILED"
+    # Failures of a tool baseline that echoed nothing wrong (xinetd resetting connections) do
+    # not fail the verification of the run; they are listed below it.
+    tolerated = [line for line in problems if line.split()[1] in TOOL_BASELINES]
+    wrong_bytes = any(
+        e.get("mismatches") for runs in report["results"].values() for e in runs.values()
+    )
+    failed_here = failed - (0 if wrong_bytes else len(tolerated))
+    verdict = "passed" if failed_here == 0 and ok > 0 else "FAILED"
     out = [
         "",
         "## Byte verification",
         "",
         f"Byte verification: {verdict}: {ok} runs, {sent:,} bytes sent and every one compared "
-        f"on its way back; {failed} runs failed.",
+        f"on its way back; {failed} runs failed"
+        + (f" ({len(tolerated)} of a tool baseline, no byte wrong)." if tolerated else "."),
     ]
     if problems or unavailable:
         out += ["", *problems, *_dedupe_na(unavailable)]
@@ -670,10 +960,13 @@ def _dedupe_na(lines: list[str]) -> list[str]:
 
 
 PALETTE = {
+    "c_epoll": "#000000",
+    "xinetd": "#b39ddb",
     "classic_thread": "#9e9e9e",
     "classic_process": "#6d6d6d",
     "bare_uvloop": "#3d3d3d",
     "echod_thread": "#4c9be8",
+    "echod_thread_spare": "#90caf9",
     "echod_process": "#2e7d32",
     "echod_async": "#e8743b",
 }
@@ -771,18 +1064,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true", help="short smoke run (< 30 s)")
+    parser.add_argument("--quick", action="store_true", help="development run (about 2 min)")
     parser.add_argument("--servers", default=",".join(SERVER_NAMES), help="comma-separated")
     parser.add_argument("--scenarios", default=",".join(loadgen.SCENARIO_NAMES), help="ditto")
-    parser.add_argument("--duration", type=float, help="seconds per scenario (5; quick 0.3)")
+    parser.add_argument("--duration", type=float, help="seconds per slice (2; quick 0.3)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds per scenario (3; quick 2)")
+    parser.add_argument(
+        "--client", choices=("auto", "c", "python"), default="auto", help="load generator"
+    )
+    parser.add_argument(
+        "--mass-close",
+        type=int,
+        help="connections closed at once in the thread-mode scenario (5000; quick 500; 0: skip)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="output directory")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="BENCH_JSON",
+        help="run nothing: write bench.md and bench.png again from a bench.json (and the notes)",
+    )
     args = parser.parse_args(argv)
     args.servers = _choose(parser, args.servers, SERVER_NAMES, "server")
     args.scenarios = _choose(parser, args.scenarios, loadgen.SCENARIO_NAMES, "scenario")
     if args.duration is None:
-        args.duration = 0.3 if args.quick else 5.0
-    if args.duration <= 0:
-        parser.error("--duration must be positive")
+        args.duration = SLICE_QUICK if args.quick else SLICE_FULL
+    if args.rounds is None:
+        args.rounds = ROUNDS_QUICK if args.quick else ROUNDS_FULL
+    if args.mass_close is None:
+        args.mass_close = massclose.QUICK if args.quick else massclose.FULL
+    if args.duration <= 0 or args.rounds <= 0 or args.mass_close < 0:
+        parser.error("--duration and --rounds must be positive, --mass-close not negative")
     return args
 
 
@@ -798,6 +1110,9 @@ def _choose(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render is not None:
+        report = json.loads(args.render.read_text())
+        return write_report(report, [loadgen.Scenario(**s) for s in report["scenarios"]], args.out)
     began = time.monotonic()
     idle_conns = IDLE_QUICK if args.quick else IDLE_FULL
     scenarios = [
@@ -807,12 +1122,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     # Servers and client processes inherit this limit: the idle scenario needs one descriptor
     # per connection on each side.
-    loadgen.raise_nofile(idle_conns + 1024)
+    loadgen.raise_nofile(max(idle_conns, args.mass_close) + 1024)
     specs = [s for s in SERVERS if s.name in args.servers]
     report: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(["bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
         "duration": args.duration,
+        "quick": args.quick,
         "machine": machine_info(),
         "servers": [s.name for s in specs],
         "scenarios": [dataclasses.asdict(s) for s in scenarios],
@@ -822,37 +1138,86 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="echod-bench-") as tmp:
         workdir = Path(tmp)
+        binaries, report["build"] = _build(workdir / "build")
+        loadgen_c = binaries.get("loadgen") if args.client != "python" else None
+        if args.client == "c" and loadgen_c is None:
+            print(f"--client c: {report['build']['loadgen']}", file=sys.stderr)
+            return 2
+        plan = Plan(args.rounds, args.duration, loadgen_c, binaries)
+        report["client"] = "bench/loadgen.c" if loadgen_c else "bench/loadgen.py"
+        report["rounds"] = args.rounds
         for spec in specs:
-            report["startup"][spec.name] = measure_startup(spec, workdir, 1 if args.quick else 5)
-            results = bench_server(spec, scenarios, args.duration, workdir)
-            report["results"][spec.name] = results
-            loops = {e["loop"] for e in results.values() if e.get("loop")}
-            if loops:
-                report["bare_uvloop_loop"] = ", ".join(sorted(loops))
+            runs = 1 if args.quick else 5
+            report["startup"][spec.name] = measure_startup(spec, workdir, runs, binaries)
+        results: dict[str, dict[str, Any]] = {spec.name: {} for spec in specs}
+        for scenario in scenarios:
+            if scenario.kind == "idle":  # memory: one server at a time, the Python client
+                for spec in specs:
+                    results[spec.name].update(
+                        bench_server(spec, [scenario], args.duration, workdir, binaries)
+                    )
+                continue
+            for name, entry in bench_interleaved(specs, scenario, plan, workdir).items():
+                results[name][scenario.name] = entry
+        report["results"] = results
+        loops = {e["loop"] for r in results.values() for e in r.values() if e.get("loop")}
+        if loops:
+            report["bare_uvloop_loop"] = ", ".join(sorted(loops))
+        chosen = [s for s in specs if s.name in massclose.SERVERS]
+        if args.mass_close and chosen:
+            report["mass_close"] = {
+                spec.name: massclose.run(
+                    Server(spec, workdir, f"close-{spec.name}", {}), args.mass_close, spec.is_echod
+                )
+                for spec in chosen
+            }
     report["elapsed_s"] = round(time.monotonic() - began, 1)
     return write_report(report, scenarios, args.out)
+
+
+def _build(outdir: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """Compile the C programs; return those built and, for each, "built" or why not."""
+    binaries: dict[str, Path] = {}
+    notes: dict[str, str] = {}
+    for name in cbuild.SOURCES:
+        built = cbuild.build(name, outdir)
+        if built.path is not None:
+            binaries[name] = built.path
+        notes[name] = "built" if built.path is not None else built.reason
+        if built.path is None:
+            print(f"{name}: not built: {built.reason}", file=sys.stderr)
+    return binaries, notes
 
 
 def write_report(report: dict[str, Any], scenarios: list[loadgen.Scenario], out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     chart_problem = draw_chart(report, scenarios, out / "bench.png")
     markdown = render_markdown(report, scenarios)
+    if NOTES.exists():  # the profile and the analysis, written by hand beside the numbers
+        markdown += "\n" + NOTES.read_text()
     if chart_problem:
         markdown += f"\nChart not drawn: {chart_problem}\n"
         print(f"chart not drawn: {chart_problem}", file=sys.stderr)
     (out / "bench.md").write_text(markdown)
     (out / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out / 'bench.md'}, bench.png, bench.json in {report['elapsed_s']} s")
+    # A tool baseline's failure (xinetd resetting connections under the idle ramp) is shown
+    # in the report but is not echod's, unless a byte came back wrong.
     failed = [
         (server, scenario)
         for server, runs in report["results"].items()
         for scenario, e in runs.items()
         if e["status"] == "failed" or (e["status"] == "ok" and not e["verified"])
+        if server not in TOOL_BASELINES or e.get("mismatches")
     ]
+    # A baseline that needs a tool the machine lacks (xinetd, a C compiler) is reported n/a
+    # with the reason; any other baseline must start.
     baseline_missing = [
         server
         for server, runs in report["results"].items()
-        if not server.startswith("echod_") and any(e["status"] == "n/a" for e in runs.values())
+        if not server.startswith("echod_")
+        and server not in TOOL_BASELINES
+        and any(e["status"] == "n/a" for e in runs.values())
     ]
     for server, scenario in failed:
         print(f"FAILED: {server} {scenario}", file=sys.stderr)

@@ -7,22 +7,49 @@ One object per worker process, shared by every mode. It knows the worker's share
 
 ``max_connections_per_ip`` holds across workers through :class:`SharedIpCounts`, a table in
 memory shared by the supervisor and every worker, read and written without a lock.
+
+Where each check runs. At accept (:meth:`Admission.admit`, the worker's main thread):
+``max_connections``, ``connection_rate`` and, without the PROXY protocol, the access list and
+the per-address limit, since the peer is the client then (the cheapest place: a refused
+client costs no thread, process or protocol). With ``proxy_protocol`` on, accept checks only
+that the sender is in ``proxy_trusted``; the access list and the per-address limit apply to
+the real client, known once its connection has sent the header, and run then
+(:meth:`Admission.admit_client`), before a byte is echoed:
+
+- async: on the loop, like everything else;
+- thread: in the connection's own thread, so the per-address counts (``by_ip`` and this
+  worker's row of the shared table) are changed under a lock, which the main thread takes too
+  when it releases them. A lock rather than handing the decision back to the main thread:
+  that would cost each connection a wake-up of the main thread and a wait for its answer;
+  the lock is uncontended but for connections starting at the same instant.
+- process: in the worker's main thread, asked by the connection process over a socket
+  (``echod.clientlink``), so the worker stays the only writer of its row and counts the
+  client until it reaps the process, as it counts the connection itself.
+
+Refusals made after accept reach the worker's main thread with the connection's outcome
+(:meth:`Admission.closed`), which counts them in the summary.
 """
 
 from __future__ import annotations
 
 import mmap
+import threading
 import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass
 
+from echod.acl import AccessList, AddressSet
 from echod.config import Config
+from echod.metrics import WorkerCounters
 
 # Why a client was refused, as counted in the summary event.
 REFUSED_LIMIT = "max_connections"
 REFUSED_PER_IP = "max_connections_per_ip"
 REFUSED_RATE = "connection_rate"
+REFUSED_ACCESS = "access_list"
+REFUSED_UNTRUSTED = "proxy_untrusted"
+REFUSED_PROXY = "proxy_error"
 
 SUMMARY_INTERVAL = 1.0
 
@@ -170,18 +197,29 @@ class Admission:
         index: int,
         shared: SharedIpCounts | None = None,
         slot: int | None = None,
+        counters: WorkerCounters | None = None,
     ) -> None:
+        #: The metrics' cumulative counts (``refused`` below is the summary's, reset each time).
+        self.counters = counters if counters is not None else WorkerCounters()
         self.limit = worker_share(cfg.max_connections, cfg.workers, index)
         self.per_ip = cfg.max_connections_per_ip
         self.shared = shared if self.per_ip and slot is not None else None
         self.slot = slot if slot is not None else -1
         self.refuse = cfg.overload == "refuse"
         self.bucket = TokenBucket(cfg.connection_rate)
+        self.acl = AccessList.from_lists(cfg.allow, cfg.deny)
+        #: The balancers allowed to send a PROXY header; None when the protocol is off.
+        self.trusted = AddressSet(cfg.proxy_trusted) if cfg.proxy_protocol != "off" else None
+        #: Whether admit_client() has anything to check (else a mode may skip asking).
+        self.checks_clients = bool(self.acl is not None or self.per_ip)
         self.active = 0
         self.served = 0
         self.by_ip: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
         self._last_summary = 0.0
+        # Guards by_ip and this worker's row of ``shared`` when admit_client() runs in
+        # connection threads (see the module docstring).
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         now = time.monotonic()
@@ -208,29 +246,63 @@ class Admission:
         reason: str | None = None
         if self.full():
             reason = REFUSED_LIMIT
-        elif self.per_ip and self.open_from(ip) >= self.per_ip:
-            reason = REFUSED_PER_IP
-        elif not self.bucket.take(time.monotonic()):
+        elif self.trusted is not None:
+            if ip not in self.trusted:
+                reason = REFUSED_UNTRUSTED
+        else:
+            reason = self._refuse_client(ip)
+        if reason is None and not self.bucket.take(time.monotonic()):
             reason = REFUSED_RATE
         if reason is not None:
             self.refused[reason] += 1
+            self.counters.refused(reason)
             return reason
         self.active += 1
-        self.by_ip[ip] += 1
-        if self.shared is not None:
-            self.shared.add(self.slot, self.shared.bucket(ip), 1)
+        if self.trusted is None:
+            self._count(ip, 1)
         return None
 
-    def closed(self, ip: str) -> None:
-        self.active -= 1
-        self.served += 1
-        left = self.by_ip[ip] - 1
+    def admit_client(self, ip: str) -> str | None:
+        """With the PROXY protocol on: whether the real client ``ip`` of an admitted
+        connection may be served (None), else why not. Safe to call from any thread. A
+        refusal is not counted here: it comes back with the outcome (:meth:`closed`)."""
+        with self._lock:
+            reason = self._refuse_client(ip)
+            if reason is None:
+                self._count(ip, 1)
+            return reason
+
+    def _refuse_client(self, ip: str) -> str | None:
+        if self.acl is not None and not self.acl.permits(ip):
+            return REFUSED_ACCESS
+        if self.per_ip and self.open_from(ip) >= self.per_ip:
+            return REFUSED_PER_IP
+        return None
+
+    def _count(self, ip: str, delta: int) -> None:
+        left = self.by_ip[ip] + delta
         if left > 0:
             self.by_ip[ip] = left
         else:
-            del self.by_ip[ip]
+            self.by_ip.pop(ip, None)
         if self.shared is not None:
-            self.shared.add(self.slot, self.shared.bucket(ip), -1)
+            self.shared.add(self.slot, self.shared.bucket(ip), delta)
+
+    def closed(self, ip: str, client: str | None = None, refused: str | None = None) -> None:
+        """A connection admitted from ``ip`` ended. With the PROXY protocol on, ``client``
+        is the real client that admit_client() counted (None: none was), and ``refused``
+        why it was refused after accept (counted in the summary), if it was."""
+        self.active -= 1
+        if refused is None:
+            self.served += 1
+        else:
+            self.refused[refused] += 1
+            self.counters.refused(refused)
+        if self.trusted is None:
+            self._count(ip, -1)
+        elif client is not None:
+            with self._lock:
+                self._count(client, -1)
 
     def open_from(self, ip: str) -> int:
         """Connections open from ``ip``: this worker's exactly, plus the other workers'."""

@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK (the entry module; argcomplete looks for this mark in its first lines)
 """The ``echod`` command: argument parsing, sub-commands and exit codes.
 
 Exit codes follow sysexits(3) (see :mod:`echod.exitcodes`); ``status`` follows the LSB
@@ -16,15 +17,28 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from echod import __version__, exitcodes
-from echod.config import Config, ConfigError, dump_config, load_config, resolve_config_path
+from echod.config import (
+    Config,
+    ConfigError,
+    LoadedConfig,
+    dump_config,
+    load_config,
+    read_config,
+    resolve_config_path,
+)
+from echod.errors import OperatorError
+from echod.exitcodes import LSB_NOT_RUNNING
 
-#: LSB: "program is not running", for actions other than status.
-LSB_NOT_RUNNING = 7
+if TYPE_CHECKING:
+    from echod.status import Status
+
 #: ``echod stop`` waits this long past the daemon's own drain before it sends SIGKILL.
 STOP_MARGIN = 10.0
+#: How long ``echod reload`` waits for the new configuration to serve, by default.
+RELOAD_TIMEOUT = 30.0
 
 
 class Parser(argparse.ArgumentParser):
@@ -35,17 +49,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(exitcodes.EX_USAGE, f"{self.prog}: error: {message}\n")
 
 
-class CommandError(Exception):
-    """A sub-command failed in a way the operator should read; carries the exit code."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
 def build_parser() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
-    common.add_argument(
+    config = common.add_argument(
         "-c",
         "--config",
         metavar="PATH",
@@ -53,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="configuration file (default: $ECHOD_CONFIG, else /etc/echod.yaml if it exists, "
         "else the embedded defaults)",
     )
+    config.completer = _complete_paths  # type: ignore[attr-defined]  # read by argcomplete
     common.add_argument(
         "--defaults",
         action="store_true",
@@ -77,11 +84,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         metavar="S",
-        help="seconds to wait before SIGKILL (default: shutdown_timeout + 10)",
+        help="seconds to wait before SIGKILL (default: drain_delay + shutdown_timeout + 10)",
     )
-    commands.add_parser("status", parents=[common], help="say whether echod runs, and how")
-    commands.add_parser(
-        "reload", parents=[common], help="check the configuration, then make the daemon reload it"
+    status = commands.add_parser(
+        "status", parents=[common], help="say whether echod runs, and how"
+    )
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    reload = commands.add_parser(
+        "reload",
+        parents=[common],
+        help="check the configuration, make the daemon reload it, and wait until it serves",
+    )
+    reload.add_argument(
+        "--timeout",
+        type=float,
+        default=RELOAD_TIMEOUT,
+        metavar="S",
+        help=f"seconds to wait for the outcome (default: {RELOAD_TIMEOUT:g})",
+    )
+    upgrade = commands.add_parser(
+        "upgrade",
+        parents=[common],
+        help="re-execute the daemon in place on the installed code, and wait until it serves",
+    )
+    upgrade.add_argument(
+        "--timeout",
+        type=float,
+        default=RELOAD_TIMEOUT,
+        metavar="S",
+        help=f"seconds to wait for the outcome (default: {RELOAD_TIMEOUT:g})",
     )
     commands.add_parser(
         "check-config",
@@ -93,28 +124,56 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``echod`` command; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # bash asks for completions: answer, then exit
+        return _autocomplete(parser)
+    args = parser.parse_args(argv)
     handler = COMMANDS[args.command]
     try:
         return handler(args)
-    except CommandError as exc:
+    except OperatorError as exc:
         print(f"echod: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return exitcodes.INTERRUPTED
+
+
+def _autocomplete(parser: argparse.ArgumentParser) -> int:
+    """Let argcomplete answer bash's completion request (it exits), if it is installed;
+    without it, offer nothing and run nothing.
+
+    Imported only here, when bash asks: start-up time matters for every other run, and echod
+    works without argcomplete.
+    """
+    try:
+        import argcomplete
+    except ImportError:
+        return exitcodes.EX_UNAVAILABLE
+    argcomplete.autocomplete(parser)
+    return exitcodes.EX_SOFTWARE  # not reached: argcomplete exits once it has answered
+
+
+def _complete_paths(prefix: str, **kwargs: Any) -> Any:
+    """argcomplete's completer for ``--config``: files and directories."""
+    from argcomplete.completers import FilesCompleter
+
+    return FilesCompleter()(prefix, **kwargs)
 
 
 def load(args: argparse.Namespace) -> tuple[Config, str | None]:
     """The configuration the command works with, and the file it came from (None: defaults)."""
-    if getattr(args, "defaults", False):
-        return load_config(None), None
-    path = resolve_config_path(getattr(args, "config", None), os.environ)
+    loaded = read(args)
+    return loaded.config, loaded.path
+
+
+def read(args: argparse.Namespace) -> LoadedConfig:
+    """The configuration with the files it was read from (and its drop-ins), or exit 78."""
+    path = None
+    if not getattr(args, "defaults", False):
+        path = resolve_config_path(getattr(args, "config", None), os.environ)
     if path is not None:
         path = os.path.abspath(path)
-    try:
-        return load_config(path), path
-    except ConfigError as exc:
-        raise CommandError(str(exc), exitcodes.EX_CONFIG) from None
+    return read_config(path)  # a ConfigError is an OperatorError: exit 78
 
 
 # -- sub-commands -----------------------------------------------------------------------------
@@ -128,10 +187,35 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    cfg, path = load(args)
-    sys.stdout.write(dump_config(cfg))
-    print(f"echod: configuration ok ({path or 'embedded defaults'})", file=sys.stderr)
+    loaded = read(args)
+    sys.stdout.write("".join(f"# {line}\n" for line in describe_sources(loaded)))
+    sys.stdout.write(dump_config(loaded.config, loaded.origins))
+    summary = loaded.path or "embedded defaults"
+    dropins = [name for name in loaded.files if name != loaded.path]
+    if dropins:
+        summary += f" and {len(dropins)} drop-in{'s' if len(dropins) > 1 else ''}"
+    if loaded.path is not None and not loaded.origins:
+        summary += "; it sets nothing: every setting is at its default"
+    print(f"echod: configuration ok ({summary})", file=sys.stderr)
     return exitcodes.OK
+
+
+def describe_sources(loaded: LoadedConfig) -> list[str]:
+    """check-config's header: the files read, in order, and what a bare line means."""
+    if loaded.path is None:
+        return ["No file read: every setting is at its embedded default."]
+    lines = ["Files read, in order (a later one wins, setting by setting):"]
+    if loaded.path not in loaded.files:
+        lines.append(f"  ({loaded.path} does not exist: the defaults come first)")
+    lines += [
+        f"  {name}" + (" (sets nothing)" if name in loaded.empty else "")
+        for name in loaded.files
+    ]
+    if not loaded.origins:
+        lines.append("Nothing is set: every setting is at its embedded default.")
+    else:
+        lines.append("A setting without a 'from' comment is at its embedded default.")
+    return lines
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -144,7 +228,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         return cmd_run(args)
     cfg, path = load(args)
     if not cfg.pidfile:
-        raise CommandError(
+        raise OperatorError(
             "start needs a pidfile to find the daemon again; set `pidfile`", exitcodes.EX_CONFIG
         )
     if log.effective_target(cfg.log, environ={}) in ("stdout", "stderr"):
@@ -171,7 +255,10 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if pid is None:
         print("echod: not running")
         return exitcodes.OK  # LSB: stopping a stopped service succeeds
-    timeout = args.timeout if args.timeout is not None else cfg.shutdown_timeout + STOP_MARGIN
+    if args.timeout is not None:
+        timeout = args.timeout
+    else:
+        timeout = cfg.drain_delay + cfg.shutdown_timeout + STOP_MARGIN
     os.kill(pid, signal.SIGTERM)
     if wait_gone(pid, timeout):
         print(f"echod: stopped (pid {pid})")
@@ -183,41 +270,119 @@ def cmd_stop(args: argparse.Namespace) -> int:
         return exitcodes.OK
     if wait_gone(pid, STOP_MARGIN):
         return exitcodes.OK
-    raise CommandError(f"pid {pid} survived SIGKILL", exitcodes.EX_SOFTWARE)
+    raise OperatorError(f"pid {pid} survived SIGKILL", exitcodes.EX_SOFTWARE)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     cfg, _path = load(args)
     pid = live_pid(cfg)
     if pid is None:
-        print("echod is not running")
+        print(json.dumps({"running": False}) if args.json else "echod is not running")
         return exitcodes.NOT_RUNNING
-    status = read_status(cfg)
+    published = read_status(cfg)
+    if args.json:
+        fields = published.to_dict() if published is not None else {}
+        print(json.dumps({"running": True, **fields, "pid": pid}, indent=2))
+        return exitcodes.OK
     print(f"echod is running (pid {pid})")
-    for line in describe(status):
+    for line in describe(published):
         print(f"  {line}")
     return exitcodes.OK
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
+    found = check_signal_and_wait(args, signal.SIGHUP, "reloaded")
+    if found is None:
+        return LSB_NOT_RUNNING
+    pid, where, outcome = found
+    print(f"echod: reloaded (pid {pid}, {where}): generation {outcome.generation} serves")
+    return exitcodes.OK
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    found = check_signal_and_wait(args, signal.SIGUSR2, "upgraded")
+    if found is None:
+        return LSB_NOT_RUNNING
+    pid, where, outcome = found
+    print(
+        f"echod: upgraded (pid {pid}, {where}): version {outcome.version}, "
+        f"generation {outcome.generation} serves"
+    )
+    return exitcodes.OK
+
+
+def check_signal_and_wait(
+    args: argparse.Namespace, signum: int, done: str
+) -> tuple[int, str, Status] | None:
+    """Check the daemon's file, send ``signum``, and wait for the outcome it publishes:
+    the pid, the file, and the status that says it worked; None when no daemon runs;
+    OperatorError otherwise."""
+    from echod.status import RELOAD_OK
+
     cfg, path = load(args)
     pid = live_pid(cfg)
     if pid is None:
         print("echod is not running", file=sys.stderr)
-        return LSB_NOT_RUNNING
+        return None
+    published = read_status(cfg)
     # Check the file the daemon itself reads, so a bad edit is reported here and now.
-    daemon_path = read_status(cfg).get("config_file", path)
+    daemon_path = published.config_file if published is not None else path
     if daemon_path:
         try:
             load_config(daemon_path)
         except ConfigError as exc:
-            raise CommandError(
-                f"{exc} (not reloaded; still serving the previous configuration)",
+            raise OperatorError(
+                f"{exc} (not {done}; still serving the previous configuration)",
                 exitcodes.EX_CONFIG,
             ) from None
-    os.kill(pid, signal.SIGHUP)
-    print(f"echod: reload requested (pid {pid}, {daemon_path or 'embedded defaults'})")
-    return exitcodes.OK
+    before = published.reload_serial if published is not None else 0
+    if not catches(pid, signum):
+        # An echod from before upgrade in place would die of SIGUSR2, not upgrade.
+        version = published.version if published is not None else "of an unknown version"
+        raise OperatorError(
+            f"pid {pid} (echod {version}) does not handle {signal.Signals(signum).name}: "
+            f"it cannot be {done} in place; restart it",
+            exitcodes.EX_UNAVAILABLE,
+        )
+    os.kill(pid, signum)
+    outcome = wait_reloaded(cfg, pid, before, args.timeout)
+    where = daemon_path or "embedded defaults"
+    if outcome.reload_result != RELOAD_OK:
+        raise OperatorError(
+            f"{'reload' if done == 'reloaded' else 'upgrade'} failed: {outcome.reload_error} "
+            f"(pid {pid}, {where}; still serving the previous configuration)",
+            outcome.reload_exit_code or exitcodes.EX_SOFTWARE,
+        )
+    return pid, where, outcome
+
+
+def wait_reloaded(cfg: Config, pid: int, serial: int, timeout: float) -> Status:
+    """The status in which the daemon ``pid`` published the outcome of a reload requested
+    after ``serial``; OperatorError if it exits or says nothing within ``timeout``."""
+    from echod import status
+
+    deadline = time.monotonic() + timeout
+    pause = 0.01
+    for _ in range(1_000_000):  # bounded: the deadline ends it long before
+        published = read_status(cfg)
+        if (
+            published is not None
+            and published.reload_serial > serial
+            and published.reload_result in (status.RELOAD_OK, status.RELOAD_FAILED)
+        ):
+            return published
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        # The daemon's exit ends the wait at once; else look again soon (the status file
+        # is replaced by rename, which no standard-library call waits for).
+        if wait_gone(pid, min(pause, left)):
+            raise OperatorError(f"pid {pid} exited during the reload", LSB_NOT_RUNNING)
+        pause = min(pause * 2, 0.1)
+    raise OperatorError(
+        f"pid {pid} did not report the reload's outcome within {timeout:g} s",
+        exitcodes.EX_TEMPFAIL,
+    )
 
 
 COMMANDS = {
@@ -226,6 +391,7 @@ COMMANDS = {
     "stop": cmd_stop,
     "status": cmd_status,
     "reload": cmd_reload,
+    "upgrade": cmd_upgrade,
     "check-config": cmd_check_config,
 }
 
@@ -238,43 +404,58 @@ def live_pid(cfg: Config) -> int | None:
     from echod.pidfile import read_live_pid
 
     if not cfg.pidfile:
-        raise CommandError("no pidfile is configured; cannot find the daemon", exitcodes.EX_CONFIG)
+        raise OperatorError("no pidfile is configured; cannot find the daemon", exitcodes.EX_CONFIG)
     try:
         return read_live_pid(cfg.pidfile)
     except PermissionError as exc:
         message = f"cannot read {cfg.pidfile}: {exc.strerror}"
-        raise CommandError(message, exitcodes.EX_NOPERM) from None
+        raise OperatorError(message, exitcodes.EX_NOPERM) from None
 
 
-def read_status(cfg: Config) -> dict[str, Any]:
-    """What the daemon last published beside its pidfile ({} if nothing yet)."""
-    from echod.supervisor import status_path
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (its SigCgt mask in /proc);
+    True when that cannot be read: the signal is sent and the outcome waited for."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
+
+
+def read_status(cfg: Config) -> Status | None:
+    """What the daemon last published beside its pidfile (None if nothing yet)."""
+    from echod import status
 
     assert cfg.pidfile
-    try:
-        with open(status_path(cfg.pidfile), encoding="utf-8") as handle:
-            data: dict[str, Any] = json.load(handle)
-    except (OSError, ValueError):
-        return {}
-    return data
+    return status.read(status.path_for(cfg.pidfile))
 
 
-def describe(status: dict[str, Any]) -> list[str]:
-    if not status:
+def describe(published: Status | None) -> list[str]:
+    if published is None:
         return ["(no status published yet)"]
-    uptime = time.time() - float(status.get("started", time.time()))
-    workers = status.get("workers", [])
-    return [
-        f"state:       {status.get('state')}",
+    uptime = time.time() - published.started
+    workers = published.workers
+    lines = [
+        f"state:       {published.state}",
         f"uptime:      {format_duration(uptime)}",
-        f"mode:        {status.get('mode')} ({len(workers)} worker processes)",
-        f"addresses:   {', '.join(status.get('addresses', []))}",
-        f"open:        {status.get('open')} connections",
-        f"served:      {status.get('served')} connections",
-        f"reloads:     {status.get('reloads')}",
-        f"config file: {status.get('config_file') or 'embedded defaults'}",
-        f"version:     {status.get('version')}",
+        f"mode:        {published.mode} ({len(workers)} worker processes)",
+        f"addresses:   {', '.join(published.addresses)}",
+        f"open:        {published.open} connections",
+        f"served:      {published.served} connections",
+        f"reloads:     {published.reloads}",
+        f"config file: {published.config_file or 'embedded defaults'}",
+        f"version:     {published.version}",
     ]
+    if workers:
+        lines.append("workers:")
+        lines += [
+            f"  worker {w.index} pid {w.pid} generation {w.generation}: {w.state}, {w.open} open"
+            for w in workers
+        ]
+    return lines
 
 
 def format_duration(seconds: float) -> str:
@@ -292,9 +473,27 @@ def wait_gone(pid: int, timeout: float) -> bool:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
         return True
+    except OSError:  # no pidfd here (a seccomp filter, an old kernel): look, then wait
+        return _wait_gone_without_pidfd(pid, timeout)
     try:
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
         return bool(poller.poll(max(0, int(timeout * 1000))))
     finally:
         os.close(pidfd)
+
+
+def _wait_gone_without_pidfd(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    for _ in range(100_000):  # bounded: the deadline ends it first
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # it exists, as someone else's
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(0.05, left))
+    return False

@@ -6,7 +6,10 @@ Validation, the embedded defaults, ``dump_config`` and the generated files (the 
 derive from it.
 
 Methods for the caller: ``resolve_config_path`` (where to look), ``load_config`` (read and
-validate a file, or take the defaults), ``dump_config`` (the effective configuration as YAML).
+validate a file and its drop-ins, or take the defaults), ``read_config`` (the same, with the
+files read and where each setting came from), ``dump_config`` (the effective configuration as
+YAML). The main file ``/etc/echod.yaml`` is merged with the drop-ins ``/etc/echod.d/*.yaml``
+(in general: the main path without ``.yaml``, plus ``.d``), setting by setting, in name order.
 Every problem with the input, whether the file cannot be read, is not YAML, or holds a bad
 setting, raises ``ConfigError``, whose one-line message names the file, line and column, the
 setting, the bad value and the rule.
@@ -20,7 +23,7 @@ import math
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import date
 from typing import Any, Final, Literal, TypeVar
 
@@ -28,10 +31,15 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from echod import exitcodes
+from echod.errors import OperatorError
+
 MODES: tuple[str, ...] = ("thread", "process", "async")
 DEFAULT_PATH = "/etc/echod.yaml"
 #: The environment variable naming the configuration file when ``--config`` is not given.
 ENV_VAR = "ECHOD_CONFIG"
+#: The environment variable that overrides the ``pidfile`` setting (echod@.service sets it).
+PIDFILE_ENV_VAR = "ECHOD_PIDFILE"
 #: A configuration file is small; the cap keeps ``--config /dev/zero`` from eating memory.
 MAX_FILE_SIZE = 1024 * 1024
 
@@ -80,6 +88,7 @@ class Config:
     udp: bool
     udp_rate: float
     thread_stack_size: int
+    spare_threads: int
     allow: tuple[str, ...]
     deny: tuple[str, ...]
     proxy_protocol: str
@@ -503,6 +512,14 @@ SETTINGS: tuple[Setting, ...] = (
         also_zero=True,
     ),
     Setting(
+        "spare_threads",
+        "int",
+        0,
+        "Thread mode: up to this many threads kept to serve later connections; 0: one each.",
+        minimum=0,
+        maximum=100_000,
+    ),
+    Setting(
         "allow",
         "networks",
         (),
@@ -594,7 +611,7 @@ class _Missing:
 _NO_VALUE: Final = _Missing()
 
 
-class ConfigError(Exception):
+class ConfigError(OperatorError):
     """A configuration that cannot be used; ``str()`` is one line fit for an operator.
 
     Attributes: ``path``; ``line`` and ``column`` (1-based, or None); ``key`` (dotted, or
@@ -612,8 +629,7 @@ class ConfigError(Exception):
         value: object = _NO_VALUE,
         rule: str = "",
     ) -> None:
-        super().__init__(message)
-        self.message = message
+        super().__init__(message, exitcodes.EX_CONFIG)
         self.path = path
         self.line = line
         self.column = column
@@ -636,6 +652,11 @@ def _at(path: str, node: Node) -> dict[str, Any]:
     """The location keywords of a ConfigError for something written at ``node``."""
     mark = node.start_mark
     return {"path": path, "line": mark.line + 1, "column": mark.column + 1}
+
+
+def _origin(path: str, node: Node) -> Origin:
+    mark = node.start_mark
+    return Origin(path, mark.line + 1, mark.column + 1)
 
 
 def show_value(value: object) -> str:
@@ -675,30 +696,155 @@ def default_config() -> Config:
     return _build({s.name: s.default for s in SETTINGS})
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a setting's effective value was written: a file and a position in it.
+
+    ``path`` is a file, or ``$ECHOD_PIDFILE`` for the pidfile given by the environment
+    (``line`` and ``column`` are then None).
+    """
+
+    path: str
+    line: int | None = None
+    column: int | None = None
+
+    def __str__(self) -> str:
+        return self.path if self.line is None else f"{self.path}:{self.line}"
+
+    def location(self) -> dict[str, Any]:
+        """The location keywords of a ConfigError for a value written here."""
+        return {"path": self.path, "line": self.line, "column": self.column}
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated configuration together with where its settings came from.
+
+    ``path`` is the main file named (None: only the embedded defaults); ``files`` every file
+    read, in the order they were merged (the main file first when it exists, then its
+    drop-ins); ``empty`` those of them that set nothing; ``origins`` maps each setting a
+    file (or the environment) set to where its effective value was written. A setting
+    missing from ``origins`` is at its default.
+    """
+
+    config: Config
+    path: str | None = None
+    files: tuple[str, ...] = ()
+    empty: tuple[str, ...] = ()
+    origins: Mapping[str, Origin] = field(default_factory=dict)
+
+
+def dropin_dir(path: str) -> str:
+    """The drop-in directory of a main file: its path without ``.yaml``, plus ``.d``.
+
+    ``/etc/echod.yaml`` has ``/etc/echod.d``; ``/etc/echod/web.yaml`` has ``/etc/echod/web.d``.
+    """
+    return path.removesuffix(".yaml") + ".d"
+
+
+def is_dropin_name(name: str) -> bool:
+    """Whether a file in a drop-in directory is read: ``*.yaml``, not hidden.
+
+    Editor backups (``10-port.yaml~``, ``.10-port.yaml.swp``) and dpkg's leftovers
+    (``.dpkg-dist``, ``.dpkg-old``, ``.dpkg-new``) do not end in ``.yaml`` and are ignored.
+    """
+    return name.endswith(".yaml") and not name.startswith(".") and name != ".yaml"
+
+
+def dropin_files(directory: str) -> list[str]:
+    """The drop-ins of ``directory`` in the order they are merged (by name); [] if it is absent."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        raise ConfigError(
+            f"cannot read the drop-in directory: {error.strerror or error}", path=directory
+        ) from None
+    except ValueError as error:  # an embedded NUL in the path
+        raise ConfigError(f"cannot read: {error}", path=directory) from None
+    # Byte order, not the locale's: the same order on every machine, as systemd's drop-ins.
+    return [os.path.join(directory, name) for name in sorted(names) if is_dropin_name(name)]
+
+
 def resolve_config_path(
     cli_path: str | None, environ: Mapping[str, str], *, default_path: str = DEFAULT_PATH
 ) -> str | None:
     """Which file to read: ``--config``, else ``$ECHOD_CONFIG``, else the default if it exists.
 
-    None means no file: use the embedded defaults. A default path that exists but is not a
-    readable file is returned all the same, so that the operator hears about it.
+    The default counts as existing when its drop-in directory does, even if the file itself
+    does not. None means no file: use the embedded defaults. A default path that exists but
+    is not a readable file is returned all the same, so that the operator hears about it.
     """
     if cli_path is not None:
         return cli_path
     from_env = environ.get(ENV_VAR, "")
     if from_env:
         return from_env
-    return default_path if os.path.lexists(default_path) else None
+    if os.path.lexists(default_path) or os.path.lexists(dropin_dir(default_path)):
+        return default_path
+    return None
 
 
-def load_config(path: str | None) -> Config:
-    """Read and validate the file at ``path``; None gives ``default_config()``.
+def load_config(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate ``path`` and its drop-ins; None gives the embedded defaults.
 
-    Raises ``ConfigError`` for every problem with the file, never anything else.
+    The same as ``read_config(path, environ).config``. Raises ``ConfigError`` for every
+    problem with the files, never anything else.
     """
-    if path is None:
-        return default_config()
-    return parse_config(_read_text(path), path)
+    return read_config(path, environ).config
+
+
+def read_config(path: str | None, environ: Mapping[str, str] | None = None) -> LoadedConfig:
+    """Read and validate the main file ``path`` and the drop-ins beside it.
+
+    Each file is validated on its own (an error names the file and line of the bad value);
+    then the drop-ins (``dropin_files(dropin_dir(path))``) are merged over the main file in
+    name order, setting by setting, a later file winning; then the rules that span settings
+    are checked on the result. A main file that does not exist is skipped when its drop-in
+    directory exists (the defaults, then the drop-ins); otherwise it is an error. A file that
+    sets nothing is valid. ``$ECHOD_PIDFILE`` (``PIDFILE_ENV_VAR``) in ``environ`` (default
+    ``os.environ``), when not empty, overrides the ``pidfile`` setting: echod@.service sets
+    it to give each instance its own. A ``path`` of None reads no file at all.
+    """
+    values: dict[str, object] = {s.name: s.default for s in SETTINGS}
+    origins: dict[str, Origin] = {}
+    files: list[str] = []
+    if path is not None:
+        directory = dropin_dir(path)
+        main = [] if not os.path.lexists(path) and os.path.isdir(directory) else [path]
+        files = main + dropin_files(directory)
+    empty = []
+    for name in files:
+        found, where = _parse_file(_read_text(name), name)
+        values.update(found)
+        origins.update(where)
+        if not found:
+            empty.append(name)
+    _override_pidfile(values, origins, os.environ if environ is None else environ)
+    _check_together(values, origins)
+    return LoadedConfig(_build(values), path, tuple(files), tuple(empty), origins)
+
+
+def _override_pidfile(
+    values: dict[str, object], origins: dict[str, Origin], environ: Mapping[str, str]
+) -> None:
+    given = environ.get(PIDFILE_ENV_VAR, "")
+    if not given:
+        return
+    setting = _BY_NAME["pidfile"]
+    origin = Origin(f"${PIDFILE_ENV_VAR}")
+    try:
+        values["pidfile"] = setting.convert(given)
+    except InvalidValueError as bad:
+        raise ConfigError(
+            f"pidfile: {show_value(given)} {bad.problem} ({setting.rule})",
+            key=setting.name,
+            value=given,
+            rule=setting.rule,
+            **origin.location(),
+        ) from None
+    origins["pidfile"] = origin
 
 
 def _read_text(path: str) -> str:
@@ -724,27 +870,32 @@ def _read_text(path: str) -> str:
 
 
 def parse_config(text: str, path: str = "<string>") -> Config:
-    """Validate YAML ``text``, read from ``path`` (used only in messages)."""
+    """Validate YAML ``text``, read from ``path`` (used only in messages), as a whole file.
+
+    Text that sets nothing (empty, or only comments) gives the embedded defaults.
+    """
+    values, where = _parse_file(text, path)
+    merged = {s.name: values.get(s.name, s.default) for s in SETTINGS}
+    _check_together(merged, where)
+    return _build(merged)
+
+
+def _parse_file(text: str, path: str) -> tuple[dict[str, object], dict[str, Origin]]:
+    """The settings one file sets, converted, and where each was written."""
     root = _compose(text, path)
+    values: dict[str, object] = {}
+    where: dict[str, Origin] = {}
+    # Nothing but comments (or an explicit null document) sets nothing: all defaults.
     if root is None or (isinstance(root, ScalarNode) and root.tag.endswith(":null")):
-        location = {"path": path} if root is None else _at(path, root)
-        raise ConfigError(
-            "file is empty (expected a mapping of settings)",
-            **location,
-            rule="a mapping of settings",
-        )
+        return values, where
     if not isinstance(root, MappingNode):
         raise ConfigError(
             f"the file holds {_node_kind(root)} where a mapping of settings belongs",
             rule="a mapping of settings",
             **_at(path, root),
         )
-    values: dict[str, object] = {}
-    where: dict[str, Node] = {}
     _read_section(root, "", path, values, where)
-    merged = {s.name: values.get(s.name, s.default) for s in SETTINGS}
-    _check_together(merged, where, path)
-    return _build(merged)
+    return values, where
 
 
 def _compose(text: str, path: str) -> Node | None:
@@ -802,7 +953,7 @@ def _section_names(section: str) -> list[str]:
 
 
 def _read_section(
-    node: MappingNode, section: str, path: str, values: dict[str, object], where: dict[str, Node]
+    node: MappingNode, section: str, path: str, values: dict[str, object], where: dict[str, Origin]
 ) -> None:
     """Check every key of one mapping and convert its values into ``values``."""
     allowed = _section_names(section)
@@ -824,13 +975,13 @@ def _read_section(
             raise _unknown(name, section, allowed, path, key_node)
         if dotted in _BY_NAME:
             values[dotted] = _read_value(_BY_NAME[dotted], value_node, path)
-            where[dotted] = value_node
+            where[dotted] = _origin(path, value_node)
         else:
             _read_subsection(value_node, dotted, path, values, where)
 
 
 def _read_subsection(
-    node: Node, section: str, path: str, values: dict[str, object], where: dict[str, Node]
+    node: Node, section: str, path: str, values: dict[str, object], where: dict[str, Origin]
 ) -> None:
     # An empty section (every key in it commented out) means all its defaults.
     if isinstance(node, ScalarNode) and node.tag.endswith(":null"):
@@ -932,8 +1083,11 @@ def _read_list(setting: Setting, node: SequenceNode, path: str) -> object:
     return setting.convert(items)
 
 
-def _check_together(values: Mapping[str, object], where: Mapping[str, Node], path: str) -> None:
-    """Rules that span settings; each is reported where the operator wrote the deciding value."""
+def _check_together(values: Mapping[str, object], where: Mapping[str, Origin]) -> None:
+    """Rules that span settings; each is reported where the operator wrote the deciding value.
+
+    ``values`` is the merged result of every file; ``where`` says which file set what.
+    """
     if values["log.target"] == "file" and values["log.file"] is None:
         setting = _BY_NAME["log.target"]
         raise ConfigError(
@@ -941,7 +1095,7 @@ def _check_together(values: Mapping[str, object], where: Mapping[str, Node], pat
             key=setting.name,
             value="file",
             rule="log.file set when log.target is file",
-            **_at(path, where["log.target"]),
+            **where["log.target"].location(),
         )
     if values["proxy_protocol"] != "off" and not values["proxy_trusted"]:
         raise ConfigError(
@@ -950,12 +1104,12 @@ def _check_together(values: Mapping[str, object], where: Mapping[str, Node], pat
             key="proxy_protocol",
             value=values["proxy_protocol"],
             rule="proxy_trusted not empty when proxy_protocol is on",
-            **_at(path, where["proxy_protocol"]),
+            **where["proxy_protocol"].location(),
         )
     workers, total = values["workers"], values["max_connections"]
     assert isinstance(workers, int) and isinstance(total, int)
     if total < workers:
-        # Point at max_connections when the file sets it: it is the usual culprit.
+        # Point at max_connections when a file sets it: it is the usual culprit.
         if "max_connections" in where:
             name, shown, problem = "max_connections", total, f"is less than workers ({workers})"
         else:
@@ -966,7 +1120,7 @@ def _check_together(values: Mapping[str, object], where: Mapping[str, Node], pat
             key=name,
             value=shown,
             rule="max_connections >= workers",
-            **_at(path, where[name]),
+            **where[name].location(),
         )
 
 
@@ -1019,8 +1173,21 @@ def _resolves_to_str(text: str) -> bool:
     return bool(resolve(ScalarNode, text, (True, False)) == "tag:yaml.org,2002:str")
 
 
-def iter_yaml_lines(values: Mapping[str, object], *, docs: bool) -> Iterator[str]:
-    """The settings as YAML lines in table order; with ``docs``, each after its doc comment."""
+def iter_yaml_lines(
+    values: Mapping[str, object],
+    *,
+    docs: bool,
+    commented: bool = False,
+    notes: Mapping[str, str] | None = None,
+) -> Iterator[str]:
+    """The settings as YAML lines in table order; with ``docs``, each after its doc comment.
+
+    ``commented`` writes every setting and section line commented out (``#port: 9999``,
+    ``#  level: info`` under ``#log:``), so that the text sets nothing and removing one
+    ``#`` sets that value. ``notes`` adds a trailing comment to the line of a setting.
+    """
+    mark = "#" if commented else ""
+    notes = notes or {}
     open_sections: list[str] = []
     for setting in SETTINGS:
         parts = setting.name.split(".")
@@ -1035,19 +1202,31 @@ def iter_yaml_lines(values: Mapping[str, object], *, docs: bool) -> Iterator[str
             if docs:
                 yield ""
                 yield f"{indent}# {SECTIONS.get('.'.join(sections[: depth + 1]), '')}".rstrip()
-            yield f"{indent}{sections[depth]}:"
+            yield f"{indent}{mark}{sections[depth]}:"
         open_sections = sections
         indent = "  " * len(sections)
         if docs:
             yield ""
             yield f"{indent}# {setting.doc}"
             yield f"{indent}# Allowed: {setting.rule}."
-        yield f"{indent}{setting.key}: {yaml_scalar(values[setting.name])}"
+        line = f"{indent}{mark}{setting.key}: {yaml_scalar(values[setting.name])}"
+        note = notes.get(setting.name)
+        yield f"{line}  # {_one_line(note)}" if note else line
 
 
-def dump_config(cfg: Config) -> str:
-    """The effective configuration as YAML (what ``echod check-config`` prints)."""
-    return "\n".join(iter_yaml_lines(config_values(cfg), docs=False)) + "\n"
+def _one_line(text: str) -> str:
+    """A comment's text without line breaks (a file name may hold any character)."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def dump_config(cfg: Config, origins: Mapping[str, Origin] | None = None) -> str:
+    """The effective configuration as YAML (what ``echod check-config`` prints).
+
+    With ``origins``, each setting found there ends with a comment naming where it was set
+    (``port: 7  # from /etc/echod.d/10-port.yaml:1``); the text still loads to ``cfg``.
+    """
+    notes = {name: f"from {origin}" for name, origin in (origins or {}).items()}
+    return "\n".join(iter_yaml_lines(config_values(cfg), docs=False, notes=notes)) + "\n"
 
 
 def _check_table() -> None:

@@ -1,11 +1,13 @@
-"""Generate the settings documentation from the table in ``echod.config``.
+"""Generate the documentation of the settings and the exit codes from their tables.
 
-Three outputs, all derived from ``SETTINGS``, so none can drift from the code:
-``config/echod.yaml`` (every setting at its default, each with its doc as a comment), the
-settings reference in README.md (between ``<!-- settings:begin -->`` and
-``<!-- settings:end -->``) and the echod.yaml(5) man page.
+From ``SETTINGS`` in ``echod.config``: ``config/echod.yaml`` (every setting commented out at
+its default, each with its doc), the settings reference in README.md (between
+``<!-- settings:begin -->`` and ``<!-- settings:end -->``) and the echod.yaml(5) man page.
+From ``EXIT_CODES`` in ``echod.exitcodes``: the README's exit-code table (between
+``<!-- exit-codes:begin -->`` and ``<!-- exit-codes:end -->``) and the EXIT STATUS section of
+echod(8) (between its ``exit-codes`` comment lines). None can drift from the code.
 
-    python -m echod.docgen yaml|readme|man5   print one of them
+    python -m echod.docgen yaml|readme|man5|exit-codes|man8-exit   print one of them
     python -m echod.docgen --write            rewrite the files in the source tree
     python -m echod.docgen --check            exit 1 if any file is stale
 """
@@ -18,45 +20,62 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from echod import __version__
+from echod import __version__, metrics
 from echod.config import (
     DEFAULT_PATH,
     ENV_VAR,
+    PIDFILE_ENV_VAR,
     SECTIONS,
     SETTINGS,
     Setting,
+    dropin_dir,
     iter_yaml_lines,
     yaml_scalar,
 )
-from echod.exitcodes import EX_CONFIG
+from echod.exitcodes import COMMANDS, EX_CONFIG, EXIT_CODES, ExitCode
 
 #: Where each generated file lives, relative to the root of the source tree.
 YAML_PATH = Path("config/echod.yaml")
 MAN5_PATH = Path("packaging/man/echod.yaml.5")
 README_PATH = Path("README.md")
+MAN8_PATH = Path("packaging/man/echod.8")
 BEGIN = "<!-- settings:begin -->"
 END = "<!-- settings:end -->"
+EXIT_BEGIN = "<!-- exit-codes:begin -->"
+EXIT_END = "<!-- exit-codes:end -->"
+MAN_EXIT_BEGIN = '.\\" exit-codes:begin: generated from echod/exitcodes.py, do not edit'
+MAN_EXIT_END = '.\\" exit-codes:end'
 REGENERATE = "python -m echod.docgen --write"
 
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 
 def render_yaml() -> str:
-    """The shipped ``config/echod.yaml``: every setting at its default, with its doc."""
+    """The shipped ``config/echod.yaml``: every setting commented out at its default, with its doc.
+
+    The file sets nothing, so it loads to the embedded defaults; a setting the operator
+    leaves commented keeps following the installed version's default across upgrades.
+    """
     header = [
-        "# echod configuration file: every setting, each set to its default.",
+        "# echod configuration file. Every setting is shown commented out, at its default:",
+        "# remove the '#' before a setting (and before its section, such as 'log:') and",
+        "# change the value to set it. A setting left commented takes the default of the",
+        "# installed echod, so a default changed by an upgrade applies to it.",
         "#",
         f"# echod reads --config PATH, else ${ENV_VAR}, else {DEFAULT_PATH}, else uses its",
-        "# built-in defaults. A setting left out takes its default; an unknown setting, a",
-        f"# value of the wrong type or out of range is an error (exit status {EX_CONFIG}).",
-        "# Check a file with `echod check-config --config PATH`.",
+        "# built-in defaults. Files *.yaml in the drop-in directory beside the file (the",
+        f"# path without .yaml, plus .d: {dropin_dir(DEFAULT_PATH)}/) are merged over it in name",
+        "# order, setting by setting. An unknown setting, a value of the wrong type or out",
+        f"# of range is an error (exit status {EX_CONFIG}). Check with `echod check-config`,",
+        "# which also shows where each value came from.",
         "# Reference: echod.yaml(5) and the README.",
         "#",
         "# Generated from the settings table in echod/config.py by",
         f"# `{REGENERATE}`: change a default or a doc there, not here.",
     ]
     defaults = {s.name: s.default for s in SETTINGS}
-    return "\n".join([*header, *iter_yaml_lines(defaults, docs=True)]) + "\n"
+    lines = iter_yaml_lines(defaults, docs=True, commented=True)
+    return "\n".join([*header, *lines]) + "\n"
 
 
 def render_readme_table() -> str:
@@ -106,12 +125,42 @@ def render_man5(version: str) -> str:
         "Types are strict: a boolean is not a number, a quoted string is not a number,",
         "and a decimal number is not an integer (an integer is accepted where a number is).",
         "An unknown setting, a setting given twice, a value of the wrong type or out of range,",
-        "a YAML syntax error, an empty file and a file that cannot be read are errors:",
+        "a YAML syntax error and a file that cannot be read are errors:",
         "echod prints one line naming the file, line, column, setting, value and rule,",
         f"and exits with status {EX_CONFIG} (EX_CONFIG).",
         ".PP",
         ".B echod check\\-config",
         "validates a file and prints the effective configuration.",
+        ".PP",
+        "A file that sets nothing (empty, or only comments) means every setting at its",
+        "default. The shipped",
+        f".I {DEFAULT_PATH}",
+        "is such a file: every setting is commented out at its default, so a setting the",
+        "operator leaves commented follows the default of the installed version.",
+        ".SS Drop-ins",
+        "Files ending in",
+        ".I .yaml",
+        "in the directory beside the main file, named as the file without",
+        ".I .yaml",
+        "plus",
+        ".I .d",
+        f"(\\fI{dropin_dir(DEFAULT_PATH)}/\\fR for \\fI{DEFAULT_PATH}\\fR),",
+        "are merged over it in the byte order of their names, setting by setting: a drop-in",
+        "holding",
+        ".B log: {level: debug}",
+        "changes only",
+        ".BR log.level ,",
+        "and a list is replaced as a whole. Hidden files and other names (editor backups,",
+        ".IR .dpkg\\-dist ,",
+        ".IR .dpkg\\-old )",
+        "are ignored. The drop-ins apply with",
+        ".B \\-\\-config",
+        f"and \\fB{ENV_VAR}\\fR too; when the main file does not exist but the directory",
+        "does, the drop-ins are merged over the defaults.",
+        "Each file is checked on its own, and an error names the file and line of the",
+        "bad value; the rules that span settings are checked on the merged result.",
+        ".B echod check\\-config",
+        "lists the files read and names, beside each value a file set, where it was set.",
         ".SH SETTINGS",
     ]
     section = ""
@@ -138,12 +187,27 @@ def render_man5(version: str) -> str:
         ".TP",
         f".I {DEFAULT_PATH}",
         "The configuration file read when no other is named.",
+        ".TP",
+        f".I {dropin_dir(DEFAULT_PATH)}/*.yaml",
+        "Its drop-ins, merged over it in name order.",
+        ".TP",
+        ".IR /etc/echod/ NAME .yaml ,\\ /etc/echod/ NAME .d/*.yaml",
+        "The configuration of the instance",
+        ".BR echod@ NAME .service",
+        "and its drop-ins.",
         ".SH ENVIRONMENT",
         ".TP",
         f".B {ENV_VAR}",
         "The configuration file to read when",
         ".B \\-\\-config",
         "is not given; ignored when empty.",
+        ".TP",
+        f".B {PIDFILE_ENV_VAR}",
+        "Overrides the",
+        ".B pidfile",
+        "setting when not empty;",
+        ".B echod@.service",
+        "sets it to give each instance its own.",
         ".SH SEE ALSO",
         ".BR echod (8)",
     ]
@@ -167,14 +231,69 @@ def _roff(text: str) -> str:
     return "\\&" + text if text.startswith((".", "'")) else text
 
 
+def render_exit_table() -> str:
+    """The README's exit-code table: a markdown table, one row per code."""
+    rows = ["| code | name | meaning | commands |", "| ---: | --- | --- | --- |"]
+    for entry in EXIT_CODES:
+        cells = (str(entry.code), f"`{entry.name}`", _markdown(entry.meaning), _commands(entry))
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def _commands(entry: ExitCode, code: Callable[[str], str] = lambda c: f"`{c}`") -> str:
+    if entry.commands == COMMANDS:
+        return "every command"
+    return ", ".join(code(command) for command in entry.commands)
+
+
+def render_man8_exit_status() -> str:
+    """echod(8)'s EXIT STATUS section, in roff: one tagged paragraph per code."""
+    lines = [".SH EXIT STATUS"]
+    for entry in EXIT_CODES:
+        meaning = _roff_code(entry.meaning)
+        lines += [
+            ".TP",
+            f'.BR {entry.code} " ({entry.name})"',
+            f"{meaning[0].upper()}{meaning[1:]}.",
+            ".br",
+            "Commands: " + _commands(entry, lambda c: f"\\fB{_roff_dashes(c)}\\fR") + ".",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _roff_code(text: str) -> str:
+    """Markdown's `code` spans as bold, in text escaped for roff."""
+    return re.sub(r"`([^`]+)`", lambda m: f"\\fB{_roff_dashes(m.group(1))}\\fR", _roff(text))
+
+
+def _roff_dashes(text: str) -> str:
+    return text.replace("-", "\\-")
+
+
 def replace_block(readme: str, block: str) -> str | None:
     """``readme`` with the text between the marker lines set to ``block``; None without them."""
+    return replace_between(readme, BEGIN, END, f"\n{block}\n")
+
+
+def replace_between(text: str, begin: str, end: str, block: str) -> str | None:
+    """``text`` with the lines between the ``begin`` and ``end`` lines set to ``block``;
+    None when ``text`` lacks them."""
     pattern = re.compile(
-        rf"^{re.escape(BEGIN)}[ \t]*\n.*?^{re.escape(END)}[ \t]*$", re.DOTALL | re.MULTILINE
+        rf"^{re.escape(begin)}[ \t]*\n.*?^{re.escape(end)}[ \t]*$", re.DOTALL | re.MULTILINE
     )
-    if not pattern.search(readme):
+    if not pattern.search(text):
         return None
-    return pattern.sub(lambda _: f"{BEGIN}\n\n{block}\n{END}", readme, count=1)
+    return pattern.sub(lambda _: f"{begin}\n{block}{end}", text, count=1)
+
+
+def _render_readme(old: str) -> str | None:
+    """README.md with its generated tables (settings, exit codes, metrics); None when it has
+    none of their markers."""
+    new = replace_block(old, render_readme_table())
+    exits = replace_between(new or old, EXIT_BEGIN, EXIT_END, f"\n{render_exit_table()}\n")
+    new = exits if exits is not None else new
+    with_metrics = metrics.replace_block(new or old, metrics.render_readme_table())
+    return with_metrics if with_metrics is not None else new
 
 
 def _outputs(root: Path) -> list[tuple[Path, Callable[[str], str | None]]]:
@@ -182,7 +301,13 @@ def _outputs(root: Path) -> list[tuple[Path, Callable[[str], str | None]]]:
     return [
         (root / YAML_PATH, lambda _old: render_yaml()),
         (root / MAN5_PATH, lambda _old: render_man5(__version__)),
-        (root / README_PATH, lambda old: replace_block(old, render_readme_table())),
+        (root / README_PATH, _render_readme),
+        (
+            root / MAN8_PATH,
+            lambda old: replace_between(
+                old, MAN_EXIT_BEGIN, MAN_EXIT_END, render_man8_exit_status()
+            ),
+        ),
     ]
 
 
@@ -196,7 +321,7 @@ def _read(path: Path) -> str:
 def write(root: Path) -> list[Path]:
     """Rewrite the generated files under ``root``; return those that changed.
 
-    README.md is left alone when it lacks the marker lines (or does not exist).
+    README.md and echod(8) are left alone when they lack the marker lines (or do not exist).
     """
     changed = []
     for path, render in _outputs(root):
@@ -223,9 +348,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m echod.docgen``; returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="python -m echod.docgen",
-        description="Generate the settings documentation from the table in echod/config.py.",
+        description="Generate the documentation of the settings (echod/config.py) and the "
+        "exit codes (echod/exitcodes.py).",
     )
-    parser.add_argument("what", nargs="?", choices=("yaml", "readme", "man5"), help="print one")
+    parser.add_argument(
+        "what",
+        nargs="?",
+        choices=("yaml", "readme", "man5", "exit-codes", "man8-exit"),
+        help="print one",
+    )
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--write", action="store_true", help="rewrite the generated files")
     action.add_argument("--check", action="store_true", help="exit 1 if any file is stale")
@@ -245,11 +376,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{path} is stale: run `{REGENERATE}`", file=sys.stderr)
         return 1 if outdated else 0
     if args.what is None:
-        parser.error("give what to print (yaml, readme, man5), or --write, or --check")
+        parser.error("give what to print (yaml, readme, man5 ...), or --write, or --check")
     renders: dict[str, Callable[[], str]] = {
         "yaml": render_yaml,
         "readme": render_readme_table,
         "man5": lambda: render_man5(__version__),
+        "exit-codes": render_exit_table,
+        "man8-exit": render_man8_exit_status,
     }
     sys.stdout.write(renders[args.what]())
     return 0

@@ -1,14 +1,110 @@
-"""Exit codes, after sysexits(3), so that callers and systemd can tell failures apart."""
+"""Exit codes, declared once: after sysexits(3), and LSB's for ``status`` and ``reload``.
 
-OK = 0
-#: ``echod status``: the daemon is not running (LSB init-script convention).
-NOT_RUNNING = 3
-EX_USAGE = 64
-EX_UNAVAILABLE = 69
+Each code is declared here once, with its name, its meaning and the commands that use it.
+:data:`EXIT_CODES` lists them; the README's table and echod(8)'s EXIT STATUS section are
+generated from it (``python -m echod.docgen --write``), so that the code and the
+documentation cannot tell different stories.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+#: The sub-commands of ``echod``; ``commands`` below names some of them.
+COMMANDS: Final = ("run", "start", "stop", "status", "reload", "upgrade", "check-config")
+
+
+@dataclass(frozen=True, slots=True)
+class ExitCode:
+    """One exit code: the constant's name, the number, one line of meaning, and the
+    sub-commands that may exit with it."""
+
+    name: str
+    code: int
+    meaning: str
+    commands: tuple[str, ...]
+
+
+_TABLE: list[ExitCode] = []
+
+
+def _declare(name: str, code: int, meaning: str, commands: tuple[str, ...] = COMMANDS) -> int:
+    unknown = set(commands) - set(COMMANDS)
+    assert not unknown, f"{name}: unknown commands {sorted(unknown)}"
+    _TABLE.append(ExitCode(name, code, meaning, commands))
+    return code
+
+
+OK: Final = _declare(
+    "OK",
+    0,
+    "success: `run` and the daemon stopped cleanly, `status` found the daemon running, "
+    "`stop` saw it gone",
+)
+NOT_RUNNING: Final = _declare(
+    "NOT_RUNNING", 3, "`status`: the daemon is not running (LSB)", ("status",)
+)
+#: LSB's "program is not running", for the actions other than ``status``.
+LSB_NOT_RUNNING: Final = _declare(
+    "LSB_NOT_RUNNING",
+    7,
+    "`reload`, `upgrade`: the daemon is not running (LSB), or it exited meanwhile",
+    ("reload", "upgrade"),
+)
+EX_USAGE: Final = _declare("EX_USAGE", 64, "usage error on the command line")
+EX_UNAVAILABLE: Final = _declare(
+    "EX_UNAVAILABLE",
+    69,
+    "cannot serve: the address is in use, or a running echod holds the pidfile; for "
+    "`reload`, the daemon refused the new address for that reason; for `upgrade`, the "
+    "daemon is older than upgrade in place (it does not handle SIGUSR2): restart it",
+    ("run", "start", "reload", "upgrade"),
+)
 #: An internal error, and the crash-loop breaker: workers kept dying.
-EX_SOFTWARE = 70
-EX_OSERR = 71
-EX_CANTCREAT = 73
-EX_TEMPFAIL = 75
-EX_NOPERM = 77
-EX_CONFIG = 78
+EX_SOFTWARE: Final = _declare(
+    "EX_SOFTWARE",
+    70,
+    "internal error, or the crash-loop breaker: workers kept failing, `crash_limit` times "
+    "within `crash_window`; for `stop`, the daemon survived SIGKILL; for `reload` and "
+    "`upgrade`, the new workers or the new code failed to start",
+    ("run", "start", "stop", "reload", "upgrade"),
+)
+EX_OSERR: Final = _declare(
+    "EX_OSERR", 71, "cannot detach into the background (fork or setsid failed)", ("start",)
+)
+EX_CANTCREAT: Final = _declare(
+    "EX_CANTCREAT",
+    73,
+    "cannot create the pidfile or the log file",
+    ("run", "start", "reload", "upgrade"),
+)
+EX_TEMPFAIL: Final = _declare(
+    "EX_TEMPFAIL",
+    75,
+    "the daemon did not report in time that it was ready (`start`) or the outcome "
+    "(`reload`, `upgrade`), or it was busy (stopping, or another change in progress)",
+    ("start", "reload", "upgrade"),
+)
+EX_NOPERM: Final = _declare(
+    "EX_NOPERM",
+    77,
+    "permission denied: a port below 1024 without CAP_NET_BIND_SERVICE, or a pidfile "
+    "that cannot be read",
+    ("run", "start", "stop", "status", "reload", "upgrade"),
+)
+EX_CONFIG: Final = _declare(
+    "EX_CONFIG",
+    78,
+    "configuration error: one line names the file, line, column, setting, value and rule",
+)
+INTERRUPTED: Final = _declare(
+    "INTERRUPTED",
+    130,
+    "interrupted by SIGINT (Ctrl-C) while waiting, 128 + 2; `run` stops cleanly instead",
+    ("start", "stop", "status", "reload", "upgrade", "check-config"),
+)
+
+
+#: Every exit code of ``echod``, in the order declared (numeric).
+EXIT_CODES: Final = tuple(_TABLE)

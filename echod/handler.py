@@ -12,6 +12,23 @@ The loop is as lean as the classic tutorial server's (one ``recv``, one ``send``
 trip): the socket blocks, and the kernel enforces the timeouts (``SO_RCVTIMEO`` for
 ``idle_timeout``, ``SO_SNDTIMEO`` for ``write_timeout``). To cut a connection at the shutdown
 deadline the worker marks it cut, then shuts the socket down, which wakes the blocked call.
+
+With ``proxy_protocol`` on, :meth:`EchoHandler.accept_header` first reads the PROXY header
+(``echod.proxy``) with a deadline of ``proxy_timeout``, asks the worker's gate whether the
+real client may be served (access list, per-address limit), and only then logs the open
+event, with the client as ``peer`` and the balancer as ``proxy_peer``, and echoes what came
+after the header. The echo loop is the same either way: the header costs a few calls per
+connection, nothing per round trip. A header that fails logs one ``conn_close`` (reason
+``proxy_error``, with ``error``) with the balancer as ``peer``; a client the gate refuses logs
+nothing (it is counted in the worker's ``refused`` summary, like a refusal at accept). The
+balancer's own connections (v2 ``LOCAL``, v1 ``UNKNOWN``, or a header naming the connection's
+own endpoints: its health checks, see :func:`balancer_itself`) and connections
+closed before sending a byte (a TCP connect check) log at debug level, so that checks every
+few seconds from every balancer do not fill the log; the latter are not counted as refused
+either (the peer left, echod refused nothing), so they do not raise a summary a second.
+
+After :meth:`EchoHandler.serve`, :meth:`EchoHandler.outcome` says how the connection ended,
+for the worker to count (reason, bytes, refusal, the client to release).
 """
 
 from __future__ import annotations
@@ -22,7 +39,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from echod import log
+from echod import log, proxy
 from echod.config import Config
 
 # Why a connection ended, as logged in the close event.
@@ -32,6 +49,7 @@ WRITE_TIMEOUT = "write_timeout"
 RESET = "reset"
 SHUTDOWN = "shutdown"
 ERROR = "error"
+PROXY_ERROR = "proxy_error"
 
 RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
@@ -48,6 +66,31 @@ class Stopper(Protocol):
         ...
 
 
+class Gate(Protocol):
+    """Who decides on the real client behind a PROXY header (``Admission.admit_client``,
+    or in a connection process a question to its worker)."""
+
+    def admit_client(self, ip: str) -> str | None:
+        """None to serve ``ip``, else why it is refused."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a connection ended, for the worker to count (and the metrics to report).
+
+    ``refused``: why it was refused after accept (``proxy_error``, ``access_list``,
+    ``max_connections_per_ip``), None when it was served; ``client``: the real client
+    whose per-address count the gate took, to be released (None: none was taken).
+    """
+
+    reason: str
+    bytes_in: int
+    bytes_out: int
+    refused: str | None = None
+    client: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class HandlerSettings:
     """The part of the configuration a connection needs, cheap to hand to every one."""
@@ -57,6 +100,8 @@ class HandlerSettings:
     idle_timeout: float
     write_timeout: float
     log_connections: bool
+    proxy_protocol: str = "off"
+    proxy_timeout: float = 3.0
 
     @classmethod
     def from_config(cls, cfg: Config) -> HandlerSettings:
@@ -66,11 +111,13 @@ class HandlerSettings:
             idle_timeout=cfg.idle_timeout,
             write_timeout=cfg.write_timeout,
             log_connections=cfg.log.connections,
+            proxy_protocol=cfg.proxy_protocol,
+            proxy_timeout=cfg.proxy_timeout,
         )
 
 
 def timeval(seconds: float) -> bytes:
-    """A ``struct timeval`` for SO_RCVTIMEO / SO_SNDTIMEO; 0 means no timeout."""
+    """A ``struct timeval`` for SO_RCVTIMEO / SO_SNDTIMEO; 0 (or under 1 us) means none."""
     whole = int(seconds)
     return struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
 
@@ -80,6 +127,34 @@ def peer_fields(peer: Any) -> dict[str, Any]:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return {"peer": peer[0], "peer_port": peer[1]}
     return {"peer": str(peer), "peer_port": None}
+
+
+def proxy_fields(peer: Any, sender: Any) -> dict[str, Any]:
+    """Log fields for a connection behind a PROXY header: the client, then the balancer."""
+    if isinstance(sender, tuple) and len(sender) >= 2:  # always, for TCP
+        fields = peer_fields(peer)
+        fields["proxy_peer"] = sender[0]
+        fields["proxy_peer_port"] = sender[1]
+        return fields
+    balancer = peer_fields(sender)
+    return {**peer_fields(peer), "proxy_peer": balancer["peer"], "proxy_peer_port": None}
+
+
+def peer_ip(peer: Any) -> str:
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
+
+
+def balancer_itself(header: proxy.ProxyHeader, sender: Any) -> bool:
+    """Whether the header says the connection is the balancer's own: v2 LOCAL, v1 UNKNOWN,
+    or a header whose source is the connection's own peer (address and port), which is what
+    a balancer sends for its health checks when it fills the line with the check's endpoints
+    (HAProxy's ``send-proxy`` does, as the spec advises)."""
+    if header.local:
+        return True
+    source = header.source
+    if source is None or not isinstance(sender, tuple) or source[1] != sender[1]:
+        return False
+    return source[0] == str(sender[0]).removeprefix("::ffff:")
 
 
 class _Closed(Exception):
@@ -108,6 +183,7 @@ class EchoHandler:
         *,
         local_port: int | None = None,
         shared_descriptor: bool = False,
+        gate: Gate | None = None,
     ) -> None:
         self.sock = sock
         self.peer = peer
@@ -125,11 +201,23 @@ class EchoHandler:
         self.error: str | None = None
         self.started = 0.0
         self._log: Any = None
+        self._emit: Any = None
+        # With a PROXY header: the gate that decides on the real client, the balancer's
+        # address (``peer`` becomes the client's), and what the gate counted or refused.
+        self.gate = gate
+        self.proxy_peer: Any = None
+        self.client: str | None = None
+        self.refused: str | None = None
+        self.quiet = False  # log the open and close events at debug level
+        self._receive_timeout = 0.0  # what SO_RCVTIMEO was last set to, behind a PROXY header
+        self._left = False  # closed by the peer before sending a byte of the header
 
     def serve(self) -> None:
         """Run setup, handle and finish; finish always runs."""
         self.setup()
         try:
+            if self.settings.proxy_protocol != "off":
+                self.accept_header()
             self.handle()
         except _Closed as closed:
             self.reason = closed.reason
@@ -146,24 +234,120 @@ class EchoHandler:
         if sock.gettimeout() is not None:  # accepted sockets block already; no syscall then
             sock.setblocking(True)
         settings = self.settings
-        if settings.idle_timeout > 0:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(settings.idle_timeout))
+        behind_proxy = settings.proxy_protocol != "off"
+        # Behind a PROXY header the first read waits at most proxy_timeout; idle_timeout
+        # applies from the end of the header on.
+        receive = settings.proxy_timeout if behind_proxy else settings.idle_timeout
+        if receive > 0:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(receive))
         if settings.write_timeout > 0:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(settings.write_timeout))
+        if settings.log_connections and not behind_proxy:
+            self._bind_log(peer_fields(self.peer))
+            self._emit("conn_open")
+
+    def _bind_log(self, fields: dict[str, Any]) -> None:
+        local_port = self.local_port
+        if local_port is None:
+            try:
+                local_port = self.sock.getsockname()[1]
+            except OSError:
+                pass
+        self._log = log.get_logger().bind(
+            conn_id=self.conn_id, mode=self.settings.mode, local_port=local_port, **fields
+        )
+        self._emit = self._log.debug if self.quiet else self._log.info
+
+    def accept_header(self) -> None:
+        """Read the PROXY header within ``proxy_timeout``, admit the real client, log the
+        open event, and echo what came after the header; raises _Closed to end instead."""
+        header, rest = self._read_header()
+        settings = self.settings
+        if self._receive_timeout != settings.idle_timeout:
+            idle = max(settings.idle_timeout, 0.0)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(idle))
+        self.quiet = balancer_itself(header, self.peer)
+        self.proxy_peer = self.peer
+        if header.source is not None:
+            self.peer = header.source
+        if self.gate is not None:
+            ip = peer_ip(self.peer)
+            refused = self.gate.admit_client(ip)
+            if refused is not None:
+                self.refused = refused
+                raise _Closed(refused)
+            self.client = ip
         if settings.log_connections:
-            local_port = self.local_port
-            if local_port is None:
-                try:
-                    local_port = sock.getsockname()[1]
-                except OSError:
-                    pass
-            self._log = log.get_logger().bind(
-                conn_id=self.conn_id,
-                mode=settings.mode,
-                local_port=local_port,
-                **peer_fields(self.peer),
-            )
-            self._log.info("conn_open")
+            self._bind_log(proxy_fields(self.peer, self.proxy_peer))
+            self._emit("conn_open")
+        if rest:
+            self.bytes_in += len(rest)
+            started = time.monotonic()
+            try:
+                sent = self.sock.send(rest)
+            except BlockingIOError:
+                raise self._closed(WRITE_TIMEOUT) from None
+            except RESET_ERRORS as exc:
+                raise self._closed(RESET, str(exc)) from None
+            self.bytes_out += sent
+            if sent < len(rest):
+                self._send_rest(memoryview(rest)[sent:], started)
+
+    def _read_header(self) -> tuple[proxy.ProxyHeader, bytes]:
+        """The header, and the bytes that followed it in what was read."""
+        sock = self.sock
+        settings = self.settings
+        deadline = self.started + settings.proxy_timeout
+        received = bytearray()
+        # setup() set SO_RCVTIMEO to proxy_timeout for the first read: most headers come
+        # whole in it. Each further read waits only for what is left of the deadline.
+        self._receive_timeout = settings.proxy_timeout
+        first = True
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._closed(
+                    PROXY_ERROR,
+                    f"no complete PROXY header within {settings.proxy_timeout:g} s"
+                    f" ({len(received)} bytes received)",
+                )
+            if not first:
+                # At least 1 ms: a timeval that rounds to 0 would mean no timeout at all.
+                self._receive_timeout = max(remaining, 0.001)
+                sock.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(self._receive_timeout)
+                )
+            first = False
+            try:
+                data = sock.recv(settings.buffer_size)
+            except BlockingIOError:  # SO_RCVTIMEO expired: the deadline check says so
+                continue
+            except RESET_ERRORS as exc:
+                raise self._closed(RESET, str(exc)) from None
+            if not data:
+                if self.stopper.cut_requested():
+                    raise _Closed(SHUTDOWN)
+                # Closed without a byte: a TCP connect health check, logged at debug and not
+                # counted as a refusal (the peer left; echod refused nothing).
+                self.quiet = self._left = not received
+                raise _Closed(
+                    PROXY_ERROR,
+                    f"closed before a complete PROXY header ({len(received)} bytes received)",
+                )
+            received += data
+            try:
+                header = proxy.parse(received, settings.proxy_protocol)
+            except proxy.ProxyError as exc:
+                raise _Closed(PROXY_ERROR, str(exc)) from None
+            if header is not None:
+                return header, bytes(received[header.length :])
+
+    def outcome(self) -> Outcome:
+        """How the connection ended (after :meth:`serve`)."""
+        refused = self.refused
+        if refused is None and self.reason == PROXY_ERROR and not self._left:
+            refused = PROXY_ERROR
+        return Outcome(self.reason, self.bytes_in, self.bytes_out, refused, self.client)
 
     def handle(self) -> None:
         """Echo until the client closes, goes idle, resets, or the worker cuts it."""
@@ -245,6 +429,15 @@ class EchoHandler:
             self.sock.close()
         finally:
             self.stopper.before_close_event()
+            settings = self.settings
+            if (
+                self._log is None
+                and self.refused is None
+                and settings.log_connections
+                and settings.proxy_protocol != "off"
+            ):
+                # The header never completed: say so once, with the balancer as peer.
+                self._bind_log(peer_fields(self.peer))
             if self._log is not None:
                 fields: dict[str, Any] = {
                     "bytes_in": self.bytes_in,
@@ -254,4 +447,4 @@ class EchoHandler:
                 }
                 if self.error is not None:
                     fields["error"] = self.error
-                self._log.info("conn_close", **fields)
+                self._emit("conn_close", **fields)

@@ -1,4 +1,6 @@
-"""Listening sockets: bound from the configuration or adopted from systemd.
+"""Listening sockets: bound from the configuration, or adopted from systemd (socket
+activation; or the file descriptor store, which gives back after a restart the sockets an
+earlier echod bound, see :mod:`echod.fdstore`).
 
 The supervisor owns them; workers inherit them across ``fork``. A reload that keeps the
 address keeps the very same sockets, so no connection waiting in the backlog is lost; a reload
@@ -11,17 +13,11 @@ import errno
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 from echod import exitcodes
 from echod.config import Config
-
-
-class BindError(Exception):
-    """A listening socket could not be set up; carries the exit code and a one-line reason."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+from echod.errors import OperatorError
 
 
 def format_address(sockname: tuple[object, ...] | str) -> str:
@@ -73,7 +69,7 @@ def _resolve(host: str, port: int, kind: socket.SocketKind) -> list[tuple[int, t
         infos = socket.getaddrinfo(host, port, type=kind, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         message = f"cannot resolve host {host!r}: {exc.strerror}"
-        raise BindError(message, exitcodes.EX_CONFIG) from None
+        raise OperatorError(message, exitcodes.EX_CONFIG) from None
     seen: list[tuple[int, tuple[object, ...]]] = []
     for family, _type, _proto, _name, sockaddr in infos:
         entry = (int(family), tuple(sockaddr))
@@ -101,24 +97,56 @@ def _bind_one(
     return sock
 
 
-def _bind_error(exc: OSError, kind: socket.SocketKind, sockaddr: tuple[object, ...]) -> BindError:
+def _bind_error(
+    exc: OSError, kind: socket.SocketKind, sockaddr: tuple[object, ...]
+) -> OperatorError:
     proto = "tcp" if kind == socket.SOCK_STREAM else "udp"
     where = f"{proto} {format_address(sockaddr)}"
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return BindError(
+        return OperatorError(
             f"cannot listen on {where}: permission denied "
             "(ports below 1024 need root or CAP_NET_BIND_SERVICE)",
             exitcodes.EX_NOPERM,
         )
     if exc.errno == errno.EADDRINUSE:
         message = f"cannot listen on {where}: address already in use"
-        return BindError(message, exitcodes.EX_UNAVAILABLE)
-    return BindError(f"cannot listen on {where}: {exc.strerror}", exitcodes.EX_UNAVAILABLE)
+        return OperatorError(message, exitcodes.EX_UNAVAILABLE)
+    return OperatorError(f"cannot listen on {where}: {exc.strerror}", exitcodes.EX_UNAVAILABLE)
+
+
+#: What identifies a listening socket: type, family, address and port.
+SocketKey = tuple[int, int, str, int]
+
+
+def _key(kind: int, family: int, sockaddr: tuple[object, ...]) -> SocketKey:
+    return (int(kind), int(family), str(sockaddr[0]), cast(int, sockaddr[1]))
+
+
+def key_of(sock: socket.socket) -> SocketKey:
+    """The key of a bound socket, comparable with those :func:`wanted` gives."""
+    return _key(sock.type, sock.family, tuple(sock.getsockname()))
+
+
+def wanted(cfg: Config) -> set[SocketKey]:
+    """The sockets ``cfg`` asks for (none of them on port 0: the kernel picks a new one)."""
+    kinds = [socket.SOCK_STREAM, socket.SOCK_DGRAM] if cfg.udp else [socket.SOCK_STREAM]
+    return {
+        _key(kind, family, sockaddr)
+        for kind in kinds
+        for family, sockaddr in _resolve(cfg.host, cfg.port, kind)
+        if cfg.port != 0
+    }
 
 
 def _bind_kind(
-    host: str, port: int, kind: socket.SocketKind, backlog: int
+    host: str,
+    port: int,
+    kind: socket.SocketKind,
+    backlog: int,
+    reuse: dict[SocketKey, socket.socket] | None = None,
 ) -> list[socket.socket]:
+    """Bind every address of ``host``; those in ``reuse`` are taken from it, not bound."""
+    reuse = {} if reuse is None else reuse
     bound: list[socket.socket] = []
     try:
         for family, resolved in _resolve(host, port, kind):
@@ -126,23 +154,33 @@ def _bind_kind(
             if port == 0 and bound:
                 # Every address of one host shares the port the kernel chose for the first.
                 sockaddr = (resolved[0], bound[0].getsockname()[1], *resolved[2:])
-            bound.append(_bind_one(family, kind, sockaddr, backlog))
-    except BindError:
+            kept = reuse.pop(_key(kind, family, sockaddr), None)
+            if kept is None:
+                bound.append(_bind_one(family, kind, sockaddr, backlog))
+                continue
+            kept.setblocking(False)
+            if kind == socket.SOCK_STREAM:
+                kept.listen(backlog)
+            bound.append(kept)
+    except OperatorError:
         close_all(bound)
         raise
     return bound
 
 
-def bind(cfg: Config) -> Listeners:
-    """Bind the TCP (and, if enabled, UDP) sockets ``cfg`` asks for. Raises BindError."""
+def bind(cfg: Config, reuse: Iterable[socket.socket] = ()) -> Listeners:
+    """Bind the TCP (and, if enabled, UDP) sockets ``cfg`` asks for, taking those of
+    ``reuse`` that are bound to one of its addresses already (see :func:`wanted`) instead of
+    binding them again. Raises OperatorError."""
+    kept = {key_of(sock): sock for sock in reuse}
     listeners = Listeners(cfg.host, cfg.port, cfg.udp)
-    listeners.tcp = _bind_kind(cfg.host, cfg.port, socket.SOCK_STREAM, cfg.backlog)
+    listeners.tcp = _bind_kind(cfg.host, cfg.port, socket.SOCK_STREAM, cfg.backlog, kept)
     if cfg.udp:
         # UDP shares the TCP port, also when the kernel chose it.
         port = listeners.tcp[0].getsockname()[1] if listeners.tcp else cfg.port
         try:
-            listeners.udp = _bind_kind(cfg.host, port, socket.SOCK_DGRAM, cfg.backlog)
-        except BindError:
+            listeners.udp = _bind_kind(cfg.host, port, socket.SOCK_DGRAM, cfg.backlog, kept)
+        except OperatorError:
             listeners.close()
             raise
     return listeners
@@ -160,7 +198,8 @@ def adopt(sockets: Iterable[socket.socket], cfg: Config) -> Listeners:
         else:
             sock.close()
     if not listeners.tcp and not listeners.udp:
-        raise BindError("systemd passed no usable socket (LISTEN_FDS)", exitcodes.EX_UNAVAILABLE)
+        message = "systemd passed no usable socket (LISTEN_FDS)"
+        raise OperatorError(message, exitcodes.EX_UNAVAILABLE)
     return listeners
 
 

@@ -96,6 +96,16 @@ class Pidfile:
         self._fd = fd
         self._owner_pid = os.getpid()
 
+    @classmethod
+    def adopt(cls, path: str, fd: int) -> Pidfile:
+        """The pidfile this very process locked before it re-executed itself (an upgrade in
+        place): ``fd`` still holds the lock, and the file our pid, which has not changed."""
+        pidfile = cls(path)
+        fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
+        pidfile._fd = fd
+        pidfile._owner_pid = os.getpid()
+        return pidfile
+
     def release(self) -> None:
         """Remove the pidfile (if it still holds our pid) and drop the lock.
 

@@ -1,14 +1,55 @@
-"""Signals are only recorded: the handler does nothing, and ``signal.set_wakeup_fd`` writes
+"""Which signal does what, declared once; and how a signal is received.
+
+:data:`SUPERVISOR` maps each signal the supervisor handles to its :class:`Action`; the same
+set is blocked around ``fork`` (so that a new worker cannot run the supervisor's handlers
+before it installs its own) and unblocked by the worker once it has. :data:`WORKER` is what a
+worker does with a signal sent to it alone; :data:`WORKER_IGNORED` are the ones that reach the
+whole process group (Ctrl-C, a terminal's hang-up) and that the supervisor decides on for all.
+
+Signals are only recorded: the handler does nothing, and ``signal.set_wakeup_fd`` writes
 the signal's number to a pipe that the process's loop watches. The loop then acts on it,
 outside the handler, where it may log, lock and do I/O (gunicorn's arbiter does the same).
 """
 
 from __future__ import annotations
 
+import enum
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+
+class Action(enum.Enum):
+    STOP = "stop"  # graceful: drain_delay, then stop accepting and drain
+    QUIT = "quit"  # now: cut every connection
+    RELOAD = "reload"
+    REOPEN = "reopen"  # the log file
+    CHILD = "child"  # a child exited: reap it
+    UPGRADE = "upgrade"  # re-execute the supervisor in place, on the installed code
+
+
+SUPERVISOR: Mapping[signal.Signals, Action] = {
+    signal.SIGTERM: Action.STOP,
+    signal.SIGINT: Action.STOP,
+    signal.SIGQUIT: Action.QUIT,
+    signal.SIGHUP: Action.RELOAD,
+    signal.SIGUSR1: Action.REOPEN,
+    signal.SIGCHLD: Action.CHILD,
+    signal.SIGUSR2: Action.UPGRADE,
+}
+
+WORKER: Mapping[signal.Signals, Action] = {
+    signal.SIGTERM: Action.STOP,
+    signal.SIGQUIT: Action.QUIT,
+    signal.SIGUSR1: Action.REOPEN,
+    signal.SIGCHLD: Action.CHILD,
+}
+
+WORKER_IGNORED: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+
+#: Blocked around fork and until the child has its own handlers.
+FORK_BLOCKED = frozenset(SUPERVISOR)
 
 
 def record_only(_signum: int, _frame: Any) -> None:

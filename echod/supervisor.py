@@ -1,5 +1,7 @@
 """The supervisor: the main process. It owns the listening sockets, the signals, and the
-lifecycle of the worker processes that serve connections.
+lifecycle of the daemon; its workers are :class:`echod.pool.WorkerPool`'s, its status file and
+``STATUS=`` line :class:`echod.status.Publisher`'s, a reload's preparation
+:mod:`echod.reload`'s.
 
 Signal handlers only record the signal (a byte on the wakeup pipe); the loop below acts on
 it. The loop blocks in one ``select`` on that pipe and on each worker's control socket, with a
@@ -11,72 +13,61 @@ bound before anything changes; then a new generation of workers starts on the ne
 and once it is ready the old generation is retired: it stops accepting and serves its open
 connections to their natural end. On any error the old configuration keeps serving and a
 ``reload_failed`` event says why.
+
+A stop (SIGTERM, SIGINT) first drains for ``drain_delay`` (still accepting, while the status
+says ``draining`` so that a load balancer moves clients away), then stops accepting and lets
+open connections finish for ``shutdown_timeout``. An unexpected exception in the loop is
+logged once (``internal_error``, with the traceback) and stops the daemon the same graceful
+way, with exit code 70.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import random
 import selectors
 import signal
-import socket
 import sys
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from echod import __version__, exitcodes, log, proctitle, signals, systemd
-from echod.admission import SharedIpCounts
-from echod.config import Config, ConfigError, load_config
-from echod.listeners import BindError, Listeners, adopt, bind, update_backlog
-from echod.pidfile import Pidfile, PidfileLocked
+from echod import (
+    __version__,
+    control,
+    exitcodes,
+    fdstore,
+    log,
+    proctitle,
+    signals,
+    startup,
+    status,
+    systemd,
+    upgrade,
+)
+from echod.config import Config
+from echod.endpoint import Endpoint
+from echod.errors import OperatorError
+from echod.listeners import Listeners
+from echod.pidfile import Pidfile
+from echod.pool import WorkerHandle, WorkerPool
 from echod.prctl import PR_SET_CHILD_SUBREAPER, prctl
-from echod.worker import (
-    MSG_QUIT,
-    MSG_READY,
-    MSG_REOPEN,
-    MSG_RETIRE,
-    MSG_RETIRE_LISTENERS,
-    MSG_STOP,
-    WorkerSpec,
-    heartbeat_interval,
-)
-from echod.workers import worker_class
+from echod.reload import ReloadOutcome, config_changes, prepare
+from echod.shutdown import STOP_GRACE, Shutdown
+from echod.states import SUPERVISOR_TRANSITIONS, SupervisorState, WorkerState, check
+from echod.totals import Totals
 
-# Supervisor states.
-STARTING = "starting"
-RUNNING = "running"
-STOPPING = "stopping"
-STOPPED = "stopped"
+S = SupervisorState
+W = WorkerState
 
-# Worker states, as logged in worker_state events.
-W_STARTING = "starting"
-W_RUNNING = "running"
-W_STOPPING = "stopping"
-W_RETIRING = "retiring"
-W_BACKOFF = "backoff"
-W_FAILED = "failed"
-W_EXITED = "exited"
+__all__ = ["HEALTH", "STOP_GRACE", "Readiness", "Supervisor"]
 
-#: Extra time, after shutdown_timeout, that workers get to cut and report before SIGKILL.
-STOP_GRACE = 8.0
-#: How long a new worker may take to say it is ready before it counts as failed.
-BOOT_TIMEOUT = 30.0
-#: Respawn backoff: the first failure respawns at once, repeated ones wait longer.
-BACKOFF_BASE = 0.1
-BACKOFF_MAX = 10.0
-
-_SIGNALS = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGHUP,
-    signal.SIGUSR1,
-    signal.SIGCHLD,
-    signal.SIGQUIT,
-)
+#: What ``health()`` says in each state (a load balancer's check: only "serving" is healthy).
+HEALTH = {
+    S.STARTING: "starting",
+    S.RUNNING: "serving",
+    S.DRAINING: "draining",
+    S.STOPPING: "stopping",
+    S.STOPPED: "stopping",
+}
 
 
 class Readiness(Protocol):
@@ -89,81 +80,11 @@ class Readiness(Protocol):
     def close(self) -> None: ...
 
 
-class StartError(Exception):
-    """The daemon cannot start; carries the exit code and a one-line reason."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-@dataclass
-class WorkerHandle:
-    """The supervisor's view of one worker process."""
-
-    index: int
-    serial: int
-    generation: int
-    pid: int
-    control: socket.socket
-    mode: str
-    state: str = W_STARTING
-    started: float = 0.0
-    last_seen: float = 0.0
-    open: int = 0
-    served: int = 0
-    finished: int = 0
-    cut: int = 0
-    listeners: Listeners | None = None
-    ip_slot: int | None = None
-
-
-@dataclass
-class Counters:
-    """Totals that outlive the workers that counted them."""
-
-    served_by_gone: int = 0
-    finished: int = 0
-    cut: int = 0
-    reloads: int = 0
-    failures: deque[float] = field(default_factory=deque)
-
-
-def backoff_delay(recent_failures: int) -> float:
-    """Respawn delay after ``recent_failures`` failures: 0 for the first, then doubling, with
-    jitter so that workers of several daemons do not restart in lock-step."""
-    if recent_failures <= 1:
-        return 0.0
-    delay: float = min(BACKOFF_MAX, BACKOFF_BASE * 2.0 ** (recent_failures - 2))
-    return delay * random.uniform(0.5, 1.5)
-
-
-def describe_status(status: int) -> dict[str, Any]:
-    """A wait status as log fields: the exit code or the signal."""
-    if os.WIFSIGNALED(status):
-        return {"signal": signal.Signals(os.WTERMSIG(status)).name}
-    return {"exit_code": os.waitstatus_to_exitcode(status)}
-
-
-def config_changes(old: Config, new: Config) -> dict[str, Any]:
-    """The settings a reload changes, as ``{name: [old, new]}``."""
-    changes: dict[str, Any] = {}
-    for name in old.__dataclass_fields__:
-        before, after = getattr(old, name), getattr(new, name)
-        if before != after:
-            changes[name] = [str(before), str(after)]
-    return changes
-
-
-def status_path(pidfile: str) -> str:
-    """Where the supervisor publishes its status for ``echod status``: beside the pidfile."""
-    return os.path.splitext(pidfile)[0] + ".status"
-
-
 class Supervisor:
     """Runs echod: :meth:`run` returns the process exit code.
 
-    Methods for the caller: :meth:`run`. Nothing happens before it is called.
+    Methods for the caller: :meth:`run`. Nothing happens before it is called. While it runs,
+    :meth:`health` and :attr:`totals` may be read (the metrics endpoint does).
     """
 
     def __init__(
@@ -178,53 +99,77 @@ class Supervisor:
         self.config_path = config_path
         self.readiness = readiness
         self.pidfile_required = pidfile_required
-        self.state = STARTING
+        self.state = S.STARTING
         self.exit_code = exitcodes.OK
         self.generation = 0
-        self.serial = 0
-        self.workers: dict[int, WorkerHandle] = {}
-        self.respawn_due: dict[int, float] = {}
-        self.counters = Counters()
+        self.reloads = 0
+        self.reload_outcome = ReloadOutcome()
+        self.pool = WorkerPool(self, None)
         self.listeners: Listeners | None = None
-        self.ip_counts: SharedIpCounts | None = None
-        self.ip_slots_warned = False
         self.old_listeners: list[Listeners] = []
         self.pidfile: Pidfile | None = None
         self.notifier: systemd.Notifier | None = None
+        self.publisher: status.Publisher | None = None
         self.watchdog_every: float | None = None
         self.next_watchdog = 0.0
-        self.stop_deadline: float | None = None
+        self.shutdown = Shutdown(self)
+        self.endpoint = Endpoint(self)
         self.selector: selectors.BaseSelector | None = None
         self.wakeup_r = -1
         self.wakeup_w = -1
         self.started_wall = 0.0
         self.started = 0.0
-        self.last_status = ""
-        self.last_published = 0.0
         self.log: Any = None
 
-    # -- start -----------------------------------------------------------------------------
+    # -- what others may read ----------------------------------------------------------------
+
+    @property
+    def totals(self) -> Totals:
+        """The workers' metrics counters, summed over every worker ever (``snapshot()``)."""
+        return self.pool.totals
+
+    def health(self) -> str:
+        """``serving`` while running; ``draining`` during drain_delay; ``stopping`` after;
+        ``starting`` before the first generation is ready."""
+        return HEALTH[self.state]
+
+    # -- run ---------------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Start, serve until stopped, and return the exit code."""
+        """Start, serve until stopped, and return the exit code.
+
+        It returns with the supervisor's signals blocked: the process is about to exit, and
+        a late SIGTERM (a second ``kill``) arriving while the interpreter shuts down, when
+        Python has put the default handlers back, must not turn exit 0 into death by signal.
+        """
         try:
-            self.start()
-        except StartError as exc:
-            return self.fail_start(str(exc), exc.exit_code)
-        try:
+            try:
+                self.start()
+            except OperatorError as exc:
+                return self.fail_start(str(exc), exc.exit_code)
             self.loop()
+        except Exception as exc:
+            self.shutdown.internal_error(exc)
+            self.shutdown.after_internal_error()
         finally:
             self.cleanup()
+            signal.pthread_sigmask(signal.SIG_BLOCK, signals.FORK_BLOCKED)
         return self.exit_code
+
+    def change_state(self, new: SupervisorState) -> None:
+        self.state = check(SUPERVISOR_TRANSITIONS, self.state, new)
+
+    # -- start -------------------------------------------------------------------------------
 
     def start(self) -> None:
         self.started = time.monotonic()
         self.started_wall = time.time()
-        self.configure_logging(self.cfg)
+        startup.configure_logging(self.cfg)
         log.set_process_name("supervisor")
         proctitle.set_title("echod: supervisor")
-        self.log = log.get_logger()
+        self.log = self.pool.log = log.get_logger()
         self.notifier = systemd.Notifier.from_environ(os.environ)
+        handover = upgrade.received(os.environ)
         self.log.info(
             "start",
             version=__version__,
@@ -234,57 +179,33 @@ class Supervisor:
             host=self.cfg.host,
             port=self.cfg.port,
             python=sys.version.split()[0],
+            upgrade=handover is not None,
         )
-        self.acquire_pidfile()
-        self.listeners = self.open_listeners(self.cfg)
-        _become_subreaper()
-        self.install_signals()
+        if handover is None:
+            self.pidfile = startup.acquire_pidfile(self.cfg, self.pidfile_required, self.log)
+            self.listeners = startup.open_listeners(self.cfg, self.notifier)
+        else:
+            self.pidfile, self.listeners = upgrade.adopt_resources(handover)
+        fdstore.keep(self.notifier, self.listeners)  # (an upgrade from before the store too)
+        path = status.path_for(self.pidfile.path) if self.pidfile is not None else None
+        self.publisher = status.Publisher(
+            self.notifier, path, self.summary, lambda: status.of_supervisor(self)
+        )
+        prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphaned connection processes are reaped here
+        self.wakeup_r, self.wakeup_w = signals.record(signals.SUPERVISOR)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.wakeup_r, selectors.EVENT_READ, None)
         self.watchdog_every = systemd.watchdog_interval(os.environ)
-        # Before the first fork: every worker inherits the same shared mapping.
-        self.ip_counts = SharedIpCounts()
-        self.ip_counts.open()
-        self.generation = 1
-        for index in range(1, self.cfg.workers + 1):
-            self.spawn(index)
-
-    def configure_logging(self, cfg: Config) -> None:
-        try:
-            log.configure(cfg.log)
-        except OSError as exc:
-            raise StartError(
-                f"cannot open log file {cfg.log.file}: {exc.strerror}", exitcodes.EX_CANTCREAT
-            ) from None
-
-    def acquire_pidfile(self) -> None:
-        if not self.cfg.pidfile:
-            return
-        pidfile = Pidfile(self.cfg.pidfile)
-        try:
-            pidfile.acquire()
-        except PidfileLocked as exc:
-            holder = f"pid {exc.pid}" if exc.pid is not None else "another process"
-            raise StartError(
-                f"already running: {holder} holds {self.cfg.pidfile}", exitcodes.EX_UNAVAILABLE
-            ) from None
-        except OSError as exc:
-            message = f"cannot write pidfile {self.cfg.pidfile}: {exc.strerror}"
-            if self.pidfile_required:
-                raise StartError(message, exitcodes.EX_CANTCREAT) from None
-            # In the foreground the pidfile is a convenience for `echod status`; go on.
-            self.log.warning("pidfile_unavailable", error=message)
-            return
-        self.pidfile = pidfile
-
-    def open_listeners(self, cfg: Config) -> Listeners:
-        try:
-            inherited = systemd.listen_fds(os.environ)
-            if inherited:
-                return adopt(inherited, cfg)
-            return bind(cfg)
-        except BindError as exc:
-            raise StartError(str(exc), exc.exit_code) from None
+        self.pool.close_in_child = self.close_in_child
+        self.pool.start(self.selector)
+        self.endpoint.open(self.cfg, self.selector)
+        if handover is None:
+            self.generation = 1
+            self.spawn_generation()
+        else:
+            upgrade.adopt(self, handover)
+        # An upgrade's exec kept our signals blocked until the handlers above were set.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.FORK_BLOCKED)
 
     def fail_start(self, message: str, code: int) -> int:
         if self.log is not None:
@@ -293,316 +214,77 @@ class Supervisor:
             self.readiness.failed(code, message)
         elif not self.logs_to_stderr_terminal():
             print(f"echod: {message}", file=sys.stderr)
-        self.cleanup()
         return code
 
     def logs_to_stderr_terminal(self) -> bool:
         """Whether the error already reached the operator's terminal through the log."""
         return self.log is not None and log.effective_target(self.cfg.log) == "stderr"
 
-    def install_signals(self) -> None:
-        self.wakeup_r, self.wakeup_w = signals.record(_SIGNALS)
+    def spawn_generation(self) -> None:
+        assert self.listeners is not None
+        for index in range(1, self.cfg.workers + 1):
+            self.pool.spawn(index, self.cfg, self.listeners, self.generation)
 
-    # -- workers ---------------------------------------------------------------------------
-
-    def spawn(self, index: int) -> None:
-        """Fork worker ``index`` of the current generation."""
-        assert self.listeners is not None and self.selector is not None
-        self.serial += 1
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        slot = self.allocate_ip_slot()
-        spec = WorkerSpec(
-            index, self.serial, self.cfg, self.listeners, theirs, self.ip_counts, slot
-        )
-        worker = worker_class(self.cfg.mode)(spec)
-        blocked = set(_SIGNALS)
-        signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
-        try:
-            pid = os.fork()
-            if pid == 0:
-                self.become_worker(worker, ours)  # never returns
-        except OSError:
-            if slot is not None and self.ip_counts is not None:
-                self.ip_counts.release(slot)
-            raise
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
-        theirs.close()
-        ours.setblocking(False)
-        now = time.monotonic()
-        handle = WorkerHandle(
-            index, self.serial, self.generation, pid, ours, self.cfg.mode,
-            started=now, last_seen=now, listeners=self.listeners, ip_slot=slot,
-        )
-        self.workers[pid] = handle
-        self.selector.register(ours, selectors.EVENT_READ, handle)
-        self.worker_event(handle, W_STARTING)
-
-    def allocate_ip_slot(self) -> int | None:
-        """A row of the shared per-address table for a new worker; None when all are taken
-        (many reloads in quick succession): that worker then counts per address alone."""
-        assert self.ip_counts is not None
-        slot = self.ip_counts.allocate()
-        if slot is None and self.cfg.max_connections_per_ip and not self.ip_slots_warned:
-            self.ip_slots_warned = True  # once: a reload storm would repeat it per worker
-            self.log.warning(
-                "ip_slots_exhausted",
-                slots=self.ip_counts.slots,
-                workers=len(self.workers) + 1,
-                effect="max_connections_per_ip counted per worker for new workers",
-            )
-        return slot
-
-    def become_worker(self, worker: Any, ours: socket.socket) -> None:
-        """In the forked child: drop the supervisor's descriptors and run the worker."""
-        code = exitcodes.EX_SOFTWARE
-        try:
-            ours.close()
-            for handle in self.workers.values():
-                handle.control.close()
-            for old in self.old_listeners:
-                old.close()
-            if self.selector is not None:
-                self.selector.close()
-            # Signals stay blocked until the worker has installed its own handlers.
-            signal.set_wakeup_fd(-1)
-            os.close(self.wakeup_r)
-            os.close(self.wakeup_w)
-            if self.pidfile is not None:
-                self.pidfile.release()
-            if self.readiness is not None:
-                # Only the supervisor reports readiness; a worker holding the pipe open would
-                # keep `echod start` waiting should the supervisor die before reporting.
-                self.readiness.close()
-            code = worker.run()
-        except BaseException as exc:  # a worker must never unwind into the supervisor's loop
-            with contextlib.suppress(Exception):
-                log.get_logger().exception("worker_crashed", error=str(exc))
-        finally:
-            os._exit(code)
-
-    def worker_event(self, handle: WorkerHandle, state: str, **fields: Any) -> None:
-        handle.state = state
-        self.log.info(
-            "worker_state",
-            worker=handle.index,
-            worker_pid=handle.pid,
-            generation=handle.generation,
-            mode=handle.mode,
-            state=state,
-            **fields,
-        )
-
-    def on_worker_message(self, handle: WorkerHandle) -> None:
-        if handle.control.fileno() == -1:
-            # Reaped (and its channel closed) earlier in the same batch of selector events.
-            return
-        message = self.receive(handle)
-        if message is None:
-            return
-        if not message:
-            # The worker is gone (or going); SIGCHLD brings its exit status.
-            assert self.selector is not None
-            self.selector.unregister(handle.control)
-            return
-        self.handle_message(handle, message)
-
-    def receive(self, handle: WorkerHandle) -> bytes | None:
-        """One message from the worker; b"" at its end, None when nothing is waiting."""
-        try:
-            message = handle.control.recv(64)
-        except BlockingIOError:
-            return None
-        except OSError:
-            return b""
-        handle.last_seen = time.monotonic()
-        return message
-
-    def handle_message(self, handle: WorkerHandle, message: bytes) -> None:
-        if message == MSG_READY:
-            self.on_worker_ready(handle)
-        elif message.startswith(b"hb "):
-            _, opened, served = message.split()
-            handle.open, handle.served = int(opened), int(served)
-            self.publish_status()
-        elif message.startswith(b"bye "):
-            _, finished, cut, served = message.split()
-            handle.finished, handle.cut, handle.served = int(finished), int(cut), int(served)
-            handle.open = 0
-
-    def on_worker_ready(self, handle: WorkerHandle) -> None:
-        if handle.state == W_STARTING:
-            self.worker_event(handle, W_RUNNING)
-        current = [h for h in self.workers.values() if h.generation == self.generation]
-        if all(h.state == W_RUNNING for h in current) and len(current) == self.cfg.workers:
-            self.generation_ready()
-
-    def generation_ready(self) -> None:
-        """Every worker of the newest generation serves: retire the older ones."""
-        for handle in list(self.workers.values()):
-            if handle.generation < self.generation and handle.state == W_RUNNING:
-                # Workers whose sockets are being closed must first take what queues on them.
-                kept = handle.listeners is self.listeners
-                self.tell(handle, MSG_RETIRE if kept else MSG_RETIRE_LISTENERS)
-                self.worker_event(handle, W_RETIRING, open=handle.open)
+    def close_in_child(self) -> None:
+        """In a new worker: close what is the supervisor's alone."""
         for old in self.old_listeners:
             old.close()
-        self.old_listeners.clear()
-        if self.state == STARTING:
-            self.become_ready()
-        elif self.notifier is not None:
-            self.notifier.ready()
-        self.publish_status(force=True)
-
-    def become_ready(self) -> None:
-        assert self.listeners is not None
-        self.state = RUNNING
-        addresses = self.listeners.addresses()
-        self.log.info(
-            "ready",
-            addresses=addresses,
-            port=self.listeners.bound_port(),
-            mode=self.cfg.mode,
-            workers=self.cfg.workers,
-            startup_seconds=round(time.monotonic() - self.started, 3),
-        )
-        if self.notifier is not None:
-            self.notifier.ready()
+        os.close(self.wakeup_r)
+        os.close(self.wakeup_w)
+        if self.endpoint.server is not None:
+            self.endpoint.server.close_in_child()
+        if self.pidfile is not None:
+            self.pidfile.release()
         if self.readiness is not None:
-            self.readiness.ready(os.getpid(), "listening on " + ", ".join(addresses))
-            self.readiness = None
-        self.next_watchdog = time.monotonic()
+            # Only the supervisor reports readiness; a worker holding the pipe open would
+            # keep `echod start` waiting should the supervisor die before reporting.
+            self.readiness.close()
 
-    def tell(self, handle: WorkerHandle, message: bytes) -> None:
-        try:
-            handle.control.send(message)
-        except OSError:
-            pass  # it is exiting; SIGCHLD will tell
-
-    def reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            handle = self.workers.pop(pid, None)
-            if handle is not None:
-                self.on_worker_exit(handle, status)
-
-    def on_worker_exit(self, handle: WorkerHandle, status: int) -> None:
-        # Its last words (the final counts) may still wait behind a heartbeat: read them all.
-        while handle.control.fileno() != -1:
-            message = self.receive(handle)
-            if not message:
-                break
-            self.handle_message(handle, message)
-        if self.selector is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self.selector.unregister(handle.control)
-        handle.control.close()
-        if handle.ip_slot is not None and self.ip_counts is not None:
-            # Its connections died with it (threads, its event loop; connection processes get
-            # SIGKILL when their worker dies): nothing it counted is open any more.
-            self.ip_counts.release(handle.ip_slot)
-        self.counters.served_by_gone += handle.served
-        self.counters.finished += handle.finished
-        self.counters.cut += handle.cut
-        expected = handle.state in (W_STOPPING, W_RETIRING) or self.state == STOPPING
-        if expected:
-            self.worker_event(handle, W_EXITED, **describe_status(status))
-        else:
-            self.on_worker_failure(handle, status)
-        self.publish_status(force=True)
-
-    def on_worker_failure(self, handle: WorkerHandle, status: int) -> None:
-        now = time.monotonic()
-        failures = self.counters.failures
-        failures.append(now)
-        while failures and failures[0] < now - self.cfg.crash_window:
-            failures.popleft()
-        self.worker_event(handle, W_FAILED, **describe_status(status))
-        if self.state == STARTING and handle.state == W_STARTING:
-            self.begin_stop(exitcodes.EX_SOFTWARE, reason="worker failed to boot")
-            return
-        if len(failures) >= self.cfg.crash_limit:
-            self.log.error(
-                "crash_loop",
-                failures=len(failures),
-                window=self.cfg.crash_window,
-                exit_code=exitcodes.EX_SOFTWARE,
-            )
-            self.begin_stop(exitcodes.EX_SOFTWARE, reason="crash loop")
-            return
-        if handle.generation != self.generation:
-            return  # a retired generation's worker is not replaced
-        delay = backoff_delay(len(failures))
-        if delay > 0:
-            self.worker_event(handle, W_BACKOFF, delay=round(delay, 3))
-        self.respawn_due[handle.index] = now + delay
-
-    def check_heartbeats(self, now: float) -> None:
-        for handle in list(self.workers.values()):
-            limit = self.cfg.worker_timeout if handle.state != W_STARTING else BOOT_TIMEOUT
-            if now - handle.last_seen > limit:
-                self.log.error(
-                    "worker_timeout",
-                    worker=handle.index,
-                    worker_pid=handle.pid,
-                    silent_for=round(now - handle.last_seen, 3),
-                )
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(handle.pid, signal.SIGKILL)
-                handle.last_seen = now  # its SIGCHLD follows; do not kill twice
-
-    def respawn_due_workers(self, now: float) -> None:
-        for index, due in list(self.respawn_due.items()):
-            if now >= due:
-                del self.respawn_due[index]
-                if self.state in (RUNNING, STARTING):
-                    self.spawn(index)
-
-    # -- the loop --------------------------------------------------------------------------
+    # -- the loop ----------------------------------------------------------------------------
 
     def loop(self) -> None:
         assert self.selector is not None
-        while self.state != STOPPED:
+        while self.state is not S.STOPPED:
             now = time.monotonic()
-            for key, _ in self.selector.select(self.next_timeout(now)):
+            for key, mask in self.selector.select(self.next_timeout(now)):
                 if key.data is None:
                     self.on_wakeup()
-                else:
-                    self.on_worker_message(key.data)
+                elif isinstance(key.data, WorkerHandle):
+                    self.pool.on_readable(key.data)
+                else:  # the metrics endpoint's
+                    key.data.on_event(key.fileobj, mask)
             now = time.monotonic()
-            self.check_heartbeats(now)
-            self.respawn_due_workers(now)
+            self.pool.check_heartbeats(now, self.cfg.worker_timeout)
+            if self.state in (S.STARTING, S.RUNNING, S.DRAINING):
+                for index in self.pool.due(now):
+                    self.pool.spawn(index, self.cfg, self.listeners_now(), self.generation)
             self.run_watchdog(now)
-            if self.stop_deadline is not None and now >= self.stop_deadline:
-                self.kill_workers()
-            if self.state == STOPPING and not self.workers:
-                self.state = STOPPED
+            self.shutdown.run_timers(now)
+            if self.endpoint.server is not None:
+                self.endpoint.server.run_timers(now)
+            if self.state is S.STOPPING and not self.pool.workers:
+                self.change_state(S.STOPPED)
+
+    def listeners_now(self) -> Listeners:
+        assert self.listeners is not None
+        return self.listeners
 
     def next_timeout(self, now: float) -> float:
-        deadlines = [now + heartbeat_interval(self.cfg)]
-        for handle in self.workers.values():
-            limit = self.cfg.worker_timeout if handle.state != W_STARTING else BOOT_TIMEOUT
-            deadlines.append(handle.last_seen + limit)
-        deadlines.extend(self.respawn_due.values())
-        if self.stop_deadline is not None:
-            deadlines.append(self.stop_deadline)
-        if self.watchdog_every is not None and self.state == RUNNING:
+        deadlines = self.pool.deadlines(self.cfg, now) + self.shutdown.deadlines()
+        http = self.endpoint.server.next_deadline() if self.endpoint.server else None
+        if http is not None:
+            deadlines.append(http)
+        if self.watchdog_every is not None and self.state in (S.RUNNING, S.DRAINING):
             deadlines.append(self.next_watchdog)
         return max(0.0, min(deadlines) - now)
 
     def run_watchdog(self, now: float) -> None:
         """Ping systemd's watchdog, only while every worker heartbeats in time."""
-        if self.watchdog_every is None or self.notifier is None or self.state != RUNNING:
+        if self.watchdog_every is None or self.notifier is None:
             return
-        if now < self.next_watchdog:
+        if self.state not in (S.RUNNING, S.DRAINING) or now < self.next_watchdog:
             return
-        healthy = all(now - h.last_seen <= self.cfg.worker_timeout for h in self.workers.values())
-        if healthy:
+        if self.pool.healthy(now, self.cfg.worker_timeout):
             self.notifier.watchdog()
         self.next_watchdog = now + self.watchdog_every / 2
 
@@ -611,199 +293,184 @@ class Supervisor:
             self.on_signal(signum)
 
     def on_signal(self, signum: int) -> None:
-        if signum == signal.SIGCHLD:
-            self.reap()
-        elif signum in (signal.SIGTERM, signal.SIGINT):
-            self.begin_stop(exitcodes.OK, reason=signal.Signals(signum).name)
-        elif signum == signal.SIGQUIT:
-            self.begin_stop(exitcodes.OK, reason="SIGQUIT", timeout=0.0)
-        elif signum == signal.SIGHUP:
+        action = signals.SUPERVISOR.get(signal.Signals(signum))
+        if action is signals.Action.CHILD:
+            self.pool.reap(self.cfg, stopping=self.state is S.STOPPING)
+        elif action is signals.Action.STOP:
+            self.shutdown.request(signal.Signals(signum).name)
+        elif action is signals.Action.QUIT:
+            self.shutdown.begin(exitcodes.OK, reason="SIGQUIT", timeout=0.0)
+        elif action is signals.Action.RELOAD:
             self.reload()
-        elif signum == signal.SIGUSR1:
+        elif action is signals.Action.REOPEN:
             self.reopen_logs()
+        elif action is signals.Action.UPGRADE:
+            upgrade.begin(self)
 
-    # -- stop ------------------------------------------------------------------------------
+    # -- what the pool tells us --------------------------------------------------------------
 
-    def begin_stop(self, code: int, reason: str, timeout: float | None = None) -> None:
-        """Stop accepting at once; workers drain for ``shutdown_timeout``, then cut."""
-        if timeout is None:
-            timeout = self.cfg.shutdown_timeout
-        if self.state == STOPPING:
-            if timeout == 0.0:
-                self.broadcast(MSG_QUIT)
+    def worker_ready(self, handle: WorkerHandle) -> None:
+        current = self.pool.of_generation(self.generation)
+        if len(current) == self.cfg.workers and all(h.state is W.RUNNING for h in current):
+            self.generation_ready()
+
+    def worker_failed(self, handle: WorkerHandle, failures: int) -> None:
+        if self.state is S.STOPPING:
             return
-        self.state = STOPPING
-        self.exit_code = code
-        self.respawn_due.clear()
-        open_now = sum(h.open for h in self.workers.values())
-        self.log.info("stopping", reason=reason, open=open_now, timeout=timeout)
+        if self.state is S.STARTING and not handle.booted:
+            self.shutdown.begin(exitcodes.EX_SOFTWARE, reason="worker failed to boot")
+            return
+        if handle.generation == self.generation and not handle.booted:
+            how = ", ".join(f"{k} {v}" for k, v in handle.ended.items())
+            self.reload_failed(
+                f"worker {handle.index} of generation {handle.generation} failed to start ({how})",
+                exitcodes.EX_SOFTWARE,
+            )
+        if failures >= self.cfg.crash_limit:
+            self.log.error(
+                "crash_loop",
+                failures=failures,
+                window=self.cfg.crash_window,
+                exit_code=exitcodes.EX_SOFTWARE,
+            )
+            self.shutdown.begin(exitcodes.EX_SOFTWARE, reason="crash loop")
+            return
+        if handle.generation == self.generation:  # a retired generation's is not replaced
+            self.pool.respawn_later(handle, failures)
+
+    def worker_quit(self, handle: WorkerHandle) -> None:
+        if self.state is not S.STOPPING and handle.generation == self.generation:
+            self.pool.respawn_later(handle)
+
+    def counts_changed(self, force: bool) -> None:
+        self.publish(force)
+
+    def generation_ready(self) -> None:
+        """Every worker of the newest generation serves: retire the older ones."""
+        for handle in list(self.pool.workers.values()):
+            if handle.generation < self.generation and handle.state is W.RUNNING:
+                # Workers whose sockets are being closed must first take what queues on them.
+                kept = handle.listeners is self.listeners
+                self.pool.tell(handle, control.Retire() if kept else control.RetireListeners())
+                handle.change_state(W.RETIRING, self.log, open=handle.open)
+        for old in self.old_listeners:
+            fdstore.release(self.notifier, old)
+        self.old_listeners.clear()
+        if self.state is S.STARTING:
+            self.become_ready()
+        elif self.notifier is not None:
+            self.notifier.ready()
+        self.reload_outcome.served(self.generation)
+        self.publish(force=True)
+
+    def become_ready(self) -> None:
+        assert self.listeners is not None
+        self.change_state(S.RUNNING)
+        addresses = self.listeners.addresses()
+        self.log.info(
+            "ready",
+            addresses=addresses,
+            port=self.listeners.bound_port(),
+            mode=self.cfg.mode,
+            workers=self.cfg.workers,
+            startup_seconds=round(time.monotonic() - self.started, 3),
+            metrics=self.endpoint.addresses(),
+        )
         if self.notifier is not None:
-            self.notifier.stopping()
-            # systemd's stop timeout may be shorter than the drain: ask for the time we need.
-            self.notifier.extend_timeout(int((timeout + STOP_GRACE) * 1_000_000))
-        self.broadcast(MSG_QUIT if timeout == 0.0 else MSG_STOP)
-        for handle in self.workers.values():
-            if handle.state != W_RETIRING:
-                self.worker_event(handle, W_STOPPING, open=handle.open)
-        # Close our copies of the listening sockets: once the workers close theirs, the
-        # kernel refuses new clients instead of queueing them for a daemon that is leaving.
-        if self.listeners is not None and not self.listeners.adopted:
-            self.listeners.close()
-        self.stop_deadline = time.monotonic() + timeout + STOP_GRACE
-        if not self.workers:
-            self.state = STOPPED
+            self.notifier.ready()
+        if self.readiness is not None:
+            self.readiness.ready(os.getpid(), "listening on " + ", ".join(addresses))
+            self.readiness = None
+        self.next_watchdog = time.monotonic()
 
-    def broadcast(self, message: bytes) -> None:
-        for handle in self.workers.values():
-            self.tell(handle, message)
-
-    def kill_workers(self) -> None:
-        self.stop_deadline = None
-        for handle in self.workers.values():
-            self.log.error("worker_killed", worker=handle.index, worker_pid=handle.pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(handle.pid, signal.SIGKILL)
+    # -- stop --------------------------------------------------------------------------------
 
     def cleanup(self) -> None:
         """Release what start() took; safe to call after a partial start."""
-        if self.state == STOPPED and self.log is not None:
+        if self.state is S.STOPPED and self.log is not None:
             self.log.info(
                 "stopped",
                 exit_code=self.exit_code,
-                finished=self.counters.finished,
-                cut=self.counters.cut,
-                served=self.served_total(),
+                finished=self.pool.gone.finished,
+                cut=self.pool.gone.cut,
+                served=self.pool.served_total(),
                 uptime=round(time.monotonic() - self.started, 3),
+                drain_delay=self.shutdown.drained_for,
             )
         if self.listeners is not None:
             self.listeners.close()
-        if self.ip_counts is not None:
-            self.ip_counts.close()
-            self.ip_counts = None
+        self.endpoint.close()
+        self.pool.close()
         if self.pidfile is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(status_path(self.pidfile.path))
+            if self.publisher is not None:
+                self.publisher.remove()
             self.pidfile.release()
             self.pidfile = None
 
-    # -- reload and log reopen -------------------------------------------------------------
+    # -- reload and log reopen ---------------------------------------------------------------
 
     def reload(self) -> None:
-        if self.state != RUNNING:
-            self.log.warning("reload_ignored", state=self.state)
+        self.reload_outcome.requested()
+        if self.state is not S.RUNNING:
+            self.log.warning("reload_ignored", state=self.state.value)
+            self.reload_failed(f"echod is {self.state.value}", exitcodes.EX_TEMPFAIL)
             return
         if self.notifier is not None:
             self.notifier.reloading()
+        assert self.listeners is not None
         try:
-            new_cfg = load_config(self.config_path)
-            listeners = self.listeners_for(new_cfg)
-            sink = log.open_sink(new_cfg.log) if new_cfg.log != self.cfg.log else None
-        except (ConfigError, StartError) as exc:
+            new = prepare(self.config_path, self.cfg, self.listeners)
+        except OperatorError as exc:
             self.log.error("reload_failed", error=str(exc), config_file=self.config_path)
             if self.notifier is not None:
                 self.notifier.ready()
-            return
-        except OSError as exc:
-            self.log.error(
-                "reload_failed",
-                error=f"cannot open log file {new_cfg.log.file}: {exc.strerror}",
-                config_file=self.config_path,
-            )
-            if self.notifier is not None:
-                self.notifier.ready()
+            self.reload_failed(str(exc), exc.exit_code)
             return
         old_cfg = self.cfg
-        if sink is not None:
-            log.configure(new_cfg.log, sink=sink)
-            self.log = log.get_logger()
-        if listeners is not self.listeners:
-            assert self.listeners is not None
+        if new.sink is not None:
+            log.configure(new.cfg.log, sink=new.sink)
+            self.log = self.pool.log = log.get_logger()
+        if new.listeners is not self.listeners:
             self.old_listeners.append(self.listeners)
-            self.listeners = listeners
-        self.cfg = new_cfg
+            self.listeners = new.listeners
+            fdstore.keep(self.notifier, new.listeners)
+        self.cfg = new.cfg
+        assert self.selector is not None
+        self.endpoint.reconfigure(new.cfg, self.selector)
         self.generation += 1
-        self.counters.reloads += 1
-        self.respawn_due.clear()
+        self.reloads += 1
+        self.reload_outcome.starting(self.generation)
+        self.pool.respawn_due.clear()
         self.log.info(
             "reload",
             config_file=self.config_path or "<embedded defaults>",
             generation=self.generation,
-            changes=config_changes(old_cfg, new_cfg),
+            changes=config_changes(old_cfg, new.cfg),
             addresses=self.listeners.addresses(),
         )
-        for index in range(1, new_cfg.workers + 1):
-            self.spawn(index)
+        self.spawn_generation()
+        self.publish(force=True)
 
-    def listeners_for(self, cfg: Config) -> Listeners:
-        """The sockets the new configuration needs: the same ones, or newly bound."""
-        assert self.listeners is not None
-        if self.listeners.serves(cfg):
-            update_backlog(self.listeners, cfg.backlog)
-            return self.listeners
-        try:
-            return bind(cfg)
-        except BindError as exc:
-            raise StartError(str(exc), exc.exit_code) from None
+    def reload_failed(self, error: str, exit_code: int) -> None:
+        """Publish the failure of the pending reload, if one is pending."""
+        if self.reload_outcome.failed(error, exit_code):
+            self.publish(force=True)
 
     def reopen_logs(self) -> None:
         log.reopen()
-        self.broadcast(MSG_REOPEN)
+        self.pool.broadcast(control.Reopen())
         self.log.info("log_reopened")
 
-    # -- status ----------------------------------------------------------------------------
+    # -- status ------------------------------------------------------------------------------
 
-    def served_total(self) -> int:
-        return self.counters.served_by_gone + sum(h.served for h in self.workers.values())
+    def publish(self, force: bool = False) -> None:
+        if self.publisher is not None and self.listeners is not None:
+            self.publisher.publish(force)
 
-    def status_fields(self) -> dict[str, Any]:
-        assert self.listeners is not None
-        return {
-            "pid": os.getpid(),
-            "version": __version__,
-            "state": self.state,
-            "started": self.started_wall,
-            "mode": self.cfg.mode,
-            "workers": [
-                {"index": h.index, "pid": h.pid, "state": h.state, "open": h.open}
-                for h in sorted(self.workers.values(), key=lambda h: (h.generation, h.index))
-            ],
-            # Stopping (or stopped: the last worker failed) closed the sockets already.
-            "addresses": self.listeners.addresses() if self.state in (STARTING, RUNNING) else [],
-            "config_file": self.config_path,
-            "open": sum(h.open for h in self.workers.values()),
-            "served": self.served_total(),
-            "reloads": self.counters.reloads,
-        }
-
-    def publish_status(self, force: bool = False) -> None:
-        """Keep systemd's STATUS= and the status file for ``echod status`` current."""
-        if self.listeners is None:
-            return
-        now = time.monotonic()
-        opened = sum(h.open for h in self.workers.values())
-        text = f"{self.cfg.mode} mode; {opened} open; {self.served_total()} served"
-        # Every worker's heartbeat may change the counts: publish at most once a second.
-        if not force and (text == self.last_status or now < self.last_published + 1.0):
-            return
-        self.last_status = text
-        self.last_published = now
-        if self.notifier is not None:
-            self.notifier.status(text)
-        if self.pidfile is not None:
-            _write_atomically(status_path(self.pidfile.path), json.dumps(self.status_fields()))
-
-
-def _write_atomically(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-
-
-def _become_subreaper() -> None:
-    """Adopt orphaned connection processes (a worker was killed) so they are reaped here."""
-    prctl(PR_SET_CHILD_SUBREAPER, 1)
+    def summary(self) -> str:
+        """The STATUS= line: ``thread mode; 2 open; 17 served`` (draining, stopping: said)."""
+        pool = self.pool
+        text = f"{self.cfg.mode} mode; {pool.open_now()} open; {pool.served_total()} served"
+        if self.state in (S.DRAINING, S.STOPPING):
+            return f"{self.state.value}: {text}"
+        return text

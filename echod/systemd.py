@@ -4,7 +4,9 @@ Three protocols, each a few lines of socket code, so no libsystemd binding is ne
 
 - ``sd_notify(3)``: :class:`Notifier` sends ``READY=1``, ``STATUS=...``, ``WATCHDOG=1`` ... as
   one datagram to ``$NOTIFY_SOCKET``; :func:`watchdog_interval` reads ``$WATCHDOG_USEC``.
-- ``sd_listen_fds(3)``: :func:`listen_fds` adopts the sockets of socket activation.
+- ``sd_listen_fds(3)``: :func:`listen_fds` adopts the sockets of socket activation, and
+  those the file descriptor store gives back after a restart (:meth:`Notifier.store_fds`
+  puts them there; :func:`fd_store_max` says whether the unit has a store).
 - the journal's native protocol: :class:`JournalSender` sends a log entry with its own
   queryable fields to journald; :func:`journal_stream_is_stdout` tells whether stdout is
   already connected to the journal (``$JOURNAL_STREAM``).
@@ -21,6 +23,7 @@ import fcntl
 import functools
 import os
 import re
+import select
 import socket
 import struct
 import time
@@ -83,16 +86,50 @@ class Notifier:
         """
         if not fields:
             return False
-        lines = []
-        for key, value in fields.items():
-            if not _NOTIFY_KEY.fullmatch(key):
-                raise ValueError(f"not a notification key: {key!r}")
-            text = str(value).replace("\n", " ")
-            lines.append(f"{key}={text}")
-        payload = ("\n".join(lines) + "\n").encode()
+        payload = _payload(fields)
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
                 sock.sendto(payload, socket.MSG_NOSIGNAL, self.address)
+        except OSError:
+            return False
+        return True
+
+    def store_fds(self, name: str, fds: list[int]) -> bool:
+        """Keep ``fds`` in the service manager's file descriptor store under ``name``
+        (``FDSTORE=1``, ``FDNAME=``): systemd hands them back in ``$LISTEN_FDS`` when the
+        service starts again, e.g. after ``systemctl restart``. Storing a descriptor already
+        there changes nothing. ``name``: printable ASCII without ``:``, at most 255."""
+        return self._send_with_fds(_payload({"FDSTORE": 1, "FDNAME": name}), fds)
+
+    def remove_fds(self, name: str) -> bool:
+        """Close the store's descriptors named ``name`` (``FDSTOREREMOVE=1``)."""
+        return self.send(FDSTOREREMOVE=1, FDNAME=name)
+
+    def barrier(self, timeout: float = 5.0) -> bool:
+        """Wait until the manager has processed every notification sent before
+        (``BARRIER=1``, as ``sd_notify_barrier(3)``): True once it has, False on timeout or
+        when it cannot be asked."""
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            sent = self._send_with_fds(_payload({"BARRIER": 1}), [write_end])
+            os.close(write_end)
+            write_end = -1
+            if not sent:
+                return False
+            # The manager closes its copy of the write end once it got here: POLLHUP.
+            poller = select.poll()
+            poller.register(read_end, select.POLLHUP)
+            return bool(poller.poll(int(timeout * 1000)))
+        finally:
+            os.close(read_end)
+            if write_end >= 0:
+                os.close(write_end)
+
+    def _send_with_fds(self, payload: bytes, fds: list[int]) -> bool:
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.sendmsg([payload], rights, socket.MSG_NOSIGNAL, self.address)
         except OSError:
             return False
         return True
@@ -127,6 +164,29 @@ class Notifier:
 
     def __repr__(self) -> str:
         return f"Notifier({self.address!r})"
+
+
+def _payload(fields: Mapping[str, object]) -> bytes:
+    lines = []
+    for key, value in fields.items():
+        if not _NOTIFY_KEY.fullmatch(key):
+            raise ValueError(f"not a notification key: {key!r}")
+        text = str(value).replace("\n", " ")
+        lines.append(f"{key}={text}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def fd_store_max(environ: Mapping[str, str] | None = None) -> int:
+    """How many descriptors the service's file descriptor store holds (0: it has none).
+
+    systemd 254 and later say so in ``$FDSTORE`` (``FileDescriptorStoreMax=``); 252 does
+    not, so echod's units set the variable themselves beside that setting.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        return max(0, int(env.get("FDSTORE", "")))
+    except ValueError:
+        return 0
 
 
 def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:

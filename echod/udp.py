@@ -3,8 +3,10 @@
 Datagrams from the classic small-service ports (echo 7, daytime 13, qotd 17, chargen 19) are
 dropped: answering them lets a forged source address bounce traffic between two such services
 for ever. Each source address gets a token bucket of ``udp_rate`` datagrams a second, so echod
-cannot be used to amplify a flood towards a forged victim. Nothing is logged per datagram: a
-summary event at most once a second says what was echoed and dropped.
+cannot be used to amplify a flood towards a forged victim. The access lists (``allow``,
+``deny``) apply to each datagram's source, before anything else: UDP never comes with a PROXY
+header, so the source is the client. Nothing is logged per datagram: a summary event at most
+once a second says what was echoed and dropped (``access_list``, ``loop_port``, ``rate``...).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from collections import Counter, OrderedDict
 from typing import Any
 
 from echod import log
+from echod.acl import AccessList
 from echod.admission import SUMMARY_INTERVAL, TokenBucket
 from echod.config import Config
+from echod.metrics import WorkerCounters
 
 LOOP_PORTS = frozenset({7, 13, 17, 19})
 MAX_DATAGRAM = 65535
@@ -25,6 +29,7 @@ BATCH = 64
 # Per-source buckets kept; the least recently seen source is forgotten past this.
 MAX_SOURCES = 4096
 
+DROP_ACCESS_LIST = "access_list"
 DROP_LOOP_PORT = "loop_port"
 DROP_RATE = "rate"
 DROP_SEND_ERROR = "send_error"
@@ -33,8 +38,11 @@ DROP_SEND_ERROR = "send_error"
 class UdpEcho:
     """Echoes datagrams on one or more UDP sockets; shared by every mode."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, counters: WorkerCounters | None = None) -> None:
         self.rate = cfg.udp_rate
+        # The metrics' cumulative counts, beside the summary's, which reset every second.
+        self.counters = counters if counters is not None else WorkerCounters()
+        self.acl = AccessList.from_lists(cfg.allow, cfg.deny)
         self.sources: OrderedDict[str, TokenBucket] = OrderedDict()
         self.echoed = 0
         self.echoed_bytes = 0
@@ -61,6 +69,8 @@ class UdpEcho:
 
     def verdict(self, addr: Any, now: float) -> str | None:
         """None to echo the datagram, else why it is dropped."""
+        if self.acl is not None and not self.acl.permits(addr[0]):
+            return DROP_ACCESS_LIST
         if addr[1] in LOOP_PORTS:
             return DROP_LOOP_PORT
         if not self.allow(str(addr[0]), now):
@@ -89,8 +99,10 @@ class UdpEcho:
             else:
                 self.echoed += 1
                 self.echoed_bytes += len(data)
+                self.counters.udp_echoed()
                 return
         self.dropped[reason] += 1
+        self.counters.udp_dropped(reason)
 
     def summary_due(self, now: float) -> float | None:
         """Seconds until a summary is due (<= 0: now), None when there is nothing to say."""

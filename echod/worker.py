@@ -5,13 +5,8 @@ thread, a process, an event loop) is the business of a subclass in ``echod.worke
 module holds what every mode shares: the control channel to the supervisor, signals,
 admission (limits, overload policy, running out of descriptors), heartbeats and the drain.
 
-The control channel is a ``SOCK_SEQPACKET`` socket pair, one message per packet.
-Supervisor to worker: ``stop`` (drain for up to ``shutdown_timeout``, then cut), ``retire``
-(a reload replaced this worker: stop accepting, let every connection finish),
-``retire-listeners`` (the same, and the listening sockets are replaced too: first accept what
-is queued on them, which closing them would reset), ``reopen`` (log rotation), ``quit`` (cut
-now). Worker to supervisor: ``ready``, ``hb <open> <served>`` (the heartbeat that proves the
-loop runs, and the counts for status), ``bye <finished> <cut> <served>``.
+The control channel's messages are defined in :mod:`echod.control`; the signals a worker
+handles, in :mod:`echod.signals`.
 """
 
 from __future__ import annotations
@@ -27,19 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from echod import log, proctitle, signals
+from echod import control, log, proctitle, signals
 from echod.admission import Admission, SharedIpCounts
 from echod.config import Config
-from echod.handler import HandlerSettings
+from echod.handler import ERROR, HandlerSettings, Outcome
 from echod.listeners import Listeners
+from echod.metrics import WorkerCounters
 from echod.udp import UdpEcho
-
-MSG_STOP = b"stop"
-MSG_RETIRE = b"retire"
-MSG_RETIRE_LISTENERS = b"retire-listeners"
-MSG_REOPEN = b"reopen"
-MSG_QUIT = b"quit"
-MSG_READY = b"ready"
 
 #: How many connections one readiness event accepts before the loop serves other events.
 ACCEPT_BATCH = 16
@@ -50,9 +39,6 @@ CUT_GRACE = 5.0
 #: The most a heartbeat waits; a shorter worker_timeout makes heartbeats more frequent.
 HEARTBEAT_MAX = 1.0
 
-_SUPERVISOR_SIGNALS = frozenset(
-    {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD, signal.SIGQUIT}
-)
 _FD_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _TRANSIENT_ACCEPT_ERRORS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 
@@ -60,6 +46,9 @@ _TRANSIENT_ACCEPT_ERRORS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EP
 LIMIT_CONNECTIONS = "max_connections"
 LIMIT_RATE = "connection_rate"
 LIMIT_FDS = "file_descriptors"
+#: The close reason counted when a connection's end was not reported (process mode with
+#: neither metrics nor PROXY: nothing scrapes the count then).
+UNREPORTED = "unreported"
 
 
 def heartbeat_interval(cfg: Config) -> float:
@@ -89,7 +78,8 @@ class Worker:
     """Base class: the selector loop shared by the thread and process modes.
 
     Methods that subclasses override: :meth:`start_connection`, :meth:`cut_connections`,
-    :meth:`kill_connections`, :meth:`init_mode` and :meth:`on_signal`.
+    :meth:`kill_connections`, :meth:`init_mode` and :meth:`on_signal`. :meth:`counters` is
+    what the heartbeat and the bye report for the metrics.
     """
 
     mode: ClassVar[str] = ""
@@ -98,8 +88,11 @@ class Worker:
         self.spec = spec
         self.cfg = spec.config
         self.settings = HandlerSettings.from_config(spec.config)
-        self.admission = Admission(spec.config, spec.index, spec.ip_counts, spec.ip_slot)
-        self.udp = UdpEcho(spec.config)
+        self.metrics = WorkerCounters()
+        self.admission = Admission(
+            spec.config, spec.index, spec.ip_counts, spec.ip_slot, counters=self.metrics
+        )
+        self.udp = UdpEcho(spec.config, counters=self.metrics)
         self.seq = 0
         self.stopping = False
         self.drain_deadline: float | None = None
@@ -126,7 +119,7 @@ class Worker:
         self.init_process()
         self.serve()
         finished = self.open_at_stop - self.cut
-        self.say(f"bye {finished} {self.cut} {self.admission.served}".encode())
+        self.say(control.Bye(finished, self.cut, self.admission.served, self.counters()))
         return 0
 
     def init_process(self) -> None:
@@ -152,7 +145,7 @@ class Worker:
         # What exists now lives as long as the worker: keep the collector off it, so that the
         # pages holding it stay shared with forked connection processes instead of copied.
         gc.freeze()
-        self.say(MSG_READY)
+        self.say(control.Ready())
 
     # -- the event source: a selector here; the async mode puts its event loop behind these ---
 
@@ -170,15 +163,12 @@ class Worker:
 
     def install_signals(self) -> None:
         """Signals are only recorded (a byte on the wakeup pipe); the loop acts on them."""
-        self.wakeup_r, self.wakeup_w = signals.record(
-            (signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1, signal.SIGCHLD)
-        )
+        self.wakeup_r, self.wakeup_w = signals.record(signals.WORKER)
         # Ctrl-C and SIGHUP reach the whole process group; the supervisor decides for all.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        for signum in signals.WORKER_IGNORED:
+            signal.signal(signum, signal.SIG_IGN)
         # The supervisor forked us with its signals blocked; ours are ready now.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISOR_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.FORK_BLOCKED)
 
     def init_mode(self) -> None:
         """Mode-specific set-up in the worker process (pipes, thread stack size...)."""
@@ -187,10 +177,14 @@ class Worker:
         """The loop: wait on sockets, the control channel and signals, until drained."""
         assert self.selector is not None
         self.next_heartbeat = time.monotonic()
+        registered = self.selector.get_map()
         while not self.drained():
             timeout = self.next_timeout(time.monotonic())
             for key, _events in self.selector.select(timeout):
-                key.data(key.fileobj)
+                # An earlier event of the same batch may have unregistered (and closed) it:
+                # a stop closes the listeners, which may be readable in this batch too.
+                if registered.get(key.fd) is key:
+                    key.data(key.fileobj)
             self.run_timers(time.monotonic())
         self.selector.close()
 
@@ -243,54 +237,63 @@ class Worker:
             self.udp.log_summary(now)
 
     def heartbeat(self) -> None:
-        self.say(f"hb {self.open_connections()} {self.admission.served}".encode())
+        self.say(control.Heartbeat(self.open_connections(), self.admission.served, self.counters()))
+
+    def counters(self) -> dict[str, int]:
+        """This worker's metrics counters, cumulative since it started (name -> count), sent
+        with every heartbeat and with the bye; the supervisor sums them over all workers."""
+        return self.metrics.snapshot()
 
     # -- control channel and signals -------------------------------------------------------
 
-    def say(self, message: bytes) -> None:
+    def say(self, message: control.WorkerMessage) -> None:
         """Send one message to the supervisor; a gone supervisor is noticed on read."""
-        try:
-            self.spec.control.send(message)
-        except OSError:
-            pass
+        control.send(self.spec.control, message)
 
     def on_control(self, sock: Any) -> None:
-        try:
-            message = self.spec.control.recv(64)
-        except BlockingIOError:
+        data = control.receive(self.spec.control)
+        if data is None:
             return
-        except OSError:
-            message = b""
-        if message == MSG_STOP:
+        if not data:
+            # The supervisor is gone: nobody will ever stop us, so stop now, gracefully.
+            self.remove_reader(self.spec.control)
             self.begin_stop(self.cfg.shutdown_timeout)
-        elif message == MSG_RETIRE:
+            return
+        try:
+            command = control.decode(data)
+        except ValueError as exc:
+            self.log.error("control_garbled", error=str(exc))
+            return
+        self.on_command(command)
+
+    def on_command(self, command: control.Message) -> None:
+        if isinstance(command, control.Stop):
+            self.begin_stop(self.cfg.shutdown_timeout)
+        elif isinstance(command, control.Retire):
             self.begin_stop(None)
-        elif message == MSG_RETIRE_LISTENERS:
+        elif isinstance(command, control.RetireListeners):
             # Nobody will listen on our sockets after us: closing them would reset every
             # connection still queued in their backlog. Take those first.
             if not self.stopping:
                 self.accept_backlog()
             self.begin_stop(None)
-        elif message == MSG_REOPEN:
+        elif isinstance(command, control.Reopen):
             log.reopen()
             self.reopen_children()
-        elif message == MSG_QUIT:
+        elif isinstance(command, control.Quit):
             self.begin_stop(0.0)
-        elif message == b"":
-            # The supervisor is gone: nobody will ever stop us, so stop now, gracefully.
-            self.remove_reader(self.spec.control)
-            self.begin_stop(self.cfg.shutdown_timeout)
 
     def on_wakeup(self, _fd: Any) -> None:
         for signum in signals.received(self.wakeup_r):
             self.on_signal(signum)
 
     def on_signal(self, signum: int) -> None:
-        if signum == signal.SIGTERM:
+        action = signals.WORKER.get(signal.Signals(signum))
+        if action is signals.Action.STOP:
             self.begin_stop(self.cfg.shutdown_timeout)
-        elif signum == signal.SIGQUIT:
+        elif action is signals.Action.QUIT:
             self.begin_stop(0.0)
-        elif signum == signal.SIGUSR1:
+        elif action is signals.Action.REOPEN:
             log.reopen()
             self.reopen_children()
 
@@ -341,19 +344,28 @@ class Worker:
             return
         self.seq += 1
         conn_id = f"{self.spec.serial}-{self.seq}"
+        self.metrics.opened()
         try:
             self.start_connection(conn, peer, conn_id)
         except Exception as exc:  # e.g. no more threads or processes: refuse, keep serving
             _close_quietly(conn)
             self.admission.closed(ip)
+            self.metrics.closed(ERROR, 0, 0)
             self.log.error("conn_start_failed", conn_id=conn_id, error=str(exc))
 
     def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
         raise NotImplementedError
 
-    def connection_closed(self, peer: Any) -> None:
-        """Called by the mode in the worker's main thread when a connection has ended."""
-        self.admission.closed(peer_ip(peer))
+    def connection_closed(self, peer: Any, outcome: Outcome | None = None) -> None:
+        """Called by the mode in the worker's main thread when a connection has ended;
+        ``outcome``, when the mode has it, says how (what the metrics count)."""
+        if outcome is None:
+            # Process mode without metrics or PROXY: no report came back, nothing to count.
+            self.admission.closed(peer_ip(peer))
+            self.metrics.closed(UNREPORTED, 0, 0)
+        else:
+            self.admission.closed(peer_ip(peer), outcome.client, outcome.refused)
+            self.metrics.closed(outcome.reason, outcome.bytes_in, outcome.bytes_out)
         if self.paused in (LIMIT_CONNECTIONS, LIMIT_FDS):
             self.maybe_resume()
 

@@ -10,7 +10,7 @@ set -eu
 
 top=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-$top/dist}
-build_deps="build-essential debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian"
+build_deps="build-essential debhelper dh-python pybuild-plugin-pyproject python3-all python3-argcomplete python3-setuptools lintian"
 
 fail() {
 	echo "build-deb: $*" >&2

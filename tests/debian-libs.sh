@@ -30,7 +30,8 @@ print(f"Debian {debian} libraries, Python {platform.python_version()}: {found}",
 if (($# == 0)); then
     set -- tests/unit tests/integration/test_echo.py tests/integration/test_config_cli.py \
         tests/integration/test_daemonize.py tests/integration/test_daemon_cli.py \
-        tests/integration/test_reload.py tests/integration/test_logging.py
+        tests/integration/test_reload.py tests/integration/test_logging.py \
+        tests/integration/test_metrics_http.py
 fi
 
 host_packages() {

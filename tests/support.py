@@ -7,6 +7,7 @@ sleeps to synchronise.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -23,6 +24,17 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 20.0
+
+
+def http_get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str]:
+    """One GET to the supervisor's metrics endpoint: (status, body)."""
+    connection = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
 
 
 def wait_for(

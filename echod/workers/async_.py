@@ -9,7 +9,10 @@ admission (:meth:`Worker.on_acceptable`, :meth:`Worker.admit`), pausing, the dra
 stands behind :meth:`add_reader`/:meth:`remove_reader`, and the base's timers (heartbeat,
 resume, drain deadline, refusal summaries) run on one loop timer that is moved whenever an
 event may have brought a deadline closer. An admitted socket is handed to the loop as a
-transport with an :class:`EchoProtocol`.
+transport with an :class:`EchoProtocol`; with ``proxy_protocol`` on, first with a
+:class:`ProxiedEchoProtocol`, which buffers until the PROXY header is complete (within
+``proxy_timeout``, on the connection's one timer), admits the real client, and then echoes
+as an EchoProtocol does.
 
 Signals: a running loop takes the signal wakeup fd over (uvloop does so even without
 handlers), so SIGTERM, SIGQUIT and SIGUSR1 are registered with ``loop.add_signal_handler``,
@@ -24,23 +27,27 @@ import asyncio
 import importlib
 import os
 import platform
-import signal
 import socket
 from collections.abc import Callable
 from time import monotonic
 from typing import Any, cast
 
-from echod import log
+from echod import log, proxy, signals
 from echod.handler import (
     CLIENT_CLOSED,
     ERROR,
     IDLE_TIMEOUT,
+    PROXY_ERROR,
     RESET,
     RESET_ERRORS,
     SHUTDOWN,
     WRITE_TIMEOUT,
     HandlerSettings,
+    Outcome,
+    balancer_itself,
     peer_fields,
+    peer_ip,
+    proxy_fields,
 )
 from echod.worker import Worker
 
@@ -58,7 +65,8 @@ uvloop: Any = _optional("uvloop")  # the optional "fast" extra
 #: Set to ``1`` to run the standard asyncio loop although uvloop is installed.
 NO_UVLOOP_ENV = "ECHOD_NO_UVLOOP"
 
-_LOOP_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1)
+# The worker's signals but SIGCHLD: this mode has no children.
+_LOOP_SIGNALS = tuple(s for s, a in signals.WORKER.items() if a is not signals.Action.CHILD)
 # The shortest timer: uvloop counts in whole milliseconds, and a timer that fires a little
 # before its deadline (it can) is re-armed for the rest, which must not round down to 0.
 _MIN_DELAY = 0.001
@@ -89,6 +97,7 @@ class EchoProtocol(asyncio.Protocol):
 
     __slots__ = (
         "bytes_in",
+        "client",
         "closing",
         "conn_id",
         "ended",
@@ -98,6 +107,8 @@ class EchoProtocol(asyncio.Protocol):
         "local_port",
         "paused",
         "peer",
+        "proxy_peer",
+        "quiet",
         "reason",
         "stalled_since",
         "started",
@@ -128,6 +139,11 @@ class EchoProtocol(asyncio.Protocol):
         self.stalled_since: float | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.timer_due = 0.0
+        # Behind a PROXY header (set by ProxiedEchoProtocol): the balancer, the client counted
+        # by admission, and whether to log at debug (the balancer's own connection).
+        self.proxy_peer: Any = None
+        self.client: str | None = None
+        self.quiet = False
 
     # -- asyncio's callbacks ---------------------------------------------------------------
 
@@ -138,17 +154,25 @@ class EchoProtocol(asyncio.Protocol):
         self.started = self.last_read = monotonic()
         if worker.quiet:
             self.arm(self.started + worker.quiet)
-        clog = worker.conn_log
-        if clog is not None:
-            clog.info(
-                "conn_open",
-                conn_id=self.conn_id,
-                mode=worker.mode,
-                local_port=self.local_port,
-                **peer_fields(self.peer),
-            )
+        self.log_open()
         if self.closing:  # cut before the loop got round to this
             tr.abort()
+
+    def log_open(self) -> None:
+        clog = self.worker.conn_log
+        if clog is not None:
+            (clog.debug if self.quiet else clog.info)(
+                "conn_open",
+                conn_id=self.conn_id,
+                mode=self.worker.mode,
+                local_port=self.local_port,
+                **self.peer_fields(),
+            )
+
+    def peer_fields(self) -> dict[str, Any]:
+        if self.proxy_peer is None:
+            return peer_fields(self.peer)
+        return proxy_fields(self.peer, self.proxy_peer)
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -274,6 +298,11 @@ class EchoProtocol(asyncio.Protocol):
         finally:
             worker.connection_ended(self)
 
+    def outcome(self) -> Outcome:
+        return Outcome(
+            self.reason or ERROR, self.bytes_in, self.bytes_in - self.unsent, None, self.client
+        )
+
     def log_close(self, worker: AsyncWorker) -> None:
         fields: dict[str, Any] = {
             "bytes_in": self.bytes_in,
@@ -283,14 +312,143 @@ class EchoProtocol(asyncio.Protocol):
         }
         if self.error is not None:
             fields["error"] = self.error
-        worker.conn_log.info(
+        (worker.conn_log.debug if self.quiet else worker.conn_log.info)(
             "conn_close",
             conn_id=self.conn_id,
             mode=worker.mode,
             local_port=self.local_port,
-            **peer_fields(self.peer),
+            **self.peer_fields(),
             **fields,
         )
+
+
+class ProxiedEchoProtocol(EchoProtocol):
+    """An EchoProtocol that first reads the connection's PROXY header.
+
+    Until the header is complete nothing is echoed: the bytes are buffered (at most one
+    header and what follows it in the same reads), and the connection's one timer, armed for
+    ``proxy_timeout``, closes it with ``proxy_error`` if the header is late. Then the real
+    client is admitted, the open event logged with it as ``peer``, and the rest echoed. A
+    subclass, not a flag in EchoProtocol: connections without the protocol keep their echo
+    path untouched (the loop binds ``data_received`` once per connection).
+    """
+
+    __slots__ = ("fields", "pending", "refused")
+
+    def __init__(self, worker: AsyncWorker, peer: Any, conn_id: str, local_port: Any) -> None:
+        super().__init__(worker, peer, conn_id, local_port)
+        self.pending: bytearray | None = bytearray()  # None once the header is done
+        self.refused: str | None = None
+        self.fields: dict[str, Any] | None = None  # the peer fields, once the header is done
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = tr = cast(asyncio.Transport, transport)
+        tr.set_write_buffer_limits(high=self.worker.settings.buffer_size)
+        self.started = self.last_read = monotonic()
+        self.arm(self.started + self.worker.settings.proxy_timeout)
+        if self.closing:  # cut before the loop got round to this
+            tr.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self.pending is None:  # the echo, as EchoProtocol's
+            self.bytes_in += len(data)
+            self.last_read = monotonic()
+            self.transport.write(data)
+            return
+        if self.closing:
+            return
+        received: bytes | bytearray = data
+        if self.pending:
+            self.pending += data
+            received = self.pending
+        # (Most headers come whole in the first read: parsed as read, without a copy.)
+        try:
+            header = proxy.parse(received, self.worker.settings.proxy_protocol)
+        except proxy.ProxyError as exc:
+            self.fail(str(exc))
+            return
+        if header is not None:
+            self.accept_header(header, bytes(received[header.length :]))
+        elif received is data:
+            self.pending += data
+
+    def accept_header(self, header: proxy.ProxyHeader, rest: bytes) -> None:
+        """Admit the real client, log the open event, echo what followed the header."""
+        self.pending = None
+        self.quiet = balancer_itself(header, self.peer)
+        self.proxy_peer = self.peer
+        if header.source is not None:
+            self.peer = header.source
+        admission = self.worker.admission
+        if admission.checks_clients:
+            ip = peer_ip(self.peer)
+            refused = admission.admit_client(ip)
+            if refused is not None:
+                self.refused = refused
+                self.close_now(refused)
+                return
+            self.client = ip
+        self.last_read = monotonic()  # idle counts from here
+        if self.worker.conn_log is not None:
+            self.fields = proxy_fields(self.peer, self.proxy_peer)  # for both events
+            self.log_open()
+        if rest:
+            self.data_received(rest)
+
+    def eof_received(self) -> bool:
+        if self.pending is None:
+            return super().eof_received()
+        # Closed without a byte: a TCP connect health check, logged at debug and not
+        # counted as a refusal (the peer left; echod refused nothing).
+        self.quiet = left = not self.pending
+        self.fail(f"closed before a complete PROXY header ({len(self.pending)} bytes received)")
+        if left:
+            self.refused = None
+        return False
+
+    def on_timer(self) -> None:
+        if self.pending is None:
+            if self.worker.quiet:
+                super().on_timer()
+            else:
+                self.timer = None  # no idle or write timeout: only the header's deadline
+            return
+        self.timer = None
+        if self.closing or self.ended:
+            return
+        timeout = self.worker.settings.proxy_timeout
+        due = self.started + timeout
+        if monotonic() < due:
+            self.arm(due)  # the timer fired a little early
+            return
+        self.fail(
+            f"no complete PROXY header within {timeout:g} s ({len(self.pending)} bytes received)"
+        )
+
+    def peer_fields(self) -> dict[str, Any]:
+        return self.fields if self.fields is not None else super().peer_fields()
+
+    def fail(self, error: str) -> None:
+        if self.closing or self.ended:
+            return
+        self.refused = PROXY_ERROR
+        self.error = error
+        self.close_now(PROXY_ERROR)
+
+    def outcome(self) -> Outcome:
+        return Outcome(
+            self.reason or ERROR,
+            self.bytes_in,
+            self.bytes_in - self.unsent,
+            self.refused,
+            self.client,
+        )
+
+    def log_close(self, worker: AsyncWorker) -> None:
+        # A refused client leaves no line (the refused summary counts it); a failed header
+        # leaves one, the close, with the balancer as peer.
+        if self.refused is None or self.refused == PROXY_ERROR:
+            super().log_close(worker)
 
 
 class AsyncWorker(Worker):
@@ -400,7 +558,10 @@ class AsyncWorker(Worker):
                 local_port = conn.getsockname()[1]
             except OSError:
                 pass
-        protocol = EchoProtocol(self, peer, conn_id, local_port)
+        protocol_class = EchoProtocol
+        if self.settings.proxy_protocol != "off":
+            protocol_class = ProxiedEchoProtocol
+        protocol = protocol_class(self, peer, conn_id, local_port)
         adopt = self.loop.connect_accepted_socket(lambda: protocol, conn)
         # Driven by hand rather than by a Task: the first step creates the transport at once
         # (errors reach admit(), which refuses the connection), and the rest only returns the
@@ -415,7 +576,7 @@ class AsyncWorker(Worker):
 
     def connection_ended(self, protocol: EchoProtocol) -> None:
         self.conns.discard(protocol)
-        self.connection_closed(protocol.peer)
+        self.connection_closed(protocol.peer, protocol.outcome())
         if self.stopping and self.drained():
             self.loop.stop()
 

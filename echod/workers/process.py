@@ -15,11 +15,12 @@ import socket
 from typing import Any
 
 from echod import exitcodes, log, proctitle, signals
+from echod.clientlink import WorkerLinks
 from echod.handler import EchoHandler
 from echod.prctl import PR_SET_PDEATHSIG, prctl
 from echod.worker import Worker
 
-_FORK_BLOCKED = {signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD, signal.SIGQUIT}
+_FORK_BLOCKED = frozenset(signals.WORKER)  # the worker's handlers must not run in a child
 
 
 class ChildStopper:
@@ -62,28 +63,48 @@ class ProcessWorker(Worker):
         # pid -> (peer, our descriptor of its connection, kept to cut it at the deadline)
         self.children: dict[int, tuple[Any, socket.socket]] = {}
         self.worker_pid = os.getpid()
+        # Behind a PROXY header, each connection process asks about its real client, and
+        # with PROXY or metrics on it reports how it ended, over a link of its own (see
+        # echod.clientlink). Without either, no link: the classic fork costs nothing more.
+        self.links: WorkerLinks | None = None
+        if self.settings.proxy_protocol != "off" or self.cfg.metrics is not None:
+            self.links = WorkerLinks(
+                self.admission, self.cfg.proxy_timeout, self.add_reader, self.remove_reader
+            )
 
     def open_connections(self) -> int:
         # A cut child still counts until it has been reaped.
         return max(self.admission.active, len(self.children))
 
     def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
+        pair = self.links.pair() if self.links is not None else None
         signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
         try:
             pid = os.fork()
             if pid == 0:
-                self.become_connection(conn, peer, conn_id)  # never returns
+                self.become_connection(conn, peer, conn_id, pair)  # never returns
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
         self.children[pid] = (peer, conn)
+        if self.links is not None and pair is not None:
+            self.links.parent_side(pid, pair)
 
-    def become_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
+    def become_connection(
+        self,
+        conn: socket.socket,
+        peer: Any,
+        conn_id: str,
+        pair: tuple[socket.socket, socket.socket] | None = None,
+    ) -> None:
         """In the child: shed the worker's descriptors, serve, and exit."""
         code = exitcodes.EX_SOFTWARE
         try:
+            link = None
+            if self.links is not None and pair is not None:
+                link = self.links.child_side(pair)
             stopper = self.init_connection_process(conn_id)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
-            EchoHandler(
+            handler = EchoHandler(
                 conn,
                 peer,
                 conn_id,
@@ -91,7 +112,11 @@ class ProcessWorker(Worker):
                 stopper,
                 local_port=self.local_port,
                 shared_descriptor=True,
-            ).serve()
+                gate=link if link is not None and link.asks else None,
+            )
+            handler.serve()
+            if link is not None:
+                link.report(handler.outcome())
             code = exitcodes.OK
         finally:
             os._exit(code)
@@ -142,7 +167,8 @@ class ProcessWorker(Worker):
             if child is not None:
                 peer, conn = child
                 conn.close()
-                self.connection_closed(peer)
+                outcome = self.links.reaped(pid) if self.links is not None else None
+                self.connection_closed(peer, outcome)
 
     def cut_connections(self) -> None:
         # The signal first: when shutdown() wakes the child, SIGTERM is already recorded.

@@ -7,18 +7,42 @@ waits for exactly this news, does a finished thread also write a byte to a pipe 
 watches. To cut connections at the shutdown deadline the main thread sets a flag and shuts
 every open socket down: that wakes each thread from its blocking ``recv``/``send``, and the
 flag tells it why.
+
+Connections end one at a time: a thread whose connection is ending (its ``recv`` returned
+nothing or failed, the first moment the handler asks the stopper) takes the worker's end lock
+and holds it until it has closed, logged and gone. Thousands of clients that disconnect at
+once would otherwise wake thousands of threads that all queue for the interpreter lock at
+once, each several times (the close, the log write, the thread's exit), and the main thread,
+one in the queue, could not accept or heartbeat for seconds. Waiting on a plain lock, a
+thread is off the interpreter's queue: that queue stays a few threads long. Before they reach
+the lock they still queue once each; every thread waiting for the interpreter wakes each
+switch interval to ask for it, so the worker waits ten times longer between asks than
+CPython's 5 ms (SWITCH_INTERVAL). Every thread here gives the interpreter up within
+microseconds, at its next socket or log call, so the longer interval costs no latency.
+
+``spare_threads`` (0 by default: a thread per connection, the classic behaviour) keeps up to
+that many threads, once their connection has ended, waiting on a queue for the next one, as
+Apache's worker MPM keeps spare threads: starting and ending a thread is nearly half of what
+a short connection costs the worker. Such a thread takes each connection's name
+(``conn-<id>``) but keeps its thread ids, so consecutive connections in the log may share a
+``thread_id``.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import queue
 import socket
+import sys
 import threading
 from typing import Any
 
 from echod.handler import EchoHandler
 from echod.worker import Worker
+
+#: sys.setswitchinterval() of a thread worker, in seconds (CPython's default: 0.005).
+SWITCH_INTERVAL = 0.05
 
 
 class CutFlag:
@@ -34,41 +58,127 @@ class CutFlag:
         """Threads share the worker's log sink, which the worker itself reopens."""
 
 
+class ConnectionStopper:
+    """The Stopper of one connection thread: the worker's cut flag, and the end lock, taken
+    when the handler first asks whether the connection was cut (it asks only once the
+    connection is ending) and released by the thread when it is done."""
+
+    __slots__ = ("_flag", "_lock", "holding")
+
+    def __init__(self, flag: CutFlag, lock: threading.Lock) -> None:
+        self._flag = flag
+        self._lock = lock
+        self.holding = False
+
+    def cut_requested(self) -> bool:
+        if not self.holding:
+            self._lock.acquire()
+            self.holding = True
+        return self._flag.cut
+
+    def before_close_event(self) -> None:
+        """Threads share the worker's log sink, which the worker itself reopens."""
+
+    def release(self) -> None:
+        if self.holding:
+            self.holding = False
+            self._lock.release()
+
+
 class ThreadWorker(Worker):
-    """Serves each connection in a new thread."""
+    """Serves each connection in a thread of its own: a new one, or a spare (spare_threads)."""
 
     mode = "thread"
 
     def init_mode(self) -> None:
+        sys.setswitchinterval(SWITCH_INTERVAL)
         if self.cfg.thread_stack_size:
             threading.stack_size(self.cfg.thread_stack_size)
         self.finished: collections.deque[Any] = collections.deque()
         self.open_sockets: dict[str, socket.socket] = {}
         self.done_r, self.done_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.stopper = CutFlag()
+        self.end_lock = threading.Lock()
+        self.spare_max = self.cfg.spare_threads
+        # Connections for spare threads; None tells one to exit. ``spare`` counts the threads
+        # that wait or are about to: each one counted takes exactly one item.
+        self.jobs: queue.SimpleQueue[tuple[socket.socket, Any, str] | None] = queue.SimpleQueue()
+        self.spare = 0
+        self.spare_lock = threading.Lock()
+        # Behind a PROXY header the real client is checked in its thread (Admission locks).
+        behind_proxy = self.settings.proxy_protocol != "off"
+        self.gate = self.admission if behind_proxy and self.admission.checks_clients else None
         self.add_reader(self.done_r, self.on_done)
 
     def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
+        self.open_sockets[conn_id] = conn
+        if self.spare_max and self.claim_spare():
+            self.jobs.put((conn, peer, conn_id))
+            return
         thread = threading.Thread(
-            target=self.serve_in_thread,
+            target=self.thread_main,
             args=(conn, peer, conn_id),
             name=f"conn-{conn_id}",
             daemon=True,
         )
-        self.open_sockets[conn_id] = conn
         try:
             thread.start()
         except BaseException:
             del self.open_sockets[conn_id]
             raise
 
+    def thread_main(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
+        """Serve a connection; with spare_threads, then wait for others while there is room."""
+        job: tuple[socket.socket, Any, str] | None = (conn, peer, conn_id)
+        while job is not None:  # bounded: one connection a pass; a None or no room ends it
+            self.serve_in_thread(*job)
+            if not self.offer_spare():
+                return
+            job = self.jobs.get()
+            if job is not None:
+                threading.current_thread().name = f"conn-{job[2]}"
+
+    def claim_spare(self) -> bool:
+        """Main thread: take a waiting spare thread for the next connection, if there is one."""
+        with self.spare_lock:
+            if self.spare == 0:
+                return False
+            self.spare -= 1
+            return True
+
+    def offer_spare(self) -> bool:
+        """Connection thread: whether to wait for another connection (there is room)."""
+        if not self.spare_max:
+            return False
+        with self.spare_lock:
+            # Read under the lock that begin_stop takes after setting it.
+            if self.stopping or self.spare >= self.spare_max:
+                return False
+            self.spare += 1
+            return True
+
+    def release_spares(self) -> None:
+        with self.spare_lock:
+            waiting, self.spare = self.spare, 0
+        for _ in range(waiting):
+            self.jobs.put(None)
+
     def serve_in_thread(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
+        stopper = ConnectionStopper(self.stopper, self.end_lock)
+        handler = EchoHandler(
+            conn,
+            peer,
+            conn_id,
+            self.settings,
+            stopper,
+            local_port=self.local_port,
+            gate=self.gate,
+        )
         try:
-            EchoHandler(
-                conn, peer, conn_id, self.settings, self.stopper, local_port=self.local_port
-            ).serve()
+            handler.serve()
         finally:
-            self.finished.append((conn_id, peer))
+            stopper.release()
+            self.finished.append((conn_id, peer, handler.outcome()))
             # Read after the append: the main thread sets these before it looks at the deque
             # a last time, so either it sees our entry or we see that it waits.
             if self.paused is not None or self.stopping:
@@ -89,17 +199,21 @@ class ThreadWorker(Worker):
 
     def collect_finished(self) -> None:
         while self.finished:
-            conn_id, peer = self.finished.popleft()
+            conn_id, peer, outcome = self.finished.popleft()
             self.open_sockets.pop(conn_id, None)
-            self.connection_closed(peer)
+            self.connection_closed(peer, outcome)
 
     def pause(self, reason: str, retry: float | None = None, **fields: Any) -> None:
         super().pause(reason, retry, **fields)
         self.collect_finished()  # what ended before the threads could see the pause
 
     def begin_stop(self, timeout: float | None) -> None:
+        # Before the count of what is open at the stop: a connection that ended before it is
+        # not one that finished during the drain.
+        self.collect_finished()
         super().begin_stop(timeout)
-        self.collect_finished()  # likewise for the drain
+        self.collect_finished()  # what ended meanwhile, before the threads saw the drain
+        self.release_spares()  # no connection will come for them
 
     def run_timers(self, now: float) -> None:
         self.collect_finished()  # keeps the heartbeat's counts current

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from echod.config import ConfigError, default_config, dump_config, load_config, parse_config
+from echod.config import (
+    ConfigError,
+    default_config,
+    dump_config,
+    load_config,
+    parse_config,
+    read_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 EX_CONFIG = 78
@@ -23,7 +30,6 @@ BAD_FILES = {
     "negative backlog": ("backlog: -1\n", "1:10"),
     "unknown mode": ("mode: fork\n", "1:7"),
     "syntax error": ("port: 1\n  host: x\n", "2:7"),
-    "empty file": ("", ""),
     "list instead of mapping": ("- port: 1\n", "1:1"),
     "duplicate key": ("port: 1\nport: 2\n", "2:1"),
     "bad nested log key": ("log:\n  levle: debug\n", "2:3"),
@@ -105,14 +111,22 @@ def test_valid_file_prints_effective_config(tmp_path: Path) -> None:
     result = echod("check-config", "--config", str(path))
     assert "Traceback" not in result.stdout + result.stderr
     assert result.returncode == 0, result.stderr
-    cfg = load_config(str(path))
-    assert result.stdout == dump_config(cfg)
+    loaded = read_config(str(path))
+    cfg = loaded.config
+    assert result.stdout.endswith(dump_config(cfg, loaded.origins))
+    assert f"mode: process  # from {path}:1\n" in result.stdout
+    assert f"  level: debug  # from {path}:4\n" in result.stdout
     assert parse_config(result.stdout) == cfg
     assert (cfg.mode, cfg.port, cfg.log.level) == ("process", 0, "debug")
 
 
 def test_shipped_file_checks_clean() -> None:
     """The shipped config/echod.yaml passes check-config and prints the defaults."""
-    result = echod("check-config", "--config", str(ROOT / "config" / "echod.yaml"))
+    shipped = ROOT / "config" / "echod.yaml"
+    result = echod("check-config", "--config", str(shipped))
     assert result.returncode == 0, result.stderr
     assert parse_config(result.stdout) == default_config()
+    assert "# from " not in result.stdout
+    assert result.stderr == (
+        f"echod: configuration ok ({shipped}; it sets nothing: every setting is at its default)\n"
+    )

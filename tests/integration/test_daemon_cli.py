@@ -236,8 +236,13 @@ def test_start_status_reload_stop(tmp_path: Path, started: Started) -> None:
         f"addresses:   127.0.0.1:{port}",
         "open:        1 connections",
         "served:      1 connections",  # the first one, closed
+        "workers:",
+        f"worker 1 pid {descendants(pid)[0]} generation 1: running, 1 open",
     ):
         assert expected in text, text
+    as_json = json.loads(daemon.cli("status", "--json").stdout)
+    assert (as_json["running"], as_json["pid"], as_json["open"]) == (True, pid, 1)
+    assert [w["state"] for w in as_json["workers"]] == ["running"]
 
     # A second start while it runs is refused, whoever's file names the same pidfile.
     other = Daemon(tmp_path, name="other", port=free_port())
@@ -254,8 +259,9 @@ def test_start_status_reload_stop(tmp_path: Path, started: Started) -> None:
     daemon.write(mode="process", port=new_port)
     reload = daemon.cli("reload")
     assert reload.returncode == 0, reload
-    assert reload.stdout == f"echod: reload requested (pid {pid}, {daemon.config})\n"
-    wait_for(lambda: daemon.status().get("mode") == "process", what="status in process mode")
+    assert reload.stdout == f"echod: reloaded (pid {pid}, {daemon.config}): generation 2 serves\n"
+    # reload returned once the new configuration served: the status says so already.
+    assert daemon.status()["mode"] == "process"
     assert daemon.port() == new_port
     assert echoes(new_port)
     # ... and refuses a broken one with check-config's message, leaving the daemon as it was.

@@ -12,13 +12,15 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from echod import cli
+from echod import cli, status
 from tests.support import (
     ROOT,
     Echod,
@@ -26,6 +28,7 @@ from tests.support import (
     descendants,
     echo_roundtrip,
     echod,
+    echod_command,
     free_port,
     open_files,
     recv_exactly,
@@ -336,3 +339,90 @@ def test_sigusr1_after_rotation_moves_every_process_to_the_new_file(
 
 def read_events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+# -- `echod reload` waits for the outcome ------------------------------------------------
+
+
+def reload_cli(server: Echod, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``echod reload`` for ``server`` to completion; no traceback, whatever happens."""
+    result = subprocess.run(
+        echod_command("reload", "--config", str(server.config_path), *args),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "ECHOD_CONFIG"},
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert "Traceback" not in result.stdout + result.stderr, result
+    return result
+
+
+def published(server: Echod) -> status.Status:
+    found = status.read(status.path_for(server.settings["pidfile"]))
+    assert found is not None
+    return found
+
+
+def test_reload_command_returns_once_the_new_configuration_serves(tmp_path: Path) -> None:
+    """`echod reload` exits 0 only after the new generation is ready: when it returns, the
+    status shows every new worker running, and a new client is served in the new mode."""
+    pidfile = str(tmp_path / "echod.pid")
+    with echod(tmp_path, mode="thread", workers=2, pidfile=pidfile) as server:
+        server.write_config(mode="process")
+        result = reload_cli(server)
+        assert result.returncode == 0, result
+        assert result.stdout == (
+            f"echod: reloaded (pid {server.pid}, {server.config_path}): generation 2 serves\n"
+        )
+        now = published(server)
+        assert (now.mode, now.generation, now.reload_result) == ("process", 2, "ok")
+        new = [w for w in now.workers if w.generation == 2]
+        assert [w.state for w in new] == ["running", "running"]
+        with server.connect() as sock:
+            assert echo_roundtrip(sock, b"new mode") == b"new mode"
+        assert server.wait_event("conn_open")["mode"] == "process"
+
+
+def test_reload_command_reports_what_the_daemon_refused(tmp_path: Path) -> None:
+    """A valid file whose port is taken passes the command's check but not the daemon's:
+    `echod reload` exits 69 with the daemon's reason; the old configuration serves on."""
+    pidfile = str(tmp_path / "echod.pid")
+    with echod(tmp_path, pidfile=pidfile) as server, socket.socket() as occupier:
+        occupier.bind(("127.0.0.1", 0))
+        occupier.listen()
+        busy = occupier.getsockname()[1]
+        server.write_config(port=busy)
+        result = reload_cli(server)
+        assert result.returncode == 69, result
+        assert result.stdout == ""
+        assert result.stderr == (
+            f"echod: reload failed: cannot listen on tcp 127.0.0.1:{busy}: address already in "
+            f"use (pid {server.pid}, {server.config_path}; still serving the previous "
+            "configuration)\n"
+        )
+        assert published(server).reload_serial == 1
+        with server.connect() as sock:
+            assert echo_roundtrip(sock, b"old port") == b"old port"
+
+
+def test_reload_command_gives_up_after_its_timeout(tmp_path: Path) -> None:
+    """A daemon that cannot answer (stopped) makes `echod reload --timeout` exit 75 in
+    about that time; once it runs again it carries the reload out."""
+    pidfile = str(tmp_path / "echod.pid")
+    with echod(tmp_path, pidfile=pidfile) as server:
+        server.write_config(workers=2)
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            begun = time.monotonic()
+            result = reload_cli(server, "--timeout", "0.5")
+            took = time.monotonic() - begun
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert result.returncode == 75, result
+        assert "did not report the reload's outcome within 0.5 s" in result.stderr
+        assert 0.5 <= took < 10
+        server.wait_event("reload")
+        wait_for(lambda: published(server).reload_result == "ok", what="the reload to finish")

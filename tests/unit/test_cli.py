@@ -14,10 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
-from echod import __version__, cli
-from echod.config import default_config, dump_config
+from echod import __version__, cli, status
+from echod.config import default_config, dump_config, parse_config
 from echod.pidfile import Pidfile
-from echod.supervisor import status_path
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +43,27 @@ def held_pidfile(tmp_path: Path) -> Iterator[Pidfile]:
     pidfile.release()
 
 
+def published(pidfile: Pidfile, **fields: Any) -> status.Status:
+    """Publish a status beside ``pidfile`` as the daemon would; return it."""
+    values: dict[str, Any] = {
+        "pid": os.getpid(),
+        "version": __version__,
+        "state": "running",
+        "started": time.time(),
+        "mode": "thread",
+        "addresses": ["127.0.0.1:9999"],
+        "config_file": None,
+        "open": 0,
+        "served": 0,
+        "reloads": 0,
+        "generation": 1,
+        **fields,
+    }
+    published = status.Status(**values)
+    assert status.write(status.path_for(pidfile.path), published)
+    return published
+
+
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = cli.main(list(argv))
     out, err = capsys.readouterr()
@@ -53,12 +73,15 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def test_every_command_parses() -> None:
     """Each sub-command is known, and --config is accepted before or after it."""
     parser = cli.build_parser()
-    for command in ("run", "start", "stop", "status", "reload", "check-config"):
+    for command in ("run", "start", "stop", "status", "reload", "upgrade", "check-config"):
         assert parser.parse_args([command]).command == command
     assert parser.parse_args(["-c", "a.yaml", "status"]).config == "a.yaml"
     assert parser.parse_args(["status", "--config", "b.yaml"]).config == "b.yaml"
     assert parser.parse_args(["stop", "--timeout", "2.5"]).timeout == 2.5
     assert parser.parse_args(["stop"]).timeout is None
+    assert parser.parse_args(["reload"]).timeout == parser.parse_args(["upgrade"]).timeout == 30
+    assert parser.parse_args(["reload", "--timeout", "5"]).timeout == 5
+    assert parser.parse_args(["status", "--json"]).json is True
 
 
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -96,7 +119,9 @@ def test_defaults_ignore_every_file(
     monkeypatch.setenv("ECHOD_CONFIG", str(broken))
     code, out, err = run(capsys, "check-config", "--defaults")
     assert code == 0
-    assert out == dump_config(default_config())
+    assert parse_config(out) == default_config()
+    assert out.endswith(dump_config(default_config()))
+    assert out.startswith("# No file read: every setting is at its embedded default.\n")
     assert err == "echod: configuration ok (embedded defaults)\n"
     assert run(capsys, "check-config")[0] == 78  # the environment is honoured otherwise
 
@@ -135,20 +160,20 @@ def test_status_of_a_running_daemon(
     capsys: pytest.CaptureFixture[str], config: Path, held_pidfile: Pidfile
 ) -> None:
     """status reads the lock's pid and the status file beside the pidfile."""
-    fields = {
-        "pid": os.getpid(),
-        "state": "running",
-        "started": time.time() - 3725,
-        "mode": "process",
-        "workers": [{"index": 1}, {"index": 2}],
-        "addresses": ["127.0.0.1:9999", "[::1]:9999"],
-        "open": 4,
-        "served": 17,
-        "reloads": 2,
-        "config_file": str(config),
-        "version": __version__,
-    }
-    Path(status_path(held_pidfile.path)).write_text(json.dumps(fields))
+    published(
+        held_pidfile,
+        started=time.time() - 3725,
+        mode="process",
+        workers=[
+            status.WorkerStatus(1, 101, 3, "running", 3),
+            status.WorkerStatus(2, 102, 3, "retiring", 1),
+        ],
+        addresses=["127.0.0.1:9999", "[::1]:9999"],
+        open=4,
+        served=17,
+        reloads=2,
+        config_file=str(config),
+    )
     code, out, err = run(capsys, "status", "--config", str(config))
     assert (code, err) == (0, "")
     assert out.splitlines() == [
@@ -162,7 +187,24 @@ def test_status_of_a_running_daemon(
         "  reloads:     2",
         f"  config file: {config}",
         f"  version:     {__version__}",
+        "  workers:",
+        "    worker 1 pid 101 generation 3: running, 3 open",
+        "    worker 2 pid 102 generation 3: retiring, 1 open",
     ]
+
+
+def test_status_json_is_the_published_status(
+    capsys: pytest.CaptureFixture[str], config: Path, held_pidfile: Pidfile
+) -> None:
+    """status --json prints the published fields, running: true and the lock's pid; with no
+    daemon it prints running: false and exits 3."""
+    sent = published(held_pidfile, workers=[status.WorkerStatus(1, 101, 1, "running", 0)])
+    code, out, err = run(capsys, "status", "--json", "--config", str(config))
+    assert (code, err) == (0, "")
+    assert json.loads(out) == {"running": True, **sent.to_dict(), "pid": os.getpid()}
+    held_pidfile.release()
+    code, out, _ = run(capsys, "status", "--json", "--config", str(config))
+    assert (code, json.loads(out)) == (3, {"running": False})
 
 
 def test_status_before_the_first_publication(
@@ -184,7 +226,7 @@ def test_reload_checks_the_file_the_daemon_reads(
     and the note that the old configuration still serves, and sends no SIGHUP."""
     daemons_file = tmp_path / "daemon.yaml"
     daemons_file.write_text(config.read_text() + "mode: sideways\n")
-    Path(status_path(held_pidfile.path)).write_text(json.dumps({"config_file": str(daemons_file)}))
+    published(held_pidfile, config_file=str(daemons_file))
     hups: list[int] = []
     previous = signal.signal(signal.SIGHUP, lambda signum, frame: hups.append(signum))
     try:

@@ -154,11 +154,9 @@ def test_yaml_syntax_error_has_location(
 
 
 @pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "---\n", "null\n", "~\n"])
-def test_empty_file_is_an_error(tmp_path: Path, loader: type, text: str) -> None:
-    """A file with no settings at all is refused: it is almost surely the wrong file."""
-    path, error = error_for(tmp_path, text)
-    assert str(error).startswith(f"{path}:")
-    assert "file is empty (expected a mapping of settings)" in str(error)
+def test_empty_file_means_defaults(tmp_path: Path, loader: type, text: str) -> None:
+    """A file that sets nothing (empty, comments, a null document) is valid: all defaults."""
+    assert load_config(write(tmp_path, text)) == default_config()
 
 
 @pytest.mark.parametrize(("text", "what"), [("- port: 1\n", "a list"), ("port 9999\n", "a value")])
@@ -264,6 +262,7 @@ pidfile: null
 udp: true
 udp_rate: 0
 thread_stack_size: 262144
+spare_threads: 4
 allow: [10.0.0.0/8, "2001:db8::/32"]
 deny:
   - 10.9.9.9
@@ -301,6 +300,7 @@ log:
         udp=True,
         udp_rate=0.0,
         thread_stack_size=262144,
+        spare_threads=4,
         allow=("10.0.0.0/8", "2001:db8::/32"),
         deny=("10.9.9.9",),
         proxy_protocol="any",

@@ -1,0 +1,201 @@
+"""Process mode: a connection process and its worker talk about the connection's real client.
+
+Behind a PROXY header the client is known only in the connection process, after fork; but the
+per-address counts belong to the worker (it is the only writer of its row in the shared table,
+and it counts a connection until it reaps the process), and so does the ``refused`` summary.
+So each connection process gets one end of a ``SOCK_SEQPACKET`` socket pair (one message per
+packet, never merged or split), and the worker keeps the other until it reaps the process:
+
+- process -> worker ``client <ip>``: may this client be served? (only when the worker has an
+  access list or a per-address limit to check). The worker answers ``ok`` or
+  ``no <reason>``, and counts the client as one of its connections until the reap.
+- process -> worker ``end <reason> <bytes_in> <bytes_out> <refused or ->``, last, before the
+  process exits: how the connection ended, which the worker hands on with the reap (its
+  refusals go into the summary; the metrics count the rest).
+
+The messages are encoded and decoded here, side by side.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from echod.admission import Admission
+from echod.handler import Outcome
+
+MAX_MESSAGE = 256
+#: What the connection process reports as its refusal when the worker gave no answer.
+NO_ANSWER = "error"
+
+
+def encode_client(ip: str) -> bytes:
+    return b"client " + ip.encode("ascii", "replace")
+
+
+def encode_verdict(reason: str | None) -> bytes:
+    return b"ok" if reason is None else b"no " + reason.encode()
+
+
+def decode_verdict(message: bytes) -> str | None:
+    """None to serve, else the reason; anything unexpected (EOF) refuses."""
+    if message == b"ok":
+        return None
+    kind, _, reason = message.partition(b" ")
+    return reason.decode() if kind == b"no" and reason else NO_ANSWER
+
+
+def encode_end(outcome: Outcome) -> bytes:
+    return (
+        f"end {outcome.reason} {outcome.bytes_in} {outcome.bytes_out} {outcome.refused or '-'}"
+    ).encode()
+
+
+def decode_end(message: bytes) -> Outcome | None:
+    parts = message.decode("ascii", "replace").split()
+    if len(parts) != 5 or parts[0] != "end" or not (parts[2].isdigit() and parts[3].isdigit()):
+        return None
+    refused = None if parts[4] == "-" else parts[4]
+    return Outcome(parts[1], int(parts[2]), int(parts[3]), refused)
+
+
+class ChildGate:
+    """The connection process's end: the handler's gate, and the report at exit."""
+
+    def __init__(self, sock: socket.socket, asks: bool, timeout: float) -> None:
+        self.sock = sock
+        #: Whether the worker has anything to check; else the handler needs no gate.
+        self.asks = asks
+        self.timeout = timeout
+
+    def admit_client(self, ip: str) -> str | None:
+        try:
+            self.sock.settimeout(self.timeout)
+            self.sock.send(encode_client(ip))
+            return decode_verdict(self.sock.recv(MAX_MESSAGE))
+        except OSError:  # the worker is gone or did not answer in time
+            return NO_ANSWER
+
+    def report(self, outcome: Outcome) -> None:
+        try:
+            self.sock.send(encode_end(outcome))
+        except OSError:
+            pass  # the worker is gone: nobody to count it
+
+
+class _Link:
+    __slots__ = ("client", "outcome", "sock", "watched")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.client: str | None = None
+        self.outcome: Outcome | None = None
+        self.watched = False
+
+
+class WorkerLinks:
+    """The worker's ends, one per live connection process.
+
+    Methods for the process worker: :meth:`pair` before fork; in the child
+    :meth:`child_side`; in the worker :meth:`parent_side` after fork and :meth:`reaped`
+    when the process has been reaped.
+    """
+
+    def __init__(
+        self,
+        admission: Admission,
+        timeout: float,
+        add_reader: Callable[[Any, Callable[[Any], None]], None],
+        remove_reader: Callable[[Any], None],
+    ) -> None:
+        self.admission = admission
+        self.timeout = timeout
+        self.add_reader = add_reader
+        self.remove_reader = remove_reader
+        self.links: dict[int, _Link] = {}
+        self.by_fd: dict[int, _Link] = {}
+        # Whether a connection process may ask about its client: only behind a PROXY header
+        # (else the worker checked at accept), and only with something to check. Without
+        # PROXY the links still carry the end reports, for the metrics.
+        self.asks = admission.trusted is not None and admission.checks_clients
+
+    def pair(self) -> tuple[socket.socket, socket.socket]:
+        return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+    def child_side(self, pair: tuple[socket.socket, socket.socket]) -> ChildGate:
+        """In the new connection process: drop every worker end (ours and the other
+        processes'), keep our own end."""
+        for link in self.links.values():
+            link.sock.close()
+        self.links.clear()
+        self.by_fd.clear()
+        pair[0].close()
+        return ChildGate(pair[1], self.asks, self.timeout)
+
+    def parent_side(self, pid: int, pair: tuple[socket.socket, socket.socket]) -> None:
+        pair[1].close()
+        sock = pair[0]
+        sock.setblocking(False)
+        link = _Link(sock)
+        self.links[pid] = link
+        if self.asks:
+            # Only a process that may ask needs an answer while it lives; the end report
+            # is read at the reap.
+            self.by_fd[sock.fileno()] = link
+            self.add_reader(sock, self.on_readable)
+            link.watched = True
+
+    def on_readable(self, sock: socket.socket) -> None:
+        link = self.by_fd.get(sock.fileno())
+        if link is not None:
+            self._read(link)
+
+    def _read(self, link: _Link) -> None:
+        for _ in range(4):  # a process sends at most a question and its end report
+            try:
+                message = link.sock.recv(MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError:
+                message = b""
+            if not message:
+                self._unwatch(link)
+                return
+            if message.startswith(b"client "):
+                self._answer(link, message[7:].decode("ascii", "replace"))
+            else:
+                link.outcome = decode_end(message)
+
+    def _answer(self, link: _Link, ip: str) -> None:
+        if link.client is not None:
+            return  # one question per connection; a second is ignored
+        reason = self.admission.admit_client(ip)
+        if reason is None:
+            link.client = ip
+        try:
+            link.sock.send(encode_verdict(reason))
+        except OSError:
+            pass  # the process is gone; its reap releases what was counted
+
+    def _unwatch(self, link: _Link) -> None:
+        if link.watched:
+            link.watched = False
+            self.by_fd.pop(link.sock.fileno(), None)
+            self.remove_reader(link.sock)
+
+    def reaped(self, pid: int) -> Outcome | None:
+        """Close the reaped process's link; its outcome, with the client the worker counted
+        (None: the process died without a report)."""
+        link = self.links.pop(pid, None)
+        if link is None:
+            return None
+        self._read(link)
+        self._unwatch(link)
+        link.sock.close()
+        outcome = link.outcome
+        if outcome is None:
+            return Outcome("error", 0, 0, None, link.client) if link.client else None
+        return Outcome(
+            outcome.reason, outcome.bytes_in, outcome.bytes_out, outcome.refused, link.client
+        )

@@ -1,0 +1,202 @@
+"""The control channel between the supervisor and each worker: its messages, encoded and
+decoded side by side.
+
+The channel is a ``SOCK_SEQPACKET`` socket pair, one message per packet, so a message needs
+no framing. A message is ASCII: a tag, its counts as decimal integers, then (heartbeat and
+bye only) the worker's metrics counters as ``name=value``, separated by single spaces::
+
+    ready
+    hb 3 17 opened=20 closed:client_closed=17 bytes_in=1234
+    bye 16 1 17 opened=20 ...
+    stop | retire | retire-listeners | reopen | quit
+
+Worker to supervisor: :class:`Ready` (serving), :class:`Heartbeat` (sent from the worker's own
+loop, so it proves the loop runs; carries the counts for status), :class:`Bye` (the final
+counts, just before a clean exit). Supervisor to worker: :class:`Stop` (drain for up to
+``shutdown_timeout``, then cut), :class:`Retire` (a reload replaced this worker: stop
+accepting, let every connection finish), :class:`RetireListeners` (the same, and the
+listening sockets are replaced too: first accept what is queued on them, which closing them
+would reset), :class:`Reopen` (log rotation), :class:`Quit` (cut now).
+
+Counters are opaque here: any name made of letters, digits and ``_ : . -`` with a
+non-negative integer, cumulative since that worker started. A message is at most
+:data:`MAX_MESSAGE` bytes; :func:`decode` raises ``ValueError`` for anything else (garbage,
+truncation, an oversize packet), which the receiver logs and drops.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+#: The largest message either side sends or accepts (a heartbeat with many counters).
+MAX_MESSAGE = 64 * 1024
+#: The largest count or counter value: what a signed 64-bit integer holds.
+MAX_VALUE = 2**63 - 1
+
+_NAME = re.compile(rb"[A-Za-z0-9_:.\-]{1,200}")
+_DIGITS = re.compile(rb"[0-9]{1,19}")
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Worker: set up and accepting."""
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Worker: its loop runs; connections open now, served so far, and its counters."""
+
+    open: int
+    served: int
+    counters: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Bye:
+    """Worker: drained and about to exit 0; its final counts and counters."""
+
+    finished: int
+    cut: int
+    served: int
+    counters: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Supervisor: stop accepting, drain for up to shutdown_timeout, then cut."""
+
+
+@dataclass(frozen=True)
+class Retire:
+    """Supervisor: a reload replaced this worker; stop accepting, never cut."""
+
+
+@dataclass(frozen=True)
+class RetireListeners:
+    """Supervisor: as Retire, and the listening sockets are going: accept their backlog."""
+
+
+@dataclass(frozen=True)
+class Reopen:
+    """Supervisor: reopen the log file."""
+
+
+@dataclass(frozen=True)
+class Quit:
+    """Supervisor: cut every connection now."""
+
+
+WorkerMessage = Ready | Heartbeat | Bye
+Command = Stop | Retire | RetireListeners | Reopen | Quit
+Message = WorkerMessage | Command
+
+_TAGS: dict[type, bytes] = {
+    Ready: b"ready",
+    Heartbeat: b"hb",
+    Bye: b"bye",
+    Stop: b"stop",
+    Retire: b"retire",
+    RetireListeners: b"retire-listeners",
+    Reopen: b"reopen",
+    Quit: b"quit",
+}
+_TYPES: dict[bytes, type] = {tag: cls for cls, tag in _TAGS.items()}
+# The counts each message carries, in their order on the wire; the rest are counters.
+_COUNTS: dict[type, tuple[str, ...]] = {
+    Heartbeat: ("open", "served"),
+    Bye: ("finished", "cut", "served"),
+}
+
+
+def encode(message: Message) -> bytes:
+    """The packet for ``message``. Raises ValueError for a negative or oversized count, a
+    counter name outside the alphabet, or a message over MAX_MESSAGE bytes."""
+    kind = type(message)
+    parts = [_TAGS[kind]]
+    for name in _COUNTS.get(kind, ()):
+        parts.append(_encode_value(getattr(message, name)))
+    counters: Mapping[str, int] = getattr(message, "counters", {})
+    for name, value in counters.items():
+        key = name.encode("ascii", "replace")
+        if not _NAME.fullmatch(key):
+            raise ValueError(f"not a counter name: {name!r}")
+        parts.append(key + b"=" + _encode_value(value))
+    data = b" ".join(parts)
+    if len(data) > MAX_MESSAGE:
+        raise ValueError(f"message of {len(data)} bytes is over {MAX_MESSAGE}")
+    return data
+
+
+def decode(data: bytes) -> Message:
+    """The message in ``data``. Raises ValueError, saying what is wrong, for anything that
+    :func:`encode` would not have produced."""
+    if len(data) > MAX_MESSAGE:
+        raise ValueError(f"message of {len(data)} bytes or more is over {MAX_MESSAGE}")
+    tag, *rest = data.split(b" ")
+    kind = _TYPES.get(tag)
+    if kind is None:
+        raise ValueError(f"unknown message {_show(tag)}")
+    names = _COUNTS.get(kind)
+    if names is None:
+        if rest:
+            raise ValueError(f"{tag.decode()} takes no arguments: {_show(data)}")
+        return kind()  # type: ignore[no-any-return]
+    if len(rest) < len(names):
+        raise ValueError(f"{tag.decode()} needs {len(names)} counts: {_show(data)}")
+    counts = [_decode_value(item, data) for item in rest[: len(names)]]
+    counters: dict[str, int] = {}
+    for item in rest[len(names) :]:
+        key, equals, value = item.partition(b"=")
+        if not equals or not _NAME.fullmatch(key):
+            raise ValueError(f"bad counter {_show(item)}")
+        name = key.decode("ascii")
+        if name in counters:
+            raise ValueError(f"counter {name} given twice")
+        counters[name] = _decode_value(value, data)
+    return kind(*counts, counters=counters)  # type: ignore[no-any-return]
+
+
+def receive(sock: socket.socket) -> bytes | None:
+    """One packet from a non-blocking control socket: b"" once the other side is gone (or
+    the socket failed), None when nothing is waiting. An oversize packet comes back cut at
+    MAX_MESSAGE + 1 bytes, which :func:`decode` rejects."""
+    try:
+        return sock.recv(MAX_MESSAGE + 1)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
+def send(sock: socket.socket, message: Message) -> bool:
+    """Send one message; False when the other side is gone (it is noticed on read)."""
+    try:
+        sock.send(encode(message))
+    except OSError:
+        return False
+    return True
+
+
+def _encode_value(value: int) -> bytes:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_VALUE:
+        raise ValueError(f"not a count: {value!r}")
+    return str(value).encode("ascii")
+
+
+def _decode_value(item: bytes, data: bytes) -> int:
+    # int() alone would take "+1", " 1", "1_0" and non-ASCII digits.
+    if not _DIGITS.fullmatch(item):
+        raise ValueError(f"bad count {_show(item)} in {_show(data)}")
+    value = int(item)
+    if value > MAX_VALUE:
+        raise ValueError(f"count {value} is too large")
+    return value
+
+
+def _show(data: bytes) -> str:
+    """Enough of a bad message to recognise it in a log line."""
+    text = repr(data[:80])
+    return text + "..." if len(data) > 80 else text

@@ -1,0 +1,193 @@
+"""The status file: what the supervisor publishes for ``echod status`` and ``echod reload``.
+
+One JSON object, beside the pidfile (``/run/echod/echod.pid`` -> ``/run/echod/echod.status``),
+replaced atomically (written to a temporary file, then renamed) so a reader never sees half of
+it, and readable by every user (mode 0644 whatever the umask: an administrator who is not the
+service's user may run ``echod status``). :class:`Status` is its one definition: the supervisor
+builds one and :func:`write`\\ s it; the commands :func:`read` it back.
+
+The ``reload_*`` fields let ``echod reload`` learn the outcome of the reload it asked for:
+``reload_serial`` counts the reload requests (SIGHUP) the supervisor has taken; the result of
+the latest is ``pending`` until the new generation serves (``ok``) or the reload is refused
+(``failed``, with ``reload_error`` and ``reload_exit_code``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+from echod.systemd import Notifier
+
+if TYPE_CHECKING:
+    from echod.supervisor import Supervisor
+
+#: ``reload_result`` values.
+RELOAD_PENDING = "pending"
+RELOAD_OK = "ok"
+RELOAD_FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    index: int
+    pid: int
+    generation: int
+    state: str
+    open: int
+
+
+@dataclass(frozen=True)
+class Status:
+    pid: int
+    version: str
+    #: The supervisor's state: starting, running, draining, stopping, stopped.
+    state: str
+    #: When the supervisor started, in seconds since the epoch.
+    started: float
+    mode: str
+    addresses: list[str]
+    config_file: str | None
+    open: int
+    served: int
+    reloads: int
+    generation: int
+    workers: list[WorkerStatus] = field(default_factory=list)
+    reload_serial: int = 0
+    reload_result: str | None = None
+    reload_error: str | None = None
+    #: The exit code ``echod reload`` gives for that outcome (0 for ok).
+    reload_exit_code: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Status:
+        """The status in ``data``; ValueError when it is not one (another version's file
+        with fields missing, or not a status file at all)."""
+        try:
+            known = {f.name for f in fields(cls)}
+            values = {k: v for k, v in data.items() if k in known}
+            values["workers"] = [WorkerStatus(**w) for w in data.get("workers", [])]
+            return cls(**values)
+        except (TypeError, AttributeError) as exc:
+            raise ValueError(f"not a status file: {exc}") from None
+
+
+def of_supervisor(sup: Supervisor) -> Status:
+    """What ``sup`` publishes now."""
+    from echod import __version__
+    from echod.states import SupervisorState as S
+
+    assert sup.listeners is not None
+    outcome = sup.reload_outcome
+    return Status(
+        pid=os.getpid(),
+        version=__version__,
+        state=sup.state.value,
+        started=sup.started_wall,
+        mode=sup.cfg.mode,
+        # Stopping (or stopped: the last worker failed) closed the sockets already.
+        addresses=(
+            sup.listeners.addresses() if sup.state in (S.STARTING, S.RUNNING, S.DRAINING) else []
+        ),
+        config_file=sup.config_path,
+        open=sup.pool.open_now(),
+        served=sup.pool.served_total(),
+        reloads=sup.reloads,
+        generation=sup.generation,
+        workers=[
+            WorkerStatus(h.index, h.pid, h.generation, h.state.value, h.open)
+            for h in sup.pool.ordered()
+        ],
+        reload_serial=outcome.serial,
+        reload_result=outcome.result,
+        reload_error=outcome.error,
+        reload_exit_code=outcome.exit_code,
+    )
+
+
+def path_for(pidfile: str) -> str:
+    """Where the status of the daemon holding ``pidfile`` is published: beside it."""
+    return os.path.splitext(pidfile)[0] + ".status"
+
+
+def write(path: str, status: Status) -> bool:
+    """Replace the file at ``path`` with ``status``; False if it could not be written
+    (publishing is advisory: the daemon serves on)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        with open(fd, "w", encoding="utf-8") as handle:
+            # The unit's UMask=0027 would leave it unreadable to other users: set it.
+            os.fchmod(fd, 0o644)
+            json.dump(status.to_dict(), handle)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        return False
+    return True
+
+
+def read(path: str) -> Status | None:
+    """The status published at ``path``; None when there is none (yet) or it is unreadable."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        if not isinstance(data, dict):
+            return None
+        return Status.from_dict(data)
+    except (OSError, ValueError):
+        return None
+
+
+def remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+class Publisher:
+    """Keeps systemd's ``STATUS=`` line and the status file current.
+
+    ``summary()`` is the one-line status; ``build()`` the whole :class:`Status`, built only
+    when it is written. Every worker's heartbeat may change the counts, so an unforced
+    :meth:`publish` writes at most once a second and only when the line changed; a forced one
+    (a state change, a reload's outcome) writes at once.
+    """
+
+    def __init__(
+        self,
+        notifier: Notifier | None,
+        path: str | None,
+        summary: Callable[[], str],
+        build: Callable[[], Status],
+    ) -> None:
+        self.notifier = notifier
+        self.path = path
+        self.summary = summary
+        self.build = build
+        self.last_text = ""
+        self.last_published = 0.0
+
+    def publish(self, force: bool = False) -> None:
+        now = time.monotonic()
+        text = self.summary()
+        if not force and (text == self.last_text or now < self.last_published + 1.0):
+            return
+        self.last_text = text
+        self.last_published = now
+        if self.notifier is not None:
+            self.notifier.status(text)
+        if self.path is not None:
+            write(self.path, self.build())
+
+    def remove(self) -> None:
+        if self.path is not None:
+            remove(self.path)

@@ -1,0 +1,241 @@
+"""The supervisor's decisions, without processes: states and their transitions, backoff,
+the crash window, the totals that outlive workers, config changes, reload outcomes and the
+status file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import stat
+from pathlib import Path
+
+import pytest
+
+from echod import exitcodes, signals, status, upgrade
+from echod.config import MODES, ConfigError, default_config
+from echod.errors import OperatorError
+from echod.pool import CrashWindow, backoff_delay, describe_status
+from echod.reload import ReloadOutcome, config_changes
+from echod.states import (
+    SUPERVISOR_TRANSITIONS,
+    WORKER_TRANSITIONS,
+    IllegalTransition,
+    SupervisorState,
+    WorkerState,
+    check,
+)
+from echod.totals import Totals
+from echod.workers import module_name, worker_class
+
+W = WorkerState
+S = SupervisorState
+
+
+def test_every_state_has_a_row() -> None:
+    """Each transition table lists every state of its Enum, and only those."""
+    assert set(WORKER_TRANSITIONS) == set(WorkerState)
+    assert set(SUPERVISOR_TRANSITIONS) == set(SupervisorState)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (W.STARTING, W.RUNNING),
+        (W.RUNNING, W.RETIRING),
+        (W.RUNNING, W.STOPPING),
+        (W.RUNNING, W.EXITED),
+        (W.RUNNING, W.FAILED),
+        (W.RETIRING, W.EXITED),
+        (W.FAILED, W.BACKOFF),
+    ],
+)
+def test_legal_worker_transitions(old: WorkerState, new: WorkerState) -> None:
+    """The lifecycle's expected moves are allowed."""
+    assert check(WORKER_TRANSITIONS, old, new) is new
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (W.EXITED, W.RUNNING),
+        (W.FAILED, W.RUNNING),
+        (W.RETIRING, W.RUNNING),
+        (W.STOPPING, W.RETIRING),
+        (W.STARTING, W.RETIRING),
+        (W.BACKOFF, W.STARTING),
+        (W.RUNNING, W.RUNNING),
+    ],
+)
+def test_illegal_worker_transitions(old: WorkerState, new: WorkerState) -> None:
+    """A move the table does not list raises IllegalTransition naming both states."""
+    with pytest.raises(IllegalTransition, match=f"{old.value} -> {new.value}"):
+        check(WORKER_TRANSITIONS, old, new)
+
+
+def test_supervisor_transitions() -> None:
+    """Running drains then stops; stopping never goes back to serving; stopped is final."""
+    assert check(SUPERVISOR_TRANSITIONS, S.RUNNING, S.DRAINING) is S.DRAINING
+    assert check(SUPERVISOR_TRANSITIONS, S.DRAINING, S.STOPPING) is S.STOPPING
+    assert check(SUPERVISOR_TRANSITIONS, S.STARTING, S.STOPPING) is S.STOPPING
+    for old, new in [(S.STOPPING, S.RUNNING), (S.DRAINING, S.RUNNING), (S.STOPPED, S.STARTING),
+                     (S.STARTING, S.DRAINING)]:  # fmt: skip
+        with pytest.raises(IllegalTransition):
+            check(SUPERVISOR_TRANSITIONS, old, new)
+
+
+def test_backoff_delay_doubles_with_jitter_and_is_capped() -> None:
+    """0 for the first failure, 0.1 s (+-50 %) for the second, doubling, at most 10 s x 1.5."""
+    assert backoff_delay(0) == backoff_delay(1) == 0.0
+    for _ in range(50):
+        assert 0.05 <= backoff_delay(2) <= 0.15
+        assert 0.1 <= backoff_delay(3) <= 0.3
+        assert 5.0 <= backoff_delay(40) <= 15.0
+
+
+def test_crash_window_counts_only_recent_failures() -> None:
+    """Failures older than the window fall out of the count."""
+    window = CrashWindow()
+    assert [window.record(t, 10.0) for t in (0.0, 1.0, 2.0)] == [1, 2, 3]
+    assert window.record(11.5, 10.0) == 2  # 0.0 and 1.0 are more than 10 s old
+    assert window.record(100.0, 10.0) == 1
+
+
+def test_describe_status() -> None:
+    """A wait status becomes exit_code or signal."""
+    assert describe_status(0) == {"exit_code": 0}
+    assert describe_status(3 << 8) == {"exit_code": 3}
+    assert describe_status(9) == {"signal": "SIGKILL"}
+
+
+def test_totals_never_go_backwards_across_a_restart() -> None:
+    """A gone worker's last report stays in the sum; a lower report keeps the highest."""
+    totals = Totals()
+    totals.report(1, {"opened": 5, "bytes_in": 100})
+    totals.report(2, {"opened": 3})
+    assert totals.snapshot() == {"bytes_in": 100, "opened": 8}
+    totals.gone(1)
+    totals.report(3, {"opened": 1})  # worker 1's replacement starts from zero
+    assert totals.snapshot() == {"bytes_in": 100, "opened": 9}
+    totals.report(2, {"opened": 2})  # lower than before: ignored
+    assert totals.snapshot()["opened"] == 9
+    totals.gone(2)
+    totals.gone(3)
+    totals.gone(99)  # never reported: nothing to add
+    assert totals.snapshot() == {"bytes_in": 100, "opened": 9}
+
+
+def test_config_changes_names_each_changed_setting() -> None:
+    """Only the settings that differ, as [old, new] strings."""
+    old = default_config()
+    new = dataclasses.replace(old, mode="process", port=7)
+    assert config_changes(old, new) == {"mode": ["thread", "process"], "port": ["9999", "7"]}
+    assert config_changes(old, old) == {}
+
+
+def test_reload_outcome_follows_each_request() -> None:
+    """pending until the awaited generation serves; a failure keeps its reason and code; a
+    late readiness or failure of a finished request changes nothing."""
+    outcome = ReloadOutcome()
+    assert (outcome.serial, outcome.result) == (0, None)
+    outcome.requested()
+    outcome.starting(2)
+    assert outcome.pending and not outcome.served(1)
+    assert outcome.served(2) and (outcome.result, outcome.exit_code) == ("ok", 0)
+    assert not outcome.failed("late", 70) and outcome.result == "ok"
+    outcome.requested()
+    assert outcome.failed("port in use", exitcodes.EX_UNAVAILABLE)
+    assert (outcome.serial, outcome.result, outcome.error) == (2, "failed", "port in use")
+    assert not outcome.served(5)
+
+
+def test_status_file_round_trip_and_mode(tmp_path: Path) -> None:
+    """write then read gives the same Status; the file is 0644 even under umask 077; a
+    file that is not a status reads as None."""
+    published = status.Status(
+        pid=1, version="x", state="draining", started=1.5, mode="async",
+        addresses=["127.0.0.1:7"], config_file=None, open=1, served=2, reloads=0,
+        generation=1, workers=[status.WorkerStatus(1, 2, 1, "running", 1)],
+        reload_serial=3, reload_result="failed", reload_error="why", reload_exit_code=78,
+    )  # fmt: skip
+    path = str(tmp_path / "echod.status")
+    old = os.umask(0o077)
+    try:
+        assert status.write(path, published)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+    assert status.read(path) == published
+    assert os.listdir(tmp_path) == ["echod.status"]  # no temporary file left
+    for text in ("", "[]", "{}", '{"pid": 1}', "not json"):
+        Path(path).write_text(text)
+        assert status.read(path) is None
+    assert status.read(str(tmp_path / "missing")) is None
+    assert not status.write(str(tmp_path / "no" / "dir"), published)
+
+
+def test_status_path_is_beside_the_pidfile() -> None:
+    """/run/echod/echod.pid publishes /run/echod/echod.status."""
+    assert status.path_for("/run/echod/echod.pid") == "/run/echod/echod.status"
+
+
+def test_one_definition_of_the_modes_and_signals() -> None:
+    """Every configured mode has its worker class; the fork mask is the supervisor's set;
+    the worker handles none that it ignores."""
+    for mode in MODES:
+        assert worker_class(mode).mode == mode
+    assert module_name("async") == "echod.workers.async_"
+    with pytest.raises(ValueError, match="not a mode"):
+        module_name("sideways")
+    assert frozenset(signals.SUPERVISOR) == signals.FORK_BLOCKED
+    assert set(signals.WORKER) <= signals.FORK_BLOCKED
+    assert not set(signals.WORKER) & set(signals.WORKER_IGNORED)
+
+
+def test_operator_errors_share_one_base() -> None:
+    """A configuration error is an OperatorError that exits 78."""
+    error = ConfigError("bad", path="/x.yaml", line=2)
+    assert isinstance(error, OperatorError)
+    assert (str(error), error.exit_code) == ("/x.yaml:2: bad", exitcodes.EX_CONFIG)
+
+
+def test_totals_survive_a_dump_and_load() -> None:
+    """What an upgrade hands over gives the same snapshot, and goes on counting the same."""
+    totals = Totals()
+    totals.report(1, {"opened": 5})
+    totals.report(2, {"opened": 3, "bytes_in": 7})
+    totals.gone(1)
+    again = Totals.load(json.loads(json.dumps(totals.dump())))
+    assert again.snapshot() == totals.snapshot() == {"bytes_in": 7, "opened": 8}
+    again.report(2, {"opened": 4})
+    again.gone(2)
+    assert again.snapshot() == {"bytes_in": 7, "opened": 9}
+    for bad in ({}, {"gone": [], "live": {}}, {"gone": {"a": "x"}, "live": {}}):
+        with pytest.raises(ValueError, match="not a totals dump"):
+            Totals.load(bad)
+
+
+def test_handover_round_trip_and_garbage() -> None:
+    """An upgrade's state reads back as it was written; anything else is a ValueError."""
+    handover = upgrade.Handover(
+        from_version="1", config_path="/etc/echod.yaml", pidfile_required=False, started=1.0,
+        started_wall=2.0, generation=3, serial=7, reloads=2, reload_serial=4, host="::",
+        port=7, udp_enabled=True, adopted=False, tcp=[5], udp=[6], pidfile_path="/run/p",
+        pidfile_fd=4, workers=[upgrade.HandedWorker(1, 7, 3, 99, 8, "async", "running", 1.5,
+                                                    1, 2, 3, 4)],
+        gone_served=1, gone_finished=1, gone_cut=0, crashes=[0.5], totals={"gone": {},
+                                                                            "live": {}},
+    )  # fmt: skip
+    data = json.dumps(dataclasses.asdict(handover)).encode()
+    assert upgrade.Handover.from_json(data) == handover
+    assert sorted(handover.descriptors()) == [4, 5, 6, 8]
+    for bad in (b"", b"[]", b"{}", b'{"workers": [{"pid": 1}]}'):
+        with pytest.raises(ValueError, match="unreadable upgrade state"):
+            upgrade.Handover.from_json(bad)
+
+
+def test_the_upgrade_signal_is_the_supervisors_alone() -> None:
+    """SIGUSR2 upgrades the supervisor; a worker ignores it (it reaches the process group)."""
+    assert signals.SUPERVISOR[signal.SIGUSR2] is signals.Action.UPGRADE
+    assert signal.SIGUSR2 in signals.WORKER_IGNORED
