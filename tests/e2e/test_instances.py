@@ -85,7 +85,9 @@ def test_template_and_directories_are_installed(installed: ct.Container) -> None
 
 def test_template_verifies_and_is_as_hardened_as_the_service(installed: ct.Container) -> None:
     """`systemd-analyze verify` is silent on an instance; its exposure equals echod.service's."""
-    result = inside(installed, "systemd-analyze", "verify", "/usr/lib/systemd/system/echod@x.service")
+    result = inside(
+        installed, "systemd-analyze", "verify", "/usr/lib/systemd/system/echod@x.service"
+    )
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
     scores = {}
     for name in ("echod.service", unit("x")):
