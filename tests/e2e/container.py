@@ -62,6 +62,7 @@ INCLUDE: tuple[str, ...] = (
     "python3-prometheus-client",
     "python3-uvloop",
     "python3-setproctitle",
+    "python3-argcomplete",
     "man-db",
     "logrotate",
 )
