@@ -50,15 +50,20 @@ host_packages() {
 status=0
 for release in "${releases[@]}"; do
     started=$SECONDS
+    skip=()
     if [[ $release == "$host" ]]; then
         host_packages
         run=(env PYTHONDONTWRITEBYTECODE=1)
     else
         run=(bash tests/in-debian.sh "$release" env)
+        # promtool is a host tool (.ci/run installs prometheus), not in the release's tree.
+        skip=(--deselect tests/integration/test_metrics_http.py::test_promtool_accepts_the_exposition
+              --deselect tests/integration/test_metrics_http.py::test_promtool_catches_a_bad_exposition)
     fi
     echo "== $release: $( [[ $release == "$host" ]] && echo host || echo nspawn)"
     "${run[@]}" /usr/bin/python3 -c "$versions"
-    "${run[@]}" /usr/bin/python3 -m pytest -p no:cacheprovider -m "not e2e" "$@" || status=$?
+    "${run[@]}" /usr/bin/python3 -m pytest -p no:cacheprovider -m "not e2e" "${skip[@]}" "$@" ||
+        status=$?
     echo "== $release: exit $status, $((SECONDS - started)) s"
 done
 exit "$status"
