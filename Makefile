@@ -9,14 +9,16 @@ STAMP := $(VENV)/.installed
 COMPLETION := $(VENV)/share/bash-completion/completions/echod
 PYTEST_ARGS ?=
 
-.PHONY: help venv completion run test test-fast test-debian lint generate bench mutation deb e2e clean
+.PHONY: help venv completion run test test-fast test-debian test-trixie lint generate bench mutation deb e2e clean
 
 help:
 	@echo "make run        set up, then serve echo in the foreground on the embedded defaults"
-	@echo "make test       set up, then run every test (unit, integration, systemd e2e)"
+	@echo "make test       set up, then run every test (unit, integration, systemd e2e and"
+	@echo "                packaging on Debian 12 and 13, both releases' packaged libraries)"
 	@echo "make test-fast  unit and integration tests only"
 	@echo "make completion bash completion for the virtual environment's echod"
-	@echo "make test-debian  the core tests on Debian 12's packaged libraries"
+	@echo "make test-debian  the core tests on Debian 12's and 13's packaged libraries"
+	@echo "make test-trixie  make test-fast's tests in a Debian 13 tree (python3.13, its libraries)"
 	@echo "make lint       ruff and mypy"
 	@echo "make generate   regenerate config/echod.yaml, the README tables, echod.yaml(5), echod(8)"
 	@echo "make bench      run the benchmark suite; writes docs/bench.md and docs/bench.png"
@@ -51,6 +53,11 @@ test: $(STAMP)
 
 test-debian:
 	bash tests/debian-libs.sh
+
+# Debian 13's python3 and packaged libraries only (no virtual environment), under nspawn.
+test-trixie:
+	bash tests/in-debian.sh --bench trixie /usr/bin/python3 -m pytest -p no:cacheprovider \
+		-m "not e2e" $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)

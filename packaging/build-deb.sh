@@ -10,7 +10,7 @@ set -eu
 
 top=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-$top/dist}
-build_deps="debhelper dh-python pybuild-plugin-pyproject python3-all python3-argcomplete python3-setuptools lintian"
+build_deps="build-essential debhelper dh-python pybuild-plugin-pyproject python3-all python3-argcomplete python3-setuptools lintian"
 
 fail() {
 	echo "build-deb: $*" >&2
@@ -35,7 +35,9 @@ done
 if [ -n "$missing" ]; then
 	echo "build-deb: installing build dependencies:$missing" >&2
 	# shellcheck disable=SC2086 # one word per package
-	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $missing >&2
+	install_missing() { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y --no-install-recommends $missing >&2; }
+	# A fresh machine may have no package lists yet.
+	install_missing || { apt-get -o DPkg::Lock::Timeout=300 update >&2 && install_missing; }
 fi
 
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/echod-deb.XXXXXX")

@@ -534,8 +534,12 @@ def warm_up(server: Echod, tries: int = 200) -> dict[int, int]:
         opened = len(server.events("conn_open"))
         wait_for(lambda: len(server.events("conn_close")) == opened, what="warm-up closes")
         for pid in workers.values():
-            # Idle again: the main thread only, no connection processes.
-            wait_for(lambda pid=pid: resources(pid)[1:] == (1, 0), what=f"worker {pid} idle")
+            # Idle again: the main thread only, no connection processes, none left to reap
+            # (a process-mode worker holds a connection's socket until it reaps its child).
+            wait_for(
+                lambda pid=pid: resources(pid)[1:] == (1, 0) and not zombies_of(pid),
+                what=f"worker {pid} idle",
+            )
 
 
 def resources(pid: int) -> tuple[int, int, int]:

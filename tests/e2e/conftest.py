@@ -1,5 +1,11 @@
 """Fixtures for the end-to-end tests: a booted systemd container with echod's .deb installed.
 
+Every module runs once per Debian release in :data:`RELEASES` (bookworm, trixie): the
+module-scoped ``release`` fixture is parametrized, and ``container`` boots that release, so
+a test that uses ``container`` or ``installed`` (or asks for ``release``) runs on each, with
+the release in its id (``test_start_and_echo[trixie]``). ``ECHOD_E2E_RELEASES=trixie``
+(comma-separated) narrows the list, for a quick run by hand.
+
 These tests need root, systemd-nspawn and overlayfs or disk for the container. A machine that
 cannot boot the container fails them, loudly, with the reason: they are never skipped.
 """
@@ -18,8 +24,21 @@ from tests.e2e import container as ct
 
 ROOT = Path(__file__).resolve().parents[2]
 DEB_INSIDE = "/root/echod.deb"
+
+
+def selected_releases() -> tuple[str, ...]:
+    """The releases to test: all of :data:`ct.RELEASES`, or those in $ECHOD_E2E_RELEASES."""
+    wanted = [r for r in os.environ.get("ECHOD_E2E_RELEASES", "").split(",") if r.strip()]
+    unknown = sorted(set(wanted) - set(ct.RELEASES))
+    if unknown:
+        raise pytest.UsageError(f"ECHOD_E2E_RELEASES: unknown release(s) {', '.join(unknown)}")
+    return tuple(r for r in ct.RELEASES if r in wanted) if wanted else ct.RELEASES
+
+
+RELEASES = selected_releases()
 #: What the container looked like right after the package was installed, before any test
 #: changed it: "active" (the unit's state), "journal" (its log), "config" (/etc/echod.yaml).
+#: It describes the container of the release being tested: each install replaces it.
 after_install: dict[str, str] = {}
 
 
@@ -58,15 +77,23 @@ def echod_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module", params=RELEASES)
+def release(request: pytest.FixtureRequest) -> str:
+    """The Debian release this run of the module tests ("bookworm", "trixie")."""
+    name: str = request.param
+    return name
+
+
 @pytest.fixture(scope="module")
-def container() -> Iterator[ct.Container]:
-    """A booted Debian bookworm with systemd as PID 1, powered off at the end of the module
-    (not of the session: the other tests must not see it among this process's children)."""
+def container(release: str) -> Iterator[ct.Container]:
+    """A booted Debian ``release`` with systemd as PID 1, powered off at the end of the
+    module (not of the session: the other tests must not see it among this process's
+    children)."""
     if os.geteuid() != 0:
         pytest.fail("the systemd end-to-end tests need root (systemd-nspawn, nsenter)")
     try:
-        with ct.booted("echod-e2e") as booted:
-            ct.log(f"container booted in {booted.boot_seconds:.2f} s")
+        with ct.booted("echod-e2e", suite=release) as booted:
+            ct.log(f"{release} container booted in {booted.boot_seconds:.2f} s")
             yield booted
     except ct.ContainerError as exc:
         pytest.fail(f"cannot run a systemd container on this machine: {exc}")
@@ -74,7 +101,11 @@ def container() -> Iterator[ct.Container]:
 
 @pytest.fixture(scope="module")
 def installed(container: ct.Container, echod_deb: Path) -> ct.Container:
-    """The container with echod installed the way an operator does: apt-get install ./deb."""
+    """The container with echod installed the way an operator does: apt-get install ./deb.
+
+    One .deb serves both releases: it is architecture-independent and depends on
+    ``python3:any``, so the package built on the host installs on either.
+    """
     container.put(echod_deb, DEB_INSIDE)
     started = time.monotonic()
     container.run("apt-get", "install", "-y", "--no-install-recommends", DEB_INSIDE, timeout=300)

@@ -1,8 +1,9 @@
 """A real systemd booted in a container, for the end-to-end tests.
 
-PID 1 on the test machines is not systemd, so the tests boot one: a Debian bookworm root
-file system made by ``debootstrap`` (cached under :data:`CACHE_DIR`, keyed by what it
-contains, so only the first run pays for it), booted by ``systemd-nspawn`` with a private
+PID 1 on the test machines is not systemd, so the tests boot one: a Debian root file system
+of each release in :data:`RELEASES` (bookworm and trixie, whichever the host runs) made by
+``debootstrap`` (cached under :data:`CACHE_DIR`, keyed by release and contents, so only the
+first run pays for it), booted by ``systemd-nspawn`` with a private
 network, and driven with ``nsenter`` into the container's namespaces (``machinectl`` and
 ``systemd-run -M`` need a registered machine, which these hosts cannot provide).
 
@@ -13,12 +14,20 @@ packages and edit files without changing the cache, and nothing is copied up fro
 The container has no network: the Debian packages that echod's .deb depends on are put
 into the root file system when it is built.
 
-Run ``python3 tests/e2e/container.py`` to build (or find) the cached tree and boot it once,
-printing how long each step took.
+The same cache holds a second kind of tree per release, :data:`DEV_INCLUDE`: that
+release's python3 with echod's libraries, pytest and lintian, for the core tests against the
+release's own packages (``tests/debian-libs.sh``, ``make test-trixie``) and its lintian.
+
+Run ``python3 tests/e2e/container.py boot --suite trixie`` to build (or find) the cached tree
+and boot it once, printing how long each step took; ``rootfs --suite S [--dev | --bench]``
+prints the tree's path (building it first), ``tarball --suite S`` a base tarball of it for
+piuparts.
+This module uses only the standard library, so Debian's own python3 runs it.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -33,10 +42,14 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-SUITE = "bookworm"
+#: The Debian releases echod is tested on, oldest first (Debian 12 and 13).
+RELEASES: tuple[str, ...] = ("bookworm", "trixie")
+#: The release a caller gets when it names none.
+SUITE = RELEASES[0]
 #: What the root file system holds: enough to boot systemd, and the Debian packages the
-#: echod .deb depends on (there is no network inside to fetch them at install time).
-#: man-db lets ``systemd-analyze verify`` check the units' Documentation= pages.
+#: echod .deb depends on or recommends (there is no network inside to fetch them at install
+#: time). man-db lets ``systemd-analyze verify`` check the units' Documentation= pages;
+#: logrotate (suggested) lets piuparts check /etc/logrotate.d/echod.
 INCLUDE: tuple[str, ...] = (
     "systemd",
     "systemd-sysv",
@@ -47,8 +60,37 @@ INCLUDE: tuple[str, ...] = (
     "python3-daemon",
     "python3-structlog",
     "python3-prometheus-client",
+    "python3-uvloop",
+    "python3-setproctitle",
+    "python3-argcomplete",
     "man-db",
+    "logrotate",
 )
+#: The tree the core tests run in with a release's own python3 and libraries (no systemd
+#: boot: a command under nspawn): echod's dependencies, pytest, the tools the integration
+#: tests call (ss, groff) and lintian, to check the package with that release's rules.
+DEV_INCLUDE: tuple[str, ...] = (
+    "python3",
+    "python3-yaml",
+    "python3-daemon",
+    "python3-structlog",
+    "python3-prometheus-client",
+    "python3-uvloop",
+    "python3-setproctitle",
+    "python3-pytest",
+    "python3-pytest-timeout",
+    "iproute2",
+    "procps",
+    "groff-base",
+    "lintian",
+)
+#: What the benchmark's smoke test needs on top (the commit, the chart): the whole of
+#: ``make test-fast`` runs in DEV_INCLUDE + BENCH_INCLUDE (matplotlib doubles the tree).
+BENCH_INCLUDE: tuple[str, ...] = ("git", "python3-matplotlib")
+#: Packages debootstrap cannot configure in its own order (lintian's many Perl modules fail
+#: with "Failure while configuring base packages" on trixie): apt-get installs them inside
+#: the fresh tree afterwards, with the host's network, before the tree is cached.
+APT_AFTER = frozenset({"lintian"})
 CACHE_DIR = Path(os.environ.get("ECHOD_E2E_CACHE", "/var/cache/echod-e2e"))
 #: Where every test container's copy of the tree lives; copies are removed after use.
 WORK_DIR = Path(os.environ.get("ECHOD_E2E_WORKDIR", "/var/tmp"))
@@ -76,37 +118,58 @@ def log(message: str) -> None:
 # --- the host ------------------------------------------------------------------------------
 
 
-def ensure_host_tools() -> None:
-    """Install systemd-nspawn and debootstrap with apt-get if they are missing."""
-    missing = sorted({pkg for tool, pkg in HOST_TOOLS.items() if shutil.which(tool) is None})
+def ensure_host_tools(tools: dict[str, str] = HOST_TOOLS) -> None:
+    """Install the packages of ``tools`` (command: package; by default systemd-nspawn and
+    debootstrap) with apt-get if a command is missing."""
+    missing = sorted({pkg for tool, pkg in tools.items() if shutil.which(tool) is None})
     if not missing:
         return
     log(f"installing {' '.join(missing)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    result = subprocess.run(
-        ["apt-get", "install", "-y", "--no-install-recommends", *missing],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    # Other apt-get runs (a parallel build of the .deb) hold the lock for a while.
+    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=300"]
+    install = [*apt, "install", "-y", "--no-install-recommends", *missing]
+    result = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        # A fresh machine may have no package lists yet.
+        subprocess.run([*apt, "update"], env=env, capture_output=True, check=False)
+        result = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise ContainerError(f"apt-get install {' '.join(missing)} failed:\n{result.stderr}")
 
 
-def debian_mirror(sources_dir: Path = Path("/etc/apt/sources.list.d")) -> str:
-    """The Debian mirror apt already uses for the main suite (not -security, not -updates)."""
+def debian_mirror(suite: str = SUITE, sources_dir: Path = Path("/etc/apt/sources.list.d")) -> str:
+    """The Debian mirror apt already uses for ``suite`` (not -security, not -updates).
+
+    A host of one release has no line for the other: the mirror of any release in
+    :data:`RELEASES` serves them all.
+    """
     candidates = sorted(sources_dir.glob("*.sources")) + sorted(sources_dir.glob("*.list"))
     candidates.append(Path("/etc/apt/sources.list"))
-    for path in candidates:
-        with contextlib.suppress(OSError):
-            mirror = _mirror_in(path.read_text(encoding="utf-8"), deb822=path.suffix == ".sources")
-            if mirror:
-                return mirror
+    for wanted in (suite, *RELEASES):
+        for path in candidates:
+            with contextlib.suppress(OSError):
+                text = path.read_text(encoding="utf-8")
+                mirror = _mirror_in(text, deb822=path.suffix == ".sources", suite=wanted)
+                if mirror:
+                    return mirror
     return DEFAULT_MIRROR
 
 
-def _mirror_in(text: str, *, deb822: bool) -> str | None:
+def host_release(os_release: Path = Path("/etc/os-release")) -> str | None:
+    """The Debian release the host runs (``VERSION_CODENAME``), None if it is not Debian."""
+    try:
+        fields = dict(
+            line.partition("=")[::2] for line in os_release.read_text().splitlines() if line
+        )
+    except OSError:
+        return None
+    if fields.get("ID", "").strip('"') != "debian":
+        return None
+    return fields.get("VERSION_CODENAME", "").strip('"') or None
+
+
+def _mirror_in(text: str, *, deb822: bool, suite: str) -> str | None:
     if deb822:
         for stanza in re.split(r"\n\s*\n", text):
             fields = dict(
@@ -116,13 +179,13 @@ def _mirror_in(text: str, *, deb822: bool) -> str | None:
             )
             if (
                 "deb" in fields.get("types", "").split()
-                and SUITE in fields.get("suites", "").split()
+                and suite in fields.get("suites", "").split()
             ):
                 return fields.get("uris", "").split()[0] if fields.get("uris") else None
         return None
     for line in text.splitlines():
         words = re.sub(r"\[[^]]*\]", "", line).split()
-        if len(words) >= 3 and words[0] == "deb" and words[2] == SUITE:
+        if len(words) >= 3 and words[0] == "deb" and words[2] == suite:
             return words[1]
     return None
 
@@ -130,28 +193,36 @@ def _mirror_in(text: str, *, deb822: bool) -> str | None:
 # --- the cached root file system -------------------------------------------------------------
 
 
-def cache_key(include: Sequence[str] = INCLUDE) -> str:
-    """A short digest of what the tree holds; a change of the include list builds a new one."""
-    text = "\n".join([SUITE, "minbase", *sorted(include)])
+def cache_key(include: Sequence[str] = INCLUDE, suite: str = SUITE) -> str:
+    """A short digest of what the tree holds; another release or include list is another tree."""
+    text = "\n".join([suite, "minbase", *sorted(include)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def cached_rootfs(include: Sequence[str] = INCLUDE, timeout: float = 900) -> Path:
-    """The cached tree for ``include``, built first if it is not there yet.
+def cached_rootfs(
+    include: Sequence[str] = INCLUDE, timeout: float = 900, suite: str = SUITE
+) -> Path:
+    """The cached tree of ``suite`` for ``include``, built first if it is not there yet.
 
     A lock file serialises concurrent builders; a half-built tree is never mistaken for a
     finished one, since the build happens in a scratch folder renamed into place at the end.
     """
+    if suite not in RELEASES:
+        raise ContainerError(f"unknown release {suite!r}: one of {', '.join(RELEASES)}")
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    target = CACHE_DIR / f"{SUITE}-{cache_key(include)}"
-    with open(CACHE_DIR / ".lock", "w") as lock:
+    target = CACHE_DIR / f"{suite}-{cache_key(include, suite)}"
+    if target.is_dir():
+        return target
+    with open(CACHE_DIR / f".lock-{target.name}", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / "usr/lib/systemd/systemd").exists():
+        if target.is_dir():
             return target
         ensure_host_tools()
         scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=CACHE_DIR))
         try:
-            _debootstrap(scratch / "rootfs", include, timeout)
+            first = [p for p in include if p not in APT_AFTER]
+            _debootstrap(scratch / "rootfs", first, timeout, suite)
+            _apt_install(scratch / "rootfs", [p for p in include if p in APT_AFTER], timeout)
             _prepare(scratch / "rootfs")
             shutil.rmtree(target, ignore_errors=True)
             (scratch / "rootfs").rename(target)
@@ -160,13 +231,13 @@ def cached_rootfs(include: Sequence[str] = INCLUDE, timeout: float = 900) -> Pat
     return target
 
 
-def _debootstrap(rootfs: Path, include: Sequence[str], timeout: float) -> None:
-    mirror = debian_mirror()
+def _debootstrap(rootfs: Path, include: Sequence[str], timeout: float, suite: str) -> None:
+    mirror = debian_mirror(suite)
     command = [
         "debootstrap",
         "--variant=minbase",
         f"--include={','.join(include)}",
-        SUITE,
+        suite,
         str(rootfs),
         mirror,
     ]
@@ -184,12 +255,39 @@ def _debootstrap(rootfs: Path, include: Sequence[str], timeout: float) -> None:
     log(f"root file system built in {time.monotonic() - started:.0f} s")
 
 
+def _apt_install(rootfs: Path, packages: Sequence[str], timeout: float) -> None:
+    """``apt-get install`` of ``packages`` inside ``rootfs`` (under nspawn, not booted)."""
+    if not packages:
+        return
+    script = (
+        "apt-get update -qq && apt-get install -y -qq --no-install-recommends "
+        f"{' '.join(packages)} && apt-get clean"
+    )
+    command = [
+        "systemd-nspawn", "--quiet", "-D", str(rootfs), "-M", f"echod-build-{os.getpid()}",
+        "--register=no", "--keep-unit", "--pipe", "--setenv=DEBIAN_FRONTEND=noninteractive",
+        "--", "sh", "-c", script,
+    ]  # fmt: skip
+    log(f"installing {' '.join(packages)} in the new tree")
+    try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, check=False,
+            stdin=subprocess.DEVNULL, env={"PATH": INSIDE_ENV["PATH"], "LANG": "C.UTF-8"},
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as exc:
+        raise ContainerError(f"apt-get install took longer than {timeout:.0f} s") from exc
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-30:])
+        raise ContainerError(f"apt-get install {' '.join(packages)} failed:\n{tail}")
+
+
 def _prepare(rootfs: Path) -> None:
     """Make the fresh tree boot cleanly and quietly inside nspawn."""
     (rootfs / "etc/hostname").write_text("echod-e2e\n")
     # An empty machine-id is filled in at boot; a missing one makes systemd complain.
     (rootfs / "etc/machine-id").write_text("")
     # No console login prompt: nothing reads it, and it only clutters the boot log.
+    (rootfs / "etc/systemd/system").mkdir(parents=True, exist_ok=True)
     for unit in ("console-getty.service", "getty@.service"):
         with contextlib.suppress(FileNotFoundError):
             (rootfs / "etc/systemd/system" / unit).unlink()
@@ -425,12 +523,13 @@ def overlay_supported() -> bool:
 
 
 @contextlib.contextmanager
-def booted(name: str = "echod-e2e", timeout: float = 60) -> Iterator[Container]:
-    """A container on a private view of the cached tree, powered off and cleaned up after."""
-    source = cached_rootfs()
+def booted(name: str = "echod-e2e", timeout: float = 60, suite: str = SUITE) -> Iterator[Container]:
+    """A container of ``suite`` on a private view of its cached tree, powered off and
+    cleaned up after."""
+    source = cached_rootfs(suite=suite)
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="echod-e2e-", dir=WORK_DIR))
-    name = f"{name}-{os.getpid()}"
+    name = f"{name}-{suite}-{os.getpid()}"
     if overlay_supported():
         container = Container(source, name, workdir / "console.log", volatile=True)
     else:
@@ -445,12 +544,76 @@ def booted(name: str = "echod-e2e", timeout: float = 60) -> Iterator[Container]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def main() -> int:
-    """Build or find the cached tree, boot it once and report the times."""
+def base_tarball(suite: str = SUITE, timeout: float = 600) -> Path:
+    """A gzipped tarball of the cached e2e tree of ``suite``, as piuparts takes for its base.
+
+    It is cached beside the tree, under the tree's key. Its apt sources are empty: everything
+    the package needs is already in it, and piuparts must not go to the network for it.
+    """
+    tree = cached_rootfs(suite=suite)
+    target = tree.with_name(f"{tree.name}.tgz")
+    if target.is_file():
+        return target
+    with open(CACHE_DIR / f".lock-{target.name}", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_file():
+            return target
+        scratch = target.with_name(f".build-{target.name}")
+        started = time.monotonic()
+        # The tree's sources.list, replaced by an empty one (appended last, so it wins).
+        empty = Path(tempfile.mkdtemp(prefix=".build-", dir=CACHE_DIR))
+        try:
+            (empty / "etc/apt").mkdir(parents=True)
+            (empty / "etc/apt/sources.list").write_text("")
+            result = subprocess.run(
+                [
+                    "tar",
+                    "-czf",
+                    str(scratch),
+                    "--exclude=./etc/apt/sources.list",
+                    "-C",
+                    str(tree),
+                    ".",
+                    "-C",
+                    str(empty),
+                    "./etc/apt/sources.list",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+            if result.returncode != 0:
+                raise ContainerError(f"tar of {tree} failed: {result.stderr}")
+            scratch.rename(target)
+        finally:
+            shutil.rmtree(empty, ignore_errors=True)
+            scratch.unlink(missing_ok=True)
+        log(f"base tarball {target} made in {time.monotonic() - started:.0f} s")
+    return target
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Build or find the cached trees; boot one once and report the times."""
+    parser = argparse.ArgumentParser(prog="tests/e2e/container.py", description=main.__doc__)
+    parser.add_argument("action", choices=("boot", "rootfs", "tarball"), nargs="?", default="boot")
+    parser.add_argument("--suite", choices=RELEASES, default=SUITE)
+    parser.add_argument("--dev", action="store_true", help="the tree of DEV_INCLUDE (rootfs)")
+    parser.add_argument("--bench", action="store_true", help="--dev, and BENCH_INCLUDE too")
+    args = parser.parse_args(argv)
     started = time.monotonic()
-    source = cached_rootfs()
+    if args.action == "rootfs":
+        include = INCLUDE
+        if args.dev or args.bench:
+            include = DEV_INCLUDE + (BENCH_INCLUDE if args.bench else ())
+        print(cached_rootfs(include, suite=args.suite))
+        return 0
+    if args.action == "tarball":
+        print(base_tarball(args.suite))
+        return 0
+    source = cached_rootfs(suite=args.suite)
     log(f"root file system: {source} ({time.monotonic() - started:.1f} s)")
-    with booted() as container:
+    with booted(suite=args.suite) as container:
         log(f"booted in {container.boot_seconds:.2f} s")
         print(container.run("systemctl", "--version").stdout.splitlines()[0])
         print(container.run("systemctl", "is-system-running", check=False).stdout.strip())

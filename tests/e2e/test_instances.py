@@ -78,14 +78,16 @@ def test_template_and_directories_are_installed(installed: ct.Container) -> None
     """The .deb ships echod@.service (not enabled) and the directories /etc/echod{,.d}/."""
     c = installed
     listed = c.run("dpkg", "-L", "echod").stdout.splitlines()
-    assert {"/lib/systemd/system/echod@.service", "/etc/echod", "/etc/echod.d"} <= set(listed)
+    assert {"/usr/lib/systemd/system/echod@.service", "/etc/echod", "/etc/echod.d"} <= set(listed)
     assert c.path("/etc/echod").is_dir() and c.path("/etc/echod.d").is_dir()
     assert systemctl(c, "is-enabled", unit("x"), check=False) == "disabled"
 
 
 def test_template_verifies_and_is_as_hardened_as_the_service(installed: ct.Container) -> None:
     """`systemd-analyze verify` is silent on an instance; its exposure equals echod.service's."""
-    result = inside(installed, "systemd-analyze", "verify", "/lib/systemd/system/echod@x.service")
+    result = inside(
+        installed, "systemd-analyze", "verify", "/usr/lib/systemd/system/echod@x.service"
+    )
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
     scores = {}
     for name in ("echod.service", unit("x")):
