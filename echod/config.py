@@ -811,6 +811,8 @@ def read_config(path: str | None, environ: Mapping[str, str] | None = None) -> L
     origins: dict[str, Origin] = {}
     files: list[str] = []
     if path is not None:
+        if "\0" in path:  # os.path would take it for a missing file, open() raises ValueError
+            raise ConfigError("cannot read: embedded null byte", path=path)
         directory = dropin_dir(path)
         main = [] if not os.path.lexists(path) and os.path.isdir(directory) else [path]
         files = main + dropin_files(directory)

@@ -415,12 +415,6 @@ def test_config_error_str_and_attributes() -> None:
             "a list of IP addresses and CIDR blocks (IPv4 or IPv6)",
         ),
         (
-            "null\n",
-            "1:1: file is empty (expected a mapping of settings)",
-            None,
-            "a mapping of settings",
-        ),
-        (
             "- 1\n",
             "1:1: the file holds a list where a mapping of settings belongs",
             None,
@@ -468,14 +462,11 @@ def test_text_without_a_path_is_named_string() -> None:
     assert caught.value.path == "<string>"
 
 
-def test_empty_text_has_no_line() -> None:
-    """An empty file is reported against the file alone, with no line or column."""
-    found = error("")
-    assert (str(found), found.line, found.column) == (
-        "f.yaml: file is empty (expected a mapping of settings)",
-        None,
-        None,
-    )
+def test_empty_and_null_texts_set_nothing() -> None:
+    """An empty file and an explicit null document both mean every default."""
+    assert parse_config("") == default_config()
+    assert parse_config("null\n") == default_config()
+    assert parse_config("# only a comment\n") == default_config()
 
 
 @pytest.mark.parametrize(
