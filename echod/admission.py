@@ -317,9 +317,15 @@ class Admission:
             return None
         return self._last_summary + SUMMARY_INTERVAL - now
 
-    def take_summary(self, now: float) -> dict[str, int]:
-        """The refusals counted since the last summary, by reason; resets the counts."""
+    def take_summary(self) -> dict[str, int]:
+        """The refusals counted since the last summary, by reason; resets the counts. The
+        caller logs them, then calls :meth:`summary_logged`."""
         counts = dict(self.refused)
         self.refused.clear()
-        self._last_summary = now
         return counts
+
+    def summary_logged(self, now: float) -> None:
+        """The summary was written at ``now``, read once it was: the next is due
+        SUMMARY_INTERVAL later. Counting from when it was written, not from when it was due,
+        keeps two lines as written at least that far apart, however late the first one was."""
+        self._last_summary = now

@@ -111,6 +111,8 @@ class UdpEcho:
         return self._last_summary + SUMMARY_INTERVAL - now
 
     def log_summary(self, now: float) -> None:
+        """Log what was echoed and dropped since the last summary and reset the counts; the
+        caller then calls :meth:`summary_logged`."""
         log.get_logger().info(
             "udp_summary",
             echoed=self.echoed,
@@ -121,4 +123,8 @@ class UdpEcho:
         self.echoed = 0
         self.echoed_bytes = 0
         self.dropped.clear()
+
+    def summary_logged(self, now: float) -> None:
+        """The summary was written at ``now``, read once it was: the next is due
+        SUMMARY_INTERVAL later (as :meth:`echod.admission.Admission.summary_logged`)."""
         self._last_summary = now

@@ -229,12 +229,16 @@ class Worker:
         if self.kill_deadline is not None and now >= self.kill_deadline:
             self.kill_deadline = None
             self.kill_connections()
+        # Each summary's interval starts when it has been written, not at ``now``: the timers
+        # above, or a busy machine, may delay the line, and the next must not come early.
         due = self.admission.summary_due(now)
         if due is not None and due <= 0:
-            self.log.warning("refused", **self.admission.take_summary(now))
+            self.log.warning("refused", **self.admission.take_summary())
+            self.admission.summary_logged(time.monotonic())
         due = self.udp.summary_due(now)
         if due is not None and due <= 0:
             self.udp.log_summary(now)
+            self.udp.summary_logged(time.monotonic())
 
     def heartbeat(self) -> None:
         self.say(control.Heartbeat(self.open_connections(), self.admission.served, self.counters()))

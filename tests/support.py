@@ -151,9 +151,10 @@ class Echod:
 
         return wait_for(found, timeout, what=f"{count} x event {name!r}")
 
-    def connect(self, timeout: float = 10.0) -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
-        return sock
+    def connect(self, timeout: float = 10.0, source: str | None = None) -> socket.socket:
+        """A connection to the daemon's port, from the loopback address ``source`` if given."""
+        bind = (source, 0) if source is not None else None
+        return socket.create_connection(("127.0.0.1", self.port), timeout, bind)
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None
@@ -516,21 +517,23 @@ def connection_owners(server: Echod) -> dict[int, int]:
 def warm_up(server: Echod, tries: int = 200) -> dict[int, int]:
     """Serve connections until every running worker has served one, so that what an event
     loop allocates on its first connection (libuv's spare descriptor) is in the baseline of a
-    leak check; returns the workers."""
+    leak check; returns the workers.
+
+    The workers share one listening socket, and one of them may win the race to accept ten
+    times in a row. So that a daemon's limits do not refuse a try however unevenly the tries
+    are shared, each comes from a loopback address of its own (``max_connections_per_ip``
+    never sees two) and is closed before the next starts (the tries do not add up towards a
+    worker's share of ``max_connections``)."""
     workers = running_workers(server)
-    held = []
     try:
-        for _ in range(tries):
+        for i in range(tries):
             if set(workers.values()) <= set(connection_owners(server).values()):
                 return workers
-            sock = server.connect()
-            sock.sendall(b"warm")
-            assert recv_exactly(sock, 4) == b"warm"
-            held.append(sock)  # held open, so that a busy worker leaves the next to another
+            with server.connect(source=f"127.0.{1 + i // 250}.{1 + i % 250}") as sock:
+                sock.sendall(b"warm")
+                assert recv_exactly(sock, 4) == b"warm", f"warm-up try {i + 1} refused"
         raise AssertionError(f"not every worker served one of {tries} connections")
     finally:
-        for sock in held:
-            sock.close()
         opened = len(server.events("conn_open"))
         wait_for(lambda: len(server.events("conn_close")) == opened, what="warm-up closes")
         for pid in workers.values():

@@ -332,16 +332,34 @@ def test_closing_the_last_connection_of_an_address_forgets_it() -> None:
 
 
 def test_summary_due_counts_from_the_last_summary() -> None:
-    """A summary is due SUMMARY_INTERVAL after the last one, exactly."""
+    """A summary is due SUMMARY_INTERVAL after the last one was logged, exactly."""
     adm = Admission(config(max_connections=1, overload="refuse"), 1)
     adm.start()
-    adm.take_summary(100.0)
+    adm.summary_logged(100.0)
     assert adm.admit("10.0.0.1") is None
     assert adm.admit("10.0.0.2") == REFUSED_LIMIT
     assert adm.summary_due(100.25) == pytest.approx(0.75)
     assert adm.summary_due(101.5) == pytest.approx(-0.5)
-    assert adm.take_summary(101.5) == {REFUSED_LIMIT: 1}
+    assert adm.take_summary() == {REFUSED_LIMIT: 1}
+    assert adm._last_summary == 100.0  # taking the counts does not restart the interval
+    adm.summary_logged(101.5)
     assert adm._last_summary == 101.5
+
+
+def test_a_summary_logged_late_delays_the_next() -> None:
+    """A summary due at 101.0 but logged only at 101.3 makes the next due at 102.3, not
+    102.0: two lines as written are a full SUMMARY_INTERVAL apart."""
+    adm = Admission(config(max_connections=1, overload="refuse"), 1)
+    adm.start()
+    adm.summary_logged(100.0)
+    assert adm.admit("10.0.0.1") is None
+    assert adm.admit("10.0.0.2") == REFUSED_LIMIT
+    assert adm.summary_due(101.0) == pytest.approx(0.0)
+    assert adm.take_summary() == {REFUSED_LIMIT: 1}
+    adm.summary_logged(101.3)
+    assert adm.admit("10.0.0.3") == REFUSED_LIMIT
+    assert adm.summary_due(102.0) == pytest.approx(0.3)
+    assert adm.summary_due(102.3) == pytest.approx(0.0)
 
 
 def test_worker_share_never_gives_less_than_one() -> None:
