@@ -53,9 +53,7 @@ def test_a_short_address_block_gives_its_own_size() -> None:
 @pytest.mark.parametrize(("ver_cmd", "shown"), [(0x22, "0x2"), (0x2F, "0xf")])
 def test_an_unknown_command_is_named_by_its_low_nibble(ver_cmd: int, shown: str) -> None:
     """The command shown is the low four bits of the version/command byte, alone."""
-    assert reason(v2(ver_cmd, 0x11, bytes(12))) == (
-        f"PROXY v2 header with unknown command {shown}"
-    )
+    assert reason(v2(ver_cmd, 0x11, bytes(12))) == (f"PROXY v2 header with unknown command {shown}")
 
 
 def test_a_checksum_followed_by_another_tlv_is_verified_in_place() -> None:
