@@ -58,12 +58,26 @@ MODULES: dict[str, tuple[str, ...]] = {
     "echod/handler.py": (
         "tests/unit/test_handler_rules.py",
         "tests/unit/test_handler.py",
+        # The handler behind a PROXY header, on real loopback sockets.
+        "tests/unit/test_proxy.py::test_handler_echoes_only_what_follows_the_header",
+        "tests/unit/test_proxy.py::test_handler_refused_client_is_closed_silently",
+        "tests/unit/test_proxy.py::test_handler_bad_header_logs_proxy_error",
+        "tests/unit/test_proxy.py::test_handler_local_and_empty_connections_log_at_debug",
+        "tests/unit/test_proxy.py::test_a_header_naming_its_own_connection_is_the_balancers",
+        "tests/unit/test_proxy.py::test_handler_connect_and_close_logs_at_debug",
+        "tests/unit/test_proxy.py::test_handler_header_cut_by_eof_is_refused",
+        "tests/unit/test_proxy.py::test_handler_header_deadline",
+        "tests/unit/test_proxy.py::test_handler_shutdown_during_header_is_a_cut",
         "tests/integration/test_echo.py::test_half_close_echoes_everything_then_closes",
         "tests/integration/test_echo.py::test_one_mib_of_random_bytes_is_echoed_exactly[thread]",
     ),
     "echod/admission.py": (
         "tests/unit/test_admission_rules.py",
         "tests/unit/test_admission.py",
+        # Access lists and the checks of the client behind a PROXY header.
+        "tests/unit/test_acl.py::test_access_list_at_accept_without_proxy",
+        "tests/unit/test_acl.py::test_proxy_on_checks_only_the_sender_at_accept",
+        "tests/unit/test_acl.py::test_client_checks_from_many_threads_keep_the_count",
         "tests/integration/test_admission.py::test_per_ip_limit_refuses_the_extra_connection_only[thread]",
         "tests/integration/test_admission.py::test_per_ip_limit_holds_across_workers",
         "tests/integration/test_admission.py::test_connection_rate_paces_accepting[thread]",
