@@ -57,6 +57,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     ),
     "echod/handler.py": (
         "tests/unit/test_handler_rules.py",
+        "tests/unit/test_handler_proxy_rules.py",
         "tests/unit/test_handler.py",
         # The handler behind a PROXY header, on real loopback sockets.
         "tests/unit/test_proxy.py::test_handler_echoes_only_what_follows_the_header",

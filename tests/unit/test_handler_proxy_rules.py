@@ -1,0 +1,32 @@
+"""EchoHandler behind a PROXY header, on real loopback sockets: the settings it takes from the
+configuration, the receive timeouts around the header, the log fields, and the outcome.
+
+These are the checks the mutation run (``make mutation``) found missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from echod.config import default_config
+from echod.handler import HandlerSettings
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_settings_from_config_carry_the_proxy_settings() -> None:
+    """from_config takes every field from the configuration, the PROXY ones included."""
+    cfg = dataclasses.replace(
+        default_config(), mode="process", buffer_size=1024, proxy_protocol="v2", proxy_timeout=1.5
+    )
+    assert HandlerSettings.from_config(cfg) == HandlerSettings(
+        mode="process",
+        buffer_size=1024,
+        idle_timeout=300.0,
+        write_timeout=30.0,
+        log_connections=True,
+        proxy_protocol="v2",
+        proxy_timeout=1.5,
+    )
