@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 
 from echod.config import default_config
-from echod.handler import HandlerSettings
+from echod.handler import HandlerSettings, proxy_fields
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -30,3 +30,14 @@ def test_settings_from_config_carry_the_proxy_settings() -> None:
         proxy_protocol="v2",
         proxy_timeout=1.5,
     )
+
+
+def test_proxy_fields_of_a_balancer_that_is_not_an_ip_endpoint() -> None:
+    """A balancer known only by a path (a UNIX socket) is shown whole, with no port."""
+    assert proxy_fields(("203.0.113.7", 5), "/run/lb.sock") == {
+        "peer": "203.0.113.7",
+        "peer_port": 5,
+        "proxy_peer": "/run/lb.sock",
+        "proxy_peer_port": None,
+    }
+    assert proxy_fields(("203.0.113.7", 5), ("x",))["proxy_peer"] == "('x',)"
