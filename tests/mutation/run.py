@@ -418,6 +418,23 @@ def load_results(module: str) -> list[Result] | None:
     return results
 
 
+def _kept_survivors(module: str, mutants: Sequence[Mutant]) -> set[str]:
+    """The keys of the survivors in the module's kept results, which must be of the module's
+    current code: the same mutants, by key (a test added since can only kill more)."""
+    kept = load_results(module)
+    if kept is None or sorted(r.mutant.key for r in kept) != sorted(m.key for m in mutants):
+        raise SystemExit(f"{module}: no kept results of its current code: run it whole first")
+    return {r.mutant.key for r in kept if r.status == "survived"}
+
+
+def _merged(module: str, rerun: list[Result]) -> list[Result]:
+    """The kept results with the rerun survivors' new results in their place."""
+    kept = load_results(module)
+    assert kept is not None
+    fresh = {r.mutant.key: r for r in rerun}
+    return [fresh.get(r.mutant.key, r) for r in kept]
+
+
 # -- the report -------------------------------------------------------------------------------
 
 
@@ -537,6 +554,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tests", nargs="+", help="run these tests instead of the module's")
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
     parser.add_argument(
+        "--survivors",
+        action="store_true",
+        help="run only the kept results' survivors again (after adding tests) and update them",
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="write --out from the kept results only"
     )
     parser.add_argument("--out", type=Path, help="write the summary here (docs/mutation.md)")
@@ -554,6 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = {}
     for module in modules:
         mutants = [m for m in make_mutants(module) if args.match in m.key]
+        if args.survivors:
+            mutants = [m for m in mutants if m.key in _kept_survivors(module, mutants)]
         chosen[module] = mutants[:: args.sample]
     if args.report_only:
         chosen = {}
@@ -587,7 +611,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"  {result.status}: line {result.mutant.line}: {result.mutant.key}")
             counts = Counter(r.status for r in found)
             print(f"  {dict(counts)} in {sum(r.seconds for r in found):.0f} s of runs")
-            if args.match == "" and args.sample == 1 and not args.tests:
+            if args.survivors:
+                found = results[module] = _merged(module, found)
+                save_results(module, found)
+            elif args.match == "" and args.sample == 1 and not args.tests:
                 save_results(module, found)
             for slot in slots:  # leave every copy unmutated for the next module
                 (slot.work / module).write_text((ROOT / module).read_text())

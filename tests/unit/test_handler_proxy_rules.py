@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 
 from echod.config import default_config
-from echod.handler import HandlerSettings, proxy_fields
+from echod.handler import HandlerSettings, peer_ip, proxy_fields
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -41,3 +41,9 @@ def test_proxy_fields_of_a_balancer_that_is_not_an_ip_endpoint() -> None:
         "proxy_peer_port": None,
     }
     assert proxy_fields(("203.0.113.7", 5), ("x",))["proxy_peer"] == "('x',)"
+
+
+def test_peer_ip_of_an_endpoint_and_of_a_path() -> None:
+    """The gate is asked about the address of an (address, port) peer, or a path whole."""
+    assert peer_ip(("203.0.113.7", 5)) == "203.0.113.7"
+    assert peer_ip("/run/lb.sock") == "/run/lb.sock"
