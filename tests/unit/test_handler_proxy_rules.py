@@ -11,7 +11,8 @@ import dataclasses
 import pytest
 
 from echod.config import default_config
-from echod.handler import HandlerSettings, peer_ip, proxy_fields
+from echod.handler import HandlerSettings, balancer_itself, peer_ip, proxy_fields
+from echod.proxy import ProxyHeader
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -47,3 +48,10 @@ def test_peer_ip_of_an_endpoint_and_of_a_path() -> None:
     """The gate is asked about the address of an (address, port) peer, or a path whole."""
     assert peer_ip(("203.0.113.7", 5)) == "203.0.113.7"
     assert peer_ip("/run/lb.sock") == "/run/lb.sock"
+
+
+def test_a_relayed_header_without_addresses_is_not_the_balancers() -> None:
+    """A v2 PROXY header of an unsupported family (no source) relays a client: not a check."""
+    relayed = ProxyHeader(version=2, length=16, local=False)
+    assert balancer_itself(relayed, ("192.0.2.1", 40000)) is False
+    assert balancer_itself(relayed, "/run/lb.sock") is False
