@@ -7,14 +7,68 @@ These are the checks the mutation run (``make mutation``) found missing.
 from __future__ import annotations
 
 import dataclasses
+import socket
+import struct
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from echod.config import default_config
-from echod.handler import HandlerSettings, balancer_itself, peer_ip, proxy_fields
+from echod.handler import EchoHandler, HandlerSettings, balancer_itself, peer_ip, proxy_fields
 from echod.proxy import ProxyHeader
 
 pytestmark = pytest.mark.timeout(30)
+
+TIMEVAL = struct.calcsize("@ll")
+
+
+class NoCut:
+    """A Stopper whose connection is never cut."""
+
+    def cut_requested(self) -> bool:
+        return False
+
+    def before_close_event(self) -> None:
+        pass
+
+
+@pytest.fixture
+def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket, Any]]:
+    """A connected (client, server side, peer address) over 127.0.0.1."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname(), timeout=10)
+        server_side, peer = listener.accept()
+    yield client, server_side, peer
+    client.close()
+    server_side.close()
+
+
+def settings(**changes: Any) -> HandlerSettings:
+    """Handler settings behind a PROXY header (any version), with ``changes``."""
+    values: dict[str, Any] = {
+        "mode": "thread",
+        "buffer_size": 4096,
+        "idle_timeout": 10.0,
+        "write_timeout": 10.0,
+        "log_connections": True,
+        "proxy_protocol": "any",
+        "proxy_timeout": 3.0,
+    }
+    values.update(changes)
+    return HandlerSettings(**values)
+
+
+def receive_timeout(sock: socket.socket) -> float:
+    """The socket's SO_RCVTIMEO in seconds."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, TIMEVAL)
+    seconds, micro = struct.unpack("@ll", raw)
+    return float(seconds + micro / 1e6)
+
+
+def about(seconds: float) -> Any:
+    """A timeout as the kernel keeps it: rounded up to its clock tick (at most 10 ms)."""
+    return pytest.approx(seconds, abs=0.011)
 
 
 def test_settings_from_config_carry_the_proxy_settings() -> None:
@@ -55,3 +109,13 @@ def test_a_relayed_header_without_addresses_is_not_the_balancers() -> None:
     relayed = ProxyHeader(version=2, length=16, local=False)
     assert balancer_itself(relayed, ("192.0.2.1", 40000)) is False
     assert balancer_itself(relayed, "/run/lb.sock") is False
+
+
+def test_the_first_read_behind_a_header_waits_for_proxy_timeout(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """Behind a PROXY header setup gives the first read proxy_timeout, not idle_timeout."""
+    _, server_side, peer = tcp_pair
+    handler = EchoHandler(server_side, peer, "p-1", settings(proxy_timeout=0.5), NoCut())
+    handler.setup()
+    assert receive_timeout(server_side) == about(0.5)
