@@ -9,14 +9,22 @@ from __future__ import annotations
 import dataclasses
 import socket
 import struct
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from echod.config import default_config
-from echod.handler import EchoHandler, HandlerSettings, balancer_itself, peer_ip, proxy_fields
-from echod.proxy import ProxyHeader
+from echod.handler import (
+    CLIENT_CLOSED,
+    EchoHandler,
+    HandlerSettings,
+    balancer_itself,
+    peer_ip,
+    proxy_fields,
+)
+from echod.proxy import ProxyHeader, v1_header
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -119,3 +127,26 @@ def test_the_first_read_behind_a_header_waits_for_proxy_timeout(
     handler = EchoHandler(server_side, peer, "p-1", settings(proxy_timeout=0.5), NoCut())
     handler.setup()
     assert receive_timeout(server_side) == about(0.5)
+
+
+@pytest.mark.parametrize("idle", [7.0, 0.25, 0.0])
+def test_after_the_header_reads_wait_for_idle_timeout(
+    tcp_pair: tuple[socket.socket, socket.socket, Any], idle: float
+) -> None:
+    """Once the header is in, the receive timeout is idle_timeout (0: none), not what was
+    left of proxy_timeout."""
+    client, server_side, peer = tcp_pair
+    handler = EchoHandler(
+        server_side, peer, "p-2", settings(idle_timeout=idle, proxy_timeout=0.5), NoCut()
+    )
+    thread = threading.Thread(target=handler.serve, daemon=True)
+    thread.start()
+    try:
+        client.sendall(v1_header(("203.0.113.7", 5), ("192.0.2.1", 7)) + b"x")
+        assert client.recv(1) == b"x"  # the rest is echoed after the timeout is set
+        assert receive_timeout(server_side) == about(idle)
+    finally:
+        client.shutdown(socket.SHUT_WR)
+        thread.join(10)
+    assert not thread.is_alive()
+    assert handler.reason == CLIENT_CLOSED
