@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from echod.config import default_config
 from echod.handler import (
@@ -150,3 +151,22 @@ def test_after_the_header_reads_wait_for_idle_timeout(
         thread.join(10)
     assert not thread.is_alive()
     assert handler.reason == CLIENT_CLOSED
+
+
+def test_a_header_naming_the_connection_itself_is_logged_at_debug(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """A header whose source is the connection's own peer (a balancer's health check) makes
+    both events debug, and the connection is still served."""
+    client, server_side, peer = tcp_pair
+    handler = EchoHandler(server_side, peer, "p-3", settings(), NoCut())
+    client.sendall(v1_header(peer, server_side.getsockname()) + b"ping")
+    client.shutdown(socket.SHUT_WR)
+    with capture_logs() as logs:
+        handler.serve()
+    assert client.recv(16) == b"ping"
+    assert [(e["event"], e["log_level"]) for e in logs] == [
+        ("conn_open", "debug"),
+        ("conn_close", "debug"),
+    ]
+    assert (logs[0]["peer"], logs[0]["proxy_peer"]) == (peer[0], peer[0])
