@@ -21,11 +21,12 @@ from echod.handler import (
     CLIENT_CLOSED,
     EchoHandler,
     HandlerSettings,
+    Outcome,
     balancer_itself,
     peer_ip,
     proxy_fields,
 )
-from echod.proxy import ProxyHeader, v1_header
+from echod.proxy import ProxyHeader, v1_header, v2_header
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -170,3 +171,31 @@ def test_a_header_naming_the_connection_itself_is_logged_at_debug(
         ("conn_close", "debug"),
     ]
     assert (logs[0]["peer"], logs[0]["proxy_peer"]) == (peer[0], peer[0])
+
+
+class Refuse:
+    """A gate that refuses every client, saying why."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def admit_client(self, ip: str) -> str | None:
+        self.asked.append(ip)
+        return "access_list"
+
+
+def test_a_refused_client_ends_with_the_gates_reason(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """The gate's answer is both the reason and the refusal of the outcome; nothing is
+    counted, echoed or logged."""
+    client, server_side, peer = tcp_pair
+    gate = Refuse()
+    handler = EchoHandler(server_side, peer, "p-4", settings(), NoCut(), gate=gate)
+    client.sendall(v2_header(("203.0.113.7", 5), ("192.0.2.1", 7)) + b"hello")
+    with capture_logs() as logs:
+        handler.serve()
+    assert gate.asked == ["203.0.113.7"]
+    assert handler.outcome() == Outcome("access_list", 0, 0, "access_list", None)
+    assert logs == []
+    assert client.recv(16) == b""
