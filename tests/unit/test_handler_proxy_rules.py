@@ -7,8 +7,11 @@ These are the checks the mutation run (``make mutation``) found missing.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import signal
 import socket
 import struct
+import termios
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +22,8 @@ from structlog.testing import capture_logs
 from echod.config import default_config
 from echod.handler import (
     CLIENT_CLOSED,
+    RESET,
+    WRITE_TIMEOUT,
     EchoHandler,
     HandlerSettings,
     Outcome,
@@ -27,6 +32,7 @@ from echod.handler import (
     proxy_fields,
 )
 from echod.proxy import ProxyHeader, v1_header, v2_header
+from tests.support import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -199,3 +205,120 @@ def test_a_refused_client_ends_with_the_gates_reason(
     assert handler.outcome() == Outcome("access_list", 0, 0, "access_list", None)
     assert logs == []
     assert client.recv(16) == b""
+
+
+def test_a_reset_before_the_rest_is_echoed_ends_with_reset(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """A client that resets after sending a header and data ends with reason reset and the
+    OS's words for it: the data was read, none of it echoed."""
+    client, server_side, peer = tcp_pair
+    client.sendall(v1_header(("203.0.113.7", 5), ("192.0.2.1", 7)) + b"data")
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+    handler = EchoHandler(server_side, peer, "p-5", settings(), NoCut())
+    with capture_logs():
+        handler.serve()
+    assert handler.reason == RESET
+    assert handler.error in ("[Errno 104] Connection reset by peer", "[Errno 32] Broken pipe")
+    assert (handler.bytes_in, handler.bytes_out) == (4, 0)
+
+
+def test_a_large_rest_that_is_not_read_ends_with_write_timeout(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """Data that came with the header and cannot all be echoed within write_timeout (the
+    client does not read) ends the connection with write_timeout, part of it sent."""
+    client, server_side, peer = tcp_pair
+    server_side.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    data = v1_header(("203.0.113.7", 5), ("192.0.2.1", 7)) + b"r" * (1 << 20)
+    sender = threading.Thread(target=lambda: _send_quietly(client, data), daemon=True)
+    sender.start()
+    wait_for(lambda: waiting(server_side) >= 256 << 10, 10, what="256 KiB to read")
+    handler = EchoHandler(
+        server_side,
+        peer,
+        "p-6",
+        settings(buffer_size=1 << 20, write_timeout=0.3),
+        NoCut(),
+    )
+    with capture_logs():
+        handler.serve()
+    assert handler.reason == WRITE_TIMEOUT
+    assert 0 < handler.bytes_out < handler.bytes_in
+
+
+def waiting(sock: socket.socket) -> int:
+    """Bytes received on the socket and not read yet."""
+    raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int(struct.unpack("i", raw)[0])
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass  # the handler gave up on us: what the test is about
+
+
+def queued(sock: socket.socket) -> int:
+    """Bytes in the socket's send queue, not yet acknowledged by the peer."""
+    raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    return int(struct.unpack("i", raw)[0])
+
+
+def test_a_large_rest_whose_send_is_cut_short_is_echoed_whole(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """When a signal cuts short the echo of the data that came with the header, the rest of
+    it follows: a client that then reads gets every byte, in order."""
+    client, server_side, peer = tcp_pair
+    server_side.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    payload = bytes(range(256)) * 2048  # 512 KiB
+    header = v1_header(("203.0.113.7", 5), ("192.0.2.1", 7))
+    sender = threading.Thread(target=lambda: _send_quietly(client, header + payload))
+    sender.daemon = True
+    sender.start()
+    wait_for(lambda: waiting(server_side) >= 256 << 10, 10, what="256 KiB to read")
+    handler = EchoHandler(
+        server_side,
+        peer,
+        "p-7",
+        settings(buffer_size=1 << 20, write_timeout=10.0, idle_timeout=5.0),
+        NoCut(),
+    )
+    main = threading.get_ident()
+    assert main == threading.main_thread().ident
+    received = bytearray()
+
+    def helper() -> None:
+        wait_for(
+            lambda: handler.bytes_in > 0 and handler.bytes_out == 0 and queued(server_side) > 0,
+            10,
+            what="the first send blocked",
+        )
+        signal.pthread_kill(main, signal.SIGUSR1)
+        wait_for(lambda: handler.bytes_out > 0, 10, what="the interrupted send")
+        sender.join(10)
+        while len(received) < len(payload):
+            chunk = client.recv(1 << 20)
+            if not chunk:
+                return
+            received.extend(chunk)
+        client.shutdown(socket.SHUT_WR)
+
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    try:
+        worker = threading.Thread(target=helper, daemon=True)
+        worker.start()
+        with capture_logs():
+            handler.serve()
+        worker.join(10)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert handler.reason == CLIENT_CLOSED
+    assert bytes(received) == payload
+    assert handler.bytes_in == handler.bytes_out == len(payload)
