@@ -13,6 +13,7 @@ import socket
 import struct
 import termios
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from structlog.testing import capture_logs
 from echod.config import default_config
 from echod.handler import (
     CLIENT_CLOSED,
+    PROXY_ERROR,
     RESET,
     WRITE_TIMEOUT,
     EchoHandler,
@@ -322,3 +324,22 @@ def test_a_large_rest_whose_send_is_cut_short_is_echoed_whole(
     assert handler.reason == CLIENT_CLOSED
     assert bytes(received) == payload
     assert handler.bytes_in == handler.bytes_out == len(payload)
+
+
+def test_a_header_begun_late_still_ends_at_proxy_timeout(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """A client that starts its header late and never finishes it is closed when
+    proxy_timeout has passed since the connection began, not a whole timeout after its
+    first bytes: each later read waits only for what is left."""
+    client, server_side, peer = tcp_pair
+    handler = EchoHandler(server_side, peer, "p-8", settings(proxy_timeout=1.0), NoCut())
+    late = threading.Timer(0.6, lambda: client.sendall(b"PROXY "))  # the client is slow
+    with capture_logs() as logs:
+        late.start()
+        handler.serve()
+    late.join(5)
+    took = time.monotonic() - handler.started
+    assert handler.reason == PROXY_ERROR
+    assert logs[-1]["error"] == "no complete PROXY header within 1 s (6 bytes received)"
+    assert 0.95 <= took < 1.35
