@@ -343,3 +343,17 @@ def test_a_header_begun_late_still_ends_at_proxy_timeout(
     assert handler.reason == PROXY_ERROR
     assert logs[-1]["error"] == "no complete PROXY header within 1 s (6 bytes received)"
     assert 0.95 <= took < 1.35
+
+
+def test_a_reset_during_the_header_ends_with_reset(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """A client that resets before its header is complete ends with reason reset and the
+    OS's words for it."""
+    client, server_side, peer = tcp_pair
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+    handler = EchoHandler(server_side, peer, "p-9", settings(), NoCut())
+    with capture_logs():
+        handler.serve()
+    assert (handler.reason, handler.error) == (RESET, "[Errno 104] Connection reset by peer")
