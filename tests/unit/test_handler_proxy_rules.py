@@ -357,3 +357,37 @@ def test_a_reset_during_the_header_ends_with_reset(
     with capture_logs():
         handler.serve()
     assert (handler.reason, handler.error) == (RESET, "[Errno 104] Connection reset by peer")
+
+
+def test_a_header_in_two_reads_is_put_together(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """A header that arrives in two parts, read one at a time, is parsed whole."""
+    client, server_side, peer = tcp_pair
+    handler = EchoHandler(server_side, peer, "p-10", settings(), NoCut())
+    header = v1_header(("203.0.113.7", 5), ("192.0.2.1", 7))
+    thread = threading.Thread(target=handler.serve, daemon=True)
+    with capture_logs() as logs:
+        client.sendall(header[:11])
+        thread.start()
+        wait_for(lambda: waiting(server_side) == 0, 10, what="the first part read")
+        client.sendall(header[11:] + b"after")
+        assert client.recv(16) == b"after"
+        client.shutdown(socket.SHUT_WR)
+        thread.join(10)
+    assert not thread.is_alive()
+    assert handler.reason == CLIENT_CLOSED
+    assert (logs[0]["peer"], logs[0]["peer_port"]) == ("203.0.113.7", 5)
+
+
+def test_the_configured_version_is_the_only_one_accepted(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """With proxy_protocol v1 a v2 header is refused as not a v1 header."""
+    client, server_side, peer = tcp_pair
+    handler = EchoHandler(server_side, peer, "p-11", settings(proxy_protocol="v1"), NoCut())
+    client.sendall(v2_header(("203.0.113.7", 5), ("192.0.2.1", 7)))
+    with capture_logs() as logs:
+        handler.serve()
+    assert handler.reason == PROXY_ERROR
+    assert logs[-1]["error"].startswith("not a PROXY v1 header (starts with b'\\r\\n\\r\\n")
