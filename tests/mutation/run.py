@@ -474,6 +474,7 @@ def write_report(
     sample: int,
     *,
     earlier: Sequence[str] = (),
+    stale: Sequence[str] = (),
 ) -> None:
     lines = [
         "# Mutation testing",
@@ -515,23 +516,34 @@ def write_report(
         survivors[module] = left
         used[module] = [(r.mutant.key, str(why[r.mutant.key])) for r in same]
         dead = counts["killed"] + counts["timeout"]
+        label = f"`{module}` (earlier code)" if module in stale else f"`{module}`"
         lines.append(
-            f"| `{module}` | {len(found)} | {counts['killed']} | {counts['timeout']} |"
+            f"| {label} | {len(found)} | {counts['killed']} | {counts['timeout']} |"
             f" {len(left)} | {len(same)} | {counts['no tests']} |"
             f" {_rate(dead, len(found) - len(same))} |"
         )
     for module in PENDING:
         if module not in results:
             lines.append(f"| `{module}` | pending: joins `MODULES` once it lands | | | | | | |")
+    for module in MODULES:
+        if module not in results and module not in PENDING and (ROOT / module).exists():
+            lines.append(f"| `{module}` | not measured yet: no kept results | | | | | | |")
+    if stale:
+        lines += [
+            "",
+            "Marked *earlier code*: the module has changed since that row was measured (its",
+            "mutants are no longer the same); run it again with `--module` for current numbers.",
+        ]
     lines += ["", "## The tests each module is run against", ""]
     for module in results:
         lines.append(f"- `{module}`: " + ", ".join(f"`{t}`" for t in MODULES[module]))
     lines += [
         "",
-        "`config.py` is pure functions over text, so its unit tests reach every path the CLI",
-        "does; the handler and admission are also run against real `python -m echod`",
-        "processes, where only they reveal a mutant (the process mode's shared descriptor,",
-        "counts shared by forked workers). Pending modules join `MODULES` when they land.",
+        "`config.py`, `proxy.py`, `acl.py` and `control.py` are pure functions over text and",
+        "bytes (control's send and receive over a real socket pair), so their unit tests reach",
+        "every path; the handler and admission are also run against real loopback sockets and",
+        "`python -m echod` processes, where only they reveal a mutant (the process mode's",
+        "shared descriptor, counts shared by forked workers, a header read a part at a time).",
     ]
     for module, entries in used.items():
         lines += ["", f"## Equivalent mutants of `{module}`", ""]
@@ -622,15 +634,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         _reap_leftovers(None, set())
     elapsed = 0.0 if args.report_only else time.monotonic() - started
     if args.out:
-        earlier_rows = []
+        earlier_rows, stale = [], []
         for module in MODULES:  # the rows of modules not run this time, from their last run
             if module not in results and (ROOT / module).exists():
                 earlier = load_results(module)
                 if earlier is not None:
                     results[module] = earlier
                     earlier_rows.append(module)
+                    now = sorted(m.key for m in make_mutants(module))
+                    if sorted(r.mutant.key for r in earlier) != now:
+                        stale.append(module)
         write_report(
-            args.out, results, load_equivalent(), elapsed, args.sample, earlier=earlier_rows
+            args.out,
+            results,
+            load_equivalent(),
+            elapsed,
+            args.sample,
+            earlier=earlier_rows,
+            stale=stale,
         )
         print(f"wrote {args.out}")
     equivalent = load_equivalent()
