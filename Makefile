@@ -22,7 +22,7 @@ help:
 	@echo "make lint       ruff and mypy"
 	@echo "make generate   regenerate config/echod.yaml, the README tables, echod.yaml(5), echod(8)"
 	@echo "make bench      run the benchmark suite; writes docs/bench.md and docs/bench.png"
-	@echo "make mutation   mutation testing of config, handler, admission; writes docs/mutation.md"
+	@echo "make mutation   mutation testing of the modules that judge input; writes docs/mutation.md"
 	@echo "make deb        build dist/echod_<version>_all.deb"
 
 $(STAMP): setup.cfg pyproject.toml bench/requirements.txt

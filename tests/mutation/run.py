@@ -57,20 +57,50 @@ MODULES: dict[str, tuple[str, ...]] = {
     ),
     "echod/handler.py": (
         "tests/unit/test_handler_rules.py",
+        "tests/unit/test_handler_proxy_rules.py",
         "tests/unit/test_handler.py",
+        # The handler behind a PROXY header, on real loopback sockets.
+        "tests/unit/test_proxy.py::test_handler_echoes_only_what_follows_the_header",
+        "tests/unit/test_proxy.py::test_handler_refused_client_is_closed_silently",
+        "tests/unit/test_proxy.py::test_handler_bad_header_logs_proxy_error",
+        "tests/unit/test_proxy.py::test_handler_local_and_empty_connections_log_at_debug",
+        "tests/unit/test_proxy.py::test_a_header_naming_its_own_connection_is_the_balancers",
+        "tests/unit/test_proxy.py::test_handler_connect_and_close_logs_at_debug",
+        "tests/unit/test_proxy.py::test_handler_header_cut_by_eof_is_refused",
+        "tests/unit/test_proxy.py::test_handler_header_deadline",
+        "tests/unit/test_proxy.py::test_handler_shutdown_during_header_is_a_cut",
         "tests/integration/test_echo.py::test_half_close_echoes_everything_then_closes",
         "tests/integration/test_echo.py::test_one_mib_of_random_bytes_is_echoed_exactly[thread]",
     ),
     "echod/admission.py": (
         "tests/unit/test_admission_rules.py",
         "tests/unit/test_admission.py",
+        # Access lists and the checks of the client behind a PROXY header.
+        "tests/unit/test_acl.py::test_access_list_at_accept_without_proxy",
+        "tests/unit/test_acl.py::test_proxy_on_checks_only_the_sender_at_accept",
+        "tests/unit/test_acl.py::test_client_checks_from_many_threads_keep_the_count",
         "tests/integration/test_admission.py::test_per_ip_limit_refuses_the_extra_connection_only[thread]",
         "tests/integration/test_admission.py::test_per_ip_limit_holds_across_workers",
         "tests/integration/test_admission.py::test_connection_rate_paces_accepting[thread]",
     ),
+    # The parser, the access lists and the control messages are pure functions over bytes
+    # and text (control's send and receive over a real socket pair): their unit tests reach
+    # every path; the handler's and the workers' use of them is the integration tests' part.
+    "echod/proxy.py": (
+        "tests/unit/test_proxy_rules.py",
+        "tests/unit/test_proxy.py",
+    ),
+    "echod/acl.py": (
+        "tests/unit/test_acl_rules.py",
+        "tests/unit/test_acl.py",
+    ),
+    "echod/control.py": (
+        "tests/unit/test_control_rules.py",
+        "tests/unit/test_control.py",
+    ),
 }
 #: Modules that are to join MODULES once they land.
-PENDING: tuple[str, ...] = ("echod/proxy.py", "echod/acl.py", "echod/control.py")
+PENDING: tuple[str, ...] = ()
 
 VERBOSE = False  # --verbose: each run's pytest output goes to the terminal
 PYTEST_ARGS = ("-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly")
@@ -388,6 +418,23 @@ def load_results(module: str) -> list[Result] | None:
     return results
 
 
+def _kept_survivors(module: str, mutants: Sequence[Mutant]) -> set[str]:
+    """The keys of the survivors in the module's kept results, which must be of the module's
+    current code: the same mutants, by key (a test added since can only kill more)."""
+    kept = load_results(module)
+    if kept is None or sorted(r.mutant.key for r in kept) != sorted(m.key for m in mutants):
+        raise SystemExit(f"{module}: no kept results of its current code: run it whole first")
+    return {r.mutant.key for r in kept if r.status == "survived"}
+
+
+def _merged(module: str, rerun: list[Result]) -> list[Result]:
+    """The kept results with the rerun survivors' new results in their place."""
+    kept = load_results(module)
+    assert kept is not None
+    fresh = {r.mutant.key: r for r in rerun}
+    return [fresh.get(r.mutant.key, r) for r in kept]
+
+
 # -- the report -------------------------------------------------------------------------------
 
 
@@ -427,6 +474,7 @@ def write_report(
     sample: int,
     *,
     earlier: Sequence[str] = (),
+    stale: Sequence[str] = (),
 ) -> None:
     lines = [
         "# Mutation testing",
@@ -468,23 +516,34 @@ def write_report(
         survivors[module] = left
         used[module] = [(r.mutant.key, str(why[r.mutant.key])) for r in same]
         dead = counts["killed"] + counts["timeout"]
+        label = f"`{module}` (earlier code)" if module in stale else f"`{module}`"
         lines.append(
-            f"| `{module}` | {len(found)} | {counts['killed']} | {counts['timeout']} |"
+            f"| {label} | {len(found)} | {counts['killed']} | {counts['timeout']} |"
             f" {len(left)} | {len(same)} | {counts['no tests']} |"
             f" {_rate(dead, len(found) - len(same))} |"
         )
     for module in PENDING:
         if module not in results:
             lines.append(f"| `{module}` | pending: joins `MODULES` once it lands | | | | | | |")
+    for module in MODULES:
+        if module not in results and module not in PENDING and (ROOT / module).exists():
+            lines.append(f"| `{module}` | not measured yet: no kept results | | | | | | |")
+    if stale:
+        lines += [
+            "",
+            "Marked *earlier code*: the module has changed since that row was measured (its",
+            "mutants are no longer the same); run it again with `--module` for current numbers.",
+        ]
     lines += ["", "## The tests each module is run against", ""]
     for module in results:
         lines.append(f"- `{module}`: " + ", ".join(f"`{t}`" for t in MODULES[module]))
     lines += [
         "",
-        "`config.py` is pure functions over text, so its unit tests reach every path the CLI",
-        "does; the handler and admission are also run against real `python -m echod`",
-        "processes, where only they reveal a mutant (the process mode's shared descriptor,",
-        "counts shared by forked workers). Pending modules join `MODULES` when they land.",
+        "`config.py`, `proxy.py`, `acl.py` and `control.py` are pure functions over text and",
+        "bytes (control's send and receive over a real socket pair), so their unit tests reach",
+        "every path; the handler and admission are also run against real loopback sockets and",
+        "`python -m echod` processes, where only they reveal a mutant (the process mode's",
+        "shared descriptor, counts shared by forked workers, a header read a part at a time).",
     ]
     for module, entries in used.items():
         lines += ["", f"## Equivalent mutants of `{module}`", ""]
@@ -507,6 +566,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tests", nargs="+", help="run these tests instead of the module's")
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
     parser.add_argument(
+        "--survivors",
+        action="store_true",
+        help="run only the kept results' survivors again (after adding tests) and update them",
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="write --out from the kept results only"
     )
     parser.add_argument("--out", type=Path, help="write the summary here (docs/mutation.md)")
@@ -524,6 +588,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = {}
     for module in modules:
         mutants = [m for m in make_mutants(module) if args.match in m.key]
+        if args.survivors:
+            mutants = [m for m in mutants if m.key in _kept_survivors(module, mutants)]
         chosen[module] = mutants[:: args.sample]
     if args.report_only:
         chosen = {}
@@ -557,7 +623,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"  {result.status}: line {result.mutant.line}: {result.mutant.key}")
             counts = Counter(r.status for r in found)
             print(f"  {dict(counts)} in {sum(r.seconds for r in found):.0f} s of runs")
-            if args.match == "" and args.sample == 1 and not args.tests:
+            if args.survivors:
+                found = results[module] = _merged(module, found)
+                save_results(module, found)
+            elif args.match == "" and args.sample == 1 and not args.tests:
                 save_results(module, found)
             for slot in slots:  # leave every copy unmutated for the next module
                 (slot.work / module).write_text((ROOT / module).read_text())
@@ -565,15 +634,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         _reap_leftovers(None, set())
     elapsed = 0.0 if args.report_only else time.monotonic() - started
     if args.out:
-        earlier_rows = []
+        earlier_rows, stale = [], []
         for module in MODULES:  # the rows of modules not run this time, from their last run
             if module not in results and (ROOT / module).exists():
                 earlier = load_results(module)
                 if earlier is not None:
                     results[module] = earlier
                     earlier_rows.append(module)
+                    now = sorted(m.key for m in make_mutants(module))
+                    if sorted(r.mutant.key for r in earlier) != now:
+                        stale.append(module)
         write_report(
-            args.out, results, load_equivalent(), elapsed, args.sample, earlier=earlier_rows
+            args.out,
+            results,
+            load_equivalent(),
+            elapsed,
+            args.sample,
+            earlier=earlier_rows,
+            stale=stale,
         )
         print(f"wrote {args.out}")
     equivalent = load_equivalent()

@@ -277,6 +277,25 @@ def test_shared_descriptor_is_shut_down_so_the_client_sees_the_end(
         other.close()
 
 
+def test_an_unshared_descriptor_is_only_closed(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """By default (the thread mode: no other process holds the socket) finish closes its
+    descriptor without shutting the connection down, so another descriptor of it still works."""
+    client, server_side, peer = tcp_pair
+    other = server_side.dup()
+    try:
+        handler = EchoHandler(server_side, peer, "1-12", settings(idle_timeout=0.05), FlagStopper())
+        handler.serve()
+        assert handler.reason == IDLE_TIMEOUT
+        assert server_side.fileno() == -1
+        other.sendall(b"still open")
+        client.settimeout(5)
+        assert client.recv(64) == b"still open"
+    finally:
+        other.close()
+
+
 def test_serving_without_connection_logs_returns_cleanly(
     tcp_pair: tuple[socket.socket, socket.socket, Any],
 ) -> None:
