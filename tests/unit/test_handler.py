@@ -8,7 +8,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -46,17 +45,6 @@ class FlagStopper:
 @pytest.fixture
 def stopper() -> FlagStopper:
     return FlagStopper()
-
-
-@pytest.fixture
-def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket, Any]]:
-    """A connected (client, server side, peer address) over 127.0.0.1."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname(), timeout=10)
-        server_side, peer = listener.accept()
-    yield client, server_side, peer
-    client.close()
-    server_side.close()
 
 
 def settings(**changes: Any) -> HandlerSettings:

@@ -13,7 +13,6 @@ import struct
 import termios
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -50,17 +49,6 @@ class FlagStopper:
 
     def before_close_event(self) -> None:
         self.before_close_calls += 1
-
-
-@pytest.fixture
-def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket, Any]]:
-    """A connected (client, server side, peer address) over 127.0.0.1."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname(), timeout=10)
-        server_side, peer = listener.accept()
-    yield client, server_side, peer
-    client.close()
-    server_side.close()
 
 
 def settings(**changes: Any) -> HandlerSettings:
