@@ -6,7 +6,6 @@ import os
 import select
 import socket
 import struct
-import threading
 import time
 from typing import Any
 
@@ -24,22 +23,11 @@ from echod.handler import (
     peer_fields,
     timeval,
 )
+from tests.unit.handler_kit import FlagStopper, serve_in_thread, settings
 
 pytestmark = pytest.mark.timeout(30)
 
 
-class FlagStopper:
-    """A Stopper the test controls: :meth:`cut` marks the connection cut, as a worker does."""
-
-    def __init__(self) -> None:
-        self.cut = False
-        self.before_close_calls = 0
-
-    def cut_requested(self) -> bool:
-        return self.cut
-
-    def before_close_event(self) -> None:
-        self.before_close_calls += 1
 
 
 @pytest.fixture
@@ -47,22 +35,8 @@ def stopper() -> FlagStopper:
     return FlagStopper()
 
 
-def settings(**changes: Any) -> HandlerSettings:
-    values: dict[str, Any] = {
-        "mode": "thread",
-        "buffer_size": 4096,
-        "idle_timeout": 10.0,
-        "write_timeout": 10.0,
-        "log_connections": True,
-    }
-    values.update(changes)
-    return HandlerSettings(**values)
 
 
-def serve_in_thread(handler: EchoHandler) -> threading.Thread:
-    thread = threading.Thread(target=handler.serve, name="test-handler", daemon=True)
-    thread.start()
-    return thread
 
 
 def recv_all(sock: socket.socket) -> bytes:

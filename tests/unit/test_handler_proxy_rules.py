@@ -34,6 +34,7 @@ from echod.handler import (
 )
 from echod.proxy import ProxyHeader, v1_header, v2_header
 from tests.support import wait_for
+from tests.unit.handler_kit import settings as base_settings
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -52,17 +53,7 @@ class NoCut:
 
 def settings(**changes: Any) -> HandlerSettings:
     """Handler settings behind a PROXY header (any version), with ``changes``."""
-    values: dict[str, Any] = {
-        "mode": "thread",
-        "buffer_size": 4096,
-        "idle_timeout": 10.0,
-        "write_timeout": 10.0,
-        "log_connections": True,
-        "proxy_protocol": "any",
-        "proxy_timeout": 3.0,
-    }
-    values.update(changes)
-    return HandlerSettings(**values)
+    return base_settings(**{"proxy_protocol": "any", "proxy_timeout": 3.0, **changes})
 
 
 def receive_timeout(sock: socket.socket) -> float:

@@ -26,47 +26,21 @@ from echod.handler import (
     SHUTDOWN,
     WRITE_TIMEOUT,
     EchoHandler,
-    HandlerSettings,
     peer_fields,
     timeval,
 )
 from tests.support import wait_for
+from tests.unit.handler_kit import FlagStopper, serve_in_thread, settings
 
 pytestmark = pytest.mark.timeout(30)
 
 TIMEVAL = struct.calcsize("@ll")
 
 
-class FlagStopper:
-    """A Stopper the test controls: ``cut`` marks the connection cut, as a worker does."""
-
-    def __init__(self) -> None:
-        self.cut = False
-        self.before_close_calls = 0
-
-    def cut_requested(self) -> bool:
-        return self.cut
-
-    def before_close_event(self) -> None:
-        self.before_close_calls += 1
 
 
-def settings(**changes: Any) -> HandlerSettings:
-    values: dict[str, Any] = {
-        "mode": "thread",
-        "buffer_size": 4096,
-        "idle_timeout": 10.0,
-        "write_timeout": 10.0,
-        "log_connections": True,
-    }
-    values.update(changes)
-    return HandlerSettings(**values)
 
 
-def serve_in_thread(handler: EchoHandler) -> threading.Thread:
-    thread = threading.Thread(target=handler.serve, name="test-handler", daemon=True)
-    thread.start()
-    return thread
 
 
 def timeouts(sock: socket.socket) -> tuple[float, float]:

@@ -1,0 +1,42 @@
+"""What the handler's unit tests share: a Stopper they control, settings, a serving thread."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from echod.handler import EchoHandler, HandlerSettings
+
+
+class FlagStopper:
+    """A Stopper the test controls: ``cut`` marks the connection cut, as a worker does."""
+
+    def __init__(self) -> None:
+        self.cut = False
+        self.before_close_calls = 0
+
+    def cut_requested(self) -> bool:
+        return self.cut
+
+    def before_close_event(self) -> None:
+        self.before_close_calls += 1
+
+
+def settings(**changes: Any) -> HandlerSettings:
+    """Small-buffer handler settings with long timeouts, and ``changes``."""
+    values: dict[str, Any] = {
+        "mode": "thread",
+        "buffer_size": 4096,
+        "idle_timeout": 10.0,
+        "write_timeout": 10.0,
+        "log_connections": True,
+    }
+    values.update(changes)
+    return HandlerSettings(**values)
+
+
+def serve_in_thread(handler: EchoHandler) -> threading.Thread:
+    """Serve ``handler`` in a daemon thread, started."""
+    thread = threading.Thread(target=handler.serve, name="test-handler", daemon=True)
+    thread.start()
+    return thread
