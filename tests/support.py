@@ -57,6 +57,32 @@ def echod_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "echod", *args]
 
 
+#: What a command under test must not inherit: another configuration, pidfile or service's
+#: systemd environment would change what it does.
+SCRUBBED_ENV = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "JOURNAL_STREAM")
+
+
+def run_echod(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """``python -m echod ARGS`` from the source tree, bounded in time, with only the
+    ECHOD_* variables in ``env``."""
+    environ = {
+        k: v for k, v in os.environ.items() if not k.startswith("ECHOD_") and k not in SCRUBBED_ENV
+    }
+    environ.update(env or {})
+    return subprocess.run(
+        echod_command(*args),
+        cwd=ROOT,
+        env=environ,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 class Echod:
     """A real ``python -m echod run`` with a config of our own, logging JSON to a file."""
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from echod.config import (
     parse_config,
     read_config,
 )
+from tests.support import run_echod as echod
 
 ROOT = Path(__file__).resolve().parents[2]
 EX_CONFIG = 78
@@ -34,22 +33,6 @@ BAD_FILES = {
     "duplicate key": ("port: 1\nport: 2\n", "2:1"),
     "bad nested log key": ("log:\n  levle: debug\n", "2:3"),
 }
-
-
-def echod(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m echod ARGS`` from the source tree, bounded in time."""
-    environ = {k: v for k, v in os.environ.items() if k != "ECHOD_CONFIG"}
-    environ.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "echod", *args],
-        cwd=ROOT,
-        env=environ,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 def expected_message(path: str) -> str:

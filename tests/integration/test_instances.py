@@ -7,16 +7,12 @@ file and line; ``$ECHOD_PIDFILE`` gives a daemon its own pidfile, across reloads
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 from echod.config import parse_config
 from tests.support import (
-    ROOT,
     Echod,
     connect_to,
     echo_roundtrip,
@@ -24,26 +20,11 @@ from tests.support import (
     free_port,
     recv_exactly,
     refused,
+    run_echod,
     wait_for,
 )
 
 EX_CONFIG = 78
-
-
-def run_echod(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """``python -m echod ARGS`` from the source tree, with only the given ECHOD_* variables."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("ECHOD_")}
-    environ.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "echod", *args],
-        cwd=ROOT,
-        env=environ,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 def write(path: Path, text: str) -> Path:

@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import ast
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from echod import exitcodes
 from echod.exitcodes import COMMANDS, EXIT_CODES
+from tests.support import SCRUBBED_ENV, run_echod
 
 pytestmark = pytest.mark.timeout(120)
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRUBBED_ENV = ("ECHOD_CONFIG", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "JOURNAL_STREAM")
-
-
 def test_each_code_and_name_is_declared_once_in_order() -> None:
     """Codes and names are unique, in numeric order, each used by at least one command."""
     codes = [entry.code for entry in EXIT_CODES]
@@ -85,19 +80,6 @@ def test_numbers_in_the_man_page_prose_are_declared() -> None:
     assert mentioned <= {entry.code for entry in EXIT_CODES}
 
 
-def run_echod(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
-    return subprocess.run(
-        [sys.executable, "-m", "echod", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-
-
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
     """A configuration whose pidfile no daemon holds."""
@@ -109,7 +91,7 @@ def config(tmp_path: Path) -> Path:
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No configuration or systemd variables from the environment the tests run in."""
-    for name in SCRUBBED_ENV:
+    for name in ("ECHOD_CONFIG", "ECHOD_PIDFILE", *SCRUBBED_ENV):
         monkeypatch.delenv(name, raising=False)
 
 
