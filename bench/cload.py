@@ -119,15 +119,7 @@ def _aggregate(result: loadgen.Result, reports: list[dict[str, Any]], wall: floa
             hist[us] = hist.get(us, 0) + count
         cpu += float(rep["cpu_s"])
         elapsed_ns = max(elapsed_ns, int(rep["elapsed_ns"]))
-    elapsed = elapsed_ns / 1e9
-    result.elapsed_s = round(elapsed, 3)
-    if elapsed > 0:
-        result.rt_per_s = result.round_trips / elapsed
-        result.mb_per_s = result.verified_bytes / elapsed / 1e6
-        result.conn_per_s = result.connections / elapsed
-    result.client_cpu_pct = 100.0 * cpu / wall if wall else 0.0
-    if result.round_trips:
-        result.client_cpu_us_per_rt = 1e6 * cpu / result.round_trips
+    loadgen.set_rates(result, elapsed_ns, cpu, wall)
     result.p50_us = _hist_percentile(hist, 0.50)
     result.p99_us = _hist_percentile(hist, 0.99)
 

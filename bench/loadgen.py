@@ -762,6 +762,20 @@ def _hold(workers: _Workers, result: Result, base: Plan, server_pid: int | None)
     workers.release.set()
 
 
+def set_rates(result: Result, elapsed_ns: int, cpu: float, wall: float) -> None:
+    """Rates per second and the clients' CPU, from the summed counts (the Python and the C
+    load generators alike)."""
+    elapsed = elapsed_ns / 1e9
+    result.elapsed_s = round(elapsed, 3)
+    if elapsed > 0:
+        result.rt_per_s = result.round_trips / elapsed
+        result.mb_per_s = result.verified_bytes / elapsed / 1e6
+        result.conn_per_s = result.connections / elapsed
+    result.client_cpu_pct = 100.0 * cpu / wall if wall else 0.0
+    if result.round_trips:
+        result.client_cpu_us_per_rt = 1e6 * cpu / result.round_trips
+
+
 def _aggregate(result: Result, reports: list[dict[str, Any]], wall: float) -> None:
     latencies = array.array("q")
     cpu = 0.0
@@ -777,15 +791,7 @@ def _aggregate(result: Result, reports: list[dict[str, Any]], wall: float) -> No
         latencies.frombytes(rep["latencies"])
         cpu += rep["cpu_s"]
         elapsed_ns = max(elapsed_ns, rep["elapsed_ns"])
-    elapsed = elapsed_ns / 1e9
-    result.elapsed_s = round(elapsed, 3)
-    if elapsed > 0:
-        result.rt_per_s = result.round_trips / elapsed
-        result.mb_per_s = result.verified_bytes / elapsed / 1e6
-        result.conn_per_s = result.connections / elapsed
-    result.client_cpu_pct = 100.0 * cpu / wall if wall else 0.0
-    if result.round_trips:
-        result.client_cpu_us_per_rt = 1e6 * cpu / result.round_trips
+    set_rates(result, elapsed_ns, cpu, wall)
     ordered = sorted(latencies)
     result.p50_us = _percentile(ordered, 0.50)
     result.p99_us = _percentile(ordered, 0.99)
