@@ -72,6 +72,7 @@ class ServerSpec:
     binary: str | None = None  # a program cbuild builds, run as <binary> PORT
     xinetd: bool = False  # xinetd's built-in echo, on a private configuration
     settings: str = ""  # echod: YAML lines added to its configuration
+    tree: str | None = None  # echod: serve from this source tree (--before), not ROOT
 
     @property
     def is_echod(self) -> bool:
@@ -231,7 +232,8 @@ class Server:
         argv = self.argv()
         env = {**os.environ, **self.env}
         # The tree under test, not an installed copy, is what gets measured.
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        tree = self.spec.tree or str(ROOT)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [tree, env.get("PYTHONPATH")]))
         with self.output.open("wb") as out:
             self.proc = subprocess.Popen(
                 argv,
@@ -666,7 +668,11 @@ def render_markdown(report: dict[str, Any], scenarios: list[loadgen.Scenario]) -
         f"(bare_uvloop ran on: {report['bare_uvloop_loop']}), echod {m['echod']}.",
         "",
         "Servers: "
-        + "; ".join(f"{s.name}: {s.about}" for s in SERVERS if s.name in report["servers"])
+        + "; ".join(
+            f"{s.name}: {s.about}"
+            for s in with_before(SERVERS, report.get("before"))
+            if s.name in report["servers"]
+        )
         + ".",
         "",
         "## Throughput",
@@ -872,6 +878,7 @@ def _ratio_section(report: dict[str, Any], scenarios: list[loadgen.Scenario]) ->
     runs = report["results"]
     selected = set(report["servers"])
     pairs = [(a, b) for a, b in RATIOS if a in selected or b in selected]
+    pairs += [(n, f"{n}_before") for n in report["servers"] if f"{n}_before" in selected]
     if not pairs:
         return []
 
@@ -1059,6 +1066,19 @@ def _cpu_panel(
 # --------------------------------------------------------------------------- main
 
 
+def with_before(specs: tuple[ServerSpec, ...], tree: str | None) -> list[ServerSpec]:
+    """``specs``, each echod one followed by its twin served from ``tree`` (if any)."""
+    out: list[ServerSpec] = []
+    for spec in specs:
+        out.append(spec)
+        if tree is not None and spec.is_echod:
+            about = f"{spec.name} served from {tree}"
+            out.append(
+                dataclasses.replace(spec, name=f"{spec.name}_before", about=about, tree=tree)
+            )
+    return out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -1078,6 +1098,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="connections closed at once in the thread-mode scenario (5000; quick 500; 0: skip)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="output directory")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="TREE",
+        help="also serve each chosen echod mode from this source tree (a `git worktree` of an "
+        "earlier commit), as <name>_before, interleaved with the current code",
+    )
     parser.add_argument(
         "--render",
         type=Path,
@@ -1123,8 +1150,12 @@ def main(argv: list[str] | None = None) -> int:
     # Servers and client processes inherit this limit: the idle scenario needs one descriptor
     # per connection on each side.
     loadgen.raise_nofile(max(idle_conns, args.mass_close) + 1024)
-    specs = [s for s in SERVERS if s.name in args.servers]
+    before = str(args.before.resolve()) if args.before is not None else None
+    specs = [
+        s for s in with_before(SERVERS, before) if s.name.removesuffix("_before") in args.servers
+    ]
     report: dict[str, Any] = {
+        "before": before,
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(["bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
         "duration": args.duration,

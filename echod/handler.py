@@ -10,8 +10,10 @@ buffered without bound; its kernel buffers fill and ``write_timeout`` closes it.
 
 The loop is as lean as the classic tutorial server's (one ``recv``, one ``send`` per round
 trip): the socket blocks, and the kernel enforces the timeouts (``SO_RCVTIMEO`` for
-``idle_timeout``, ``SO_SNDTIMEO`` for ``write_timeout``). To cut a connection at the shutdown
-deadline the worker marks it cut, then shuts the socket down, which wakes the blocked call.
+``idle_timeout``, ``SO_SNDTIMEO`` for ``write_timeout``), which the thread and process
+workers set once on their listening sockets, for every accepted socket to inherit. To cut a
+connection at the shutdown deadline the worker marks it cut, then shuts the socket down,
+which wakes the blocked call.
 
 With ``proxy_protocol`` on, :meth:`EchoHandler.accept_header` first reads the PROXY header
 (``echod.proxy``) with a deadline of ``proxy_timeout``, asks the worker's gate whether the
@@ -102,6 +104,10 @@ class HandlerSettings:
     log_connections: bool
     proxy_protocol: str = "off"
     proxy_timeout: float = 3.0
+    #: The worker set both timeouts on its listening sockets (:func:`listener_timeouts`),
+    #: and Linux copies them to every socket accepted there: two setsockopt calls fewer a
+    #: connection (and in thread mode two hand-overs of the interpreter fewer).
+    timeouts_inherited: bool = False
 
     @classmethod
     def from_config(cls, cfg: Config) -> HandlerSettings:
@@ -120,6 +126,16 @@ def timeval(seconds: float) -> bytes:
     """A ``struct timeval`` for SO_RCVTIMEO / SO_SNDTIMEO; 0 (or under 1 us) means none."""
     whole = int(seconds)
     return struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
+
+
+def listener_timeouts(settings: HandlerSettings) -> tuple[bytes, bytes]:
+    """``SO_RCVTIMEO`` and ``SO_SNDTIMEO`` for a listening socket, so that each accepted
+    socket starts as :meth:`EchoHandler.setup` would set it: the first read waits
+    ``proxy_timeout`` behind a PROXY header, else ``idle_timeout``; writes ``write_timeout``.
+    Zero means none, and is set too, so that a reload from a timeout to none takes effect."""
+    behind_proxy = settings.proxy_protocol != "off"
+    receive = settings.proxy_timeout if behind_proxy else settings.idle_timeout
+    return timeval(max(receive, 0.0)), timeval(max(settings.write_timeout, 0.0))
 
 
 def peer_fields(peer: Any) -> dict[str, Any]:
@@ -237,11 +253,14 @@ class EchoHandler:
         behind_proxy = settings.proxy_protocol != "off"
         # Behind a PROXY header the first read waits at most proxy_timeout; idle_timeout
         # applies from the end of the header on.
-        receive = settings.proxy_timeout if behind_proxy else settings.idle_timeout
-        if receive > 0:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(receive))
-        if settings.write_timeout > 0:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(settings.write_timeout))
+        if not settings.timeouts_inherited:
+            receive = settings.proxy_timeout if behind_proxy else settings.idle_timeout
+            if receive > 0:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(receive))
+            if settings.write_timeout > 0:
+                sock.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(settings.write_timeout)
+                )
         if settings.log_connections and not behind_proxy:
             self._bind_log(peer_fields(self.peer))
             self._emit("conn_open")
@@ -253,7 +272,7 @@ class EchoHandler:
                 local_port = self.sock.getsockname()[1]
             except OSError:
                 pass
-        self._log = log.get_logger().bind(
+        self._log = log.bind(
             conn_id=self.conn_id, mode=self.settings.mode, local_port=local_port, **fields
         )
         self._emit = self._log.debug if self.quiet else self._log.info
@@ -365,8 +384,9 @@ class EchoHandler:
                 if self.stopper.cut_requested():
                     raise _Closed(SHUTDOWN)
                 # The client shut its write side. Everything it sent is already echoed,
-                # because each read is written out in full before the next one.
-                self._half_close()
+                # because each read is written out in full before the next one. Our FIN
+                # goes out in finish(): close() sends it (thread mode), or shutdown(SHUT_RDWR)
+                # does (a shared descriptor), so no shutdown(SHUT_WR) of its own here.
                 raise _Closed(CLIENT_CLOSED)
             self.bytes_in += len(data)
             started = time.monotonic()
@@ -412,12 +432,6 @@ class EchoHandler:
         if self.stopper.cut_requested():
             return _Closed(SHUTDOWN)
         return _Closed(reason, error)
-
-    def _half_close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the peer may already be gone; the close event still says client_closed
 
     def finish(self) -> None:
         if self.shared_descriptor:

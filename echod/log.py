@@ -12,9 +12,11 @@ at-fork hook, the sink is shared).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
+import stat
 import sys
 import threading
 import time
@@ -69,6 +71,25 @@ def process_name() -> str:
     return _identity.process
 
 
+class _ThreadName(threading.local):
+    """The name a thread gave itself with :func:`set_thread_name`; None: ask ``threading``."""
+
+    name: str | None = None
+
+
+_thread_name = _ThreadName()
+
+
+def set_thread_name(name: str) -> None:
+    """Name this thread in every event it logs.
+
+    For the threads that serve connections, which are started with ``_thread`` rather than
+    ``threading.Thread`` (see echod.workers.thread): ``threading.current_thread()`` in such a
+    thread would make up a stand-in object for it, at a cost, on every event.
+    """
+    _thread_name.name = name
+
+
 def add_identity(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
     """structlog processor: say which process and thread wrote the event."""
     event_dict["pid"] = _identity.pid
@@ -78,7 +99,8 @@ def add_identity(_logger: Any, _method: str, event_dict: EventDict) -> EventDict
     # native id on the main thread object.
     event_dict["thread_id"] = threading.get_ident()
     event_dict["native_thread_id"] = threading.get_native_id()
-    event_dict["thread_name"] = threading.current_thread().name
+    name = _thread_name.name
+    event_dict["thread_name"] = threading.current_thread().name if name is None else name
     return event_dict
 
 
@@ -488,6 +510,24 @@ class Sink(Protocol):
     def fileno(self) -> int | None: ...
 
 
+# write(2) called without letting go of the interpreter lock (a PyDLL function keeps it,
+# unlike os.write), for regular files only: writing a line to the page cache takes a few
+# microseconds, while letting go and taking the lock back costs a hand-over to another thread
+# each way (two futex calls and a context switch) whenever other threads wait for it, which
+# in thread mode they do: two such hand-overs a connection. A pipe or a terminal can block
+# for as long as its reader wants, so those are written with os.write, which lets go.
+_write_holding_gil = ctypes.PyDLL(None).write
+_write_holding_gil.restype = ctypes.c_ssize_t
+_write_holding_gil.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
+
+
+def _is_regular_file(fd: int) -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
 class FdSink:
     """Writes each line with one ``write(2)``; ``reopen`` swaps the file under the same fd.
 
@@ -498,6 +538,8 @@ class FdSink:
     def __init__(self, fd: int, path: str | None = None) -> None:
         self._fd = fd
         self._path = path
+        # Checked once: reopen() puts the same kind of file (the path again) under the fd.
+        self._regular = _is_regular_file(fd)
 
     @classmethod
     def open_path(cls, path: str) -> FdSink:
@@ -506,6 +548,12 @@ class FdSink:
 
     def write(self, line: str) -> None:
         data = (line + "\n").encode("utf-8", "backslashreplace")
+        if self._regular:
+            written = _write_holding_gil(self._fd, data, len(data))
+            if written == len(data):
+                return
+            # Short, or failed (-1): os.write finishes the line, or raises the error.
+            data = data[max(written, 0) :]
         while data:
             written = os.write(self._fd, data)
             data = data[written:]
@@ -567,6 +615,10 @@ class SinkLogger:
 class _State:
     sink: Sink | None = None
     config: LogConfig | None = None
+    #: A concrete bound logger for :func:`bind`, and the structlog configuration it was
+    #: made with (its processor list, logger factory and wrapper class).
+    bound: Any = None
+    bound_with: tuple[Any, Any, Any] | None = None
 
 
 _state = _State()
@@ -660,3 +712,17 @@ def current_sink() -> Sink | None:
 def get_logger(**initial: Any) -> Any:
     """A bound logger; bind per-connection context with ``.bind(...)``."""
     return structlog.get_logger(**initial)
+
+
+def bind(**fields: Any) -> Any:
+    """A logger with ``fields`` bound, for one connection: bound on a concrete logger made
+    once per configuration, so that each connection pays for a copy of its context only, not
+    for the lazy proxy that :func:`get_logger` returns and the chain it builds on first use."""
+    config = structlog.get_config()
+    made_with = (config["processors"], config["logger_factory"], config["wrapper_class"])
+    if made_with != _state.bound_with:
+        # First use, or structlog was configured again since (configure(), or a test's
+        # structlog.testing.capture_logs): bind on a logger of the configuration in force.
+        _state.bound = structlog.get_logger().bind()
+        _state.bound_with = made_with
+    return _state.bound.bind(**fields)

@@ -11,6 +11,7 @@ handles, in :mod:`echod.signals`.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import gc
 import select
@@ -25,7 +26,7 @@ from typing import Any, ClassVar
 from echod import control, log, proctitle, signals
 from echod.admission import Admission, SharedIpCounts
 from echod.config import Config
-from echod.handler import ERROR, HandlerSettings, Outcome
+from echod.handler import ERROR, HandlerSettings, Outcome, listener_timeouts
 from echod.listeners import Listeners
 from echod.metrics import WorkerCounters
 from echod.udp import UdpEcho
@@ -83,6 +84,8 @@ class Worker:
     """
 
     mode: ClassVar[str] = ""
+    #: Connections are served on blocking sockets, whose timeouts the kernel enforces.
+    blocking_connections: ClassVar[bool] = True
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
@@ -141,6 +144,8 @@ class Worker:
         self.admission.start()
         self.udp.start()
         self.local_port = self.listening_port()
+        if self.blocking_connections:
+            self.inherit_timeouts()
         self.init_mode()
         # What exists now lives as long as the worker: keep the collector off it, so that the
         # pages holding it stay shared with forked connection processes instead of copied.
@@ -306,6 +311,19 @@ class Worker:
 
     # -- accepting -------------------------------------------------------------------------
 
+    def inherit_timeouts(self) -> None:
+        """Set the connections' timeouts on the listening sockets once: Linux copies them to
+        every socket accepted there. The listeners are non-blocking, so the timeouts do not
+        apply to accept itself. Every worker of a generation sets the same values. A reload
+        that changes them sets them anew when its first worker starts: connections that the
+        older generation still accepts from then on (until it retires, or for as long as a
+        failed reload's workers are being retried) get the new values."""
+        receive, send = listener_timeouts(self.settings)
+        for sock in self.spec.listeners.tcp:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, receive)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, send)
+        self.settings = dataclasses.replace(self.settings, timeouts_inherited=True)
+
     def listening_port(self) -> int | None:
         """The one TCP port every listener has (None if they differ): each connection's
         local port, known without asking the kernel."""
@@ -470,4 +488,3 @@ def _close_quietly(sock: socket.socket) -> None:
         sock.close()
     except OSError:
         pass
-

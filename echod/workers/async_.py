@@ -455,6 +455,7 @@ class AsyncWorker(Worker):
     """Serves every connection of the worker process on one event loop."""
 
     mode = "async"
+    blocking_connections = False  # the loop's own timers bound idle and slow connections
 
     # -- the event source ------------------------------------------------------------------
 

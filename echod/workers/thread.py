@@ -30,6 +30,7 @@ a short connection costs the worker. Such a thread takes each connection's name
 
 from __future__ import annotations
 
+import _thread
 import collections
 import os
 import queue
@@ -38,6 +39,7 @@ import sys
 import threading
 from typing import Any
 
+from echod import log
 from echod.handler import EchoHandler
 from echod.worker import Worker
 
@@ -115,14 +117,12 @@ class ThreadWorker(Worker):
         if self.spare_max and self.claim_spare():
             self.jobs.put((conn, peer, conn_id))
             return
-        thread = threading.Thread(
-            target=self.thread_main,
-            args=(conn, peer, conn_id),
-            name=f"conn-{conn_id}",
-            daemon=True,
-        )
         try:
-            thread.start()
+            # ``_thread``, not ``threading.Thread``: Thread.start() makes this thread wait until
+            # the new one says it runs (a hand-over of the interpreter each way), and builds
+            # and registers an object that nothing here uses. A daemon thread either way; the
+            # drain waits for the connections, not for the threads.
+            _thread.start_new_thread(self.thread_main, (conn, peer, conn_id))
         except BaseException:
             del self.open_sockets[conn_id]
             raise
@@ -131,12 +131,11 @@ class ThreadWorker(Worker):
         """Serve a connection; with spare_threads, then wait for others while there is room."""
         job: tuple[socket.socket, Any, str] | None = (conn, peer, conn_id)
         while job is not None:  # bounded: one connection a pass; a None or no room ends it
+            log.set_thread_name(f"conn-{job[2]}")
             self.serve_in_thread(*job)
             if not self.offer_spare():
                 return
             job = self.jobs.get()
-            if job is not None:
-                threading.current_thread().name = f"conn-{job[2]}"
 
     def claim_spare(self) -> bool:
         """Main thread: take a waiting spare thread for the next connection, if there is one."""

@@ -245,3 +245,29 @@ def test_thread_mode_leaks_no_threads(tmp_path: Path) -> None:
                 sock.close()
         server.wait_event("conn_close", count=100)
         wait_for(lambda: thread_count(worker) == baseline, what="thread count back to baseline")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_reload_changes_the_timeouts_accepted_sockets_inherit(tmp_path: Path, mode: str) -> None:
+    """The workers set idle_timeout and write_timeout on the listening sockets, for accepted
+    sockets to inherit: a reload that shortens idle_timeout applies to the next connection,
+    and one that turns it off (0) applies too, though the listeners stay the same."""
+    with run_echod(tmp_path, mode=mode, idle_timeout=30) as server:
+        server.write_config(idle_timeout=0.5)
+        server.signal(signal.SIGHUP)
+        server.wait_event("worker_state", lambda e: e["state"] == "retiring")
+        with server.connect() as sock:
+            ping(sock)
+            opened = time.monotonic()
+            assert sock.recv(1) == b""
+            assert 0.4 <= time.monotonic() - opened < 5
+        assert server.wait_event("conn_close")["reason"] == "idle_timeout"
+        server.write_config(idle_timeout=0)
+        server.signal(signal.SIGHUP)
+        server.wait_event("worker_state", lambda e: e["state"] == "retiring", count=2)
+        with server.connect() as sock:
+            ping(sock)
+            sock.settimeout(1.5)
+            with pytest.raises(TimeoutError):
+                sock.recv(1)  # no idle timeout now: still open after three times the old one
+            ping(sock)

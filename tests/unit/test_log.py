@@ -3,6 +3,7 @@ whole lines when 100 processes log to one file at once."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import decimal
 import json
@@ -265,3 +266,84 @@ def test_100_processes_logging_to_one_file_keep_every_line_whole(tmp_path: Path)
         assert event["process"] == f"writer-{writer}"
         seen.add((writer, seq))
     assert len(seen) == WRITERS * EVENTS
+
+
+def test_fd_sink_writes_regular_files_holding_the_interpreter(tmp_path: Path) -> None:
+    """A regular file is written by the call that keeps the interpreter lock; a pipe by
+    os.write, which lets go of it (a pipe's reader may make it wait)."""
+    path = tmp_path / "x.log"
+    sink = log.FdSink.open_path(str(path))
+    r, w = os.pipe()
+    try:
+        assert sink._regular
+        assert not log.FdSink(w)._regular
+        # A file opened elsewhere (stdout redirected to a file) counts as one too.
+        assert log.FdSink(os.dup(sink.fileno() or 0))._regular
+        sink.write("é" * 3000)
+        sink.write("two")
+    finally:
+        os.close(r)
+        os.close(w)
+    assert path.read_text() == "é" * 3000 + "\ntwo\n"
+
+
+def test_fd_sink_short_write_on_a_regular_file_is_finished_or_raised(tmp_path: Path) -> None:
+    """When the write that holds the interpreter fails (here: a descriptor not open for
+    writing), os.write is what reports it: no line is silently dropped."""
+    path = tmp_path / "ro.log"
+    path.write_text("")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        sink = log.FdSink(fd)
+        assert sink._regular
+        with pytest.raises(OSError):
+            sink.write("lost?")
+    finally:
+        os.close(fd)
+
+
+def test_set_thread_name_names_threads_started_without_threading(tmp_path: Path) -> None:
+    """Connection threads are started with _thread; the name they give themselves is the one
+    their events carry, and no stand-in Thread object is made for them."""
+    import _thread
+
+    done = threading.Event()
+    seen: dict[str, Any] = {}
+
+    def main() -> None:
+        log.set_thread_name("conn-1-7")
+        seen.update(log.add_identity(None, "info", {}))
+        seen["dummies"] = threading.active_count()
+        done.set()
+
+    before = threading.active_count()
+    _thread.start_new_thread(main, ())
+    assert done.wait(10)
+    assert seen["thread_name"] == "conn-1-7"
+    assert seen["thread_id"] != threading.get_ident()
+    assert seen["dummies"] == before  # no _DummyThread registered for it
+    assert log.add_identity(None, "info", {})["thread_name"] == threading.current_thread().name
+
+
+def test_bind_binds_on_the_configured_logger(tmp_path: Path) -> None:
+    """log.bind() goes through the chain and sink that configure() set, and follows a later
+    configure() (another level, another file)."""
+    first, second = tmp_path / "a.log", tmp_path / "b.log"
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: keep this process's structlog untouched
+        code = 1
+        try:
+            log.configure(log_config(first))
+            log.bind(conn_id="1-1").info("conn_open", peer="127.0.0.1")
+            log.bind(conn_id="1-2").debug("hidden")
+            log.configure(dataclasses.replace(log_config(second), level="debug"))
+            log.bind(conn_id="1-3").debug("shown")
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    events = [json.loads(line) for line in first.read_text().splitlines()]
+    assert [(e["event"], e["conn_id"]) for e in events] == [("conn_open", "1-1")]
+    events = [json.loads(line) for line in second.read_text().splitlines()]
+    assert [(e["event"], e["conn_id"]) for e in events] == [("shown", "1-3")]
