@@ -20,11 +20,11 @@ from echod.handler import (
     PROXY_ERROR,
     SHUTDOWN,
     EchoHandler,
-    HandlerSettings,
     Outcome,
     balancer_itself,
 )
 from echod.proxy import ProxyError, ProxyHeader, parse, v1_header, v2_header
+from tests.unit.handler_kit import settings as handler_settings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -360,18 +360,9 @@ def handler_for(
     gate: Any = None,
     **changes: Any,
 ) -> EchoHandler:
-    values: dict[str, Any] = {
-        "mode": "thread",
-        "buffer_size": 4096,
-        "idle_timeout": 10.0,
-        "write_timeout": 10.0,
-        "log_connections": True,
-        "proxy_protocol": "any",
-        "proxy_timeout": 3.0,
-    }
-    values.update(changes)
+    values: dict[str, Any] = {"proxy_protocol": "any", "proxy_timeout": 3.0, **changes}
     _client, server_side, peer = pair
-    return EchoHandler(server_side, peer, "t-1", HandlerSettings(**values), NoCut(), gate=gate)
+    return EchoHandler(server_side, peer, "t-1", handler_settings(**values), NoCut(), gate=gate)
 
 
 def run(handler: EchoHandler, client: socket.socket, data: bytes) -> tuple[bytes, list[Any]]:
