@@ -104,7 +104,7 @@ class HandlerSettings:
     log_connections: bool
     proxy_protocol: str = "off"
     proxy_timeout: float = 3.0
-    #: The worker set both timeouts on its listening sockets (:func:`listener_timeouts`),
+    #: The worker set both timeouts on its listening sockets (:func:`connection_timeouts`),
     #: and Linux copies them to every socket accepted there: two setsockopt calls fewer a
     #: connection (and in thread mode two hand-overs of the interpreter fewer).
     timeouts_inherited: bool = False
@@ -128,14 +128,19 @@ def timeval(seconds: float) -> bytes:
     return struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
 
 
-def listener_timeouts(settings: HandlerSettings) -> tuple[bytes, bytes]:
-    """``SO_RCVTIMEO`` and ``SO_SNDTIMEO`` for a listening socket, so that each accepted
-    socket starts as :meth:`EchoHandler.setup` would set it: the first read waits
-    ``proxy_timeout`` behind a PROXY header, else ``idle_timeout``; writes ``write_timeout``.
-    Zero means none, and is set too, so that a reload from a timeout to none takes effect."""
-    behind_proxy = settings.proxy_protocol != "off"
-    receive = settings.proxy_timeout if behind_proxy else settings.idle_timeout
-    return timeval(max(receive, 0.0)), timeval(max(settings.write_timeout, 0.0))
+def first_read_timeout(settings: HandlerSettings) -> float:
+    """What a connection's first read may wait: ``proxy_timeout`` behind a PROXY header (the
+    header must come within it; ``idle_timeout`` applies from its end on), else
+    ``idle_timeout``."""
+    return settings.proxy_timeout if settings.proxy_protocol != "off" else settings.idle_timeout
+
+
+def connection_timeouts(settings: HandlerSettings) -> tuple[bytes, bytes]:
+    """``SO_RCVTIMEO`` and ``SO_SNDTIMEO`` for a listening socket, which every socket accepted
+    there inherits: :func:`first_read_timeout` and ``write_timeout``. Zero means none, and is
+    set too, so that a reload from a timeout to none takes effect."""
+    receive = max(first_read_timeout(settings), 0.0)
+    return timeval(receive), timeval(max(settings.write_timeout, 0.0))
 
 
 def peer_fields(peer: Any) -> dict[str, Any]:
@@ -251,10 +256,8 @@ class EchoHandler:
             sock.setblocking(True)
         settings = self.settings
         behind_proxy = settings.proxy_protocol != "off"
-        # Behind a PROXY header the first read waits at most proxy_timeout; idle_timeout
-        # applies from the end of the header on.
-        if not settings.timeouts_inherited:
-            receive = settings.proxy_timeout if behind_proxy else settings.idle_timeout
+        if not settings.timeouts_inherited:  # (an accepted socket has no timeouts: 0 is none)
+            receive = first_read_timeout(settings)
             if receive > 0:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(receive))
             if settings.write_timeout > 0:

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 from echod import control, log, proctitle, signals
 from echod.admission import Admission, SharedIpCounts
 from echod.config import Config
-from echod.handler import ERROR, HandlerSettings, Outcome, listener_timeouts
+from echod.handler import ERROR, HandlerSettings, Outcome, connection_timeouts
 from echod.listeners import Listeners
 from echod.metrics import WorkerCounters
 from echod.udp import UdpEcho
@@ -318,7 +318,7 @@ class Worker:
         that changes them sets them anew when its first worker starts: connections that the
         older generation still accepts from then on (until it retires, or for as long as a
         failed reload's workers are being retried) get the new values."""
-        receive, send = listener_timeouts(self.settings)
+        receive, send = connection_timeouts(self.settings)
         for sock in self.spec.listeners.tcp:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, receive)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, send)

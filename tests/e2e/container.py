@@ -50,11 +50,9 @@ SUITE = RELEASES[0]
 #: echod .deb depends on or recommends (there is no network inside to fetch them at install
 #: time). man-db lets ``systemd-analyze verify`` check the units' Documentation= pages;
 #: logrotate (suggested) lets piuparts check /etc/logrotate.d/echod.
-INCLUDE: tuple[str, ...] = (
-    "systemd",
-    "systemd-sysv",
-    "dbus",
-    "procps",
+#: What echod needs and uses from the release, in both trees (the .deb's Depends and its
+#: Recommends but argcomplete, which only the system tree has: it completes a shell).
+ECHOD_PACKAGES: tuple[str, ...] = (
     "python3",
     "python3-yaml",
     "python3-daemon",
@@ -62,6 +60,13 @@ INCLUDE: tuple[str, ...] = (
     "python3-prometheus-client",
     "python3-uvloop",
     "python3-setproctitle",
+)
+INCLUDE: tuple[str, ...] = (
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "procps",
+    *ECHOD_PACKAGES,
     "python3-argcomplete",
     "man-db",
     "logrotate",
@@ -70,13 +75,7 @@ INCLUDE: tuple[str, ...] = (
 #: boot: a command under nspawn): echod's dependencies, pytest, the tools the integration
 #: tests call (ss, groff) and lintian, to check the package with that release's rules.
 DEV_INCLUDE: tuple[str, ...] = (
-    "python3",
-    "python3-yaml",
-    "python3-daemon",
-    "python3-structlog",
-    "python3-prometheus-client",
-    "python3-uvloop",
-    "python3-setproctitle",
+    *ECHOD_PACKAGES,
     "python3-pytest",
     "python3-pytest-timeout",
     "iproute2",

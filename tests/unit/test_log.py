@@ -273,17 +273,20 @@ def test_fd_sink_writes_regular_files_holding_the_interpreter(tmp_path: Path) ->
     os.write, which lets go of it (a pipe's reader may make it wait)."""
     path = tmp_path / "x.log"
     sink = log.FdSink.open_path(str(path))
+    fd = sink.fileno()
+    assert fd is not None
     r, w = os.pipe()
+    other = os.dup(fd)
     try:
         assert sink._regular
         assert not log.FdSink(w)._regular
         # A file opened elsewhere (stdout redirected to a file) counts as one too.
-        assert log.FdSink(os.dup(sink.fileno() or 0))._regular
+        assert log.FdSink(other)._regular
         sink.write("é" * 3000)
         sink.write("two")
     finally:
-        os.close(r)
-        os.close(w)
+        for each in (r, w, other, fd):
+            os.close(each)
     assert path.read_text() == "é" * 3000 + "\ntwo\n"
 
 
