@@ -9,8 +9,10 @@ moment. Measured for the classic thread server and echod's thread mode:
 - the probe: meanwhile a new client connects, echoes 8 bytes and closes, again and again;
   its worst latency says whether the server stayed responsive (the target: under 100 ms);
 - the stop (echod only): N clients again, closed at once, then SIGTERM straight away: how long
-  the daemon takes to exit, and whether ``open`` in the supervisor's ``stopping`` event equals
-  ``finished`` + ``cut`` in ``stopped``.
+  the daemon takes to exit, and whether ``open`` in the supervisor's ``stopping`` event (what
+  the workers had open when the stop reached them, however many of the N they had seen
+  close by then) equals ``finished`` + ``cut`` in ``stopped``; ``unconfirmed`` says how many
+  workers were counted by their last heartbeat instead of their own answer.
 
 Every loop is bounded by a deadline; the caller raises RLIMIT_NOFILE for N descriptors here
 and in the server, which inherits it.
@@ -207,6 +209,7 @@ def stop_counts(server: BenchServer, count: int, base: int) -> dict[str, Any]:
         "open": opened,
         "finished": finished,
         "cut": cut,
+        "unconfirmed": stopping[-1].get("unconfirmed"),
         "adds_up": opened == finished + cut,
     }
 

@@ -7,12 +7,15 @@ bye only) the worker's metrics counters as ``name=value``, separated by single s
 
     ready
     hb 3 17 opened=20 closed:client_closed=17 bytes_in=1234
-    bye 16 1 17 opened=20 ...
+    stopping 3
+    bye 2 1 17 opened=20 ...
     stop | retire | retire-listeners | reopen | quit
 
 Worker to supervisor: :class:`Ready` (serving), :class:`Heartbeat` (sent from the worker's own
-loop, so it proves the loop runs; carries the counts for status), :class:`Bye` (the final
-counts, just before a clean exit). Supervisor to worker: :class:`Stop` (drain for up to
+loop, so it proves the loop runs; carries the counts for status), :class:`Stopping` (the
+answer to each Stop and Quit: what it had open when the stop reached it, which its bye's
+``finished`` and ``cut`` add up to), :class:`Bye` (the final counts, just before a clean
+exit). Supervisor to worker: :class:`Stop` (drain for up to
 ``shutdown_timeout``, then cut), :class:`Retire` (a reload replaced this worker: stop
 accepting, let every connection finish), :class:`RetireListeners` (the same, and the
 listening sockets are replaced too: first accept what is queued on them, which closing them
@@ -55,6 +58,15 @@ class Heartbeat:
 
 
 @dataclass(frozen=True)
+class Stopping:
+    """Worker: a stop reached it; the connections it had open then, when it stopped accepting
+    (a retiring worker: when the stop came, not when it was retired). Its bye's ``finished``
+    plus ``cut`` is this count."""
+
+    open: int
+
+
+@dataclass(frozen=True)
 class Bye:
     """Worker: drained and about to exit 0; its final counts and counters."""
 
@@ -89,13 +101,14 @@ class Quit:
     """Supervisor: cut every connection now."""
 
 
-WorkerMessage = Ready | Heartbeat | Bye
+WorkerMessage = Ready | Heartbeat | Stopping | Bye
 Command = Stop | Retire | RetireListeners | Reopen | Quit
 Message = WorkerMessage | Command
 
 _TAGS: dict[type, bytes] = {
     Ready: b"ready",
     Heartbeat: b"hb",
+    Stopping: b"stopping",
     Bye: b"bye",
     Stop: b"stop",
     Retire: b"retire",
@@ -104,11 +117,14 @@ _TAGS: dict[type, bytes] = {
     Quit: b"quit",
 }
 _TYPES: dict[bytes, type] = {tag: cls for cls, tag in _TAGS.items()}
-# The counts each message carries, in their order on the wire; the rest are counters.
+# The counts each message carries, in their order on the wire; the rest are counters, for
+# the messages that carry them.
 _COUNTS: dict[type, tuple[str, ...]] = {
     Heartbeat: ("open", "served"),
+    Stopping: ("open",),
     Bye: ("finished", "cut", "served"),
 }
+_WITH_COUNTERS = frozenset({Heartbeat, Bye})
 
 
 def encode(message: Message) -> bytes:
@@ -145,8 +161,12 @@ def decode(data: bytes) -> Message:
             raise ValueError(f"{tag.decode()} takes no arguments: {_show(data)}")
         return kind()  # type: ignore[no-any-return]
     if len(rest) < len(names):
-        raise ValueError(f"{tag.decode()} needs {len(names)} counts: {_show(data)}")
+        raise ValueError(f"{tag.decode()} needs {_counts(len(names))}: {_show(data)}")
     counts = [_decode_value(item, data) for item in rest[: len(names)]]
+    if kind not in _WITH_COUNTERS:
+        if len(rest) > len(names):
+            raise ValueError(f"{tag.decode()} takes only {_counts(len(names))}: {_show(data)}")
+        return kind(*counts)  # type: ignore[no-any-return]
     counters: dict[str, int] = {}
     for item in rest[len(names) :]:
         key, equals, value = item.partition(b"=")
@@ -194,6 +214,10 @@ def _decode_value(item: bytes, data: bytes) -> int:
     if value > MAX_VALUE:
         raise ValueError(f"count {value} is too large")
     return value
+
+
+def _counts(number: int) -> str:
+    return f"{number} count" if number == 1 else f"{number} counts"
 
 
 def _show(data: bytes) -> str:

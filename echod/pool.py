@@ -93,6 +93,10 @@ class WorkerHandle:
     garbled: int = 0
     #: Whether it ever said it was ready.
     booted: bool = False
+    #: What it had open when the daemon's stop reached it, once it has said (Stopping).
+    stop_open: int | None = None
+    #: Whether its final counts came (Bye): it drained and exited by itself, not killed.
+    said_bye: bool = False
     #: How it ended, as log fields (exit_code or signal), once reaped.
     ended: dict[str, Any] = field(default_factory=dict)
 
@@ -303,9 +307,14 @@ class WorkerPool:
             handle.open, handle.served = message.open, message.served
             self.totals.report(handle.serial, message.counters)
             self.owner.counts_changed(False)
+        elif isinstance(message, control.Stopping):
+            # Fresher than its last heartbeat; from now on its count only falls.
+            handle.stop_open = handle.open = message.open
+            self.owner.counts_changed(False)
         elif isinstance(message, control.Bye):
             handle.finished, handle.cut = message.finished, message.cut
             handle.served, handle.open = message.served, 0
+            handle.said_bye = True
             self.totals.report(handle.serial, message.counters)
         # (A command sent back by a worker is meaningless here: ignored.)
 

@@ -388,15 +388,7 @@ class Supervisor:
     def cleanup(self) -> None:
         """Release what start() took; safe to call after a partial start."""
         if self.state is S.STOPPED and self.log is not None:
-            self.log.info(
-                "stopped",
-                exit_code=self.exit_code,
-                finished=self.pool.gone.finished,
-                cut=self.pool.gone.cut,
-                served=self.pool.served_total(),
-                uptime=round(time.monotonic() - self.started, 3),
-                drain_delay=self.shutdown.drained_for,
-            )
+            self.shutdown.log_stopped()
         if self.listeners is not None:
             self.listeners.close()
         self.endpoint.close()

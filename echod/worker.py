@@ -21,6 +21,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, ClassVar
 
 from echod import control, log, proctitle, signals
@@ -50,6 +51,20 @@ LIMIT_FDS = "file_descriptors"
 #: The close reason counted when a connection's end was not reported (process mode with
 #: neither metrics nor PROXY: nothing scrapes the count then).
 UNREPORTED = "unreported"
+
+
+class Drain(Enum):
+    """Where a worker is in its stop: one state, so that whether it accepts, whether a
+    deadline will cut, and what its bye counts from cannot disagree."""
+
+    #: Accepting.
+    SERVING = "serving"
+    #: A reload replaced it: not accepting; its connections run to their natural end.
+    RETIRING = "retiring"
+    #: Stopped: not accepting; what is still open at the deadline is cut.
+    STOPPING = "stopping"
+    #: The deadline passed: what was open then has been told to close.
+    CUT = "cut"
 
 
 def heartbeat_interval(cfg: Config) -> float:
@@ -97,9 +112,11 @@ class Worker:
         )
         self.udp = UdpEcho(spec.config, counters=self.metrics)
         self.seq = 0
-        self.stopping = False
+        self.drain = Drain.SERVING
         self.drain_deadline: float | None = None
         self.kill_deadline: float | None = None
+        #: What was open when it stopped accepting, or when a stop followed its retirement:
+        #: its bye's finished + cut, and what it answers each stop with.
         self.open_at_stop = 0
         self.cut = 0
         self.paused: str | None = None
@@ -114,6 +131,11 @@ class Worker:
         self.wakeup_r = -1
         self.wakeup_w = -1
         self.log: Any = None
+
+    @property
+    def stopping(self) -> bool:
+        """Whether it has stopped accepting (retiring, stopping or cut)."""
+        return self.drain is not Drain.SERVING
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -226,6 +248,7 @@ class Worker:
             self.maybe_resume(retry=True)
         if self.drain_deadline is not None and now >= self.drain_deadline:
             self.drain_deadline = None
+            self.drain = Drain.CUT
             self.cut = self.open_connections()
             if self.cut:
                 self.log.info("cutting", open=self.cut)
@@ -278,6 +301,7 @@ class Worker:
     def on_command(self, command: control.Message) -> None:
         if isinstance(command, control.Stop):
             self.begin_stop(self.cfg.shutdown_timeout)
+            self.say(control.Stopping(self.open_at_stop))
         elif isinstance(command, control.Retire):
             self.begin_stop(None)
         elif isinstance(command, control.RetireListeners):
@@ -291,6 +315,7 @@ class Worker:
             self.reopen_children()
         elif isinstance(command, control.Quit):
             self.begin_stop(0.0)
+            self.say(control.Stopping(self.open_at_stop))
 
     def on_wakeup(self, _fd: Any) -> None:
         for signum in signals.received(self.wakeup_r):
@@ -432,19 +457,26 @@ class Worker:
     # -- the drain -------------------------------------------------------------------------
 
     def begin_stop(self, timeout: float | None) -> None:
-        """Stop accepting now; cut what is still open after ``timeout`` (None: never)."""
-        now = time.monotonic()
-        if not self.stopping:
-            self.stopping = True
+        """Stop accepting now; cut what is still open after ``timeout`` (None: never, a
+        retirement). Called again, a shorter timeout brings the cut forward; once cut,
+        nothing changes."""
+        before = self.drain
+        if before is Drain.SERVING:
+            # The state first: a thread-mode connection thread reads it to decide whether
+            # to wait for another connection.
+            self.drain = Drain.RETIRING if timeout is None else Drain.STOPPING
             self.open_at_stop = self.open_connections()
             self.close_listeners()
-            self.log.info(
-                "worker_draining",
-                open=self.open_at_stop,
-                timeout=timeout,
-            )
-        if timeout is not None:
-            deadline = now + timeout
+        elif before is Drain.RETIRING and timeout is not None:
+            # The daemon stops while a reload's retirement goes on: count from now, so that
+            # what this worker answers the stop with is what it has open at the stop, and
+            # what finished during the retirement (before the stop) is not in its bye.
+            self.drain = Drain.STOPPING
+            self.open_at_stop = self.open_connections()
+        if self.drain is not before:
+            self.log.info("worker_draining", open=self.open_at_stop, timeout=timeout)
+        if timeout is not None and self.drain is Drain.STOPPING:
+            deadline = time.monotonic() + timeout
             if self.drain_deadline is None or deadline < self.drain_deadline:
                 self.drain_deadline = deadline
 

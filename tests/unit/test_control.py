@@ -20,6 +20,8 @@ MESSAGES: list[control.Message] = [
     control.Ready(),
     control.Heartbeat(3, 17),
     control.Heartbeat(0, 0, COUNTERS),
+    control.Stopping(0),
+    control.Stopping(5000),
     control.Bye(16, 1, 17),
     control.Bye(0, 0, 0, {"x.y-z": control.MAX_VALUE}),
     control.Stop(),
@@ -40,6 +42,7 @@ def test_the_encoding_is_compact_text() -> None:
     """A heartbeat is its tag, its counts and name=value pairs, space separated."""
     assert control.encode(control.Heartbeat(3, 17, {"opened": 20})) == b"hb 3 17 opened=20"
     assert control.encode(control.RetireListeners()) == b"retire-listeners"
+    assert control.encode(control.Stopping(3)) == b"stopping 3"
 
 
 GARBAGE = [
@@ -61,6 +64,11 @@ GARBAGE = [
     b"hb 1 2  opened=1",
     b"hb 1 2 opened=99999999999999999999",
     b"bye 1 2",
+    b"stopping",
+    b"stopping x",
+    b"stopping -1",
+    b"stopping 1 2",
+    b"stopping 1 opened=1",
     b"stop 1",
     b"\xff\xfe",
     "hb \u0661 2".encode(),
@@ -190,3 +198,28 @@ def test_the_supervisor_side_logs_garbage_once_and_keeps_the_worker() -> None:
         assert owner.ready == [4242] and handle.state is WorkerState.RUNNING
         assert (handle.open, handle.served) == (0, 5)
         assert pool.totals.snapshot() == {"opened": 6}
+
+
+def test_the_supervisor_side_keeps_the_count_at_the_stop_and_the_bye() -> None:
+    """A worker's answer to the stop is kept as its count at the stop (and its open count);
+    heartbeats after it change the open count only; the bye says it ended by itself."""
+    owner = Owner()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs, selectors.DefaultSelector() as selector:
+        ours.setblocking(False)
+        pool = WorkerPool(owner, structlog.get_logger())
+        pool.selector = selector
+        handle = WorkerHandle(1, 1, 1, 4242, ours, "thread")
+        selector.register(ours, selectors.EVENT_READ, handle)
+        control.send(theirs, control.Heartbeat(9, 20))
+        control.send(theirs, control.Stopping(7))
+        pool.on_readable(handle)
+        pool.on_readable(handle)
+        assert (handle.stop_open, handle.open, handle.said_bye) == (7, 7, False)
+        control.send(theirs, control.Heartbeat(2, 25))
+        pool.on_readable(handle)
+        assert (handle.stop_open, handle.open) == (7, 2)
+        control.send(theirs, control.Bye(5, 2, 27))
+        pool.on_readable(handle)
+        assert (handle.stop_open, handle.open, handle.said_bye) == (7, 0, True)
+        assert (handle.finished, handle.cut, handle.served) == (5, 2, 27)

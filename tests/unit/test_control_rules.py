@@ -28,6 +28,8 @@ def refusal(data: bytes) -> str:
         (b"stop 1", "stop takes no arguments: b'stop 1'"),
         (b"hb 1", "hb needs 2 counts: b'hb 1'"),
         (b"bye 1 2", "bye needs 3 counts: b'bye 1 2'"),
+        (b"stopping", "stopping needs 1 count: b'stopping'"),
+        (b"stopping 3 opened=1", "stopping takes only 1 count: b'stopping 3 opened=1'"),
         (b"hb 1 2 nope", "bad counter b'nope'"),
         (b"hb 1 2 a=b=1", "bad count b'b=1' in b'hb 1 2 a=b=1'"),
         (b"hb 1 2 a=1 a=2", "counter a given twice"),
