@@ -93,6 +93,12 @@ SERVERS: tuple[ServerSpec, ...] = (
         settings="spare_threads: 64\n",
     ),
     ServerSpec("echod_process", "echod mode process, 1 worker, connections logged", mode="process"),
+    ServerSpec(
+        "echod_process_spare",
+        "echod_process with spare_processes: 64 (processes reused across connections)",
+        mode="process",
+        settings="spare_processes: 64\n",
+    ),
     ServerSpec("echod_async", "echod mode async, 1 worker, connections logged", mode="async"),
 )
 SERVER_NAMES = tuple(s.name for s in SERVERS)
@@ -103,6 +109,7 @@ RATIOS: tuple[tuple[str, str], ...] = (
     ("echod_thread", "classic_thread"),
     ("echod_thread_spare", "classic_thread"),
     ("echod_process", "classic_process"),
+    ("echod_process_spare", "classic_process"),
     *((f"echod_{mode}", "c_epoll") for mode in ("async", "thread", "process")),
     *((f"echod_{mode}", "xinetd") for mode in ("async", "thread", "process")),
 )
@@ -975,6 +982,7 @@ PALETTE = {
     "echod_thread": "#4c9be8",
     "echod_thread_spare": "#90caf9",
     "echod_process": "#2e7d32",
+    "echod_process_spare": "#81c784",
     "echod_async": "#e8743b",
 }
 

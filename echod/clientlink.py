@@ -12,12 +12,19 @@ packet, never merged or split), and the worker keeps the other until it reaps th
 - process -> worker ``end <reason> <bytes_in> <bytes_out> <refused or ->``, last, before the
   process exits: how the connection ended, which the worker hands on with the reap (its
   refusals go into the summary; the metrics count the rest).
+- worker -> process ``conn <conn_id> <ip> <port>``, with the connection's descriptor attached
+  (SCM_RIGHTS): with ``spare_processes``, the next connection for a process that has
+  reported its end and waits. A process kept that way reports each end as it happens (the
+  worker reads every link then, not only at the reap); the worker closing its end of the
+  link tells a waiting process to exit.
 
 The messages are encoded and decoded here, side by side.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -60,6 +67,18 @@ def decode_end(message: bytes) -> Outcome | None:
     return Outcome(parts[1], int(parts[2]), int(parts[3]), refused)
 
 
+def encode_connection(conn_id: str, peer: Any) -> bytes:
+    return f"conn {conn_id} {peer[0]} {peer[1]}".encode("ascii", "replace")
+
+
+def decode_connection(message: bytes) -> tuple[str, tuple[str, int]] | None:
+    """(conn_id, peer) of a handed-over connection; None for anything else."""
+    parts = message.decode("ascii", "replace").split()
+    if len(parts) != 4 or parts[0] != "conn" or not parts[3].isdigit():
+        return None
+    return parts[1], (parts[2], int(parts[3]))
+
+
 class ChildGate:
     """The connection process's end: the handler's gate, and the report at exit."""
 
@@ -83,11 +102,27 @@ class ChildGate:
         except OSError:
             pass  # the worker is gone: nobody to count it
 
+    def next_connection(self) -> tuple[socket.socket, tuple[str, int], str] | None:
+        """Wait for the worker to hand over another connection (spare_processes): the
+        socket, its peer and its id; None when the worker lets this process go (EOF)."""
+        try:
+            self.sock.settimeout(None)
+            message, fds, _flags, _address = socket.recv_fds(self.sock, MAX_MESSAGE, 1)
+        except OSError:
+            return None
+        job = decode_connection(message)
+        if job is None or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            return None
+        return socket.socket(fileno=fds[0]), job[1], job[0]
+
 
 class _Link:
-    __slots__ = ("client", "outcome", "sock", "watched")
+    __slots__ = ("client", "outcome", "pid", "sock", "watched")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
         self.sock = sock
         self.client: str | None = None
         self.outcome: Outcome | None = None
@@ -99,7 +134,8 @@ class WorkerLinks:
 
     Methods for the process worker: :meth:`pair` before fork; in the child
     :meth:`child_side`; in the worker :meth:`parent_side` after fork and :meth:`reaped`
-    when the process has been reaped.
+    when the process has been reaped. With ``on_end`` (spare_processes) also
+    :meth:`hand_over` and :meth:`release`.
     """
 
     def __init__(
@@ -108,11 +144,15 @@ class WorkerLinks:
         timeout: float,
         add_reader: Callable[[Any, Callable[[Any], None]], None],
         remove_reader: Callable[[Any], None],
+        on_end: Callable[[int, Outcome], None] | None = None,
     ) -> None:
         self.admission = admission
         self.timeout = timeout
         self.add_reader = add_reader
         self.remove_reader = remove_reader
+        #: Called with (pid, outcome) as each end report arrives, for processes that are
+        #: kept to serve again; without it the report waits for the reap.
+        self.on_end = on_end
         self.links: dict[int, _Link] = {}
         self.by_fd: dict[int, _Link] = {}
         # Whether a connection process may ask about its client: only behind a PROXY header
@@ -137,11 +177,12 @@ class WorkerLinks:
         pair[1].close()
         sock = pair[0]
         sock.setblocking(False)
-        link = _Link(sock)
+        link = _Link(pid, sock)
         self.links[pid] = link
-        if self.asks:
-            # Only a process that may ask needs an answer while it lives; the end report
-            # is read at the reap.
+        if self.asks or self.on_end is not None:
+            # Only a process that may ask needs an answer while it lives, and only one kept
+            # for later connections reports its ends while it lives; else the end report is
+            # read at the reap.
             self.by_fd[sock.fileno()] = link
             self.add_reader(sock, self.on_readable)
             link.watched = True
@@ -164,8 +205,16 @@ class WorkerLinks:
                 return
             if message.startswith(b"client "):
                 self._answer(link, message[7:].decode("ascii", "replace"))
-            else:
-                link.outcome = decode_end(message)
+                continue
+            outcome = decode_end(message)
+            if self.on_end is None or outcome is None:
+                link.outcome = outcome
+                continue
+            # A kept process's connection has ended: the next may bring another client.
+            outcome = dataclasses.replace(outcome, client=link.client)
+            link.client = None
+            self.on_end(link.pid, outcome)
+            return
 
     def _answer(self, link: _Link, ip: str) -> None:
         if link.client is not None:
@@ -183,6 +232,24 @@ class WorkerLinks:
             link.watched = False
             self.by_fd.pop(link.sock.fileno(), None)
             self.remove_reader(link.sock)
+
+    def hand_over(self, pid: int, conn: socket.socket, peer: Any, conn_id: str) -> bool:
+        """Give a waiting process its next connection; False if it is gone."""
+        link = self.links.get(pid)
+        if link is None:
+            return False
+        try:
+            socket.send_fds(link.sock, [encode_connection(conn_id, peer)], [conn.fileno()])
+        except OSError:
+            return False  # it died waiting; its reap is on its way
+        return True
+
+    def release(self, pid: int) -> None:
+        """Let a waiting process go: closing our end is its EOF, and it exits."""
+        link = self.links.pop(pid, None)
+        if link is not None:
+            self._unwatch(link)
+            link.sock.close()
 
     def reaped(self, pid: int) -> Outcome | None:
         """Close the reaped process's link; its outcome, with the client the worker counted

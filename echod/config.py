@@ -89,6 +89,7 @@ class Config:
     udp_rate: float
     thread_stack_size: int
     spare_threads: int
+    spare_processes: int
     allow: tuple[str, ...]
     deny: tuple[str, ...]
     proxy_protocol: str
@@ -518,6 +519,14 @@ SETTINGS: tuple[Setting, ...] = (
         "Thread mode: up to this many threads kept to serve later connections; 0: one each.",
         minimum=0,
         maximum=100_000,
+    ),
+    Setting(
+        "spare_processes",
+        "int",
+        0,
+        "Process mode: up to this many processes kept to serve later connections; 0: one each.",
+        minimum=0,
+        maximum=10_000,
     ),
     Setting(
         "allow",

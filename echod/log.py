@@ -274,6 +274,14 @@ def _pop(event_dict: EventDict, key: str, template: str) -> str:
     return template.format(_line(str(event_dict.pop(key))))
 
 
+def _pop_nonzero(event_dict: EventDict, key: str, template: str) -> str:
+    """As :func:`_pop`, and "" for a zero too: a count worth a word only when it happened."""
+    if not event_dict.get(key, 0):
+        event_dict.pop(key, None)
+        return ""
+    return _pop(event_dict, key, template)
+
+
 def _join(*parts: str) -> str:
     return " ".join(part for part in parts if part)
 
@@ -395,6 +403,7 @@ def _stopping(event_dict: EventDict) -> str:
     return _list(
         _pop(event_dict, "reason", "{}"),
         _pop(event_dict, "open", "{} open"),
+        _pop_nonzero(event_dict, "unconfirmed", "{} worker(s) unconfirmed"),
         f"drain {_seconds(event_dict.pop('timeout'))}" if "timeout" in event_dict else "",
     )
 
@@ -403,8 +412,10 @@ def _stopped(event_dict: EventDict) -> str:
     return _list(
         _pop(event_dict, "exit_code", "exit {}"),
         _pop(event_dict, "served", "{} served"),
+        _pop(event_dict, "open", "{} open"),
         _pop(event_dict, "finished", "{} finished"),
         _pop(event_dict, "cut", "{} cut"),
+        _pop_nonzero(event_dict, "killed", "{} of them killed"),
         f"up {_seconds(event_dict.pop('uptime'))}" if "uptime" in event_dict else "",
     )
 

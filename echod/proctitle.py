@@ -7,15 +7,27 @@ and ``top`` still show.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 from echod.prctl import PR_SET_NAME, prctl
+
+
+def _set_comm(title: str) -> None:
+    prctl(PR_SET_NAME, title.encode()[:15])
+
+
+@functools.cache
+def _setter() -> Callable[[str], None]:
+    """Looked up once: process mode sets a title per connection, and a failed import
+    searches the whole module path every time."""
+    try:
+        import setproctitle
+    except ImportError:
+        return _set_comm
+    return setproctitle.setproctitle
 
 
 def set_title(title: str) -> None:
     """Set this process's title; never fails (a title is a courtesy, not a feature)."""
-    try:
-        import setproctitle
-    except ImportError:
-        prctl(PR_SET_NAME, title.encode()[:15])
-    else:
-        setproctitle.setproctitle(title)
-
+    _setter()(title)

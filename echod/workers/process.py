@@ -4,6 +4,16 @@ The worker reaps its children as they exit (SIGCHLD arrives on the wakeup pipe),
 ever a zombie. Signals are blocked around ``fork`` so that a SIGTERM cannot reach a child
 before it has installed its own handler. A child keeps only its connection and the log sink:
 it closes the listening sockets and the worker's control channel straight away.
+
+``spare_processes`` (0 by default: a new process for each connection, the classic behaviour)
+keeps up to that many connection processes, once their connection has ended, waiting for
+the worker to hand them the next one over their link (echod.clientlink), as Apache's
+prefork MPM keeps spare servers: forking the worker and the copy-on-write faults that follow
+are most of what a short connection costs in this mode. Such a process takes each
+connection's name (``conn-<id>``) and title but keeps its pid, so consecutive connections in
+the log may share a ``pid``. It runs with the collector on: it lives long enough to make
+garbage. A reload's new worker forks new ones; the old worker lets its spares go when it
+retires, as at a stop.
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ from typing import Any
 
 from echod import exitcodes, log, proctitle, signals
 from echod.clientlink import WorkerLinks
-from echod.handler import EchoHandler
+from echod.handler import EchoHandler, Outcome
 from echod.prctl import PR_SET_PDEATHSIG, prctl
 from echod.worker import Worker
 
@@ -60,23 +70,45 @@ class ProcessWorker(Worker):
     mode = "process"
 
     def init_mode(self) -> None:
-        # pid -> (peer, our descriptor of its connection, kept to cut it at the deadline)
+        # Serving now: pid -> (peer, our descriptor of its connection, kept to cut it at
+        # the deadline). With spare_processes, also the processes that wait for another
+        # connection (the last to wait first: its pages are the likeliest still cached) and
+        # those let go, until they are reaped.
         self.children: dict[int, tuple[Any, socket.socket]] = {}
+        self.spares: list[int] = []
+        self.leaving: set[int] = set()
+        self.spare_max = self.cfg.spare_processes
         self.worker_pid = os.getpid()
         # Behind a PROXY header, each connection process asks about its real client, and
         # with PROXY or metrics on it reports how it ended, over a link of its own (see
-        # echod.clientlink). Without either, no link: the classic fork costs nothing more.
+        # echod.clientlink); a spare process gets its next connection over it. Without any
+        # of these, no link: the classic fork costs nothing more.
         self.links: WorkerLinks | None = None
-        if self.settings.proxy_protocol != "off" or self.cfg.metrics is not None:
+        if self.settings.proxy_protocol != "off" or self.cfg.metrics is not None or self.spare_max:
             self.links = WorkerLinks(
-                self.admission, self.cfg.proxy_timeout, self.add_reader, self.remove_reader
+                self.admission,
+                self.cfg.proxy_timeout,
+                self.add_reader,
+                self.remove_reader,
+                on_end=self.on_child_done if self.spare_max else None,
             )
 
     def open_connections(self) -> int:
         # A cut child still counts until it has been reaped.
         return max(self.admission.active, len(self.children))
 
+    def drained(self) -> bool:
+        # Spares let go exit at once (their link's EOF); reap them before the worker goes.
+        return super().drained() and not self.spares and not self.leaving
+
     def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
+        while self.spares:
+            pid = self.spares.pop()
+            assert self.links is not None
+            if self.links.hand_over(pid, conn, peer, conn_id):
+                self.children[pid] = (peer, conn)
+                return
+            self.leaving.add(pid)  # it died waiting: its reap is on its way
         pair = self.links.pair() if self.links is not None else None
         signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
         try:
@@ -104,19 +136,28 @@ class ProcessWorker(Worker):
                 link = self.links.child_side(pair)
             stopper = self.init_connection_process(conn_id)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
-            handler = EchoHandler(
-                conn,
-                peer,
-                conn_id,
-                self.settings,
-                stopper,
-                local_port=self.local_port,
-                shared_descriptor=True,
-                gate=link if link is not None and link.asks else None,
-            )
-            handler.serve()
-            if link is not None:
-                link.report(handler.outcome())
+            job: tuple[socket.socket, Any, str] | None = (conn, peer, conn_id)
+            while job is not None:  # bounded: one connection a pass, until the worker says go
+                handler = EchoHandler(
+                    job[0],
+                    job[1],
+                    job[2],
+                    self.settings,
+                    stopper,
+                    local_port=self.local_port,
+                    shared_descriptor=True,
+                    gate=link if link is not None and link.asks else None,
+                )
+                handler.serve()
+                if link is not None:
+                    link.report(handler.outcome())
+                if not self.spare_max or link is None or stopper.cut_requested():
+                    break
+                proctitle.set_title("echod: spare connection process")
+                job = link.next_connection()
+                if job is not None:
+                    log.set_process_name(f"conn-{job[2]}")
+                    proctitle.set_title(f"echod: connection {job[2]}")
             code = exitcodes.OK
         finally:
             os._exit(code)
@@ -127,6 +168,8 @@ class ProcessWorker(Worker):
         for _peer, other in self.children.values():
             other.close()  # other connections' descriptors, which the worker keeps to cut
         self.children.clear()
+        self.spares.clear()
+        self.leaving.clear()
         self.spec.control.close()
         for fd in (self.wakeup_r, self.wakeup_w):
             os.close(fd)
@@ -143,8 +186,10 @@ class ProcessWorker(Worker):
         # No log.configure() here: the worker's configuration and sink came through fork
         # unchanged, and the identity processor reads the refreshed pid. Skipping it, and the
         # collector (a short-lived process has little garbage; collecting would copy pages
-        # shared with the worker), keeps forking per connection cheap.
-        gc.disable()
+        # shared with the worker), keeps forking per connection cheap. A spare process
+        # lives on: it keeps the collector (the worker's own objects are frozen, unvisited).
+        if not self.spare_max:
+            gc.disable()
         proctitle.set_title(f"echod: connection {conn_id}")
         _cut_when_orphaned(self.worker_pid)
         return ChildStopper(wake_r)
@@ -163,12 +208,41 @@ class ProcessWorker(Worker):
                 return
             if pid == 0:
                 return
+            # The link first: a spare process's last end report may still wait in it.
+            outcome = self.links.reaped(pid) if self.links is not None else None
             child = self.children.pop(pid, None)
             if child is not None:
                 peer, conn = child
                 conn.close()
-                outcome = self.links.reaped(pid) if self.links is not None else None
                 self.connection_closed(peer, outcome)
+            elif pid in self.leaving:
+                self.leaving.discard(pid)
+            elif pid in self.spares:
+                self.spares.remove(pid)  # it died waiting
+
+    def on_child_done(self, pid: int, outcome: Outcome) -> None:
+        """A spare-capable process reported its connection's end: count it, then keep the
+        process for the next connection if there is room, else let it go."""
+        child = self.children.pop(pid, None)
+        if child is None:
+            return  # a report with no connection handed over: ignored
+        peer, conn = child
+        conn.close()
+        self.connection_closed(peer, outcome)
+        if self.stopping or len(self.spares) >= self.spare_max:
+            self.let_go(pid)
+        else:
+            self.spares.append(pid)
+
+    def let_go(self, pid: int) -> None:
+        assert self.links is not None
+        self.links.release(pid)
+        self.leaving.add(pid)
+
+    def begin_stop(self, timeout: float | None) -> None:
+        super().begin_stop(timeout)
+        while self.spares:  # no connection will come for them
+            self.let_go(self.spares.pop())
 
     def cut_connections(self) -> None:
         # The signal first: when shutdown() wakes the child, SIGTERM is already recorded.
@@ -180,13 +254,17 @@ class ProcessWorker(Worker):
                 pass
 
     def kill_connections(self) -> None:
-        self.signal_children(signal.SIGKILL)
+        self.signal_children(signal.SIGKILL, everyone=True)
 
     def reopen_children(self) -> None:
-        self.signal_children(signal.SIGUSR1)
+        self.signal_children(signal.SIGUSR1, everyone=True)
 
-    def signal_children(self, signum: int) -> None:
-        for pid in list(self.children):
+    def signal_children(self, signum: int, everyone: bool = False) -> None:
+        """Signal the processes serving a connection; ``everyone``: spares too."""
+        pids = list(self.children)
+        if everyone:
+            pids += [*self.spares, *self.leaving]
+        for pid in pids:
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:

@@ -263,6 +263,7 @@ udp: true
 udp_rate: 0
 thread_stack_size: 262144
 spare_threads: 4
+spare_processes: 8
 allow: [10.0.0.0/8, "2001:db8::/32"]
 deny:
   - 10.9.9.9
@@ -301,6 +302,7 @@ log:
         udp_rate=0.0,
         thread_stack_size=262144,
         spare_threads=4,
+        spare_processes=8,
         allow=("10.0.0.0/8", "2001:db8::/32"),
         deny=("10.9.9.9",),
         proxy_protocol="any",

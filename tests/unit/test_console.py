@@ -123,6 +123,26 @@ def test_supervisor_lines_carry_no_identity_noise() -> None:
             "stopped    exit 0, 4 served, 3 finished, 1 cut, up 12.2 s",
         ),
         (
+            "stopping",
+            {"reason": "SIGTERM", "open": 2, "unconfirmed": 0, "timeout": 10.0},
+            "stopping   SIGTERM, 2 open, drain 10 s",
+        ),
+        (
+            "stopping",
+            {"reason": "SIGTERM", "open": 2, "unconfirmed": 1, "timeout": 10.0},
+            "stopping   SIGTERM, 2 open, 1 worker(s) unconfirmed, drain 10 s",
+        ),
+        (
+            "stopped",
+            {"exit_code": 0, "open": 4, "finished": 1, "cut": 3, "killed": 2, "served": 9},
+            "stopped    exit 0, 9 served, 4 open, 1 finished, 3 cut, 2 of them killed",
+        ),
+        (
+            "stopped",
+            {"exit_code": 0, "open": 4, "finished": 4, "cut": 0, "killed": 0, "served": 9},
+            "stopped    exit 0, 9 served, 4 open, 4 finished, 0 cut",
+        ),
+        (
             "worker_state",
             {"worker": 2, "worker_pid": 400, "generation": 1, "mode": "async", "state": "running"},
             "worker_state worker-2 pid 400 running (async, gen 1)",

@@ -4,6 +4,7 @@ fuzz run, and the handler and the process-mode link reading headers on real sock
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import socket
 import threading
@@ -14,7 +15,15 @@ import pytest
 from structlog.testing import capture_logs
 
 from echod import proxy
-from echod.clientlink import ChildGate, decode_end, decode_verdict, encode_end, encode_verdict
+from echod.clientlink import (
+    ChildGate,
+    decode_connection,
+    decode_end,
+    decode_verdict,
+    encode_connection,
+    encode_end,
+    encode_verdict,
+)
 from echod.handler import (
     CLIENT_CLOSED,
     PROXY_ERROR,
@@ -524,6 +533,35 @@ def test_link_messages_round_trip() -> None:
     assert decode_verdict(encode_verdict(None)) is None
     assert decode_verdict(encode_verdict("max_connections_per_ip")) == "max_connections_per_ip"
     assert decode_verdict(b"") == "error"
+    assert decode_connection(encode_connection("3-17", ("::1", 4242, 0, 0))) == (
+        "3-17",
+        ("::1", 4242),
+    )
+    assert decode_connection(b"conn 1-1 127.0.0.1 x") is None
+    assert decode_connection(b"end client_closed 1 1 -") is None
+
+
+def test_child_gate_takes_a_handed_over_connection() -> None:
+    """A waiting process gets the next connection's descriptor, peer and id; the worker
+    closing its end, or a message without a descriptor, lets it go (None), leaking none."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    a, b = socket.socketpair()
+    with ours, theirs, a, b:
+        gate = ChildGate(ours, asks=False, timeout=0.2)
+        socket.send_fds(theirs, [encode_connection("1-9", ("192.0.2.8", 55))], [a.fileno()])
+        job = gate.next_connection()
+        assert job is not None
+        conn, peer, conn_id = job
+        with conn:
+            assert (peer, conn_id) == (("192.0.2.8", 55), "1-9")
+            conn.sendall(b"via the copy")
+            assert b.recv(64) == b"via the copy"
+        before = len(os.listdir("/proc/self/fd"))
+        socket.send_fds(theirs, [b"garbage"], [a.fileno()])
+        assert gate.next_connection() is None
+        assert len(os.listdir("/proc/self/fd")) == before
+        theirs.close()
+        assert gate.next_connection() is None
 
 
 def test_child_gate_asks_and_times_out() -> None:
