@@ -53,6 +53,20 @@ class Listeners:
         sock = self.tcp[0] if self.tcp else self.udp[0]
         return int(sock.getsockname()[1])
 
+    def common_port(self) -> int | None:
+        """The one TCP port every listener has (None if they differ): each connection's
+        local port, known without asking the kernel."""
+        ports = {sock.getsockname()[1] for sock in self.tcp}
+        return ports.pop() if len(ports) == 1 else None
+
+    def set_connection_timeouts(self, receive: bytes, send: bytes) -> None:
+        """Set SO_RCVTIMEO and SO_SNDTIMEO (``struct timeval``) on the TCP listeners: Linux
+        copies them to every socket accepted there. The listeners are non-blocking, so
+        they do not apply to accept itself."""
+        for sock in self.tcp:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, receive)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, send)
+
     def serves(self, cfg: Config) -> bool:
         """Whether these sockets already serve what ``cfg`` asks for."""
         if self.adopted:

@@ -165,7 +165,7 @@ class Worker:
                 self.add_reader(sock, self.udp.on_readable)
         self.admission.start()
         self.udp.start()
-        self.local_port = self.listening_port()
+        self.local_port = self.spec.listeners.common_port()
         if self.blocking_connections:
             self.inherit_timeouts()
         self.init_mode()
@@ -337,23 +337,13 @@ class Worker:
     # -- accepting -------------------------------------------------------------------------
 
     def inherit_timeouts(self) -> None:
-        """Set the connections' timeouts on the listening sockets once: Linux copies them to
-        every socket accepted there. The listeners are non-blocking, so the timeouts do not
-        apply to accept itself. Every worker of a generation sets the same values. A reload
-        that changes them sets them anew when its first worker starts: connections that the
+        """Set the connections' timeouts on the listening sockets once, for every accepted
+        socket to inherit. Every worker of a generation sets the same values. A reload that
+        changes them sets them anew when its first worker starts: connections that the
         older generation still accepts from then on (until it retires, or for as long as a
         failed reload's workers are being retried) get the new values."""
-        receive, send = connection_timeouts(self.settings)
-        for sock in self.spec.listeners.tcp:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, receive)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, send)
+        self.spec.listeners.set_connection_timeouts(*connection_timeouts(self.settings))
         self.settings = dataclasses.replace(self.settings, timeouts_inherited=True)
-
-    def listening_port(self) -> int | None:
-        """The one TCP port every listener has (None if they differ): each connection's
-        local port, known without asking the kernel."""
-        ports = {sock.getsockname()[1] for sock in self.spec.listeners.tcp}
-        return ports.pop() if len(ports) == 1 else None
 
     def collect_finished(self) -> None:
         """Count connections that ended without waking the loop (see the thread mode)."""
