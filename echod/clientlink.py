@@ -2,21 +2,23 @@
 
 Behind a PROXY header the client is known only in the connection process, after fork; but the
 per-address counts belong to the worker (it is the only writer of its row in the shared table,
-and it counts a connection until it reaps the process), and so does the ``refused`` summary.
-So each connection process gets one end of a ``SOCK_SEQPACKET`` socket pair (one message per
-packet, never merged or split), and the worker keeps the other until it reaps the process:
+and it counts a connection until the connection's end is reported or its process reaped), and
+so does the ``refused`` summary. So each connection process gets one end of a
+``SOCK_SEQPACKET`` socket pair (one message per packet, never merged or split), and the worker
+keeps the other until it reaps the process (or lets a spare go, below):
 
 - process -> worker ``client <ip>``: may this client be served? (only when the worker has an
   access list or a per-address limit to check). The worker answers ``ok`` or
-  ``no <reason>``, and counts the client as one of its connections until the reap.
+  ``no <reason>``, and counts the client as one of its connections until the connection ends.
 - process -> worker ``end <reason> <bytes_in> <bytes_out> <refused or ->``, last, before the
   process exits: how the connection ended, which the worker hands on with the reap (its
   refusals go into the summary; the metrics count the rest).
+- with ``spare_processes`` the end report may close with `` wait``: the process will wait
+  for another connection rather than exit (without it, it exits; only the process knows,
+  as a cut ends it). The worker reads every link then, not only at the reap.
 - worker -> process ``conn <conn_id> <ip> <port>``, with the connection's descriptor attached
-  (SCM_RIGHTS): with ``spare_processes``, the next connection for a process that has
-  reported its end and waits. A process kept that way reports each end as it happens (the
-  worker reads every link then, not only at the reap); the worker closing its end of the
-  link tells a waiting process to exit.
+  (SCM_RIGHTS): the next connection for a process that said it waits. The worker closing its
+  end of the link (before the reap, then) tells a waiting process to exit.
 
 The messages are encoded and decoded here, side by side.
 """
@@ -53,14 +55,22 @@ def decode_verdict(message: bytes) -> str | None:
     return reason.decode() if kind == b"no" and reason else NO_ANSWER
 
 
-def encode_end(outcome: Outcome) -> bytes:
+def encode_end(outcome: Outcome, waits: bool = False) -> bytes:
     return (
         f"end {outcome.reason} {outcome.bytes_in} {outcome.bytes_out} {outcome.refused or '-'}"
+        + (" wait" if waits else "")
     ).encode()
+
+
+def end_waits(message: bytes) -> bool:
+    """Whether the process that sent this end report waits for another connection."""
+    return message.endswith(b" wait")
 
 
 def decode_end(message: bytes) -> Outcome | None:
     parts = message.decode("ascii", "replace").split()
+    if len(parts) == 6 and parts[5] == "wait":
+        del parts[5]
     if len(parts) != 5 or parts[0] != "end" or not (parts[2].isdigit() and parts[3].isdigit()):
         return None
     refused = None if parts[4] == "-" else parts[4]
@@ -96,26 +106,34 @@ class ChildGate:
         except OSError:  # the worker is gone or did not answer in time
             return NO_ANSWER
 
-    def report(self, outcome: Outcome) -> None:
+    def report(self, outcome: Outcome, waits: bool = False) -> None:
+        """The end report; ``waits``: this process then waits for another connection."""
         try:
-            self.sock.send(encode_end(outcome))
+            self.sock.send(encode_end(outcome, waits))
         except OSError:
             pass  # the worker is gone: nobody to count it
 
     def next_connection(self) -> tuple[socket.socket, tuple[str, int], str] | None:
         """Wait for the worker to hand over another connection (spare_processes): the
-        socket, its peer and its id; None when the worker lets this process go (EOF)."""
-        try:
-            self.sock.settimeout(None)
-            message, fds, _flags, _address = socket.recv_fds(self.sock, MAX_MESSAGE, 1)
-        except OSError:
-            return None
-        job = decode_connection(message)
-        if job is None or len(fds) != 1:
+        socket, its peer and its id; None when the worker lets this process go (EOF), or
+        sends anything else."""
+        self.sock.settimeout(None)
+        # A verdict can arrive after the question timed out (admit_client gave up on it):
+        # it is stale, not the worker's word, so skip it. Bounded: one question per
+        # connection, so at most one stale verdict.
+        for _ in range(2):
+            try:
+                message, fds, _flags, _address = socket.recv_fds(self.sock, MAX_MESSAGE, 1)
+            except OSError:
+                return None
+            job = decode_connection(message)
+            if job is not None and len(fds) == 1:
+                return socket.socket(fileno=fds[0]), job[1], job[0]
             for fd in fds:
                 os.close(fd)
-            return None
-        return socket.socket(fileno=fds[0]), job[1], job[0]
+            if fds or not (message == b"ok" or message.startswith(b"no ")):
+                return None
+        return None
 
 
 class _Link:
@@ -144,14 +162,15 @@ class WorkerLinks:
         timeout: float,
         add_reader: Callable[[Any, Callable[[Any], None]], None],
         remove_reader: Callable[[Any], None],
-        on_end: Callable[[int, Outcome], None] | None = None,
+        on_end: Callable[[int, Outcome, bool], None] | None = None,
     ) -> None:
         self.admission = admission
         self.timeout = timeout
         self.add_reader = add_reader
         self.remove_reader = remove_reader
-        #: Called with (pid, outcome) as each end report arrives, for processes that are
-        #: kept to serve again; without it the report waits for the reap.
+        #: Called with (pid, outcome, whether it waits for another connection) as each end
+        #: report arrives, for processes that may be kept; without it the report waits for
+        #: the reap.
         self.on_end = on_end
         self.links: dict[int, _Link] = {}
         self.by_fd: dict[int, _Link] = {}
@@ -213,7 +232,7 @@ class WorkerLinks:
             # A kept process's connection has ended: the next may bring another client.
             outcome = dataclasses.replace(outcome, client=link.client)
             link.client = None
-            self.on_end(link.pid, outcome)
+            self.on_end(link.pid, outcome, end_waits(message))
             return
 
     def _answer(self, link: _Link, ip: str) -> None:
@@ -241,7 +260,7 @@ class WorkerLinks:
         try:
             socket.send_fds(link.sock, [encode_connection(conn_id, peer)], [conn.fileno()])
         except OSError:
-            return False  # it died waiting; its reap is on its way
+            return False  # it died waiting, or its queue is full: the caller lets it go
         return True
 
     def release(self, pid: int) -> None:

@@ -524,7 +524,7 @@ SETTINGS: tuple[Setting, ...] = (
         "spare_processes",
         "int",
         0,
-        "Process mode: up to this many processes kept to serve later connections; 0: one each.",
+        "Process mode: up to this many processes per worker kept for later connections; 0: none.",
         minimum=0,
         maximum=10_000,
     ),

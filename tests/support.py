@@ -342,6 +342,17 @@ def ipv6_loopback() -> bool:
     return True
 
 
+def unix_queue_of(pid: int) -> int:
+    """Bytes waiting on the SOCK_SEQPACKET sockets of ``pid`` (a worker's control channel, a
+    process-mode worker's links to its connection processes)."""
+    out = subprocess.run(["ss", "-xp"], capture_output=True, text=True, check=False).stdout
+    return sum(
+        int(line.split()[2])
+        for line in out.splitlines()
+        if line.startswith("u_seq") and f"pid={pid}," in line
+    )
+
+
 def worker_pids(server: Echod) -> list[int]:
     """Pids of the workers that reported running, oldest first."""
     return [e["worker_pid"] for e in server.events("worker_state") if e["state"] == "running"]

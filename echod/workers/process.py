@@ -1,4 +1,5 @@
-"""Process mode: each connection is served by its own process, forked from the worker.
+"""Process mode: each connection is served by a process of its own, forked from the worker
+(or, with ``spare_processes``, kept from an earlier connection).
 
 The worker reaps its children as they exit (SIGCHLD arrives on the wakeup pipe), so none is
 ever a zombie. Signals are blocked around ``fork`` so that a SIGTERM cannot reach a child
@@ -108,7 +109,9 @@ class ProcessWorker(Worker):
             if self.links.hand_over(pid, conn, peer, conn_id):
                 self.children[pid] = (peer, conn)
                 return
-            self.leaving.add(pid)  # it died waiting: its reap is on its way
+            # Dead (its reap is on its way) or unable to take it: either way not a spare.
+            # Closing the link tells a live one to go.
+            self.let_go(pid)
         pair = self.links.pair() if self.links is not None else None
         signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
         try:
@@ -137,7 +140,9 @@ class ProcessWorker(Worker):
             stopper = self.init_connection_process(conn_id)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
             job: tuple[socket.socket, Any, str] | None = (conn, peer, conn_id)
-            while job is not None:  # bounded: one connection a pass, until the worker says go
+            # One connection a pass; it ends when the worker lets this process go (EOF on
+            # the link), sends anything but a connection, or a connection was cut.
+            while job is not None:
                 handler = EchoHandler(
                     job[0],
                     job[1],
@@ -149,9 +154,12 @@ class ProcessWorker(Worker):
                     gate=link if link is not None and link.asks else None,
                 )
                 handler.serve()
+                # A cut means the worker is stopping: this process goes, and says so in its
+                # report, so that the worker hands it nothing more.
+                waits = bool(self.spare_max) and not stopper.cut_requested()
                 if link is not None:
-                    link.report(handler.outcome())
-                if not self.spare_max or link is None or stopper.cut_requested():
+                    link.report(handler.outcome(), waits)
+                if link is None or not waits:
                     break
                 proctitle.set_title("echod: spare connection process")
                 job = link.next_connection()
@@ -186,8 +194,9 @@ class ProcessWorker(Worker):
         # No log.configure() here: the worker's configuration and sink came through fork
         # unchanged, and the identity processor reads the refreshed pid. Skipping it, and the
         # collector (a short-lived process has little garbage; collecting would copy pages
-        # shared with the worker), keeps forking per connection cheap. A spare process
-        # lives on: it keeps the collector (the worker's own objects are frozen, unvisited).
+        # shared with the worker), keeps forking per connection cheap. With spare_processes
+        # a process may live on: it keeps the collector (what the worker had at its start is
+        # frozen, so collections do not visit it).
         if not self.spare_max:
             gc.disable()
         proctitle.set_title(f"echod: connection {conn_id}")
@@ -220,19 +229,19 @@ class ProcessWorker(Worker):
             elif pid in self.spares:
                 self.spares.remove(pid)  # it died waiting
 
-    def on_child_done(self, pid: int, outcome: Outcome) -> None:
-        """A spare-capable process reported its connection's end: count it, then keep the
-        process for the next connection if there is room, else let it go."""
+    def on_child_done(self, pid: int, outcome: Outcome, waits: bool) -> None:
+        """A process reported its connection's end: count it, then keep the process for the
+        next connection if it waits and there is room, else let it go."""
         child = self.children.pop(pid, None)
         if child is None:
             return  # a report with no connection handed over: ignored
         peer, conn = child
         conn.close()
         self.connection_closed(peer, outcome)
-        if self.stopping or len(self.spares) >= self.spare_max:
-            self.let_go(pid)
-        else:
+        if waits and not self.stopping and len(self.spares) < self.spare_max:
             self.spares.append(pid)
+        else:
+            self.let_go(pid)
 
     def let_go(self, pid: int) -> None:
         assert self.links is not None

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from tests.support import (
     recv_exactly,
     refused,
     thread_count,
+    unix_queue_of,
     wait_for,
     worker_pids,
     zombies_of,
@@ -140,16 +140,6 @@ def test_stopped_event_counts_every_connection_served(tmp_path: Path, mode: str)
         server.kill()
     (stopped,) = server.events("stopped")
     assert stopped["served"] == 3
-
-
-def unix_queue_of(pid: int) -> int:
-    """Bytes waiting on the SOCK_SEQPACKET sockets of ``pid`` (its worker control channels)."""
-    out = subprocess.run(["ss", "-xp"], capture_output=True, text=True, check=False).stdout
-    return sum(
-        int(line.split()[2])
-        for line in out.splitlines()
-        if line.startswith("u_seq") and f"pid={pid}," in line
-    )
 
 
 def is_zombie(pid: int) -> bool:

@@ -12,6 +12,7 @@ from tests.support import (
     echod,
     pid_gone,
     recv_exactly,
+    unix_queue_of,
     wait_for,
     worker_pids,
     zombies_of,
@@ -28,18 +29,25 @@ def waiting(pid: int) -> bool:
         return False
 
 
+def wait_kept(worker: int, pids: list[int]) -> None:
+    """Wait until every process in ``pids`` waits and the worker has read their end reports
+    (its links hold nothing unread): only then does a new client find them as spares."""
+    wait_for(lambda: all(waiting(p) for p in pids), what="the processes waiting")
+    wait_for(lambda: unix_queue_of(worker) == 0, what="the worker reading their reports")
+
+
 def test_a_spare_process_serves_the_next_connection_under_its_name(tmp_path: Path) -> None:
     """One connection after another is served by the same kept process, named after each,
     and every byte of each comes back."""
     with echod(tmp_path, mode="process", spare_processes=1) as server:
+        (worker,) = worker_pids(server)
         for i in range(4):
             data = os.urandom(5000 + i)
             with server.connect() as sock:
                 assert echo_roundtrip(sock, data) == data
-            pid = server.wait_event("conn_close", count=i + 1)["pid"]
-            # Its end report is on its way to the worker once it says it waits; a client
-            # that came sooner could find no spare yet, and get a new process.
-            wait_for(lambda p=pid: waiting(p), what="the process waiting for another connection")
+            # A client that came before the worker read the end report would find no spare
+            # yet, and get a new process.
+            wait_kept(worker, [server.wait_event("conn_close", count=i + 1)["pid"]])
         closes = server.events("conn_close")
     assert [e["reason"] for e in closes] == ["client_closed"] * 4
     assert [e["bytes_in"] for e in closes] == [5000, 5001, 5002, 5003]
@@ -77,6 +85,7 @@ def test_no_more_than_spare_processes_wait(tmp_path: Path) -> None:
         wait_for(lambda: len(children_of(worker)) == 2, what="two spare processes left")
         assert zombies_of(worker) == []
         spares = set(children_of(worker))
+        wait_kept(worker, list(spares))
         # The next two connections, open at once, are the spares'.
         with server.connect() as one, server.connect() as two:
             for sock in (one, two):
@@ -97,6 +106,7 @@ def test_stop_lets_the_spares_go(tmp_path: Path) -> None:
             assert echo_roundtrip(sock, b"x" * 10) == b"x" * 10
         server.wait_event("conn_close", count=3)
         wait_for(lambda: len(children_of(worker)) == 3, what="three spares")
+        wait_kept(worker, children_of(worker))
         with server.connect() as sock:
             sock.sendall(b"held")
             assert recv_exactly(sock, 4) == b"held"
@@ -123,6 +133,7 @@ def test_a_spare_that_died_is_replaced(tmp_path: Path) -> None:
         server.wait_event("conn_close")
         wait_for(lambda: len(children_of(worker)) == 1, what="one spare")
         (spare,) = children_of(worker)
+        wait_kept(worker, [spare])
         os.kill(spare, signal.SIGKILL)
         wait_for(lambda: spare not in children_of(worker), what="the killed spare reaped")
         with server.connect() as sock:
@@ -143,11 +154,12 @@ def test_behind_proxy_each_connection_of_a_spare_is_its_own_client(tmp_path: Pat
         proxy_trusted=["127.0.0.0/8"],
         max_connections_per_ip=1,
     ) as server:
+        (worker,) = worker_pids(server)
         for i in range(3):
             with server.connect() as sock:
                 sock.sendall(b"PROXY TCP4 192.0.2.7 192.0.2.1 4000 7\r\n")
                 assert echo_roundtrip(sock, b"hello") == b"hello"
-            server.wait_event("conn_close", count=i + 1)
+            wait_kept(worker, [server.wait_event("conn_close", count=i + 1)["pid"]])
         closes = server.events("conn_close")
     assert [e["peer"] for e in closes] == ["192.0.2.7"] * 3
     assert [e["reason"] for e in closes] == ["client_closed"] * 3
@@ -177,3 +189,25 @@ def test_a_reload_replaces_the_spares(tmp_path: Path) -> None:
             close = server.wait_event("conn_close", count=2)
     assert close["reason"] == "idle_timeout"
     assert close["pid"] != old_spare
+
+
+def test_the_drain_deadline_cuts_a_reused_process(tmp_path: Path) -> None:
+    """A connection served by a kept process is cut at the shutdown deadline like any other:
+    reason shutdown, counted as cut, and the process goes with it."""
+    with echod(tmp_path, mode="process", spare_processes=1, shutdown_timeout=0.5) as server:
+        (worker,) = worker_pids(server)
+        with server.connect() as sock:
+            assert echo_roundtrip(sock, b"first") == b"first"
+        spare = server.wait_event("conn_close")["pid"]
+        wait_kept(worker, [spare])
+        with server.connect() as sock:
+            sock.sendall(b"held")
+            assert recv_exactly(sock, 4) == b"held"
+            server.signal(signal.SIGTERM)
+            close = server.wait_event("conn_close", count=2)
+            assert sock.recv(16) == b""
+        assert server.stop() == 0
+        stopped = server.wait_event("stopped")
+    assert (close["pid"], close["reason"]) == (spare, "shutdown")
+    assert (stopped["open"], stopped["finished"], stopped["cut"]) == (1, 0, 1)
+    assert pid_gone(spare)

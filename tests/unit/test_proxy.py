@@ -23,6 +23,7 @@ from echod.clientlink import (
     encode_connection,
     encode_end,
     encode_verdict,
+    end_waits,
 )
 from echod.handler import (
     CLIENT_CLOSED,
@@ -538,6 +539,10 @@ def test_link_messages_round_trip() -> None:
         ("::1", 4242),
     )
     assert decode_connection(b"conn 1-1 127.0.0.1 x") is None
+    waiting = encode_end(outcome, waits=True)
+    assert decode_end(waiting) == outcome and end_waits(waiting)
+    assert not end_waits(encode_end(outcome))
+    assert decode_end(b"end reset 0 0 - later") is None
     assert decode_connection(b"end client_closed 1 1 -") is None
 
 
@@ -560,6 +565,12 @@ def test_child_gate_takes_a_handed_over_connection() -> None:
         socket.send_fds(theirs, [b"garbage"], [a.fileno()])
         assert gate.next_connection() is None
         assert len(os.listdir("/proc/self/fd")) == before
+        # A verdict that came after its question timed out is stale: skipped, not a "go".
+        theirs.send(encode_verdict(None))
+        socket.send_fds(theirs, [encode_connection("1-10", ("192.0.2.8", 56))], [a.fileno()])
+        job = gate.next_connection()
+        assert job is not None and job[2] == "1-10"
+        job[0].close()
         theirs.close()
         assert gate.next_connection() is None
 
