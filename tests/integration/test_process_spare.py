@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 from tests.support import (
+    Echod,
     children_of,
     echo_roundtrip,
     echod,
@@ -34,6 +35,16 @@ def wait_kept(worker: int, pids: list[int]) -> None:
     (its links hold nothing unread): only then does a new client find them as spares."""
     wait_for(lambda: all(waiting(p) for p in pids), what="the processes waiting")
     wait_for(lambda: unix_queue_of(worker) == 0, what="the worker reading their reports")
+
+
+def one_spare(server: Echod, worker: int) -> int:
+    """Serve one connection, then wait until its process is the worker's one spare: its pid."""
+    with server.connect() as sock:
+        assert echo_roundtrip(sock, b"one") == b"one"
+    spare = server.wait_event("conn_close")["pid"]
+    wait_for(lambda: children_of(worker) == [spare], what="one spare")
+    wait_kept(worker, [spare])
+    return int(spare)
 
 
 def test_a_spare_process_serves_the_next_connection_under_its_name(tmp_path: Path) -> None:
@@ -128,12 +139,7 @@ def test_a_spare_that_died_is_replaced(tmp_path: Path) -> None:
     """A spare killed while it waits is reaped; the next connection gets a new process."""
     with echod(tmp_path, mode="process", spare_processes=1) as server:
         (worker,) = worker_pids(server)
-        with server.connect() as sock:
-            assert echo_roundtrip(sock, b"one") == b"one"
-        server.wait_event("conn_close")
-        wait_for(lambda: len(children_of(worker)) == 1, what="one spare")
-        (spare,) = children_of(worker)
-        wait_kept(worker, [spare])
+        spare = one_spare(server, worker)
         os.kill(spare, signal.SIGKILL)
         wait_for(lambda: spare not in children_of(worker), what="the killed spare reaped")
         with server.connect() as sock:
@@ -171,11 +177,7 @@ def test_a_reload_replaces_the_spares(tmp_path: Path) -> None:
     with the new settings (a spare of the old one would keep the old idle_timeout)."""
     with echod(tmp_path, mode="process", spare_processes=2) as server:
         (old_worker,) = worker_pids(server)
-        with server.connect() as sock:
-            assert echo_roundtrip(sock, b"before") == b"before"
-        server.wait_event("conn_close")
-        wait_for(lambda: len(children_of(old_worker)) == 1, what="one spare")
-        (old_spare,) = children_of(old_worker)
+        old_spare = one_spare(server, old_worker)
         server.write_config(idle_timeout=0.3)
         server.signal(signal.SIGHUP)
         server.wait_event(
@@ -196,10 +198,7 @@ def test_the_drain_deadline_cuts_a_reused_process(tmp_path: Path) -> None:
     reason shutdown, counted as cut, and the process goes with it."""
     with echod(tmp_path, mode="process", spare_processes=1, shutdown_timeout=0.5) as server:
         (worker,) = worker_pids(server)
-        with server.connect() as sock:
-            assert echo_roundtrip(sock, b"first") == b"first"
-        spare = server.wait_event("conn_close")["pid"]
-        wait_kept(worker, [spare])
+        spare = one_spare(server, worker)
         with server.connect() as sock:
             sock.sendall(b"held")
             assert recv_exactly(sock, 4) == b"held"

@@ -52,6 +52,19 @@ def closed_cleanly(socks: list[socket.socket]) -> None:
         sock.close()
 
 
+def ended_by_server(socks: list[socket.socket], reset_ok: bool = False) -> None:
+    """Each sees the server end it (EOF; ``reset_ok``: or a reset, as when its process died),
+    then is closed."""
+    for sock in socks:
+        sock.settimeout(20)
+        try:
+            assert sock.recv(1) == b""
+        except ConnectionResetError:
+            if not reset_ok:
+                raise
+        sock.close()
+
+
 def open_gauge(server: Echod) -> int:
     """Connections open now by the supervisor's count (the workers' last heartbeats)."""
     (address,) = server.events("ready")[0]["metrics"]
@@ -193,10 +206,7 @@ def test_sigquit_after_sigterm_cuts_what_the_stop_counted(tmp_path: Path) -> Non
         server.signal(signal.SIGTERM)
         assert server.wait_event("stopping")["open"] == 3
         server.signal(signal.SIGQUIT)
-        for sock in socks:
-            sock.settimeout(20)
-            assert sock.recv(1) == b""
-            sock.close()
+        ended_by_server(socks)
         assert server.proc is not None and server.proc.wait(20) == 0
     finally:
         server.kill()
@@ -239,13 +249,7 @@ def test_a_worker_killed_during_the_drain_counts_its_connections_as_killed(
         server.signal(signal.SIGTERM)
         assert server.wait_event("stopping")["open"] == 3
         os.kill(worker, signal.SIGKILL)
-        for sock in socks:
-            sock.settimeout(20)
-            try:
-                assert sock.recv(1) == b""
-            except ConnectionResetError:
-                pass
-            sock.close()
+        ended_by_server(socks, reset_ok=True)
         assert server.proc is not None
         server.proc.wait(20)
     finally:

@@ -3,8 +3,10 @@ anything else is refused with ValueError (garbage, truncation, oversize), never 
 
 from __future__ import annotations
 
+import contextlib
 import selectors
 import socket
+from collections.abc import Iterator
 
 import pytest
 import structlog
@@ -167,9 +169,10 @@ class Owner:
         self.changes += 1
 
 
-def test_the_supervisor_side_logs_garbage_once_and_keeps_the_worker() -> None:
-    """Packets that are not messages, read from a real channel, are logged once per worker
-    and change nothing; the messages around them are taken as usual."""
+@contextlib.contextmanager
+def pool_with_a_worker() -> Iterator[tuple[Owner, WorkerPool, WorkerHandle, socket.socket]]:
+    """A pool reading one worker's real channel: (its owner, the pool, the worker's handle,
+    the worker's end of the channel)."""
     owner = Owner()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with ours, theirs, selectors.DefaultSelector() as selector:
@@ -178,6 +181,13 @@ def test_the_supervisor_side_logs_garbage_once_and_keeps_the_worker() -> None:
         pool.selector = selector
         handle = WorkerHandle(1, 1, 1, 4242, ours, "thread")
         selector.register(ours, selectors.EVENT_READ, handle)
+        yield owner, pool, handle, theirs
+
+
+def test_the_supervisor_side_logs_garbage_once_and_keeps_the_worker() -> None:
+    """Packets that are not messages, read from a real channel, are logged once per worker
+    and change nothing; the messages around them are taken as usual."""
+    with pool_with_a_worker() as (owner, pool, handle, theirs):
         sent = [
             b"ready",
             b"hb 1 2 opened=3",
@@ -203,14 +213,7 @@ def test_the_supervisor_side_logs_garbage_once_and_keeps_the_worker() -> None:
 def test_the_supervisor_side_keeps_the_count_at_the_stop_and_the_bye() -> None:
     """A worker's answer to the stop is kept as its count at the stop (and its open count);
     heartbeats after it change the open count only; the bye says it ended by itself."""
-    owner = Owner()
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with ours, theirs, selectors.DefaultSelector() as selector:
-        ours.setblocking(False)
-        pool = WorkerPool(owner, structlog.get_logger())
-        pool.selector = selector
-        handle = WorkerHandle(1, 1, 1, 4242, ours, "thread")
-        selector.register(ours, selectors.EVENT_READ, handle)
+    with pool_with_a_worker() as (_owner, pool, handle, theirs):
         control.send(theirs, control.Heartbeat(9, 20))
         control.send(theirs, control.Stopping(7))
         pool.on_readable(handle)
