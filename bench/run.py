@@ -666,9 +666,10 @@ def render_markdown(report: dict[str, Any], scenarios: list[loadgen.Scenario]) -
         f"server up at once, driven in {report['rounds']} interleaved rounds of "
         f"{report['duration']:g} s slices by {report['client']}; medians over the rounds.",
         "",
-        "The machine was shared with other work while this ran: throughput moves with that "
-        "load by 10-30 % (the one-client ping-pong several-fold); server CPU per operation, "
-        "beside it, moves far less. A table to publish needs a quiet machine.",
+        "On a machine shared with other work, throughput moves with that load by 10-30 % "
+        "(the one-client ping-pong several-fold); server CPU per operation, beside it, moves "
+        "far less. How much else ran beside each server is in \"Other load during each "
+        "run\" below.",
         "",
         f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory']}, Linux {m['kernel']}, "
         f"Python {m['python']}, uvloop {m['uvloop']} "
