@@ -16,6 +16,7 @@ import pytest
 from tests.support import (
     MODES,
     Echod,
+    echod,
     http_get,
     recv_exactly,
     wait_for,
@@ -76,36 +77,29 @@ def open_gauge(server: Echod) -> int:
     raise AssertionError("no echod_connections_open in /metrics")
 
 
-def stop_events(server: Echod) -> tuple[dict[str, Any], dict[str, Any]]:
+def counts_at_stop(server: Echod) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The stopping and stopped events, which must tell one story: the same open count,
+    split into finished and cut."""
     (stopping,) = server.events("stopping")
     (stopped,) = server.events("stopped")
-    return stopping, stopped
-
-
-def adds_up(stopping: dict[str, Any], stopped: dict[str, Any]) -> None:
-    """The two events tell one story: the same open count, split into finished and cut."""
     assert stopped["open"] == stopping["open"]
     assert stopped["finished"] + stopped["cut"] == stopped["open"]
     assert 0 <= stopped["killed"] <= stopped["cut"]
+    return stopping, stopped
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_connections_opened_just_before_the_stop_are_counted(tmp_path: Path, mode: str) -> None:
     """Connections opened within a heartbeat of SIGTERM (which no heartbeat has counted yet)
     are in the stopping event's open, and all of them finish in the stopped event's."""
-    server = Echod(tmp_path, mode=mode, workers=2, worker_timeout=30, shutdown_timeout=20)
-    try:
-        server.start()
+    with echod(tmp_path, mode=mode, workers=2, worker_timeout=30, shutdown_timeout=20) as server:
         socks = hold(server, HELD)
         server.signal(signal.SIGTERM)
         stopping = server.wait_event("stopping")
         assert (stopping["open"], stopping["unconfirmed"]) == (HELD, 0)
         closed_cleanly(socks)
         assert server.stop() == 0
-    finally:
-        server.kill()
-    stopping, stopped = stop_events(server)
-    adds_up(stopping, stopped)
+    stopping, stopped = counts_at_stop(server)
     assert (stopped["finished"], stopped["cut"], stopped["killed"]) == (HELD, 0, 0)
 
 
@@ -113,9 +107,7 @@ def test_connections_opened_just_before_the_stop_are_counted(tmp_path: Path, mod
 def test_what_finishes_and_what_is_cut_is_each_counted_once(tmp_path: Path, mode: str) -> None:
     """Of the connections open at the stop, those the client ends count as finished and
     those the deadline ends as cut, exactly as their close events say."""
-    server = Echod(tmp_path, mode=mode, workers=2, shutdown_timeout=1.5)
-    try:
-        server.start()
+    with echod(tmp_path, mode=mode, workers=2, shutdown_timeout=1.5) as server:
         socks = hold(server, 4)
         server.signal(signal.SIGTERM)
         assert server.wait_event("stopping")["open"] == 4
@@ -125,10 +117,7 @@ def test_what_finishes_and_what_is_cut_is_each_counted_once(tmp_path: Path, mode
             assert sock.recv(1) == b""  # cut
             sock.close()
         assert server.proc is not None and server.proc.wait(20) == 0
-    finally:
-        server.kill()
-    stopping, stopped = stop_events(server)
-    adds_up(stopping, stopped)
+    _stopping, stopped = counts_at_stop(server)
     reasons = [e["reason"] for e in server.events("conn_close")]
     # (On a slow machine the clean close may lose the race with the deadline: as logged.)
     assert stopped["finished"] == reasons.count("client_closed")
@@ -139,9 +128,7 @@ def test_what_finishes_and_what_is_cut_is_each_counted_once(tmp_path: Path, mode
 def test_a_generation_retired_before_the_stop_is_not_counted(tmp_path: Path) -> None:
     """A connection the old generation served to its end after a reload, before the stop,
     is in neither the stopping nor the stopped event; the new generation's are."""
-    server = Echod(tmp_path, mode="thread", workers=1)
-    try:
-        server.start()
+    with echod(tmp_path, mode="thread", workers=1) as server:
         (old,) = hold(server, 1)
         server.signal(signal.SIGHUP)
         server.wait_event(
@@ -154,10 +141,7 @@ def test_a_generation_retired_before_the_stop_is_not_counted(tmp_path: Path) -> 
         assert server.wait_event("stopping")["open"] == 2
         closed_cleanly(socks)
         assert server.stop() == 0
-    finally:
-        server.kill()
-    stopping, stopped = stop_events(server)
-    adds_up(stopping, stopped)
+    _stopping, stopped = counts_at_stop(server)
     assert (stopped["finished"], stopped["cut"]) == (2, 0)
     assert stopped["served"] == 3  # served counts the daemon's life, the old generation's too
 
@@ -165,9 +149,9 @@ def test_a_generation_retired_before_the_stop_is_not_counted(tmp_path: Path) -> 
 def test_a_retiring_worker_is_counted_from_the_stop_not_its_retirement(tmp_path: Path) -> None:
     """A worker still retiring when the daemon stops counts what it has open at the stop:
     one of the two it had when it was retired finished before the stop and is not counted."""
-    server = Echod(tmp_path, mode="thread", workers=1, worker_timeout=2, metrics="127.0.0.1:0")
-    try:
-        server.start()
+    with echod(
+        tmp_path, mode="thread", workers=1, worker_timeout=2, metrics="127.0.0.1:0"
+    ) as server:
         first, second = hold(server, 2)
         server.signal(signal.SIGHUP)
         retired = server.wait_event(
@@ -189,38 +173,28 @@ def test_a_retiring_worker_is_counted_from_the_stop_not_its_retirement(tmp_path:
         assert again["open"] == 1
         closed_cleanly([first])
         assert server.stop() == 0
-    finally:
-        server.kill()
-    stopping, stopped = stop_events(server)
-    adds_up(stopping, stopped)
+    stopping, stopped = counts_at_stop(server)
     assert (stopped["finished"], stopped["cut"]) == (1, 0)
 
 
 def test_sigquit_after_sigterm_cuts_what_the_stop_counted(tmp_path: Path) -> None:
     """SIGQUIT during the drain cuts the open connections: the counts stay those of the
     first stop, now all cut."""
-    server = Echod(tmp_path, mode="thread", workers=2, shutdown_timeout=30)
-    try:
-        server.start()
+    with echod(tmp_path, mode="thread", workers=2, shutdown_timeout=30) as server:
         socks = hold(server, 3)
         server.signal(signal.SIGTERM)
         assert server.wait_event("stopping")["open"] == 3
         server.signal(signal.SIGQUIT)
         ended_by_server(socks)
         assert server.proc is not None and server.proc.wait(20) == 0
-    finally:
-        server.kill()
-    stopping, stopped = stop_events(server)
-    adds_up(stopping, stopped)
+    _stopping, stopped = counts_at_stop(server)
     assert (stopped["finished"], stopped["cut"], stopped["killed"]) == (0, 3, 0)
 
 
 def test_a_client_of_the_drain_delay_is_counted_at_the_stop(tmp_path: Path) -> None:
     """With drain_delay, the stop comes at the delay's end: a client that came during the
     delay is counted with the one held from before."""
-    server = Echod(tmp_path, mode="thread", drain_delay=0.5, shutdown_timeout=20)
-    try:
-        server.start()
+    with echod(tmp_path, mode="thread", drain_delay=0.5, shutdown_timeout=20) as server:
         socks = hold(server, 1)
         server.signal(signal.SIGTERM)
         server.wait_event("draining")
@@ -229,10 +203,7 @@ def test_a_client_of_the_drain_delay_is_counted_at_the_stop(tmp_path: Path) -> N
         assert (stopping["open"], stopping["unconfirmed"]) == (2, 0)
         closed_cleanly(socks)
         assert server.stop() == 0
-    finally:
-        server.kill()
-    stopping, stopped = stop_events(server)
-    adds_up(stopping, stopped)
+    stopping, stopped = counts_at_stop(server)
     assert (stopped["finished"], stopped["cut"]) == (2, 0)
 
 
@@ -241,9 +212,7 @@ def test_a_worker_killed_during_the_drain_counts_its_connections_as_killed(
 ) -> None:
     """A worker SIGKILLed after it answered the stop took its connections with it: they are
     counted as cut, and as killed."""
-    server = Echod(tmp_path, mode="thread", workers=1, shutdown_timeout=30)
-    try:
-        server.start()
+    with echod(tmp_path, mode="thread", workers=1, shutdown_timeout=30) as server:
         (worker,) = worker_pids(server)
         socks = hold(server, 3)
         server.signal(signal.SIGTERM)
@@ -252,10 +221,7 @@ def test_a_worker_killed_during_the_drain_counts_its_connections_as_killed(
         ended_by_server(socks, reset_ok=True)
         assert server.proc is not None
         server.proc.wait(20)
-    finally:
-        server.kill()
-    stopping, stopped = stop_events(server)
-    adds_up(stopping, stopped)
+    _stopping, stopped = counts_at_stop(server)
     assert (stopped["finished"], stopped["cut"], stopped["killed"]) == (0, 3, 3)
 
 
@@ -265,9 +231,9 @@ def test_a_worker_slow_to_answer_is_counted_by_its_heartbeat_unconfirmed(
     """A worker that cannot answer the stop (stopped by SIGSTOP) does not hold the stopping
     event back beyond a second: it is logged with that worker's heartbeat count and says one
     count is unconfirmed; the worker drains once it runs again."""
-    server = Echod(tmp_path, mode="thread", workers=1, worker_timeout=30, metrics="127.0.0.1:0")
-    try:
-        server.start()
+    with echod(
+        tmp_path, mode="thread", workers=1, worker_timeout=30, metrics="127.0.0.1:0"
+    ) as server:
         (worker,) = worker_pids(server)
         socks = hold(server, 2)
         wait_for(lambda: open_gauge(server) == 2, what="a heartbeat counting both")
@@ -281,27 +247,19 @@ def test_a_worker_slow_to_answer_is_counted_by_its_heartbeat_unconfirmed(
         server.wait_event("worker_draining")
         closed_cleanly(socks)
         assert server.stop() == 0
-    finally:
-        server.kill()
-    stopping, stopped = stop_events(server)
-    adds_up(stopping, stopped)
+    stopping, stopped = counts_at_stop(server)
     assert (stopped["finished"], stopped["cut"]) == (2, 0)
 
 
 def test_a_stop_with_no_worker_left_counts_nothing(tmp_path: Path) -> None:
     """When the last worker's death stops the daemon (crash_limit 1), there is nobody to
     ask: the stopping event comes at once, and both count zero."""
-    server = Echod(tmp_path, mode="thread", workers=1, crash_limit=1)
-    try:
-        server.start()
+    with echod(tmp_path, mode="thread", workers=1, crash_limit=1) as server:
         victim = wait_workers(server, 1)[1]
         os.kill(victim, signal.SIGKILL)
         assert server.proc is not None
         assert server.proc.wait(20) == 70
-    finally:
-        server.kill()
-    stopping, stopped = stop_events(server)
+    stopping, stopped = counts_at_stop(server)
     assert stopping["reason"] == "crash loop"
     assert (stopping["open"], stopping["unconfirmed"]) == (0, 0)
-    adds_up(stopping, stopped)
     assert (stopped["finished"], stopped["cut"]) == (0, 0)
