@@ -37,7 +37,8 @@ import threading
 import time
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from echod.acl import AccessList, AddressSet
 from echod.config import Config
@@ -50,8 +51,13 @@ REFUSED_RATE = "connection_rate"
 REFUSED_ACCESS = "access_list"
 REFUSED_UNTRUSTED = "proxy_untrusted"
 REFUSED_PROXY = "proxy_error"
+#: No thread, process or transport could be started for it (a task, memory or descriptor
+#: limit), for longer than a held connection may wait: see ``Worker.hold``.
+REFUSED_RESOURCES = "resources"
 
 SUMMARY_INTERVAL = 1.0
+#: The least time between two limit_reached (or two limit_released) lines of one limit.
+LIMIT_LOG_INTERVAL = 1.0
 
 
 def worker_share(total: int, workers: int, index: int) -> int:
@@ -329,3 +335,89 @@ class Admission:
         SUMMARY_INTERVAL later. Counting from when it was written, not from when it was due,
         keeps two lines as written at least that far apart, however late the first one was."""
         self._last_summary = now
+
+
+REACHED = "limit_reached"
+RELEASED = "limit_released"
+
+
+@dataclass
+class _LimitState:
+    """What was last logged for one limit, and what is true now."""
+
+    logged: str = RELEASED  # nothing logged yet reads as released: the first reached is due
+    actual: str = RELEASED
+    last_at: dict[str, float] = field(default_factory=dict)
+    #: Transitions of each kind since the last line of that kind.
+    count: Counter[str] = field(default_factory=Counter)
+    #: The fields of the latest transition of each kind, for a line written later.
+    fields: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class LimitLog:
+    """Which limit_reached / limit_released lines to write, so that a limit that flaps (each
+    close frees a descriptor, the next accept takes it) cannot flood the log.
+
+    Per limit: the lines alternate, reached then released; each kind is written at most once
+    per ``interval``; a transition that may not be written now is folded into the next line
+    of its kind, whose ``episodes`` field says how many transitions it stands for (1: itself
+    only). When the state differs from what the last line said, a line saying the state as
+    it is now is due once its interval has passed (:meth:`due`, :meth:`take_due`), so the log
+    always ends on the truth. Pure: the caller logs what it is handed.
+    """
+
+    def __init__(self, interval: float = LIMIT_LOG_INTERVAL) -> None:
+        self.interval = interval
+        self._limits: dict[str, _LimitState] = {}
+
+    def reached(self, limit: str, now: float, **fields: Any) -> dict[str, Any] | None:
+        """The limit was reached: the fields of a limit_reached line to write now, or None."""
+        return self._change(limit, REACHED, now, fields)
+
+    def released(self, limit: str, now: float, **fields: Any) -> dict[str, Any] | None:
+        """The limit was released: the fields of a limit_released line to write now, or None."""
+        return self._change(limit, RELEASED, now, fields)
+
+    def _change(
+        self, limit: str, kind: str, now: float, fields: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        state = self._limits.setdefault(limit, _LimitState())
+        state.actual = kind
+        state.count[kind] += 1
+        state.fields[kind] = {"limit": limit, **fields}
+        return self._line(state, kind, now)
+
+    def _line(self, state: _LimitState, kind: str, now: float) -> dict[str, Any] | None:
+        if state.logged == kind or now < self._next(state, kind):
+            return None
+        line = {**state.fields[kind], "episodes": state.count[kind]}
+        state.count[kind] = 0
+        state.logged = kind
+        state.last_at[kind] = now
+        return line
+
+    def _next(self, state: _LimitState, kind: str) -> float:
+        last = state.last_at.get(kind)
+        return float("-inf") if last is None else last + self.interval
+
+    def due(self, now: float) -> float | None:
+        """Seconds until a folded state change is due to be written (<= 0: now); None: none
+        is pending."""
+        pending = [self._next(s, s.actual) for s in self._limits.values() if s.actual != s.logged]
+        return min(pending) - now if pending else None
+
+    def take_due(self, now: float) -> list[tuple[str, dict[str, Any]]]:
+        """The lines due now, as (event, fields): one per limit whose state differs from
+        what its last line said and whose interval has passed."""
+        lines = []
+        for state in self._limits.values():
+            if state.actual != state.logged:
+                line = self._line(state, state.actual, now)
+                if line is not None:
+                    lines.append((state.actual, line))
+        return lines
+
+    def forget(self) -> None:
+        """Accepting has ended for good (the listeners are closed): no line is due any more."""
+        for state in self._limits.values():
+            state.actual = state.logged

@@ -10,6 +10,7 @@ one line on standard error, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import select
@@ -263,10 +264,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if wait_gone(pid, timeout):
         print(f"echod: stopped (pid {pid})")
         return exitcodes.OK
-    print(f"echod: pid {pid} still running after {timeout:g} s; sending SIGKILL", file=sys.stderr)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
+    print(
+        f"echod: pid {pid} still running after {timeout:g} s; sending SIGKILL to it and its "
+        "workers",
+        file=sys.stderr,
+    )
+    if not kill_with_children(pid):
         return exitcodes.OK
     if wait_gone(pid, STOP_MARGIN):
         return exitcodes.OK
@@ -449,6 +452,10 @@ def describe(published: Status | None) -> list[str]:
         f"config file: {published.config_file or 'embedded defaults'}",
         f"version:     {published.version}",
     ]
+    if published.log_dropped:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in published.log_dropped.items())
+        total = sum(published.log_dropped.values())
+        lines.append(f"log:         {total} lines dropped ({reasons})")
     if workers:
         lines.append("workers:")
         lines += [
@@ -465,6 +472,52 @@ def format_duration(seconds: float) -> str:
     minutes, seconds = divmod(seconds, 60)
     text = f"{hours:02d}:{minutes:02d}:{seconds:02d}"
     return f"{days}d {text}" if days else text
+
+
+def kill_with_children(pid: int) -> bool:
+    """SIGKILL the daemon ``pid`` and its workers (its children; their connection processes
+    die with them, by PR_SET_PDEATHSIG), so that a stop never leaves a worker serving on its
+    own. Each is held by a pidfd before the supervisor dies (a worker's pid cannot be taken
+    by another process meanwhile); without pidfds, the supervisor alone. False if it was
+    gone already."""
+    held = []
+    try:
+        held.append(os.pidfd_open(pid))
+    except ProcessLookupError:
+        return False
+    except OSError:  # no pidfd here (a seccomp filter, an old kernel)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        return True
+    try:
+        for child in children_of(pid):
+            with contextlib.suppress(OSError):
+                held.append(os.pidfd_open(child))
+        for pidfd in held:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    finally:
+        for pidfd in held:
+            os.close(pidfd)
+    return True
+
+
+def children_of(pid: int) -> list[int]:
+    """The live children of ``pid`` (its workers), from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
+                fields = stat.read().rsplit(") ", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
 
 
 def wait_gone(pid: int, timeout: float) -> bool:

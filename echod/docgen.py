@@ -1,6 +1,6 @@
 """Generate the documentation of the settings and the exit codes from their tables.
 
-From ``SETTINGS`` in ``echod.config``: ``config/echod.yaml`` (every setting commented out at
+From ``SETTINGS`` in ``echod.settings``: ``config/echod.yaml`` (every setting commented out at
 its default, each with its doc), the settings reference in README.md (between
 ``<!-- settings:begin -->`` and ``<!-- settings:end -->``) and the echod.yaml(5) man page.
 From ``EXIT_CODES`` in ``echod.exitcodes``: the README's exit-code table (between
@@ -21,18 +21,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from echod import __version__, metrics
-from echod.config import (
-    DEFAULT_PATH,
-    ENV_VAR,
-    PIDFILE_ENV_VAR,
-    SECTIONS,
-    SETTINGS,
-    Setting,
-    dropin_dir,
-    iter_yaml_lines,
-    yaml_scalar,
-)
+from echod.configdump import iter_yaml_lines, yaml_scalar
+from echod.configfile import DEFAULT_PATH, ENV_VAR, PIDFILE_ENV_VAR, dropin_dir
 from echod.exitcodes import COMMANDS, EX_CONFIG, EXIT_CODES, ExitCode
+from echod.kinds import Setting
+from echod.settings import SECTIONS, SETTINGS
 
 #: Where each generated file lives, relative to the root of the source tree.
 YAML_PATH = Path("config/echod.yaml")
@@ -70,7 +63,7 @@ def render_yaml() -> str:
         "# which also shows where each value came from.",
         "# Reference: echod.yaml(5) and the README.",
         "#",
-        "# Generated from the settings table in echod/config.py by",
+        "# Generated from the settings table in echod/settings.py by",
         f"# `{REGENERATE}`: change a default or a doc there, not here.",
     ]
     defaults = {s.name: s.default for s in SETTINGS}
@@ -102,7 +95,7 @@ def _markdown(text: str) -> str:
 def render_man5(version: str) -> str:
     """The echod.yaml(5) man page, in roff; ``version`` goes in its footer."""
     lines = [
-        f'.\\" Generated from echod/config.py by "{REGENERATE}"; do not edit.',
+        f'.\\" Generated from echod/settings.py by "{REGENERATE}"; do not edit.',
         f'.TH ECHOD.YAML 5 "" "echod {version}" "File Formats"',
         ".SH NAME",
         "echod.yaml \\- configuration file of the echod echo daemon",
@@ -348,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m echod.docgen``; returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="python -m echod.docgen",
-        description="Generate the documentation of the settings (echod/config.py) and the "
+        description="Generate the documentation of the settings (echod/settings.py) and the "
         "exit codes (echod/exitcodes.py).",
     )
     parser.add_argument(

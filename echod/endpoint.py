@@ -1,33 +1,36 @@
-"""The supervisor's HTTP endpoint (setting ``metrics``): ``/metrics`` from the workers' summed
-counters and the supervisor's own facts, ``/healthz`` from ``Supervisor.health()``.
+"""The supervisor's HTTP endpoint (setting ``metrics``): ``/metrics`` and ``/healthz``.
 
 :class:`echod.httpserve.MetricsServer` does the HTTP, on the supervisor's selector; this
-module connects it to the supervisor: what a scrape shows, and a reload that moves it.
+module keeps it listening where the configuration says, across reloads. What a scrape shows
+and what the health check answers are given as plain callables (the exposition of the
+daemon's snapshot, and its health word): the endpoint reads nothing else.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from typing import TYPE_CHECKING
+import selectors
+from collections.abc import Callable
+from typing import Any
 
-from echod import metrics
+from echod import events, metrics
 from echod.config import Config, split_endpoint
 from echod.errors import OperatorError
 from echod.httpserve import MetricsServer
-from echod.states import SupervisorState
-
-if TYPE_CHECKING:
-    import selectors
-
-    from echod.supervisor import Supervisor
 
 
 class Endpoint:
     """Methods for the caller: :meth:`open`, :meth:`reconfigure` on a reload,
     :meth:`close`; :attr:`server` takes the selector's events, deadlines and timers."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.sup = supervisor
+    def __init__(
+        self,
+        render: Callable[[], bytes],
+        health: Callable[[], str],
+        logger: Callable[[], Any],
+    ) -> None:
+        self.render = render
+        self.health = health
+        self.logger = logger
         self.address: str | None = None
         self.server: MetricsServer | None = None
 
@@ -37,7 +40,7 @@ class Endpoint:
         if cfg.metrics is None:
             return
         host, port = split_endpoint(cfg.metrics)
-        server = MetricsServer(host, port, self.render, self.sup.health)
+        server = MetricsServer(host, port, self.render, self.health)
         server.open(selector)
         metrics.preload()  # now, so that the first scrape does not stall the loop
         self.server, self.address = server, cfg.metrics
@@ -52,7 +55,7 @@ class Endpoint:
             self.server, self.address = None, None
             self.open(cfg, selector)
         except OperatorError as exc:
-            self.sup.log.error("metrics_unavailable", error=str(exc), kept=old_address)
+            self.logger().error(events.METRICS_UNAVAILABLE, error=str(exc), kept=old_address)
             self.server, self.address = old, old_address
             return
         if old is not None:
@@ -63,19 +66,17 @@ class Endpoint:
             self.server.close()
             self.server = None
 
+    def close_in_child(self) -> None:
+        """In a new worker: the listening socket is the supervisor's alone."""
+        if self.server is not None:
+            self.server.close_in_child()
+
     def addresses(self) -> list[str]:
         return self.server.addresses() if self.server is not None else []
 
-    def render(self) -> bytes:
-        sup = self.sup
-        pool = sup.pool
-        facts = metrics.SupervisorFacts(
-            open_connections=pool.open_now(),
-            workers=dict(Counter(h.state.value for h in pool.workers.values())),
-            worker_restarts=pool.restarts,
-            reloads_ok=sup.reload_outcome.ok_count,
-            reloads_failed=sup.reload_outcome.failed_count,
-            draining=sup.state is SupervisorState.DRAINING,
-            start_time=sup.started_wall,
-        )
-        return metrics.render(sup.totals.snapshot(), facts)
+    def deadline(self) -> float | None:
+        return self.server.next_deadline() if self.server is not None else None
+
+    def run_timers(self, now: float) -> None:
+        if self.server is not None:
+            self.server.run_timers(now)

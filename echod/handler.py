@@ -41,19 +41,52 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from echod import log, proxy
+from echod import log
 from echod.config import Config
+from echod.connection import (
+    CLIENT_CLOSED,
+    ERROR,
+    IDLE_TIMEOUT,
+    PROXY_ERROR,
+    RESET,
+    RESET_ERRORS,
+    SHUTDOWN,
+    WRITE_TIMEOUT,
+    Closing,
+    Ending,
+    Gate,
+    Header,
+    Outcome,
+    ProxyIntake,
+    admit,
+    balancer_itself,
+    peer_fields,
+    peer_ip,
+    proxy_fields,
+)
 
-# Why a connection ended, as logged in the close event.
-CLIENT_CLOSED = "client_closed"
-IDLE_TIMEOUT = "idle_timeout"
-WRITE_TIMEOUT = "write_timeout"
-RESET = "reset"
-SHUTDOWN = "shutdown"
-ERROR = "error"
-PROXY_ERROR = "proxy_error"
-
-RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+__all__ = [
+    "CLIENT_CLOSED",
+    "ERROR",
+    "IDLE_TIMEOUT",
+    "PROXY_ERROR",
+    "RESET",
+    "RESET_ERRORS",
+    "SHUTDOWN",
+    "WRITE_TIMEOUT",
+    "EchoHandler",
+    "Gate",
+    "HandlerSettings",
+    "Outcome",
+    "Stopper",
+    "balancer_itself",
+    "connection_timeouts",
+    "first_read_timeout",
+    "peer_fields",
+    "peer_ip",
+    "proxy_fields",
+    "timeval",
+]
 
 
 class Stopper(Protocol):
@@ -66,31 +99,6 @@ class Stopper(Protocol):
     def before_close_event(self) -> None:
         """A last chance to act on recorded signals (log reopen) before the close event."""
         ...
-
-
-class Gate(Protocol):
-    """Who decides on the real client behind a PROXY header (``Admission.admit_client``,
-    or in a connection process a question to its worker)."""
-
-    def admit_client(self, ip: str) -> str | None:
-        """None to serve ``ip``, else why it is refused."""
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """How a connection ended, for the worker to count (and the metrics to report).
-
-    ``refused``: why it was refused after accept (``proxy_error``, ``access_list``,
-    ``max_connections_per_ip``), None when it was served; ``client``: the real client
-    whose per-address count the gate took, to be released (None: none was taken).
-    """
-
-    reason: str
-    bytes_in: int
-    bytes_out: int
-    refused: str | None = None
-    client: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,48 +151,16 @@ def connection_timeouts(settings: HandlerSettings) -> tuple[bytes, bytes]:
     return timeval(receive), timeval(max(settings.write_timeout, 0.0))
 
 
-def peer_fields(peer: Any) -> dict[str, Any]:
-    """Log fields for a peer address of any family."""
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return {"peer": peer[0], "peer_port": peer[1]}
-    return {"peer": str(peer), "peer_port": None}
-
-
-def proxy_fields(peer: Any, sender: Any) -> dict[str, Any]:
-    """Log fields for a connection behind a PROXY header: the client, then the balancer."""
-    if isinstance(sender, tuple) and len(sender) >= 2:  # always, for TCP
-        fields = peer_fields(peer)
-        fields["proxy_peer"] = sender[0]
-        fields["proxy_peer_port"] = sender[1]
-        return fields
-    balancer = peer_fields(sender)
-    return {**peer_fields(peer), "proxy_peer": balancer["peer"], "proxy_peer_port": None}
-
-
-def peer_ip(peer: Any) -> str:
-    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
-
-
-def balancer_itself(header: proxy.ProxyHeader, sender: Any) -> bool:
-    """Whether the header says the connection is the balancer's own: v2 LOCAL, v1 UNKNOWN,
-    or a header whose source is the connection's own peer (address and port), which is what
-    a balancer sends for its health checks when it fills the line with the check's endpoints
-    (HAProxy's ``send-proxy`` does, as the spec advises)."""
-    if header.local:
-        return True
-    source = header.source
-    if source is None or not isinstance(sender, tuple) or source[1] != sender[1]:
-        return False
-    return source[0] == str(sender[0]).removeprefix("::ffff:")
+_CUT = Ending(SHUTDOWN)
+_CLIENT_CLOSED = Ending(CLIENT_CLOSED)
 
 
 class _Closed(Exception):
-    """Raised inside :meth:`EchoHandler.handle` to end the connection with a reason."""
+    """Raised inside :meth:`EchoHandler.handle` to end the connection as ``ending`` says."""
 
-    def __init__(self, reason: str, error: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.error = error
+    def __init__(self, ending: Ending) -> None:
+        super().__init__(ending.reason)
+        self.ending = ending
 
 
 class EchoHandler:
@@ -218,20 +194,24 @@ class EchoHandler:
         self.shared_descriptor = shared_descriptor
         self.bytes_in = 0
         self.bytes_out = 0
-        self.reason = ERROR
-        self.error: str | None = None
+        self.closing = Closing()
         self.started = 0.0
         self._log: Any = None
-        self._emit: Any = None
-        # With a PROXY header: the gate that decides on the real client, the balancer's
-        # address (``peer`` becomes the client's), and what the gate counted or refused.
+        # With a PROXY header: the gate that decides on the real client, and the balancer's
+        # address (``peer`` becomes the client's).
         self.gate = gate
         self.proxy_peer: Any = None
-        self.client: str | None = None
-        self.refused: str | None = None
-        self.quiet = False  # log the open and close events at debug level
         self._receive_timeout = 0.0  # what SO_RCVTIMEO was last set to, behind a PROXY header
-        self._left = False  # closed by the peer before sending a byte of the header
+
+    @property
+    def reason(self) -> str:
+        """Why it ended (after :meth:`serve`)."""
+        return self.closing.reason
+
+    @property
+    def error(self) -> str | None:
+        """The error it ended with, if any (after :meth:`serve`)."""
+        return self.closing.error
 
     def serve(self) -> None:
         """Run setup, handle and finish; finish always runs."""
@@ -241,11 +221,9 @@ class EchoHandler:
                 self.accept_header()
             self.handle()
         except _Closed as closed:
-            self.reason = closed.reason
-            self.error = closed.error
+            self.closing.ended(closed.ending)
         except Exception as exc:  # a bug or an unexpected OS error: log it, keep the worker
-            self.reason = ERROR
-            self.error = f"{type(exc).__name__}: {exc}"
+            self.closing.end(ERROR, f"{type(exc).__name__}: {exc}")
         finally:
             self.finish()
 
@@ -266,7 +244,7 @@ class EchoHandler:
                 )
         if settings.log_connections and not behind_proxy:
             self._bind_log(peer_fields(self.peer))
-            self._emit("conn_open")
+            self._log.info("conn_open")
 
     def _bind_log(self, fields: dict[str, Any]) -> None:
         local_port = self.local_port
@@ -278,30 +256,24 @@ class EchoHandler:
         self._log = log.bind(
             conn_id=self.conn_id, mode=self.settings.mode, local_port=local_port, **fields
         )
-        self._emit = self._log.debug if self.quiet else self._log.info
 
     def accept_header(self) -> None:
         """Read the PROXY header within ``proxy_timeout``, admit the real client, log the
         open event, and echo what came after the header; raises _Closed to end instead."""
-        header, rest = self._read_header()
+        header = self._read_header()
         settings = self.settings
         if self._receive_timeout != settings.idle_timeout:
             idle = max(settings.idle_timeout, 0.0)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(idle))
-        self.quiet = balancer_itself(header, self.peer)
-        self.proxy_peer = self.peer
-        if header.source is not None:
-            self.peer = header.source
-        if self.gate is not None:
-            ip = peer_ip(self.peer)
-            refused = self.gate.admit_client(ip)
-            if refused is not None:
-                self.refused = refused
-                raise _Closed(refused)
-            self.client = ip
+        judged = admit(header, self.peer, self.gate)
+        if isinstance(judged, Ending):
+            raise _Closed(judged)
+        self.closing.admitted(judged)
+        self.peer, self.proxy_peer = judged.peer, judged.proxy_peer
         if settings.log_connections:
-            self._bind_log(proxy_fields(self.peer, self.proxy_peer))
-            self._emit("conn_open")
+            self._bind_log(judged.fields())
+            (self._log.debug if judged.quiet else self._log.info)("conn_open")
+        rest = header.rest
         if rest:
             self.bytes_in += len(rest)
             started = time.monotonic()
@@ -315,27 +287,24 @@ class EchoHandler:
             if sent < len(rest):
                 self._send_rest(memoryview(rest)[sent:], started)
 
-    def _read_header(self) -> tuple[proxy.ProxyHeader, bytes]:
-        """The header, and the bytes that followed it in what was read."""
+    def _read_header(self) -> Header:
+        """The header (connection.ProxyIntake decides), read with blocking calls whose
+        timeout is what is left of the header's deadline."""
         sock = self.sock
         settings = self.settings
-        deadline = self.started + settings.proxy_timeout
-        received = bytearray()
+        intake = ProxyIntake(settings.proxy_protocol, settings.proxy_timeout, self.started)
         # setup() set SO_RCVTIMEO to proxy_timeout for the first read: most headers come
         # whole in it. Each further read waits only for what is left of the deadline.
         self._receive_timeout = settings.proxy_timeout
         first = True
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise self._closed(
-                    PROXY_ERROR,
-                    f"no complete PROXY header within {settings.proxy_timeout:g} s"
-                    f" ({len(received)} bytes received)",
-                )
+        while True:  # bounded by the deadline: each read waits at most what is left of it
+            now = time.monotonic()
+            late = intake.expired(now)
+            if late is not None:
+                raise self._ending(late)
             if not first:
                 # At least 1 ms: a timeval that rounds to 0 would mean no timeout at all.
-                self._receive_timeout = max(remaining, 0.001)
+                self._receive_timeout = max(intake.deadline - now, 0.001)
                 sock.setsockopt(
                     socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(self._receive_timeout)
                 )
@@ -348,28 +317,17 @@ class EchoHandler:
                 raise self._closed(RESET, str(exc)) from None
             if not data:
                 if self.stopper.cut_requested():
-                    raise _Closed(SHUTDOWN)
-                # Closed without a byte: a TCP connect health check, logged at debug and not
-                # counted as a refusal (the peer left; echod refused nothing).
-                self.quiet = self._left = not received
-                raise _Closed(
-                    PROXY_ERROR,
-                    f"closed before a complete PROXY header ({len(received)} bytes received)",
-                )
-            received += data
-            try:
-                header = proxy.parse(received, settings.proxy_protocol)
-            except proxy.ProxyError as exc:
-                raise _Closed(PROXY_ERROR, str(exc)) from None
-            if header is not None:
-                return header, bytes(received[header.length :])
+                    raise _Closed(_CUT)
+                raise _Closed(intake.closed())
+            got = intake.feed(data)
+            if isinstance(got, Header):
+                return got
+            if got is not None:
+                raise _Closed(got)
 
     def outcome(self) -> Outcome:
         """How the connection ended (after :meth:`serve`)."""
-        refused = self.refused
-        if refused is None and self.reason == PROXY_ERROR and not self._left:
-            refused = PROXY_ERROR
-        return Outcome(self.reason, self.bytes_in, self.bytes_out, refused, self.client)
+        return self.closing.outcome(self.bytes_in, self.bytes_out)
 
     def handle(self) -> None:
         """Echo until the client closes, goes idle, resets, or the worker cuts it."""
@@ -385,12 +343,12 @@ class EchoHandler:
                 raise self._closed(RESET, str(exc)) from None
             if not data:
                 if self.stopper.cut_requested():
-                    raise _Closed(SHUTDOWN)
+                    raise _Closed(_CUT)
                 # The client shut its write side. Everything it sent is already echoed,
                 # because each read is written out in full before the next one. Our FIN
                 # goes out in finish(): close() sends it (thread mode), or shutdown(SHUT_RDWR)
                 # does (a shared descriptor), so no shutdown(SHUT_WR) of its own here.
-                raise _Closed(CLIENT_CLOSED)
+                raise _Closed(_CLIENT_CLOSED)
             self.bytes_in += len(data)
             started = time.monotonic()
             try:
@@ -432,9 +390,12 @@ class EchoHandler:
 
     def _closed(self, reason: str, error: str | None = None) -> _Closed:
         """The end of the connection; a cut by the worker wins over what the socket said."""
+        return self._ending(Ending(reason, error))
+
+    def _ending(self, ending: Ending) -> _Closed:
         if self.stopper.cut_requested():
-            return _Closed(SHUTDOWN)
-        return _Closed(reason, error)
+            return _Closed(_CUT)
+        return _Closed(ending)
 
     def finish(self) -> None:
         if self.shared_descriptor:
@@ -446,22 +407,13 @@ class EchoHandler:
             self.sock.close()
         finally:
             self.stopper.before_close_event()
-            settings = self.settings
-            if (
-                self._log is None
-                and self.refused is None
-                and settings.log_connections
-                and settings.proxy_protocol != "off"
-            ):
-                # The header never completed: say so once, with the balancer as peer.
+            closing = self.closing
+            if self._log is None and closing.logged and self.settings.log_connections:
+                # Behind a PROXY header that never completed: say so once, with the
+                # balancer as peer.
                 self._bind_log(peer_fields(self.peer))
-            if self._log is not None:
-                fields: dict[str, Any] = {
-                    "bytes_in": self.bytes_in,
-                    "bytes_out": self.bytes_out,
-                    "duration": round(time.monotonic() - self.started, 6),
-                    "reason": self.reason,
-                }
-                if self.error is not None:
-                    fields["error"] = self.error
-                self._emit("conn_close", **fields)
+            if self._log is not None and closing.logged:
+                fields = closing.close_fields(
+                    self.bytes_in, self.bytes_out, time.monotonic() - self.started
+                )
+                (self._log.debug if closing.quiet else self._log.info)("conn_close", **fields)

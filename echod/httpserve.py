@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from echod import log
+from echod import events, log
 from echod.errors import OperatorError
 from echod.listeners import _bind_kind, format_address
 from echod.metrics import CONTENT_TYPE
@@ -115,7 +115,7 @@ class MetricsServer:
             raise OperatorError(f"metrics: {exc}", exc.exit_code) from None
         self.selector = selector
         for sock in self.listeners:
-            selector.register(sock, selectors.EVENT_READ, self)
+            selector.register(sock, selectors.EVENT_READ, self.on_event)
 
     def addresses(self) -> list[str]:
         """Every bound address, ``http://host:port``, for the ready event."""
@@ -292,11 +292,11 @@ class MetricsServer:
 
     def _register(self, sock: socket.socket, events: int) -> None:
         if self.selector is not None:
-            self.selector.register(sock, events, self)
+            self.selector.register(sock, events, self.on_event)
 
     def _modify(self, sock: socket.socket, events: int) -> None:
         if self.selector is not None:
-            self.selector.modify(sock, events, self)
+            self.selector.modify(sock, events, self.on_event)
 
     def _unregister(self, sock: socket.socket) -> None:
         if self.selector is not None:
@@ -330,4 +330,4 @@ def _response(
 
 def _report(exc: Exception) -> None:
     with contextlib.suppress(Exception):
-        log.get_logger().error("metrics_error", error=f"{type(exc).__name__}: {exc}")
+        log.get_logger().error(events.METRICS_ERROR, error=f"{type(exc).__name__}: {exc}")

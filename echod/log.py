@@ -1,4 +1,8 @@
-"""structlog set-up: the processor chain, the renderers and the sinks.
+"""structlog set-up: the processor chain, the JSON and journal renderers, the sink in use.
+
+The console form, for a person at a terminal, is ``echod.console``; the sinks themselves
+(files and streams, the journal, the counting of dropped lines) are ``echod.sinks``; the
+names of the events are declared in ``echod.events``.
 
 Every event is rendered to one line and written with a single ``write(2)`` on a file
 descriptor opened with ``O_APPEND``, so lines from many processes sharing one log file never
@@ -12,22 +16,22 @@ at-fork hook, the sink is shared).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
-import stat
 import sys
 import threading
 import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
-from echod import systemd
-from echod.config import LogConfig
+from echod import sinks, systemd
+from echod.console import ConsoleRenderer
+from echod.settings import LogConfig
+from echod.sinks import FdSink, JournalSink, Sink
 
 EventDict = MutableMapping[str, Any]
 
@@ -158,466 +162,25 @@ def _journal_value(value: Any) -> Any:
     return value
 
 
-# -- the console form, for people ---------------------------------------------------------------
-
-#: The fields :func:`add_identity` adds. The console form says who wrote an event in words
-#: where it matters (a connection) and not at all where it does not (the supervisor), never
-#: as key=value: ``thread_id`` and ``ppid`` are noise to a person on every line.
-IDENTITY = frozenset(("pid", "ppid", "process", "thread_id", "native_thread_id", "thread_name"))
-SUPERVISOR = "supervisor"
-
-# ANSI styles, used only when the sink is a terminal.
-_RESET = "\x1b[0m"
-_DIM = "\x1b[2m"
-_EVENT_STYLE = {
-    "debug": "\x1b[2m",
-    "info": "\x1b[1m",
-    "warning": "\x1b[1;33m",
-    "error": "\x1b[1;31m",
-    "critical": "\x1b[1;31m",
-}
-#: A level word before the event, for what is not plain information.
-_LEVEL_TAG = {"debug": "DEBUG", "warning": "WARNING", "error": "ERROR", "critical": "CRITICAL"}
-#: Wide enough for conn_open and conn_close, so that their peers line up.
-_EVENT_WIDTH = 10
-
-Phrase = Callable[[EventDict], str]
-
-
-class ConsoleRenderer:
-    """structlog renderer for a person: ``12:03:04 event what matters ... key=value``.
-
-    Each event known below gets a short phrase built from the fields that matter for it (a
-    connection: who served it, the peer, bytes each way, duration, reason); every other field
-    follows as compact ``key=value``. Left out, to keep common lines within 80 columns: the
-    identity noise, and what another line of the same run already says (a connection's local
-    port and the start's address are the ready line's; its mode and ids are on its open line,
-    which its close line names). Always one line: a value holding a line break is escaped.
-    """
-
-    def __init__(self, colors: bool = False) -> None:
-        self.colors = colors
-
-    def __call__(self, _logger: Any, method: str, event_dict: EventDict) -> str:
-        timestamp = str(event_dict.pop("timestamp", ""))
-        level = str(event_dict.pop("level", method))
-        event = _line(str(event_dict.pop("event", "")))
-        phrase = _PHRASES.get(event, _phrase_by_process)(event_dict)
-        rest = " ".join(
-            f"{key}={_value(value)}" for key, value in event_dict.items() if key not in IDENTITY
-        )
-        clock = timestamp[11:19] or timestamp
-        tag = _LEVEL_TAG.get(level)
-        head = f"{event:<{_EVENT_WIDTH}}"
-        if self.colors:
-            style = _EVENT_STYLE.get(level, "")
-            clock = f"{_DIM}{clock}{_RESET}"
-            head = f"{style}{head}{_RESET}"
-            if tag:
-                tag = f"{style}{tag}{_RESET}"
-            if rest:
-                rest = f"{_DIM}{rest}{_RESET}"
-        parts = [clock, tag, head, phrase, rest] if tag else [clock, head, phrase, rest]
-        return " ".join(part for part in parts if part)
-
-
-# For the rare value that does not print as it is: every character outside ASCII escaped,
-# so that a line or paragraph separator cannot break the line on a terminal.
-_JSON_ASCII = json.JSONEncoder(default=str, separators=(",", ":"))
-
-
-def _line(text: str) -> str:
-    """``text`` if it prints on one line, else as a JSON string (escapes and all)."""
-    return text if text.isprintable() else _JSON_ASCII.encode(text)
-
-
-def _quoted(value: Any) -> str:
-    """``value`` as JSON, on one printable line."""
-    text = _JSON.encode(value)
-    return text if text.isprintable() else _JSON_ASCII.encode(value)
-
-
-def _value(value: Any) -> str:
-    """A value for ``key=value``: bare when unambiguous, JSON when it has spaces or more."""
-    if isinstance(value, str):
-        if value and value.isprintable() and " " not in value and '"' not in value:
-            return value
-        return _quoted(value)
-    if isinstance(value, bool) or value is None:
-        return _JSON.encode(value)
-    if isinstance(value, int | float):
-        return str(value)
-    return _quoted(value)
-
-
-def _address(host: Any, port: Any) -> str:
-    text = str(host)
-    if port is None:
-        return text
-    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
-
-
-def _seconds(value: Any) -> str:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return _value(value)
-    if value < 0.01:
-        return f"{value * 1000:.1f} ms"
-    if value < 1:
-        return f"{value * 1000:.0f} ms"
-    return f"{value:.3g} s" if value < 100 else f"{value:.0f} s"
-
-
-def _pop(event_dict: EventDict, key: str, template: str) -> str:
-    """``template`` with the field's value, the field taken; "" when the event lacks it."""
-    if key not in event_dict:
-        return ""
-    return template.format(_line(str(event_dict.pop(key))))
-
-
-def _pop_nonzero(event_dict: EventDict, key: str, template: str) -> str:
-    """As :func:`_pop`, and "" for a zero too: a count worth a word only when it happened."""
-    if not event_dict.get(key, 0):
-        event_dict.pop(key, None)
-        return ""
-    return _pop(event_dict, key, template)
-
-
-def _join(*parts: str) -> str:
-    return " ".join(part for part in parts if part)
-
-
-def _list(*parts: str) -> str:
-    return ", ".join(part for part in parts if part)
-
-
-def _phrase_by_process(event_dict: EventDict) -> str:
-    """Any event: the process that wrote it, unless that is the supervisor."""
-    process = event_dict.get("process")
-    if process == SUPERVISOR or process is None:
-        return ""
-    if process == f"worker-{event_dict.get('worker')}":
-        del event_dict["worker"]  # a worker's logger binds its index: the name says it
-    return f"{process} pid {event_dict.get('pid')}"
-
-
-def _peer(event_dict: EventDict) -> str:
-    """``127.0.0.1:57830``, and ``via 10.0.0.1:4000`` for a client behind a PROXY header."""
-    if "peer" not in event_dict:
-        return ""
-    text = _address(event_dict.pop("peer"), event_dict.pop("peer_port", None))
-    if "proxy_peer" in event_dict:
-        proxy = _address(event_dict.pop("proxy_peer"), event_dict.pop("proxy_peer_port", None))
-        text = f"{text} via {proxy}"
-    return text
-
-
-def _served_by(event_dict: EventDict) -> str:
-    """Who served a connection: its thread in a worker, its own process, or the event loop;
-    the words thread, process or async say the mode."""
-    conn_id = event_dict.pop("conn_id", None)
-    mode = event_dict.pop("mode", None)
-    name = f"conn-{conn_id}"
-    get = event_dict.get
-    process, pid = get("process"), get("pid")
-    if mode == "process" and process == name:
-        return f"process {name} pid {pid} worker pid {get('ppid')}"
-    if mode == "thread" and get("thread_name") == name:
-        return f"{process} pid {pid} thread {name} tid {get('native_thread_id')}"
-    if mode == "async" and conn_id is not None:
-        return f"{process} pid {pid} async {name}"
-    # Not one of the forms above (a name or mode of an unknown shape): say all of it.
-    return _join(
-        f"{process} pid {pid}",
-        f"thread {get('thread_name')} tid {get('native_thread_id')}",
-        f"mode {mode}" if mode is not None else "",
-        f"conn {conn_id}" if conn_id is not None else "",
-    )
-
-
-def _conn_open(event_dict: EventDict) -> str:
-    # The local port is the one the ready line announced: left out to keep the line short.
-    event_dict.pop("local_port", None)
-    return _join(_peer(event_dict), _served_by(event_dict))
-
-
-def _conn_close(event_dict: EventDict) -> str:
-    # conn_open, logged with the same bound fields, said who served the connection and how:
-    # the close line names it and says how it ended.
-    pop = event_dict.pop
-    for key in ("mode", "local_port"):
-        pop(key, None)
-    name = f"conn-{pop('conn_id')}" if "conn_id" in event_dict else ""
-    traffic = ""
-    if "bytes_in" in event_dict and "bytes_out" in event_dict:
-        bytes_in, bytes_out = pop("bytes_in"), pop("bytes_out")
-        traffic = (
-            f"{bytes_in} B echoed"
-            if bytes_in == bytes_out
-            else f"{bytes_in} B in, {bytes_out} B out"
-        )
-    duration = _seconds(pop("duration")) if "duration" in event_dict else ""
-    return _join(
-        _peer(event_dict),
-        name,
-        traffic,
-        duration,
-        _pop(event_dict, "reason", "{}"),
-        _pop(event_dict, "error", "({})"),
-    )
-
-
-def _plural(count: Any, word: str) -> str:
-    return f"{count} {word}" if count == 1 else f"{count} {word}s"
-
-
-def _start(event_dict: EventDict) -> str:
-    # The mode, the workers and the address are the ready line's, which says the port bound.
-    for key in ("mode", "workers", "host", "port"):
-        event_dict.pop(key, None)
-    return _list(
-        _join(_pop(event_dict, "version", "echod {}"), f"pid {event_dict.get('pid')}"),
-        _pop(event_dict, "python", "python {}"),
-        _pop(event_dict, "config_file", "{}"),
-    )
-
-
-def _ready(event_dict: EventDict) -> str:
-    pop = event_dict.pop
-    addresses = pop("addresses", None)
-    where = ", ".join(map(str, addresses)) if isinstance(addresses, list) else ""
-    port = event_dict.get("port")
-    if addresses is not None and not isinstance(addresses, list):
-        event_dict["addresses"] = addresses
-    if port is not None and where.endswith(f":{port}"):
-        pop("port")
-    return _list(
-        where,
-        _pop(event_dict, "port", "port {}"),
-        _pop(event_dict, "mode", "{} mode"),
-        _plural(pop("workers"), "worker") if "workers" in event_dict else "",
-        f"in {_seconds(pop('startup_seconds'))}" if "startup_seconds" in event_dict else "",
-    )
-
-
-def _stopping(event_dict: EventDict) -> str:
-    return _list(
-        _pop(event_dict, "reason", "{}"),
-        _pop(event_dict, "open", "{} open"),
-        _pop_nonzero(event_dict, "unconfirmed", "{} worker(s) unconfirmed"),
-        f"drain {_seconds(event_dict.pop('timeout'))}" if "timeout" in event_dict else "",
-    )
-
-
-def _stopped(event_dict: EventDict) -> str:
-    return _list(
-        _pop(event_dict, "exit_code", "exit {}"),
-        _pop(event_dict, "served", "{} served"),
-        _pop(event_dict, "open", "{} open"),
-        _pop(event_dict, "finished", "{} finished"),
-        _pop(event_dict, "cut", "{} cut"),
-        _pop_nonzero(event_dict, "killed", "{} of them killed"),
-        f"up {_seconds(event_dict.pop('uptime'))}" if "uptime" in event_dict else "",
-    )
-
-
-def _reload(event_dict: EventDict) -> str:
-    changes = event_dict.pop("changes", None)
-    if isinstance(changes, dict):
-        changed = (
-            ", ".join(f"{name} {_arrow(value)}" for name, value in changes.items())
-            or "nothing changed"
-        )
-    else:
-        changed = ""
-        if changes is not None:
-            event_dict["changes"] = changes
-    addresses = event_dict.pop("addresses", None)
-    return _list(
-        _join(_pop(event_dict, "generation", "generation {}:"), changed),
-        ("on " + " ".join(map(str, addresses))) if isinstance(addresses, list) else "",
-        _pop(event_dict, "config_file", "config {}"),
-    )
-
-
-def _arrow(value: Any) -> str:
-    if isinstance(value, list | tuple) and len(value) == 2:
-        return f"{_value(value[0])} -> {_value(value[1])}"
-    return _value(value)
-
-
-def _error_first(event_dict: EventDict) -> str:
-    error = str(event_dict.pop("error", ""))
-    if error.startswith(f"{event_dict.get('config_file')}:"):
-        del event_dict["config_file"]  # the message names the file already
-    return _join(_phrase_by_process(event_dict), _line(error))
-
-
-def _worker_state(event_dict: EventDict) -> str:
-    pop = event_dict.pop
-    delay = f"retry in {_seconds(pop('delay'))}" if "delay" in event_dict else ""
-    return _join(
-        _pop(event_dict, "worker", "worker-{}"),
-        _pop(event_dict, "worker_pid", "pid {}"),
-        _list(
-            _pop(event_dict, "state", "{}"),
-            _pop(event_dict, "open", "{} open"),
-            _pop(event_dict, "exit_code", "exit {}"),
-            _pop(event_dict, "signal", "signal {}"),
-            delay,
-        ),
-        _parenthesis(
-            _list(
-                _pop(event_dict, "mode", "{}"),
-                _pop(event_dict, "generation", "gen {}"),
-            )
-        ),
-    )
-
-
-def _parenthesis(text: str) -> str:
-    return f"({text})" if text else ""
-
-
-def _limit(event_dict: EventDict) -> str:
-    paused = event_dict.pop("paused_for", None)
-    return _join(
-        _phrase_by_process(event_dict),
-        _pop(event_dict, "limit", "{}"),
-        _pop(event_dict, "open", "{} open"),
-        f"after {_seconds(paused)}" if paused is not None else "",
-    )
-
-
-def _by_process(phrase: Phrase) -> Phrase:
-    """``phrase`` after the name of the (worker) process that logged the event."""
-    return lambda event_dict: _join(_phrase_by_process(event_dict), phrase(event_dict))
-
-
-_PHRASES: dict[str, Phrase] = {
-    "conn_open": _conn_open,
-    "conn_close": _conn_close,
-    "start": _start,
-    "ready": _ready,
-    "stopping": _stopping,
-    "stopped": _stopped,
-    "reload": _reload,
-    "reload_failed": _error_first,
-    "start_failed": _error_first,
-    "worker_state": _worker_state,
-    "limit_reached": _limit,
-    "limit_released": _limit,
-    "worker_draining": _by_process(_stopping),
-    "cutting": _by_process(_stopping),
-}
-
-
-class Sink(Protocol):
-    """Where rendered events go."""
-
-    def write(self, line: str) -> None: ...
-
-    def reopen(self) -> None: ...
-
-    def fileno(self) -> int | None: ...
-
-
-# write(2) called without letting go of the interpreter lock (a PyDLL function keeps it,
-# unlike os.write), for regular files only: writing a line to the page cache takes a few
-# microseconds, while letting go and taking the lock back costs a hand-over to another thread
-# each way (two futex calls and a context switch) whenever other threads wait for it, which
-# in thread mode they do: two such hand-overs a connection. A pipe or a terminal can block
-# for as long as its reader wants, so those are written with os.write, which lets go.
-_write_holding_gil = ctypes.PyDLL(None).write
-_write_holding_gil.restype = ctypes.c_ssize_t
-_write_holding_gil.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
-
-
-def _is_regular_file(fd: int) -> bool:
-    try:
-        return stat.S_ISREG(os.fstat(fd).st_mode)
-    except OSError:
-        return False
-
-
-class FdSink:
-    """Writes each line with one ``write(2)``; ``reopen`` swaps the file under the same fd.
-
-    ``reopen`` opens the path again and ``dup2``s it over the descriptor in use, so threads
-    writing concurrently never see a closed descriptor and no line is lost during rotation.
-    """
-
-    def __init__(self, fd: int, path: str | None = None) -> None:
-        self._fd = fd
-        self._path = path
-        # Checked once: reopen() puts the same kind of file (the path again) under the fd.
-        self._regular = _is_regular_file(fd)
-
-    @classmethod
-    def open_path(cls, path: str) -> FdSink:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        return cls(fd, path)
-
-    def write(self, line: str) -> None:
-        data = (line + "\n").encode("utf-8", "backslashreplace")
-        if self._regular:
-            written = _write_holding_gil(self._fd, data, len(data))
-            if written == len(data):
-                return
-            # Short, or failed (-1): os.write finishes the line, or raises the error.
-            data = data[max(written, 0) :]
-        while data:
-            written = os.write(self._fd, data)
-            data = data[written:]
-
-    def reopen(self) -> None:
-        if self._path is None:
-            return
-        fresh = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        try:
-            os.dup2(fresh, self._fd, inheritable=False)
-        finally:
-            os.close(fresh)
-
-    def fileno(self) -> int | None:
-        return self._fd
-
-
-class JournalSink:
-    """Sends each event to the journal with its fields, by the native protocol."""
-
-    def __init__(self, sender: systemd.JournalSender) -> None:
-        self._sender = sender
-
-    def write(self, line: str) -> None:  # pragma: no cover - the journal renderer sends dicts
-        self._sender.send(line, 6, {})
-
-    def send(self, message: str, priority: int, fields: dict[str, Any]) -> None:
-        try:
-            self._sender.send(message, priority, fields)
-        except OSError:
-            # journald is away (restarting): a lost log line must not take a connection down.
-            pass
-
-    def reopen(self) -> None:
-        """Nothing to reopen: the journal socket does not rotate."""
-
-    def fileno(self) -> int | None:
-        return None
-
-
 class SinkLogger:
-    """The structlog "logger" at the end of the chain: hands the rendered event to a sink."""
+    """The structlog "logger" at the end of the chain: hands the rendered event to a sink.
+
+    Never raises: the sinks drop and count a line they cannot write, and anything else that
+    goes wrong here is counted the same way, so that logging cannot end a connection."""
 
     def __init__(self, sink: Sink) -> None:
         self._sink = sink
 
     def msg(self, message: Any = None, **journal: Any) -> None:
-        if journal:
-            # The journal renderer returns {"message", "priority", "fields"} as keywords.
-            assert isinstance(self._sink, JournalSink)
-            self._sink.send(message, **journal)
-        else:
-            self._sink.write(message)
+        try:
+            if journal:
+                # The journal renderer returns {"message", "priority", "fields"} as keywords.
+                assert isinstance(self._sink, JournalSink)
+                self._sink.send(message, **journal)
+            else:
+                self._sink.write(message)
+        except Exception as exc:
+            sinks.drop(exc)
 
     log = debug = info = warn = warning = error = critical = fatal = exception = msg
 
@@ -681,6 +244,8 @@ def configure(cfg: LogConfig, sink: Sink | None = None) -> None:
     """Configure structlog for this process; ``sink`` defaults to opening ``cfg``'s target."""
     if sink is None:
         sink = open_sink(cfg)
+    # Made here, in the supervisor before it forks, so that every process counts in one place.
+    sinks.counts()
     _state.sink = sink
     _state.config = cfg
     fmt = effective_format(cfg, effective_target(cfg))
@@ -696,12 +261,26 @@ def configure(cfg: LogConfig, sink: Sink | None = None) -> None:
             structlog.processors.add_log_level,
             add_timestamp,
             add_identity,
-            renderer,
+            _dropping_failures(renderer),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[cfg.level]),
         logger_factory=lambda *_args: SinkLogger(sink),
         cache_logger_on_first_use=True,
     )
+
+
+def _dropping_failures(renderer: Callable[..., Any]) -> Callable[..., Any]:
+    """``renderer``, with an event it cannot render dropped and counted (reason ``error``)
+    instead of raising into whoever logged it: logging never ends a connection."""
+
+    def render(logger: Any, method: str, event_dict: EventDict) -> Any:
+        try:
+            return renderer(logger, method, event_dict)
+        except Exception as exc:
+            sinks.drop(exc)
+            raise structlog.DropEvent from None
+
+    return render
 
 
 def _sink_is_tty(sink: Sink) -> bool:
@@ -713,6 +292,35 @@ def reopen() -> None:
     """Reopen the log file (after logrotate moved it). A no-op for streams and the journal."""
     if _state.sink is not None:
         _state.sink.reopen()
+
+
+def describe_target(cfg: LogConfig) -> str:
+    """Where ``cfg`` sends the log, in words: its file, ``stdout``, ``the journal``."""
+    target = effective_target(cfg)
+    if target == "file":
+        return str(cfg.file)
+    return "the journal" if target == "journal" else target
+
+
+def watch_drops(cfg: LogConfig) -> sinks.DropWatch:
+    """The supervisor's watch over the lines this configuration's sink (and every other
+    process's) drops, reporting on a channel other than the failing one."""
+    sink = _state.sink
+    fallback = sinks.Fallback(
+        sink.fileno() if sink is not None else None,
+        journal_is_log=effective_target(cfg) == "journal",
+    )
+    return sinks.DropWatch(sinks.counts(), describe_target(cfg), fallback)
+
+
+def switch(cfg: LogConfig, sink: Sink, drops: sinks.DropWatch | None) -> Any:
+    """A reload changed the log settings: configure the supervisor's logging anew on
+    ``sink`` (already opened), point ``drops`` at it; the logger to use from now on."""
+    configure(cfg, sink=sink)
+    if drops is not None:
+        fresh = watch_drops(cfg)
+        drops.retarget(fresh.target, fresh.fallback)
+    return get_logger()
 
 
 def current_sink() -> Sink | None:

@@ -37,6 +37,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from echod import __version__
+from echod.sinks import DROP_REASONS
+from echod.snapshot import Snapshot
+from echod.states import WORKER_GONE, SupervisorState, WorkerState
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric as Family
@@ -59,6 +62,7 @@ CLOSE_REASONS = (
     "shutdown",
     "error",
     "proxy_error",
+    "killed",
 )
 REFUSE_REASONS = (
     "max_connections",
@@ -67,9 +71,11 @@ REFUSE_REASONS = (
     "access_list",
     "proxy_untrusted",
     "proxy_error",
+    "resources",
 )
 UDP_DROP_REASONS = ("loop_port", "rate", "send_error", "access_list")
-WORKER_STATES = ("starting", "running", "retiring", "stopping")
+#: The states a live worker may be in (the gone ones are not exposed: the process is gone).
+WORKER_STATES = tuple(state.value for state in WorkerState if state not in WORKER_GONE)
 RELOAD_RESULTS = ("ok", "failed")
 
 
@@ -163,6 +169,13 @@ METRICS: tuple[Metric, ...] = (
         "Configuration reloads, by result.",
         ("result",),
         RELOAD_RESULTS,
+    ),
+    Metric(
+        "echod_log_lines_dropped_total",
+        "counter",
+        "Log lines that could not be written (a full disk, a closed pipe...), by reason.",
+        ("reason",),
+        DROP_REASONS,
     ),
     Metric(
         "echod_draining",
@@ -290,6 +303,8 @@ class SupervisorFacts:
     draining: bool = False
     #: time.time() when the supervisor started.
     start_time: float = 0.0
+    #: Log lines dropped by every process of the daemon, by reason.
+    log_dropped: Mapping[str, int] = field(default_factory=dict)
 
 
 def samples(counts: Mapping[str, int], facts: SupervisorFacts) -> dict[str, Samples]:
@@ -303,6 +318,10 @@ def samples(counts: Mapping[str, int], facts: SupervisorFacts) -> dict[str, Samp
     out["echod_workers"] = workers
     out["echod_worker_restarts_total"] = {(): facts.worker_restarts}
     out["echod_reloads_total"] = {("ok",): facts.reloads_ok, ("failed",): facts.reloads_failed}
+    dropped = _zeros(_BY_NAME["echod_log_lines_dropped_total"])
+    for reason, number in facts.log_dropped.items():
+        dropped[(reason,)] = number
+    out["echod_log_lines_dropped_total"] = dropped
     out["echod_draining"] = {(): 1 if facts.draining else 0}
     out["echod_start_time_seconds"] = {(): facts.start_time}
     out["echod_build_info"] = {(__version__, platform.python_version()): 1}
@@ -341,6 +360,29 @@ def preload() -> None:
     """Import prometheus_client now (about 40 ms): call it at start-up when ``metrics`` is
     set, so that the first scrape does not stall the supervisor's loop for as long."""
     import prometheus_client  # noqa: F401
+
+
+def facts_of(snapshot: Snapshot) -> SupervisorFacts:
+    """What the supervisor's snapshot says for the metrics."""
+    states: dict[str, int] = {}
+    for worker in snapshot.pool.workers:
+        states[worker.state.value] = states.get(worker.state.value, 0) + 1
+    return SupervisorFacts(
+        open_connections=snapshot.pool.open,
+        workers=states,
+        worker_restarts=snapshot.pool.restarts,
+        reloads_ok=snapshot.reload.ok_count,
+        reloads_failed=snapshot.reload.failed_count,
+        draining=snapshot.state is SupervisorState.DRAINING,
+        start_time=snapshot.started,
+        log_dropped=snapshot.log_dropped,
+    )
+
+
+def render_snapshot(snapshot: Snapshot) -> bytes:
+    """The exposition of the daemon's snapshot: the workers' summed counters and the
+    supervisor's facts."""
+    return render(snapshot.pool.totals, facts_of(snapshot))
 
 
 def render(counts: Mapping[str, int], facts: SupervisorFacts) -> bytes:

@@ -16,6 +16,7 @@ from echod import exitcodes, log
 from echod.config import Config, load_config
 from echod.errors import OperatorError
 from echod.listeners import Listeners, bind, update_backlog
+from echod.snapshot import ReloadView
 from echod.status import RELOAD_FAILED, RELOAD_OK, RELOAD_PENDING
 
 
@@ -76,6 +77,17 @@ class ReloadOutcome:
         #: How many requests ended each way (for the metrics).
         self.ok_count = 0
         self.failed_count = 0
+
+    def resume(self, serial: int) -> None:
+        """In the new image of an upgrade: request ``serial`` (the upgrade's own, which the
+        old image took) is pending here, to be completed by this image's generation."""
+        self.serial = serial - 1
+        self.requested()
+
+    def view(self) -> ReloadView:
+        return ReloadView(
+            self.serial, self.result, self.error, self.exit_code, self.ok_count, self.failed_count
+        )
 
     def requested(self) -> None:
         self.serial += 1

@@ -17,26 +17,23 @@ sum. A worker that has not answered by then is counted by its last heartbeat, an
 deadline; those of a worker that ended without its bye (killed, or crashed) count as cut,
 as many as its last report had open, and ``killed`` says how many of the cut those were.
 
-An exception that escapes the supervisor's loop stops it the same way: logged once as
-``internal_error`` (with the traceback), STOPPING=1 to systemd, the drain, exit 70.
+:class:`Shutdown` owns the stop's state (the drain's and the kill's deadlines, the workers
+alive at the stop, the exit code) and acts through two small Protocols: :class:`StopHost`
+(the supervisor: its state, its sockets, its published outcome) and :class:`StoppingWorkers`
+(the pool's verbs). It is unit-tested with fakes of both.
 """
 
 from __future__ import annotations
 
-import sys
 import time
-import traceback
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from echod import control, exitcodes
+from echod import events, exitcodes
 from echod.states import WORKER_GONE, SupervisorState, WorkerState
-
-if TYPE_CHECKING:
-    from echod.pool import WorkerHandle
-    from echod.supervisor import Supervisor
+from echod.systemd import Notifier
 
 S = SupervisorState
-W = WorkerState
 
 #: Extra time, after shutdown_timeout, that workers get to cut and report before SIGKILL.
 STOP_GRACE = 8.0
@@ -45,7 +42,61 @@ STOP_GRACE = 8.0
 REPORT_WAIT = 1.0
 
 
-def count_at_stop(handle: WorkerHandle) -> tuple[int, bool]:
+class StopWorker(Protocol):
+    """A worker as the stop's counts read it (echod.pool.WorkerHandle)."""
+
+    @property
+    def state(self) -> WorkerState: ...
+
+    @property
+    def open(self) -> int: ...
+
+    @property
+    def cut(self) -> int: ...
+
+    @property
+    def stop_open(self) -> int | None: ...
+
+    @property
+    def said_bye(self) -> bool: ...
+
+
+class StoppingWorkers(Protocol):
+    """The pool's verbs a stop uses (echod.pool.WorkerPool)."""
+
+    def stop_all(self, timeout: float) -> list[Any]: ...
+
+    def quit_all(self) -> None: ...
+
+    def kill_all(self) -> None: ...
+
+    def open_now(self) -> int: ...
+
+    def served_total(self) -> int: ...
+
+    def any_alive(self) -> bool: ...
+
+
+class StopHost(Protocol):
+    """What a stop needs of the supervisor."""
+
+    @property
+    def state(self) -> SupervisorState: ...
+
+    def change_state(self, new: SupervisorState) -> None: ...
+
+    def close_listeners(self) -> None:
+        """Close the listening sockets (unless systemd keeps them in its store)."""
+        ...
+
+    def reload_failed(self, error: str, exit_code: int) -> None:
+        """A reload or upgrade pending now fails with ``error``."""
+        ...
+
+    def publish(self, force: bool) -> None: ...
+
+
+def count_at_stop(handle: StopWorker) -> tuple[int, bool]:
     """What ``handle``'s worker had open when the stop reached it, and whether it said so
     itself (rather than its last heartbeat saying what it had up to a second earlier)."""
     if handle.stop_open is not None:
@@ -57,7 +108,7 @@ def count_at_stop(handle: WorkerHandle) -> tuple[int, bool]:
     return handle.open, False
 
 
-def settle(counted: int, handle: WorkerHandle) -> tuple[int, int, int]:
+def settle(counted: int, handle: StopWorker) -> tuple[int, int, int]:
     """How the ``counted`` connections of a worker that has exited ended: (finished, cut,
     killed); ``killed`` is part of ``cut``."""
     if handle.said_bye:
@@ -75,106 +126,125 @@ class Shutdown:
     """The supervisor's stop, from the first signal to the last worker gone.
 
     Methods for the caller: :meth:`request` (SIGTERM, SIGINT), :meth:`begin` (stop accepting
-    now), :meth:`deadlines` and :meth:`run_timers` from the loop, :meth:`log_stopped` once
-    the last worker is gone.
+    now), :meth:`deadlines` and :meth:`run_timers` from the loop, :meth:`shift` after the
+    daemon was paused, :meth:`log_stopped` once the last worker is gone. :attr:`exit_code`
+    is the daemon's.
     """
 
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.sup = supervisor
+    def __init__(
+        self,
+        host: StopHost,
+        workers: StoppingWorkers,
+        logger: Callable[[], Any],
+        notifier: Notifier | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.host = host
+        self.workers = workers
+        self.logger = logger
+        self.notifier = notifier
+        self.clock = clock
+        self.exit_code = exitcodes.OK
         self.reason = ""
         self.drain_started: float | None = None
         self.drain_until: float | None = None
+        #: The shutdown_timeout that follows the drain.
+        self.timeout = 0.0
         #: Seconds spent draining (still accepting) before the daemon stopped accepting.
         self.drained_for = 0.0
         self.kill_at: float | None = None
         #: The workers alive when the stop began, and (once the stopping event is logged)
         #: what each was counted for in it.
-        self.at_stop: list[WorkerHandle] = []
+        self.at_stop: list[StopWorker] = []
         self.counted: list[int] = []
         #: Until when the stopping event waits for the workers' counts; None once logged.
         self.report_until: float | None = None
         self.stopping_fields: dict[str, object] = {}
 
-    def request(self, reason: str) -> None:
-        """A graceful stop: drain first if drain_delay asks for it; a second request while
-        draining ends the delay at once."""
-        sup = self.sup
-        if sup.state is S.RUNNING and sup.cfg.drain_delay > 0:
-            self.begin_drain(reason)
+    def request(self, reason: str, drain_delay: float, shutdown_timeout: float) -> None:
+        """A graceful stop: drain first if ``drain_delay`` asks for it; a second request
+        while draining ends the delay at once."""
+        if self.host.state is S.RUNNING and drain_delay > 0:
+            self.begin_drain(reason, drain_delay, shutdown_timeout)
         else:
-            self.begin(exitcodes.OK, self.reason or reason)
+            self.begin(exitcodes.OK, self.reason or reason, shutdown_timeout)
 
-    def begin_drain(self, reason: str) -> None:
-        sup = self.sup
-        sup.change_state(S.DRAINING)
-        now = time.monotonic()
+    def begin_drain(self, reason: str, drain_delay: float, shutdown_timeout: float) -> None:
+        self.host.change_state(S.DRAINING)
+        now = self.clock()
         self.reason = reason
         self.drain_started = now
-        self.drain_until = now + sup.cfg.drain_delay
-        sup.log.info(
-            "draining", reason=reason, drain_delay=sup.cfg.drain_delay, open=sup.pool.open_now()
+        self.drain_until = now + drain_delay
+        self.timeout = shutdown_timeout
+        self.logger().info(
+            events.DRAINING, reason=reason, drain_delay=drain_delay, open=self.workers.open_now()
         )
-        if sup.notifier is not None:
-            sup.notifier.stopping()
-            total = sup.cfg.drain_delay + sup.cfg.shutdown_timeout + STOP_GRACE
-            sup.notifier.extend_timeout(int(total * 1_000_000))
-        sup.reload_failed(f"echod is draining ({reason})", exitcodes.EX_TEMPFAIL)
-        sup.publish(force=True)
+        if self.notifier is not None:
+            self.notifier.stopping()
+            total = drain_delay + shutdown_timeout + STOP_GRACE
+            self.notifier.extend_timeout(int(total * 1_000_000))
+        self.host.reload_failed(f"echod is draining ({reason})", exitcodes.EX_TEMPFAIL)
+        self.host.publish(True)
 
-    def begin(self, code: int, reason: str, timeout: float | None = None) -> None:
-        """Stop accepting at once; workers drain for ``timeout`` (default shutdown_timeout),
-        then cut. ``code`` other than 0 becomes the exit code."""
-        sup = self.sup
-        if timeout is None:
-            timeout = sup.cfg.shutdown_timeout
+    def begin(self, code: int, reason: str, timeout: float) -> None:
+        """Stop accepting at once; workers drain for ``timeout`` (shutdown_timeout, or 0 to
+        cut at once), then cut. ``code`` other than 0 becomes the exit code."""
         if code != exitcodes.OK:
-            sup.exit_code = code
-        if sup.state is S.STOPPING:
+            self.exit_code = code
+        if self.host.state is S.STOPPING or self.host.state is S.STOPPED:
             if timeout == 0.0:
-                sup.pool.broadcast(control.Quit())
+                self.workers.quit_all()
             return
-        sup.change_state(S.STOPPING)
+        self.host.change_state(S.STOPPING)
         self.drain_until = None
         if self.drain_started is not None:
-            self.drained_for = round(time.monotonic() - self.drain_started, 3)
-        sup.pool.respawn_due.clear()
-        sup.reload_failed(f"echod is stopping ({reason})", exitcodes.EX_TEMPFAIL)
+            self.drained_for = round(self.clock() - self.drain_started, 3)
+        self.host.reload_failed(f"echod is stopping ({reason})", exitcodes.EX_TEMPFAIL)
         self.stopping_fields = {"reason": reason, "timeout": timeout}
-        if sup.notifier is not None:
-            sup.notifier.stopping()
+        if self.notifier is not None:
+            self.notifier.stopping()
             # systemd's stop timeout may be shorter than the drain: ask for the time we need.
-            sup.notifier.extend_timeout(int((timeout + STOP_GRACE) * 1_000_000))
-        sup.pool.broadcast(control.Quit() if timeout == 0.0 else control.Stop())
-        self.at_stop = list(sup.pool.workers.values())
-        self.report_until = time.monotonic() + REPORT_WAIT
-        for handle in self.at_stop:
-            if handle.state in (W.STARTING, W.RUNNING):
-                handle.change_state(W.STOPPING, sup.log, open=handle.open)
+            self.notifier.extend_timeout(int((timeout + STOP_GRACE) * 1_000_000))
+        self.at_stop = self.workers.stop_all(timeout)
+        self.report_until = self.clock() + REPORT_WAIT
         # Close our copies of the listening sockets: once the workers close theirs, the
         # kernel refuses new clients instead of queueing them for a daemon that is leaving;
         # unless systemd keeps them in its store (echod.fdstore), for the next start: then
         # new clients wait in the queue, and a plain stop closes them with the unit.
-        if sup.listeners is not None and not sup.listeners.adopted:
-            sup.listeners.close()
-        self.kill_at = time.monotonic() + timeout + STOP_GRACE
-        sup.publish(force=True)
-        if not sup.pool.workers:
+        self.host.close_listeners()
+        self.kill_at = self.clock() + timeout + STOP_GRACE
+        self.host.publish(True)
+        if not self.workers.any_alive():
             self.log_stopping()
-            sup.change_state(S.STOPPED)
+            self.host.change_state(S.STOPPED)
+
+    @property
+    def draining(self) -> bool:
+        return self.drain_until is not None
 
     def deadlines(self) -> list[float]:
         return [d for d in (self.drain_until, self.report_until, self.kill_at) if d is not None]
+
+    def shift(self, gap: float) -> None:
+        """The daemon was paused for ``gap`` seconds: every deadline of the stop counts from
+        when it runs again, as the workers' own do (they were paused too)."""
+        if self.drain_until is not None:
+            self.drain_until += gap
+        if self.report_until is not None:
+            self.report_until += gap
+        if self.kill_at is not None:
+            self.kill_at += gap
 
     def run_timers(self, now: float) -> None:
         """The drain_delay's end, the stopping event, the SIGKILL; called after every pass
         of the loop, so that the stopping event follows the last count at once."""
         if self.drain_until is not None and now >= self.drain_until:
-            self.begin(exitcodes.OK, self.reason)
+            self.begin(exitcodes.OK, self.reason, self.timeout)
         if self.report_until is not None and (now >= self.report_until or self.all_counted()):
             self.log_stopping()
         if self.kill_at is not None and now >= self.kill_at:
             self.kill_at = None
-            self.sup.pool.kill_all()
+            self.workers.kill_all()
 
     # -- the stop's counts -------------------------------------------------------------------
 
@@ -189,15 +259,15 @@ class Shutdown:
         self.report_until = None
         counts = [count_at_stop(handle) for handle in self.at_stop]
         self.counted = [count for count, _said in counts]
-        self.sup.log.info(
-            "stopping",
+        self.logger().info(
+            events.STOPPING,
             **self.stopping_fields,
             open=sum(self.counted),
             unconfirmed=sum(1 for _count, said in counts if not said),
             drain_delay=self.drained_for,
         )
 
-    def log_stopped(self) -> None:
+    def log_stopped(self, uptime: float) -> None:
         """The stopped event: the stopping event's ``open``, as it ended. Every worker alive
         at the stop has exited."""
         self.log_stopping()  # (should the loop have ended before it was due)
@@ -205,48 +275,14 @@ class Shutdown:
         for handle, counted in zip(self.at_stop, self.counted, strict=True):
             ended = settle(counted, handle)
             finished, cut, killed = finished + ended[0], cut + ended[1], killed + ended[2]
-        sup = self.sup
-        sup.log.info(
-            "stopped",
-            exit_code=sup.exit_code,
+        self.logger().info(
+            events.STOPPED,
+            exit_code=self.exit_code,
             open=sum(self.counted),
             finished=finished,
             cut=cut,
             killed=killed,
-            served=sup.pool.served_total(),
-            uptime=round(time.monotonic() - sup.started, 3),
+            served=self.workers.served_total(),
+            uptime=round(uptime, 3),
             drain_delay=self.drained_for,
         )
-
-    # -- after an unexpected exception ---------------------------------------------------------
-
-    def internal_error(self, exc: Exception) -> None:
-        """Something echod did not expect: log it once, with its traceback, and say so."""
-        sup = self.sup
-        sup.exit_code = exitcodes.EX_SOFTWARE
-        if sup.log is None:
-            print(f"echod: internal error: {exc!r}", file=sys.stderr)
-            return
-        sup.log.error(
-            "internal_error",
-            error=f"{type(exc).__name__}: {exc}",
-            traceback="".join(traceback.format_exception(exc)),
-            state=sup.state.value,
-            exit_code=exitcodes.EX_SOFTWARE,
-        )
-        if sup.notifier is not None:
-            sup.notifier.stopping()
-
-    def after_internal_error(self) -> None:
-        """Stop the workers as SIGTERM would (they still serve their connections) and run
-        the loop to the end; should it fail again, kill them."""
-        sup = self.sup
-        if sup.selector is None:
-            return  # it failed before any worker existed
-        try:
-            self.begin(exitcodes.EX_SOFTWARE, reason="internal error")
-            sup.loop()
-        except Exception as exc:
-            sup.log.error("internal_error", error=f"{type(exc).__name__}: {exc}", fatal=True)
-            sup.pool.kill_all()
-        sup.exit_code = exitcodes.EX_SOFTWARE

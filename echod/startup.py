@@ -7,9 +7,10 @@ reason and exit code that ``echod run`` / ``echod start`` report.
 from __future__ import annotations
 
 import os
+import resource
 from typing import Any
 
-from echod import exitcodes, fdstore, log, systemd
+from echod import events, exitcodes, fdstore, log, systemd
 from echod.config import Config
 from echod.errors import OperatorError
 from echod.listeners import Listeners, adopt, bind, close_all, key_of, wanted
@@ -40,7 +41,7 @@ def acquire_pidfile(cfg: Config, required: bool, logger: Any) -> Pidfile | None:
         message = f"cannot write pidfile {cfg.pidfile}: {exc.strerror}"
         if required:
             raise OperatorError(message, exitcodes.EX_CANTCREAT) from None
-        logger.warning("pidfile_unavailable", error=message)
+        logger.warning(events.PIDFILE_UNAVAILABLE, error=message)
         return None
     return pidfile
 
@@ -63,3 +64,44 @@ def open_listeners(cfg: Config, notifier: systemd.Notifier | None) -> Listeners:
     except OperatorError:
         close_all(kept)
         raise
+
+
+#: Descriptors a worker holds besides its connections' (listening and control sockets, the
+#: wakeup pipes, the log, its event loop's), with room to spare.
+FD_RESERVE = 64
+
+
+def descriptors_needed(cfg: Config) -> int:
+    """The descriptors the busiest worker needs at ``max_connections``: one a connection (a
+    process-mode worker keeps each connection's socket, to cut it, and a link to its
+    process), plus :data:`FD_RESERVE`."""
+    share = -(-cfg.max_connections // cfg.workers)
+    per_connection = 2 if cfg.mode == "process" else 1
+    return share * per_connection + FD_RESERVE
+
+
+def fit_fd_limit(cfg: Config, logger: Any) -> None:
+    """Raise the soft ``RLIMIT_NOFILE`` (which workers inherit) as far as ``max_connections``
+    needs and the hard limit allows, as systemd advises a service that uses many descriptors
+    to do (its soft default is 1024); say once if even the hard limit is too low: past it,
+    workers pause accepting (``limit_reached``, ``file_descriptors``)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = descriptors_needed(cfg)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    raised = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+    if raised > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft < needed:
+        logger.warning(
+            events.FD_LIMIT_LOW,
+            max_connections=cfg.max_connections,
+            workers=cfg.workers,
+            needed=needed,
+            limit=soft,
+            effect="past the limit, workers stop accepting until a connection closes",
+        )

@@ -3,8 +3,9 @@
 One JSON object, beside the pidfile (``/run/echod/echod.pid`` -> ``/run/echod/echod.status``),
 replaced atomically (written to a temporary file, then renamed) so a reader never sees half of
 it, and readable by every user (mode 0644 whatever the umask: an administrator who is not the
-service's user may run ``echod status``). :class:`Status` is its one definition: the supervisor
-builds one and :func:`write`\\ s it; the commands :func:`read` it back.
+service's user may run ``echod status``). :class:`Status` is its one definition: :func:`build`
+makes it from the supervisor's snapshot, the supervisor :func:`write`\\ s it, and the commands
+:func:`read` it back.
 
 The ``reload_*`` fields let ``echod reload`` learn the outcome of the reload it asked for:
 ``reload_serial`` counts the reload requests (SIGHUP) the supervisor has taken; the result of
@@ -20,12 +21,10 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from echod.snapshot import Snapshot
 from echod.systemd import Notifier
-
-if TYPE_CHECKING:
-    from echod.supervisor import Supervisor
 
 #: ``reload_result`` values.
 RELOAD_PENDING = "pending"
@@ -63,6 +62,8 @@ class Status:
     reload_error: str | None = None
     #: The exit code ``echod reload`` gives for that outcome (0 for ok).
     reload_exit_code: int | None = None
+    #: Log lines dropped so far (a full disk, a closed pipe), by reason; only reasons counted.
+    log_dropped: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,36 +81,30 @@ class Status:
             raise ValueError(f"not a status file: {exc}") from None
 
 
-def of_supervisor(sup: Supervisor) -> Status:
-    """What ``sup`` publishes now."""
-    from echod import __version__
-    from echod.states import SupervisorState as S
-
-    assert sup.listeners is not None
-    outcome = sup.reload_outcome
+def build(snapshot: Snapshot) -> Status:
+    """What the daemon publishes, from its snapshot."""
+    reload = snapshot.reload
     return Status(
-        pid=os.getpid(),
-        version=__version__,
-        state=sup.state.value,
-        started=sup.started_wall,
-        mode=sup.cfg.mode,
-        # Stopping (or stopped: the last worker failed) closed the sockets already.
-        addresses=(
-            sup.listeners.addresses() if sup.state in (S.STARTING, S.RUNNING, S.DRAINING) else []
-        ),
-        config_file=sup.config_path,
-        open=sup.pool.open_now(),
-        served=sup.pool.served_total(),
-        reloads=sup.reloads,
-        generation=sup.generation,
+        pid=snapshot.pid,
+        version=snapshot.version,
+        state=snapshot.state.value,
+        started=snapshot.started,
+        mode=snapshot.mode,
+        addresses=list(snapshot.addresses),
+        config_file=snapshot.config_file,
+        open=snapshot.pool.open,
+        served=snapshot.pool.served,
+        reloads=snapshot.reloads,
+        generation=snapshot.generation,
         workers=[
-            WorkerStatus(h.index, h.pid, h.generation, h.state.value, h.open)
-            for h in sup.pool.ordered()
+            WorkerStatus(w.index, w.pid, w.generation, w.state.value, w.open)
+            for w in snapshot.pool.workers
         ],
-        reload_serial=outcome.serial,
-        reload_result=outcome.result,
-        reload_error=outcome.error,
-        reload_exit_code=outcome.exit_code,
+        reload_serial=reload.serial,
+        reload_result=reload.result,
+        reload_error=reload.error,
+        reload_exit_code=reload.exit_code,
+        log_dropped={r: n for r, n in snapshot.log_dropped.items() if n},
     )
 
 

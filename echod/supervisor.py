@@ -1,62 +1,70 @@
-"""The supervisor: the main process. It owns the listening sockets, the signals, and the
-lifecycle of the daemon; its workers are :class:`echod.pool.WorkerPool`'s, its status file and
-``STATUS=`` line :class:`echod.status.Publisher`'s, a reload's preparation
-:mod:`echod.reload`'s.
+"""The supervisor: the main process. It owns the lifecycle of the daemon and its signals, and
+wires the parts that own the rest: the loop is :class:`echod.mainloop.MainLoop`'s, the
+configuration, sockets and generations of workers :class:`echod.generations.Generations`',
+the workers :class:`echod.pool.WorkerPool`'s, the stop :class:`echod.shutdown.Shutdown`'s, an
+upgrade in place :class:`echod.upgrader.Upgrade`'s, the HTTP endpoint
+:class:`echod.endpoint.Endpoint`'s, the status file and ``STATUS=`` line
+:class:`echod.status.Publisher`'s. Each part gets plain values, callables or the small
+Protocol it declares (the supervisor implements :class:`~echod.pool.PoolOwner`,
+:class:`~echod.shutdown.StopHost` and :class:`~echod.upgrader.UpgradeHost`); none gets the
+supervisor. What it publishes is :meth:`Supervisor.snapshot`, a frozen value.
 
-Signal handlers only record the signal (a byte on the wakeup pipe); the loop below acts on
-it. The loop blocks in one ``select`` on that pipe and on each worker's control socket, with a
-timeout computed from the nearest deadline (a heartbeat that is due, a respawn, the end of a
-drain): nothing is polled on a fixed tick.
+Signal handlers only record the signal; the loop acts on it. What each signal does in each
+state is tabled in the README ("Signals"); none is ever lost, an upgrade's exec included
+(echod.handover). The loop measures its own gaps: when it ran later than it asked to (the
+daemon was stopped, the machine or VM paused), no worker is blamed for the silence: each
+gets a fresh ``worker_timeout`` from then, the stop's deadlines move by as much, and the gap
+is logged once (``loop_gap``).
 
 A reload (SIGHUP) is transactional: the new file is read and validated and any new address is
 bound before anything changes; then a new generation of workers starts on the new settings,
-and once it is ready the old generation is retired: it stops accepting and serves its open
-connections to their natural end. On any error the old configuration keeps serving and a
-``reload_failed`` event says why.
+and once it is ready the old generation is retired. On any error the old configuration keeps
+serving and a ``reload_failed`` event says why.
 
-A stop (SIGTERM, SIGINT) first drains for ``drain_delay`` (still accepting, while the status
-says ``draining`` so that a load balancer moves clients away), then stops accepting and lets
-open connections finish for ``shutdown_timeout``. An unexpected exception in the loop is
-logged once (``internal_error``, with the traceback) and stops the daemon the same graceful
-way, with exit code 70.
+An unexpected exception in a pass of the loop is logged once (``internal_error``, with the
+traceback) and stops the daemon the graceful way, exit code 70; the loop goes on to drain.
+A second one kills the workers and ends it.
 """
 
 from __future__ import annotations
 
 import os
-import selectors
 import signal
 import sys
 import time
-from typing import Any, Protocol
+import traceback
+from typing import Any
 
 from echod import (
     __version__,
-    control,
+    events,
     exitcodes,
     fdstore,
+    handover,
     log,
+    metrics,
     proctitle,
     signals,
+    sinks,
     startup,
     status,
     systemd,
-    upgrade,
 )
 from echod.config import Config
 from echod.endpoint import Endpoint
 from echod.errors import OperatorError
-from echod.listeners import Listeners
-from echod.pidfile import Pidfile
-from echod.pool import WorkerHandle, WorkerPool
+from echod.generations import Generations
+from echod.mainloop import MainLoop
 from echod.prctl import PR_SET_CHILD_SUBREAPER, prctl
-from echod.reload import ReloadOutcome, config_changes, prepare
+from echod.presence import Presence, Readiness
+from echod.reload import prepare
 from echod.shutdown import STOP_GRACE, Shutdown
-from echod.states import SUPERVISOR_TRANSITIONS, SupervisorState, WorkerState, check
-from echod.totals import Totals
+from echod.snapshot import Snapshot
+from echod.states import SUPERVISOR_TRANSITIONS, SupervisorState, check
+from echod.upgrader import Upgrade
+from echod.worker import heartbeat_interval
 
 S = SupervisorState
-W = WorkerState
 
 __all__ = ["HEALTH", "STOP_GRACE", "Readiness", "Supervisor"]
 
@@ -70,21 +78,18 @@ HEALTH = {
 }
 
 
-class Readiness(Protocol):
-    """How ``echod start`` learns that the detached daemon is listening or has failed."""
-
-    def ready(self, pid: int, message: str) -> None: ...
-
-    def failed(self, exit_code: int, message: str) -> None: ...
-
-    def close(self) -> None: ...
+def gap_threshold(cfg: Config) -> float:
+    """How much later than it asked the loop may run before the gap counts: two heartbeat
+    intervals. A shorter gap cannot make a worker that heartbeats in time look silent for
+    ``worker_timeout`` (four intervals)."""
+    return 2 * heartbeat_interval(cfg)
 
 
 class Supervisor:
     """Runs echod: :meth:`run` returns the process exit code.
 
     Methods for the caller: :meth:`run`. Nothing happens before it is called. While it runs,
-    :meth:`health` and :attr:`totals` may be read (the metrics endpoint does).
+    :meth:`health` and :meth:`snapshot` may be read (the metrics endpoint does).
     """
 
     def __init__(
@@ -95,43 +100,57 @@ class Supervisor:
         readiness: Readiness | None = None,
         pidfile_required: bool = False,
     ) -> None:
-        self.cfg = cfg
-        self.config_path = config_path
-        self.readiness = readiness
-        self.pidfile_required = pidfile_required
-        self.state = S.STARTING
-        self.exit_code = exitcodes.OK
-        self.generation = 0
-        self.reloads = 0
-        self.reload_outcome = ReloadOutcome()
-        self.pool = WorkerPool(self, None)
-        self.listeners: Listeners | None = None
-        self.old_listeners: list[Listeners] = []
-        self.pidfile: Pidfile | None = None
-        self.notifier: systemd.Notifier | None = None
-        self.publisher: status.Publisher | None = None
-        self.watchdog_every: float | None = None
-        self.next_watchdog = 0.0
-        self.shutdown = Shutdown(self)
-        self.endpoint = Endpoint(self)
-        self.selector: selectors.BaseSelector | None = None
-        self.wakeup_r = -1
-        self.wakeup_w = -1
+        self._state = S.STARTING
+        # (Reads the environment only: a datagram is sent per notification.)
+        self.notifier = systemd.Notifier.from_environ(os.environ)
+        self.presence = Presence(self.notifier, readiness, pidfile_required)
+        self.watchdog = systemd.Watchdog(None, None)
         self.started_wall = 0.0
         self.started = 0.0
         self.log: Any = None
+        self.internal_errors = 0
+        #: A SIGHUP that came while an upgrade's check ran: a reload once the upgrade is
+        #: over (or the new image's, should the exec happen).
+        self.deferred_reload = False
+        # The parts; nothing happens before run().
+        self.loop = MainLoop(
+            self.on_signal, self.next_deadline, self.after_gap, lambda: gap_threshold(self.cfg)
+        )
+        self.serving = Generations(
+            cfg, config_path, self, notifier=self.notifier, logger=lambda: self.log,
+            close_in_child=self.close_in_child,
+        )  # fmt: skip
+        self.pool = self.serving.pool
+        self.shutdown = Shutdown(self, self.pool, lambda: self.log, self.notifier)
+        self.endpoint = Endpoint(self.render_metrics, self.health, lambda: self.log)
+        self.upgrade: Upgrade | None = None
+        self.drops: sinks.DropWatch | None = None
 
     # -- what others may read ----------------------------------------------------------------
 
     @property
-    def totals(self) -> Totals:
-        """The workers' metrics counters, summed over every worker ever (``snapshot()``)."""
-        return self.pool.totals
+    def cfg(self) -> Config:
+        return self.serving.cfg
+
+    @property
+    def state(self) -> SupervisorState:
+        return self._state
+
+    @property
+    def exit_code(self) -> int:
+        return self.shutdown.exit_code
 
     def health(self) -> str:
         """``serving`` while running; ``draining`` during drain_delay; ``stopping`` after;
         ``starting`` before the first generation is ready."""
-        return HEALTH[self.state]
+        return HEALTH[self._state]
+
+    def snapshot(self) -> Snapshot:
+        """The daemon now, for the status file and the metrics."""
+        return self.serving.snapshot(self._state, self.started_wall)
+
+    def render_metrics(self) -> bytes:
+        return metrics.render_snapshot(self.snapshot())
 
     # -- run ---------------------------------------------------------------------------------
 
@@ -147,17 +166,20 @@ class Supervisor:
                 self.start()
             except OperatorError as exc:
                 return self.fail_start(str(exc), exc.exit_code)
-            self.loop()
-        except Exception as exc:
-            self.shutdown.internal_error(exc)
-            self.shutdown.after_internal_error()
+            while self._state is not S.STOPPED:
+                try:
+                    self.after_pass(self.loop.one_pass())
+                except Exception as exc:  # the daemon stops (a second time: ends)
+                    self.internal_error(exc)
+        except Exception as exc:  # the start failed unexpectedly: nothing to drain
+            self.internal_error(exc, fatal=True)
         finally:
             self.cleanup()
             signal.pthread_sigmask(signal.SIG_BLOCK, signals.FORK_BLOCKED)
         return self.exit_code
 
     def change_state(self, new: SupervisorState) -> None:
-        self.state = check(SUPERVISOR_TRANSITIONS, self.state, new)
+        self._state = check(SUPERVISOR_TRANSITIONS, self._state, new)
 
     # -- start -------------------------------------------------------------------------------
 
@@ -167,302 +189,329 @@ class Supervisor:
         startup.configure_logging(self.cfg)
         log.set_process_name("supervisor")
         proctitle.set_title("echod: supervisor")
-        self.log = self.pool.log = log.get_logger()
-        self.notifier = systemd.Notifier.from_environ(os.environ)
-        handover = upgrade.received(os.environ)
+        self.log = log.get_logger()
+        handed = handover.received(os.environ)
+        if handed is not None and handed.log_drops_fd is not None:
+            # The old workers go on counting there: count on with them.
+            sinks.adopt_counts(handed.log_drops_fd)
+        self.drops = log.watch_drops(self.cfg.log)
         self.log.info(
-            "start",
+            events.START,
             version=__version__,
-            config_file=self.config_path or "<embedded defaults>",
+            config_file=self.serving.config_path or "<embedded defaults>",
             mode=self.cfg.mode,
             workers=self.cfg.workers,
             host=self.cfg.host,
             port=self.cfg.port,
             python=sys.version.split()[0],
-            upgrade=handover is not None,
+            upgrade=handed is not None,
         )
-        if handover is None:
-            self.pidfile = startup.acquire_pidfile(self.cfg, self.pidfile_required, self.log)
-            self.listeners = startup.open_listeners(self.cfg, self.notifier)
+        startup.fit_fd_limit(self.cfg, self.log)
+        if handed is None:
+            self.presence.acquire(self.cfg, self.log)
+            listeners = startup.open_listeners(self.cfg, self.notifier)
         else:
-            self.pidfile, self.listeners = upgrade.adopt_resources(handover)
-        fdstore.keep(self.notifier, self.listeners)  # (an upgrade from before the store too)
-        path = status.path_for(self.pidfile.path) if self.pidfile is not None else None
-        self.publisher = status.Publisher(
-            self.notifier, path, self.summary, lambda: status.of_supervisor(self)
+            pidfile, listeners = handover.adopt_resources(handed)
+            self.presence.adopt(pidfile, handed.pidfile_required)
+        fdstore.keep(self.notifier, listeners)  # (an upgrade from before the store too)
+        self.presence.publish_with(
+            lambda: self.serving.summary(self._state), lambda: status.build(self.snapshot())
         )
         prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphaned connection processes are reaped here
-        self.wakeup_r, self.wakeup_w = signals.record(signals.SUPERVISOR)
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.wakeup_r, selectors.EVENT_READ, None)
-        self.watchdog_every = systemd.watchdog_interval(os.environ)
-        self.pool.close_in_child = self.close_in_child
-        self.pool.start(self.selector)
-        self.endpoint.open(self.cfg, self.selector)
-        if handover is None:
-            self.generation = 1
-            self.spawn_generation()
+        selector = self.loop.open(signals.SUPERVISOR)
+        self.watchdog = systemd.Watchdog(self.notifier, systemd.watchdog_interval(os.environ))
+        self.upgrade = Upgrade(
+            self, self.serving.config_path, selector, wakeup_fd=self.loop.wakeup_r,
+            notifier=self.notifier, logger=lambda: self.log,
+        )  # fmt: skip
+        self.pool.start(selector)
+        self.endpoint.open(self.cfg, selector)
+        if handed is None:
+            self.serving.first(listeners)
         else:
-            upgrade.adopt(self, handover)
+            self.adopt(handed, listeners)
+        self.serving.spawn()
         # An upgrade's exec kept our signals blocked until the handlers above were set.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.FORK_BLOCKED)
+        for signum in handed.pending_signals if handed is not None else ():
+            self.on_signal(signum)  # what the old image had not acted on yet
 
     def fail_start(self, message: str, code: int) -> int:
+        self.shutdown.exit_code = code
         if self.log is not None:
-            self.log.error("start_failed", error=message, exit_code=code)
-        if self.readiness is not None:
-            self.readiness.failed(code, message)
-        elif not self.logs_to_stderr_terminal():
-            print(f"echod: {message}", file=sys.stderr)
+            self.log.error(events.START_FAILED, error=message, exit_code=code)
+        told = self.log is not None and log.effective_target(self.cfg.log) == "stderr"
+        if not self.presence.failed(code, message) and not told:
+            sinks.tell_stderr(message)
         return code
-
-    def logs_to_stderr_terminal(self) -> bool:
-        """Whether the error already reached the operator's terminal through the log."""
-        return self.log is not None and log.effective_target(self.cfg.log) == "stderr"
-
-    def spawn_generation(self) -> None:
-        assert self.listeners is not None
-        for index in range(1, self.cfg.workers + 1):
-            self.pool.spawn(index, self.cfg, self.listeners, self.generation)
 
     def close_in_child(self) -> None:
         """In a new worker: close what is the supervisor's alone."""
-        for old in self.old_listeners:
-            old.close()
-        os.close(self.wakeup_r)
-        os.close(self.wakeup_w)
-        if self.endpoint.server is not None:
-            self.endpoint.server.close_in_child()
-        if self.pidfile is not None:
-            self.pidfile.release()
-        if self.readiness is not None:
-            # Only the supervisor reports readiness; a worker holding the pipe open would
-            # keep `echod start` waiting should the supervisor die before reporting.
-            self.readiness.close()
+        self.serving.close_in_child()
+        self.loop.close_in_child()
+        self.endpoint.close_in_child()
+        if self.upgrade is not None:
+            self.upgrade.end()
+        self.presence.close_in_child()
+
+    def adopt(self, handed: handover.Handover, listeners: Any) -> None:
+        """In the new image of an upgrade: take the old one's workers and counts; a new
+        generation on the new code will retire the old one once it serves."""
+        self.started, self.started_wall = handed.started, handed.started_wall
+        self.serving.adopt(handed, listeners)
+        adopted = self.pool.adopt(handed.pool, listeners)
+        self.change_state(S.RUNNING)
+        self.log.info(
+            events.UPGRADED,
+            version=__version__,
+            from_version=handed.from_version,
+            generation=self.serving.generation,
+            adopted=adopted,
+        )
+        self.publish(force=True)
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def loop(self) -> None:
-        assert self.selector is not None
-        while self.state is not S.STOPPED:
-            now = time.monotonic()
-            for key, mask in self.selector.select(self.next_timeout(now)):
-                if key.data is None:
-                    self.on_wakeup()
-                elif isinstance(key.data, WorkerHandle):
-                    self.pool.on_readable(key.data)
-                else:  # the metrics endpoint's
-                    key.data.on_event(key.fileobj, mask)
-            now = time.monotonic()
-            self.pool.check_heartbeats(now, self.cfg.worker_timeout)
-            if self.state in (S.STARTING, S.RUNNING, S.DRAINING):
-                for index in self.pool.due(now):
-                    self.pool.spawn(index, self.cfg, self.listeners_now(), self.generation)
-            self.run_watchdog(now)
-            self.shutdown.run_timers(now)
-            if self.endpoint.server is not None:
-                self.endpoint.server.run_timers(now)
-            if self.state is S.STOPPING and not self.pool.workers:
-                self.change_state(S.STOPPED)
-
-    def listeners_now(self) -> Listeners:
-        assert self.listeners is not None
-        return self.listeners
-
-    def next_timeout(self, now: float) -> float:
+    def next_deadline(self, now: float) -> float:
         deadlines = self.pool.deadlines(self.cfg, now) + self.shutdown.deadlines()
-        http = self.endpoint.server.next_deadline() if self.endpoint.server else None
-        if http is not None:
-            deadlines.append(http)
-        if self.watchdog_every is not None and self.state in (S.RUNNING, S.DRAINING):
-            deadlines.append(self.next_watchdog)
-        return max(0.0, min(deadlines) - now)
+        for deadline in (
+            self.endpoint.deadline(),
+            self.upgrade.deadline() if self.upgrade is not None else None,
+            self.watchdog.deadline(),
+        ):
+            if deadline is not None:
+                deadlines.append(deadline)
+        return min(deadlines)
 
-    def run_watchdog(self, now: float) -> None:
-        """Ping systemd's watchdog, only while every worker heartbeats in time."""
-        if self.watchdog_every is None or self.notifier is None:
-            return
-        if self.state not in (S.RUNNING, S.DRAINING) or now < self.next_watchdog:
-            return
-        if self.pool.healthy(now, self.cfg.worker_timeout):
-            self.notifier.watchdog()
-        self.next_watchdog = now + self.watchdog_every / 2
+    def after_pass(self, now: float) -> None:
+        """Everyone's timers, after each pass of the loop."""
+        self.pool.check_heartbeats(now, self.cfg.worker_timeout)
+        if self._state in (S.STARTING, S.RUNNING, S.DRAINING):
+            self.serving.respawn_due(now)
+        self.watchdog.run(now, lambda: self.healthy(now))
+        if self.drops is not None:
+            self.drops.check(self.log)
+        self.shutdown.run_timers(now)
+        self.endpoint.run_timers(now)
+        if self.upgrade is not None:
+            self.upgrade.run_timers(now)
+        if self._state is S.STOPPING and not self.pool.any_alive():
+            self.change_state(S.STOPPED)
 
-    def on_wakeup(self) -> None:
-        for signum in signals.received(self.wakeup_r):
-            self.on_signal(signum)
+    def healthy(self, now: float) -> bool:
+        """Serving, and every worker heartbeats in time: the watchdog's condition."""
+        return self._state in (S.RUNNING, S.DRAINING) and self.pool.healthy(
+            now, self.cfg.worker_timeout
+        )
+
+    def after_gap(self, gap: float, now: float) -> None:
+        """The loop did not run for ``gap`` seconds longer than it asked: the workers'
+        silence counts from now, and the stop's deadlines move by as much."""
+        self.pool.forgive_silence(now)
+        self.shutdown.shift(gap)
+        self.log.warning(
+            events.LOOP_GAP,
+            gap=round(gap, 3),
+            effect="worker silence and the stop's deadlines counted from now",
+        )
+
+    def internal_error(self, exc: Exception, fatal: bool = False) -> None:
+        """Something echod did not expect: log it once, with its traceback, and stop the
+        graceful way (exit 70); a second time (or ``fatal``), kill the workers and end."""
+        self.internal_errors += 1
+        self.shutdown.exit_code = exitcodes.EX_SOFTWARE
+        if self.log is None:
+            sinks.tell_stderr(f"internal error: {exc!r}")
+            return
+        fatal = fatal or self.internal_errors > 1
+        self.log.error(
+            events.INTERNAL_ERROR,
+            error=f"{type(exc).__name__}: {exc}",
+            traceback="".join(traceback.format_exception(exc)),
+            state=self._state.value,
+            exit_code=exitcodes.EX_SOFTWARE,
+            fatal=fatal,
+        )
+        if self.notifier is not None:
+            self.notifier.stopping()
+        if self.upgrade is not None:
+            self.upgrade.abort("echod is stopping (internal error)")
+        if fatal:
+            self.pool.kill_all()
+            self._state = S.STOPPED  # the loop cannot be trusted to drain: end it here
+            return
+        self.shutdown.begin(exitcodes.EX_SOFTWARE, "internal error", self.cfg.shutdown_timeout)
+
+    # -- signals -----------------------------------------------------------------------------
 
     def on_signal(self, signum: int) -> None:
         action = signals.SUPERVISOR.get(signal.Signals(signum))
+        name = signal.Signals(signum).name
         if action is signals.Action.CHILD:
-            self.pool.reap(self.cfg, stopping=self.state is S.STOPPING)
-        elif action is signals.Action.STOP:
-            self.shutdown.request(signal.Signals(signum).name)
-        elif action is signals.Action.QUIT:
-            self.shutdown.begin(exitcodes.OK, reason="SIGQUIT", timeout=0.0)
+            self.reap()
+        elif action in (signals.Action.STOP, signals.Action.QUIT):
+            if self.upgrade is not None:
+                self.upgrade.abort(f"echod is stopping ({name})")
+            if action is signals.Action.QUIT:
+                self.shutdown.begin(exitcodes.OK, name, 0.0)
+            else:
+                self.shutdown.request(name, self.cfg.drain_delay, self.cfg.shutdown_timeout)
         elif action is signals.Action.RELOAD:
-            self.reload()
+            if self.upgrade is not None and self.upgrade.checking:
+                self.deferred_reload = True  # acted on once the upgrade is over
+            else:
+                self.reload()
         elif action is signals.Action.REOPEN:
-            self.reopen_logs()
+            log.reopen()
+            self.pool.reopen_logs()
+            self.log.info(events.LOG_REOPENED)
         elif action is signals.Action.UPGRADE:
-            upgrade.begin(self)
+            assert self.upgrade is not None
+            self.upgrade.begin()
 
-    # -- what the pool tells us --------------------------------------------------------------
+    def reap(self) -> None:
+        """Collect every exited child and tell its owner: a worker, an upgrade's check, or
+        an orphaned connection process (this is their subreaper: nothing to tell)."""
+        stopping = self._state in (S.STOPPING, S.STOPPED)
+        for _ in range(100_000):  # bounded: at most one pass per child, with room to spare
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            ours = self.pool.exited(pid, wait_status, self.cfg, stopping)
+            if not ours and self.upgrade is not None:
+                self.upgrade.exited(pid, wait_status)
 
-    def worker_ready(self, handle: WorkerHandle) -> None:
-        current = self.pool.of_generation(self.generation)
-        if len(current) == self.cfg.workers and all(h.state is W.RUNNING for h in current):
-            self.generation_ready()
+    # -- what the generations need (GenerationsHost) -------------------------------------------
 
-    def worker_failed(self, handle: WorkerHandle, failures: int) -> None:
-        if self.state is S.STOPPING:
-            return
-        if self.state is S.STARTING and not handle.booted:
-            self.shutdown.begin(exitcodes.EX_SOFTWARE, reason="worker failed to boot")
-            return
-        if handle.generation == self.generation and not handle.booted:
-            how = ", ".join(f"{k} {v}" for k, v in handle.ended.items())
-            self.reload_failed(
-                f"worker {handle.index} of generation {handle.generation} failed to start ({how})",
-                exitcodes.EX_SOFTWARE,
-            )
-        if failures >= self.cfg.crash_limit:
-            self.log.error(
-                "crash_loop",
-                failures=failures,
-                window=self.cfg.crash_window,
-                exit_code=exitcodes.EX_SOFTWARE,
-            )
-            self.shutdown.begin(exitcodes.EX_SOFTWARE, reason="crash loop")
-            return
-        if handle.generation == self.generation:  # a retired generation's is not replaced
-            self.pool.respawn_later(handle, failures)
-
-    def worker_quit(self, handle: WorkerHandle) -> None:
-        if self.state is not S.STOPPING and handle.generation == self.generation:
-            self.pool.respawn_later(handle)
-
-    def counts_changed(self, force: bool) -> None:
-        self.publish(force)
-
-    def generation_ready(self) -> None:
-        """Every worker of the newest generation serves: retire the older ones."""
-        for handle in list(self.pool.workers.values()):
-            if handle.generation < self.generation and handle.state is W.RUNNING:
-                # Workers whose sockets are being closed must first take what queues on them.
-                kept = handle.listeners is self.listeners
-                self.pool.tell(handle, control.Retire() if kept else control.RetireListeners())
-                handle.change_state(W.RETIRING, self.log, open=handle.open)
-        for old in self.old_listeners:
-            fdstore.release(self.notifier, old)
-        self.old_listeners.clear()
-        if self.state is S.STARTING:
+    def generation_serves(self) -> None:
+        if self._state is S.STARTING:
             self.become_ready()
         elif self.notifier is not None:
             self.notifier.ready()
-        self.reload_outcome.served(self.generation)
-        self.publish(force=True)
+
+    def stop(self, exit_code: int, reason: str) -> None:
+        self.shutdown.begin(exit_code, reason, self.cfg.shutdown_timeout)
 
     def become_ready(self) -> None:
-        assert self.listeners is not None
+        listeners = self.serving.listeners
+        assert listeners is not None
         self.change_state(S.RUNNING)
-        addresses = self.listeners.addresses()
+        addresses = listeners.addresses()
         self.log.info(
-            "ready",
+            events.READY,
             addresses=addresses,
-            port=self.listeners.bound_port(),
+            port=listeners.bound_port(),
             mode=self.cfg.mode,
             workers=self.cfg.workers,
             startup_seconds=round(time.monotonic() - self.started, 3),
             metrics=self.endpoint.addresses(),
         )
-        if self.notifier is not None:
-            self.notifier.ready()
-        if self.readiness is not None:
-            self.readiness.ready(os.getpid(), "listening on " + ", ".join(addresses))
-            self.readiness = None
-        self.next_watchdog = time.monotonic()
+        self.presence.ready(addresses)
+        self.watchdog.start(time.monotonic())
+
+    # -- what a stop needs (StopHost) ----------------------------------------------------------
+
+    def close_listeners(self) -> None:
+        listeners = self.serving.listeners
+        if listeners is not None and not listeners.adopted:
+            listeners.close()
+
+    def reload_failed(self, error: str, exit_code: int) -> None:
+        """Publish the failure of the pending reload, if one is pending."""
+        if self.serving.outcome.failed(error, exit_code):
+            self.publish(force=True)
+
+    def publish(self, force: bool = False) -> None:
+        if self.serving.listeners is not None:
+            self.presence.publish(force)
+
+    # -- what an upgrade needs (UpgradeHost) ---------------------------------------------------
+
+    def upgrade_refusal(self) -> str | None:
+        return self.serving.refusal(self._state)
+
+    def upgrade_requested(self) -> None:
+        self.serving.outcome.requested()
+
+    def check_upgrade(self) -> None:
+        self.serving.check_upgrade()
+
+    def act_on(self, signums: list[int]) -> None:
+        for signum in signums:
+            self.on_signal(signum)
+
+    def upgrade_failed(self, error: str, exit_code: int) -> None:
+        self.log.error(events.UPGRADE_FAILED, error=error)
+        self.reload_failed(error, exit_code)
+        if self.deferred_reload:
+            self.deferred_reload = False
+            self.reload()
+
+    def handover(self, pending: list[int]) -> handover.Handover:
+        """What the new image of an upgrade takes over; ``pending``: the signals recorded
+        and not acted on yet (a deferred SIGHUP joins them)."""
+        if self.deferred_reload:
+            pending = [*pending, signal.SIGHUP]
+        return handover.Handover(
+            **self.serving.handed(),
+            **self.presence.handed(),
+            from_version=__version__,
+            started=self.started,
+            started_wall=self.started_wall,
+            pool=self.pool.hand_over(),
+            log_drops_fd=sinks.counts().fileno(),
+            pending_signals=[int(s) for s in pending],
+        )
 
     # -- stop --------------------------------------------------------------------------------
 
     def cleanup(self) -> None:
         """Release what start() took; safe to call after a partial start."""
-        if self.state is S.STOPPED and self.log is not None:
-            self.shutdown.log_stopped()
-        if self.listeners is not None:
-            self.listeners.close()
+        if self._state is S.STOPPED and self.log is not None:
+            self.shutdown.log_stopped(time.monotonic() - self.started)
+        if self.upgrade is not None:
+            self.upgrade.abort("echod stopped")
+        if self.serving.listeners is not None:
+            self.serving.listeners.close()
         self.endpoint.close()
         self.pool.close()
-        if self.pidfile is not None:
-            if self.publisher is not None:
-                self.publisher.remove()
-            self.pidfile.release()
-            self.pidfile = None
+        self.presence.release()
 
-    # -- reload and log reopen ---------------------------------------------------------------
+    # -- reload --------------------------------------------------------------------------------
 
     def reload(self) -> None:
-        self.reload_outcome.requested()
-        if self.state is not S.RUNNING:
-            self.log.warning("reload_ignored", state=self.state.value)
-            self.reload_failed(f"echod is {self.state.value}", exitcodes.EX_TEMPFAIL)
+        serving = self.serving
+        serving.outcome.requested()
+        if self._state is not S.RUNNING:
+            self.log.warning(events.RELOAD_IGNORED, state=self._state.value)
+            self.reload_failed(f"echod is {self._state.value}", exitcodes.EX_TEMPFAIL)
             return
         if self.notifier is not None:
             self.notifier.reloading()
-        assert self.listeners is not None
+        assert serving.listeners is not None
         try:
-            new = prepare(self.config_path, self.cfg, self.listeners)
+            new = prepare(serving.config_path, self.cfg, serving.listeners)
         except OperatorError as exc:
-            self.log.error("reload_failed", error=str(exc), config_file=self.config_path)
+            self.log.error(events.RELOAD_FAILED, error=str(exc), config_file=serving.config_path)
             if self.notifier is not None:
                 self.notifier.ready()
             self.reload_failed(str(exc), exc.exit_code)
             return
-        old_cfg = self.cfg
         if new.sink is not None:
-            log.configure(new.cfg.log, sink=new.sink)
-            self.log = self.pool.log = log.get_logger()
-        if new.listeners is not self.listeners:
-            self.old_listeners.append(self.listeners)
-            self.listeners = new.listeners
-            fdstore.keep(self.notifier, new.listeners)
-        self.cfg = new.cfg
-        assert self.selector is not None
-        self.endpoint.reconfigure(new.cfg, self.selector)
-        self.generation += 1
-        self.reloads += 1
-        self.reload_outcome.starting(self.generation)
-        self.pool.respawn_due.clear()
+            self.log = log.switch(new.cfg.log, new.sink, self.drops)
+        changes = serving.switch(new)
+        assert self.loop.selector is not None and serving.listeners is not None
+        self.endpoint.reconfigure(new.cfg, self.loop.selector)
+        startup.fit_fd_limit(new.cfg, self.log)
         self.log.info(
-            "reload",
-            config_file=self.config_path or "<embedded defaults>",
-            generation=self.generation,
-            changes=config_changes(old_cfg, new.cfg),
-            addresses=self.listeners.addresses(),
+            events.RELOAD,
+            config_file=serving.config_path or "<embedded defaults>",
+            generation=serving.generation,
+            changes=changes,
+            addresses=serving.listeners.addresses(),
         )
-        self.spawn_generation()
+        serving.spawn()
         self.publish(force=True)
-
-    def reload_failed(self, error: str, exit_code: int) -> None:
-        """Publish the failure of the pending reload, if one is pending."""
-        if self.reload_outcome.failed(error, exit_code):
-            self.publish(force=True)
-
-    def reopen_logs(self) -> None:
-        log.reopen()
-        self.pool.broadcast(control.Reopen())
-        self.log.info("log_reopened")
-
-    # -- status ------------------------------------------------------------------------------
-
-    def publish(self, force: bool = False) -> None:
-        if self.publisher is not None and self.listeners is not None:
-            self.publisher.publish(force)
-
-    def summary(self) -> str:
-        """The STATUS= line: ``thread mode; 2 open; 17 served`` (draining, stopping: said)."""
-        pool = self.pool
-        text = f"{self.cfg.mode} mode; {pool.open_now()} open; {pool.served_total()} served"
-        if self.state in (S.DRAINING, S.STOPPING):
-            return f"{self.state.value}: {text}"
-        return text

@@ -27,7 +27,7 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from types import TracebackType
 
 #: The first descriptor systemd passes (``SD_LISTEN_FDS_START``).
@@ -204,6 +204,37 @@ def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
     except ValueError:
         return None
     return usec / 1_000_000 if usec > 0 else None
+
+
+class Watchdog:
+    """Pings systemd's watchdog (``WatchdogSec=``) at half its interval, only while the
+    caller says the daemon is healthy: a daemon whose workers hang is restarted.
+
+    Methods for the caller: :meth:`start` once serving, :meth:`deadline` and :meth:`run`
+    from the loop. Without a watchdog (no ``$WATCHDOG_USEC`` for this process) both do
+    nothing."""
+
+    def __init__(self, notifier: Notifier | None, interval: float | None) -> None:
+        self.notifier = notifier if interval is not None else None
+        self.interval = interval or 0.0
+        self.next: float | None = None
+
+    def start(self, now: float) -> None:
+        if self.notifier is not None:
+            self.next = now
+
+    def stop(self) -> None:
+        self.next = None
+
+    def deadline(self) -> float | None:
+        return self.next
+
+    def run(self, now: float, healthy: Callable[[], bool]) -> None:
+        if self.next is None or now < self.next or self.notifier is None:
+            return
+        if healthy():
+            self.notifier.watchdog()
+        self.next = now + self.interval / 2
 
 
 # --- socket activation ------------------------------------------------------------------------

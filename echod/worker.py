@@ -3,7 +3,8 @@
 The supervisor forks workers; each runs :meth:`Worker.run`. How a connection is served (a
 thread, a process, an event loop) is the business of a subclass in ``echod.workers``; this
 module holds what every mode shares: the control channel to the supervisor, signals,
-admission (limits, overload policy, running out of descriptors), heartbeats and the drain.
+admission (limits, overload policy, running out of descriptors, a connection held while no
+thread or process can be started for it), heartbeats and the drain.
 
 The control channel's messages are defined in :mod:`echod.control`; the signals a worker
 handles, in :mod:`echod.signals`.
@@ -24,8 +25,15 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar
 
-from echod import control, log, proctitle, signals
-from echod.admission import Admission, SharedIpCounts
+from echod import control, log, prctl, proctitle, signals
+from echod.admission import (
+    REACHED,
+    REFUSED_RESOURCES,
+    RELEASED,
+    Admission,
+    LimitLog,
+    SharedIpCounts,
+)
 from echod.config import Config
 from echod.handler import ERROR, HandlerSettings, Outcome, connection_timeouts
 from echod.listeners import Listeners
@@ -34,8 +42,20 @@ from echod.udp import UdpEcho
 
 #: How many connections one readiness event accepts before the loop serves other events.
 ACCEPT_BATCH = 16
-#: After EMFILE/ENFILE, accepting is paused this long (or until a connection closes).
+#: After EMFILE/ENFILE, accepting is paused this long (or until connections close).
 FD_RETRY = 0.5
+#: Out of descriptors, accepting resumes early once this many (at most) have closed: one
+#: close freeing one descriptor would let one accept through and the next fail at once.
+FD_HYSTERESIS_MAX = 8
+#: A connection that no thread, process or transport could be started for is held and
+#: started again after this long, doubled after each failure up to START_RETRY_MAX (and at
+#: once when a connection closes, which frees a task).
+START_RETRY = 0.05
+START_RETRY_MAX = 1.0
+#: The longest a held connection waits for its start before it is refused: its client has
+#: had no echo for that long. Shorter when idle_timeout is: the client would have been
+#: closed as idle by then had it been served and sent nothing.
+HOLD_MAX = 10.0
 #: After the shutdown deadline cut the connections, how long they get to log and go.
 CUT_GRACE = 5.0
 #: The most a heartbeat waits; a shorter worker_timeout makes heartbeats more frequent.
@@ -48,6 +68,8 @@ _TRANSIENT_ACCEPT_ERRORS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EP
 LIMIT_CONNECTIONS = "max_connections"
 LIMIT_RATE = "connection_rate"
 LIMIT_FDS = "file_descriptors"
+#: No thread, process or transport could be started for an accepted connection.
+LIMIT_RESOURCES = REFUSED_RESOURCES
 #: The close reason counted when a connection's end was not reported (process mode with
 #: neither metrics nor PROXY: nothing scrapes the count then).
 UNREPORTED = "unreported"
@@ -69,6 +91,61 @@ class Drain(Enum):
 
 def heartbeat_interval(cfg: Config) -> float:
     return min(HEARTBEAT_MAX, cfg.worker_timeout / 4)
+
+
+def start_retry_delay(attempts: int) -> float:
+    """How long a held connection waits before its next start, after ``attempts`` failed."""
+    return min(START_RETRY_MAX, START_RETRY * (1 << min(max(attempts, 1) - 1, 16)))
+
+
+def fd_resume_level(open_connections: int) -> int:
+    """Out of descriptors with ``open_connections`` open: accept again early once no more
+    than this many are open (an eighth fewer, between 1 and FD_HYSTERESIS_MAX)."""
+    fewer = max(1, min(FD_HYSTERESIS_MAX, open_connections // 8))
+    return max(0, open_connections - fewer)
+
+
+class StartFailed(Exception):
+    """A mode could not start serving an admitted connection for want of a resource (tasks,
+    memory, descriptors); the message says what, for the log. The worker holds the
+    connection and starts it again later instead of resetting it."""
+
+
+#: errno of a failed fork, thread or transport start -> the resource it ran short of.
+_SHORTAGES = {
+    errno.EAGAIN: "task limit reached",
+    errno.ENOMEM: "out of memory",
+    errno.EMFILE: "out of file descriptors",
+    errno.ENFILE: "the system is out of file descriptors",
+    errno.ENOBUFS: "out of buffer space",
+}
+
+
+def start_failure(what: str, exc: BaseException) -> StartFailed | None:
+    """``exc``, raised starting ``what`` ("a thread"...), as a StartFailed when a resource
+    ran short (None: another error, to be handled as such)."""
+    if isinstance(exc, OSError):
+        shortage = _SHORTAGES.get(exc.errno or 0)
+    elif isinstance(exc, MemoryError):
+        shortage = _SHORTAGES[errno.ENOMEM]
+    elif isinstance(exc, RuntimeError) and "start new thread" in str(exc):
+        # _thread hides pthread_create's EAGAIN, which means either.
+        shortage = "task limit reached or out of memory"
+    else:
+        shortage = None
+    return None if shortage is None else StartFailed(f"cannot start {what}: {shortage}")
+
+
+@dataclass
+class Held:
+    """An admitted connection that nothing could be started for yet (see Worker.hold)."""
+
+    conn: socket.socket
+    peer: Any
+    ip: str
+    conn_id: str
+    since: float
+    attempts: int = 1
 
 
 def peer_ip(peer: Any) -> str:
@@ -121,10 +198,18 @@ class Worker:
         self.cut = 0
         self.paused: str | None = None
         self.paused_since = 0.0
-        # Accepting again on the timer after running out of descriptors: that episode lasts
-        # (no new limit_reached, no limit_released) until an accept succeeds.
-        self.fd_retry = False
+        # Accepting again on the timer after running out of descriptors (or, after refusing
+        # a held connection, of tasks): that limit's episode lasts (no new limit_reached, no
+        # limit_released) until an accept (a start) succeeds.
+        self.retrying: set[str] = set()
         self.resume_at: float | None = None
+        # Out of descriptors: closes resume accepting once open connections are down to this.
+        self.fd_resume_level = 0
+        self.held: Held | None = None
+        self.hold_max = min(HOLD_MAX, spec.config.idle_timeout or HOLD_MAX)
+        self.limit_log = LimitLog()
+        #: What connection processes set their OOM score to (None: leave it as inherited).
+        self.connection_oom_score: int | None = None
         self.next_heartbeat = 0.0
         self.selector: selectors.BaseSelector | None = None
         self.local_port: int | None = None
@@ -154,6 +239,7 @@ class Worker:
         log.configure(self.cfg.log, sink=log.current_sink())
         self.log = log.get_logger().bind(worker=self.spec.index)
         proctitle.set_title(f"echod: worker {self.spec.index} ({self.mode})")
+        self.raise_oom_score()
         self.install_signals()
         self.init_loop()
         self.add_reader(self.wakeup_r, self.on_wakeup)
@@ -197,6 +283,18 @@ class Worker:
         # The supervisor forked us with its signals blocked; ours are ready now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.FORK_BLOCKED)
 
+    def raise_oom_score(self) -> None:
+        """Have the OOM killer take this worker before the supervisor, and its connection
+        processes before it (see echod.prctl). Not being allowed is no error: the scores are
+        a preference, and a read-only /proc (a container) is common."""
+        inherited = prctl.oom_score_adj()
+        mine = prctl.oom_score_over(inherited, prctl.OOM_WORKER)
+        if mine is None or not prctl.set_oom_score_adj(mine):
+            self.log.debug("oom_score_unchanged", oom_score_adj=inherited)
+            return
+        assert inherited is not None
+        self.connection_oom_score = prctl.oom_score_over(inherited, prctl.OOM_CONNECTION)
+
     def init_mode(self) -> None:
         """Mode-specific set-up in the worker process (pipes, thread stack size...)."""
 
@@ -234,7 +332,8 @@ class Worker:
         for deadline in (self.resume_at, self.drain_deadline, self.kill_deadline):
             if deadline is not None:
                 deadlines.append(deadline)
-        for due in (self.admission.summary_due(now), self.udp.summary_due(now)):
+        dues = (self.admission.summary_due(now), self.udp.summary_due(now), self.limit_log.due(now))
+        for due in dues:
             if due is not None:
                 deadlines.append(now + due)
         return max(0.0, min(deadlines) - now)
@@ -245,13 +344,17 @@ class Worker:
             self.next_heartbeat = now + heartbeat_interval(self.cfg)
         if self.resume_at is not None and now >= self.resume_at:
             self.resume_at = None
-            self.maybe_resume(retry=True)
+            if self.held is not None:
+                self.retry_held(now)
+            else:
+                self.maybe_resume(retry=True)
         if self.drain_deadline is not None and now >= self.drain_deadline:
             self.drain_deadline = None
             self.drain = Drain.CUT
             self.cut = self.open_connections()
             if self.cut:
                 self.log.info("cutting", open=self.cut)
+                self.refuse_held()  # never served: nothing to cut, only to close
                 self.cut_connections()
                 self.kill_deadline = now + CUT_GRACE
         if self.kill_deadline is not None and now >= self.kill_deadline:
@@ -267,6 +370,10 @@ class Worker:
         if due is not None and due <= 0:
             self.udp.log_summary(now)
             self.udp.summary_logged(time.monotonic())
+        due = self.limit_log.due(now)
+        if due is not None and due <= 0:
+            for event, fields in self.limit_log.take_due(now):
+                self.log_limit(event, fields)
 
     def heartbeat(self) -> None:
         self.say(control.Heartbeat(self.open_connections(), self.admission.served, self.counters()))
@@ -370,9 +477,11 @@ class Worker:
                 if exc.errno in _TRANSIENT_ACCEPT_ERRORS:
                     continue
                 raise
-            if self.fd_retry:
+            if LIMIT_FDS in self.retrying:
                 self.released(LIMIT_FDS)
             self.admit(conn, peer)
+            if self.paused is not None:
+                return  # its start failed: the connection is held, accepting paused
 
     def admit(self, conn: socket.socket, peer: Any) -> None:
         ip = peer_ip(peer)
@@ -381,17 +490,75 @@ class Worker:
             return
         self.seq += 1
         conn_id = f"{self.spec.serial}-{self.seq}"
-        self.metrics.opened()
         try:
             self.start_connection(conn, peer, conn_id)
-        except Exception as exc:  # e.g. no more threads or processes: refuse, keep serving
-            _close_quietly(conn)
-            self.admission.closed(ip)
-            self.metrics.closed(ERROR, 0, 0)
-            self.log.error("conn_start_failed", conn_id=conn_id, error=str(exc))
+        except StartFailed as exc:
+            self.hold(Held(conn, peer, ip, conn_id, time.monotonic()), str(exc))
+            return
+        except Exception as exc:
+            self.start_failed(conn, ip, conn_id, exc)
+            return
+        self.metrics.opened()
+        if LIMIT_RESOURCES in self.retrying:
+            self.released(LIMIT_RESOURCES)
+
+    def start_failed(self, conn: socket.socket, ip: str, conn_id: str, exc: Exception) -> None:
+        """Starting a connection failed for a reason other than a shortage: close it."""
+        _close_quietly(conn)
+        self.admission.closed(ip)
+        self.metrics.opened()
+        self.metrics.closed(ERROR, 0, 0)
+        self.log.error("conn_start_failed", conn_id=conn_id, error=str(exc))
 
     def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
+        """Serve ``conn``. Raise StartFailed when a resource ran short (start_failure() says
+        which errors mean that); the worker then holds the connection and calls again."""
         raise NotImplementedError
+
+    # -- a connection held for want of a thread or process ------------------------------------
+
+    def hold(self, held: Held, error: str) -> None:
+        """Keep a connection that could not be started, without a reset: stop accepting
+        (later clients wait in the backlog) and start it again on the pause's timer, with a
+        backoff, or at once when a connection closes; refuse it once it has waited
+        ``hold_max``. At most one is held: accepting stops with it."""
+        self.held = held
+        self.pause(LIMIT_RESOURCES, self.held_retry_in(held, held.since), error=error)
+
+    def held_retry_in(self, held: Held, now: float) -> float:
+        """Seconds until the next start of ``held``: its backoff, or its refusal if sooner."""
+        return max(0.0, min(start_retry_delay(held.attempts), held.since + self.hold_max - now))
+
+    def retry_held(self, now: float) -> None:
+        held = self.held
+        assert held is not None
+        try:
+            self.start_connection(held.conn, held.peer, held.conn_id)
+        except StartFailed:
+            held.attempts += 1
+            if now - held.since < self.hold_max:
+                self.resume_at = now + self.held_retry_in(held, now)
+                return
+            self.refuse_held()
+            # Accepting again, the episode goes on until a start succeeds: the next client
+            # accepted is held in its turn.
+            self.maybe_resume(retry=True)
+            return
+        except Exception as exc:
+            self.held = None
+            self.start_failed(held.conn, held.ip, held.conn_id, exc)
+            self.maybe_resume()
+            return
+        self.held = None
+        self.metrics.opened()
+        self.maybe_resume()
+
+    def refuse_held(self) -> None:
+        """Close the held connection, if any, counted as refused for want of resources."""
+        held, self.held = self.held, None
+        if held is not None:
+            _close_quietly(held.conn)
+            self.admission.closed(held.ip, None, REFUSED_RESOURCES)
 
     def connection_closed(self, peer: Any, outcome: Outcome | None = None) -> None:
         """Called by the mode in the worker's main thread when a connection has ended;
@@ -403,26 +570,43 @@ class Worker:
         else:
             self.admission.closed(peer_ip(peer), outcome.client, outcome.refused)
             self.metrics.closed(outcome.reason, outcome.bytes_in, outcome.bytes_out)
-        if self.paused in (LIMIT_CONNECTIONS, LIMIT_FDS):
+        if self.paused is not None or self.held is not None:
+            self.closed_while_paused()
+
+    def closed_while_paused(self) -> None:
+        """A connection ended while accepting is paused (or one is held): its slot, its
+        descriptor or its task may be what the pause waits for."""
+        if self.held is not None:
+            self.resume_at = time.monotonic()  # retry the held one now, from the timers
+            return
+        # Out of descriptors, wait for a few to be free (fd_resume_level): one would let one
+        # accept through and the next fail at once.
+        fds_free = self.paused == LIMIT_FDS and self.open_connections() <= self.fd_resume_level
+        if self.paused == LIMIT_CONNECTIONS or fds_free:
             self.maybe_resume()
 
     def pause(self, reason: str, retry: float | None = None, **fields: Any) -> None:
-        """Stop accepting: new clients wait in the kernel's backlog. Logged once per episode."""
+        """Stop accepting: new clients wait in the kernel's backlog. Logged once per episode
+        (and at most once a second, see LimitLog)."""
         if self.paused is None:
             for sock in self.spec.listeners.tcp:
                 self.remove_reader(sock)
             self.paused = reason
-            if reason != LIMIT_RATE and not (reason == LIMIT_FDS and self.fd_retry):
-                self.paused_since = time.monotonic()
-                self.log.warning(
-                    "limit_reached", limit=reason, open=self.open_connections(), **fields
-                )
+            if reason == LIMIT_FDS:
+                self.fd_resume_level = fd_resume_level(self.open_connections())
+            if reason != LIMIT_RATE and reason not in self.retrying:
+                now = time.monotonic()
+                self.paused_since = now
+                line = self.limit_log.reached(reason, now, open=self.open_connections(), **fields)
+                if line is not None:
+                    self.log_limit(REACHED, line)
         if retry is not None:
             self.resume_at = time.monotonic() + retry
 
     def maybe_resume(self, retry: bool = False) -> None:
-        """Accept again. ``retry``: the pause's timer, which frees no descriptor, so after
-        running out of them the episode goes on until an accept succeeds."""
+        """Accept again. ``retry``: the pause's timer, which frees no descriptor (no task),
+        so after running out of them the episode goes on until an accept (a start)
+        succeeds."""
         if self.paused is None or self.stopping:
             return
         if self.paused == LIMIT_CONNECTIONS and self.admission.should_pause():
@@ -430,19 +614,26 @@ class Worker:
         for sock in self.spec.listeners.tcp:
             self.add_reader(sock, self.on_acceptable)
         limit, self.paused = self.paused, None
-        if retry and limit == LIMIT_FDS:
-            self.fd_retry = True
+        if retry and limit in (LIMIT_FDS, LIMIT_RESOURCES):
+            self.retrying.add(limit)
         elif limit != LIMIT_RATE:
             self.released(limit)
 
     def released(self, limit: str) -> None:
-        self.fd_retry = False
-        self.log.info(
-            "limit_released",
-            limit=limit,
+        self.retrying.discard(limit)
+        now = time.monotonic()
+        line = self.limit_log.released(
+            limit,
+            now,
             open=self.open_connections(),
-            paused_for=round(time.monotonic() - self.paused_since, 3),
+            paused_for=round(now - self.paused_since, 3),
         )
+        if line is not None:
+            self.log_limit(RELEASED, line)
+
+    def log_limit(self, event: str, fields: dict[str, Any]) -> None:
+        """Write a line LimitLog decided on: limit_reached at warning, limit_released at info."""
+        (self.log.warning if event == REACHED else self.log.info)(event, **fields)
 
     # -- the drain -------------------------------------------------------------------------
 
@@ -488,7 +679,10 @@ class Worker:
                 self.remove_reader(sock)
             sock.close()
         self.paused = None
-        self.resume_at = None
+        self.retrying.clear()
+        self.limit_log.forget()
+        if self.held is None:
+            self.resume_at = None  # (else the timer is the held connection's next start)
 
     def cut_connections(self) -> None:
         """Tell every open connection to close now with reason ``shutdown``."""

@@ -49,7 +49,7 @@ from echod.handler import (
     peer_ip,
     proxy_fields,
 )
-from echod.worker import Worker
+from echod.worker import Worker, start_failure
 
 
 def _optional(name: str) -> Any:
@@ -565,15 +565,28 @@ class AsyncWorker(Worker):
         protocol = protocol_class(self, peer, conn_id, local_port)
         adopt = self.loop.connect_accepted_socket(lambda: protocol, conn)
         # Driven by hand rather than by a Task: the first step creates the transport at once
-        # (errors reach admit(), which refuses the connection), and the rest only returns the
-        # pair once the loop has called connection_made.
+        # (errors reach admit(): a shortage holds the connection, anything else refuses it),
+        # and the rest only returns the pair once the loop has called connection_made.
         try:
             waiter = adopt.send(None)
         except StopIteration:
             pass
+        except (OSError, MemoryError) as exc:
+            # The transport takes no descriptor of its own; memory is what it can run short
+            # of. Held only while the socket is still ours to start again.
+            failure = start_failure("a transport", exc)
+            if failure is None or conn.fileno() < 0:
+                raise
+            raise failure from exc
         else:
             waiter.add_done_callback(lambda _f: _finish(adopt))
         self.conns.add(protocol)
+
+    def closed_while_paused(self) -> None:
+        # Called from the loop's connection_lost, outside dispatch(): what it changed (an
+        # earlier retry of a held connection, a limit line now due) needs the timer moved.
+        super().closed_while_paused()
+        self.schedule_timers()
 
     def connection_ended(self, protocol: EchoProtocol) -> None:
         self.conns.discard(protocol)

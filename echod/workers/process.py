@@ -27,11 +27,29 @@ from typing import Any
 
 from echod import exitcodes, log, proctitle, signals
 from echod.clientlink import WorkerLinks
-from echod.handler import EchoHandler, Outcome
-from echod.prctl import PR_SET_PDEATHSIG, prctl
-from echod.worker import Worker
+from echod.connection import KILLED
+from echod.handler import EchoHandler, Outcome, peer_fields
+from echod.prctl import PR_SET_PDEATHSIG, prctl, set_oom_score_adj
+from echod.worker import Worker, start_failure
 
 _FORK_BLOCKED = frozenset(signals.WORKER)  # the worker's handlers must not run in a child
+#: The signals by which the worker itself ends a connection process (the cut, the kill at
+#: the deadline): a death by any other (the OOM killer, an operator) is logged.
+_OURS = frozenset({signal.SIGTERM, signal.SIGKILL})
+#: The event (warning) for a connection process killed by a signal its worker did not send.
+CONNECTION_KILLED = "connection_killed"
+
+
+class Child:
+    """A connection process serving a connection: what the worker keeps of it."""
+
+    __slots__ = ("conn", "conn_id", "peer")
+
+    def __init__(self, peer: Any, conn: socket.socket, conn_id: str) -> None:
+        self.peer = peer
+        #: Our descriptor of its connection, kept to cut it at the deadline.
+        self.conn = conn
+        self.conn_id = conn_id
 
 
 class ChildStopper:
@@ -71,13 +89,14 @@ class ProcessWorker(Worker):
     mode = "process"
 
     def init_mode(self) -> None:
-        # Serving now: pid -> (peer, our descriptor of its connection, kept to cut it at
-        # the deadline). With spare_processes, also the processes that wait for another
-        # connection (the last to wait first: its pages are the likeliest still cached) and
-        # those let go, until they are reaped.
-        self.children: dict[int, tuple[Any, socket.socket]] = {}
+        # Serving now: pid -> its connection. With spare_processes, also the processes that
+        # wait for another connection (the last to wait first: its pages are the likeliest
+        # still cached) and those let go, until they are reaped.
+        self.children: dict[int, Child] = {}
         self.spares: list[int] = []
         self.leaving: set[int] = set()
+        #: Processes this worker sent SIGTERM or SIGKILL: their deaths are not news.
+        self.signalled: set[int] = set()
         self.spare_max = self.cfg.spare_processes
         self.worker_pid = os.getpid()
         # Behind a PROXY header, each connection process asks about its real client, and
@@ -107,12 +126,34 @@ class ProcessWorker(Worker):
             pid = self.spares.pop()
             assert self.links is not None
             if self.links.hand_over(pid, conn, peer, conn_id):
-                self.children[pid] = (peer, conn)
+                self.children[pid] = Child(peer, conn, conn_id)
                 return
             # Dead (its reap is on its way) or unable to take it: either way not a spare.
             # Closing the link tells a live one to go.
             self.let_go(pid)
-        pair = self.links.pair() if self.links is not None else None
+        pair = None
+        try:
+            pair = self.links.pair() if self.links is not None else None
+            pid = self.fork_connection(conn, peer, conn_id, pair)
+        except OSError as exc:
+            for sock in pair or ():
+                sock.close()
+            failure = start_failure("a process", exc)
+            if failure is None:
+                raise
+            raise failure from exc
+        self.children[pid] = Child(peer, conn, conn_id)
+        if self.links is not None and pair is not None:
+            self.links.parent_side(pid, pair)
+
+    def fork_connection(
+        self,
+        conn: socket.socket,
+        peer: Any,
+        conn_id: str,
+        pair: tuple[socket.socket, socket.socket] | None,
+    ) -> int:
+        """Fork the connection's process; returns its pid (in the worker only)."""
         signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
         try:
             pid = os.fork()
@@ -120,9 +161,7 @@ class ProcessWorker(Worker):
                 self.become_connection(conn, peer, conn_id, pair)  # never returns
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
-        self.children[pid] = (peer, conn)
-        if self.links is not None and pair is not None:
-            self.links.parent_side(pid, pair)
+        return pid
 
     def become_connection(
         self,
@@ -173,11 +212,15 @@ class ProcessWorker(Worker):
     def init_connection_process(self, conn_id: str) -> ChildStopper:
         for sock in self.spec.listeners.all():
             sock.close()
-        for _peer, other in self.children.values():
-            other.close()  # other connections' descriptors, which the worker keeps to cut
+        for child in self.children.values():
+            child.conn.close()  # other connections' descriptors, which the worker keeps to cut
         self.children.clear()
         self.spares.clear()
         self.leaving.clear()
+        self.signalled.clear()
+        if self.connection_oom_score is not None:
+            # The first the OOM killer takes: one client lost (see echod.prctl).
+            set_oom_score_adj(self.connection_oom_score)
         self.spec.control.close()
         for fd in (self.wakeup_r, self.wakeup_w):
             os.close(fd)
@@ -210,24 +253,48 @@ class ProcessWorker(Worker):
             super().on_signal(signum)
 
     def reap(self) -> None:
-        while True:
+        for _ in range(100_000):  # bounded: one pass per child reaped, with room to spare
             try:
-                pid, _status = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
-            # The link first: a spare process's last end report may still wait in it.
-            outcome = self.links.reaped(pid) if self.links is not None else None
-            child = self.children.pop(pid, None)
-            if child is not None:
-                peer, conn = child
-                conn.close()
-                self.connection_closed(peer, outcome)
-            elif pid in self.leaving:
-                self.leaving.discard(pid)
-            elif pid in self.spares:
-                self.spares.remove(pid)  # it died waiting
+            self.reaped(pid, status)
+
+    def reaped(self, pid: int, status: int) -> None:
+        killed = self.killed_by(pid, status)
+        # The link first: a spare process's last end report may still wait in it.
+        outcome = self.links.reaped(pid) if self.links is not None else None
+        child = self.children.pop(pid, None)
+        if child is not None:
+            child.conn.close()
+            if killed is not None:
+                self.log.warning(
+                    CONNECTION_KILLED,
+                    conn_id=child.conn_id,
+                    conn_pid=pid,
+                    signal=killed,
+                    **peer_fields(child.peer),
+                )
+                if outcome is None:  # (not None when the worker had counted its client)
+                    outcome = Outcome(KILLED, 0, 0)
+            self.connection_closed(child.peer, outcome)
+        elif pid in self.leaving:
+            self.leaving.discard(pid)
+        elif pid in self.spares:
+            self.spares.remove(pid)  # it died waiting
+            if killed is not None:
+                self.log.warning(CONNECTION_KILLED, conn_id=None, conn_pid=pid, signal=killed)
+
+    def killed_by(self, pid: int, status: int) -> str | None:
+        """The name of the signal that killed the reaped process ``pid``, unless this worker
+        sent it (None too when it exited)."""
+        ours = pid in self.signalled
+        self.signalled.discard(pid)
+        if ours or not os.WIFSIGNALED(status):
+            return None
+        return signal.Signals(os.WTERMSIG(status)).name
 
     def on_child_done(self, pid: int, outcome: Outcome, waits: bool) -> None:
         """A process reported its connection's end: count it, then keep the process for the
@@ -235,9 +302,8 @@ class ProcessWorker(Worker):
         child = self.children.pop(pid, None)
         if child is None:
             return  # a report with no connection handed over: ignored
-        peer, conn = child
-        conn.close()
-        self.connection_closed(peer, outcome)
+        child.conn.close()
+        self.connection_closed(child.peer, outcome)
         if waits and not self.stopping and len(self.spares) < self.spare_max:
             self.spares.append(pid)
         else:
@@ -256,9 +322,9 @@ class ProcessWorker(Worker):
     def cut_connections(self) -> None:
         # The signal first: when shutdown() wakes the child, SIGTERM is already recorded.
         self.signal_children(signal.SIGTERM)
-        for _peer, conn in self.children.values():
+        for child in self.children.values():
             try:
-                conn.shutdown(socket.SHUT_RDWR)
+                child.conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
@@ -273,7 +339,10 @@ class ProcessWorker(Worker):
         pids = list(self.children)
         if everyone:
             pids += [*self.spares, *self.leaving]
+        ours = signum in _OURS
         for pid in pids:
+            if ours:
+                self.signalled.add(pid)
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:

@@ -41,7 +41,7 @@ from typing import Any
 
 from echod import log
 from echod.handler import EchoHandler
-from echod.worker import Worker
+from echod.worker import Worker, start_failure
 
 #: sys.setswitchinterval() of a thread worker, in seconds (CPython's default: 0.005).
 SWITCH_INTERVAL = 0.05
@@ -123,9 +123,12 @@ class ThreadWorker(Worker):
             # and registers an object that nothing here uses. A daemon thread either way; the
             # drain waits for the connections, not for the threads.
             _thread.start_new_thread(self.thread_main, (conn, peer, conn_id))
-        except BaseException:
+        except BaseException as exc:
             del self.open_sockets[conn_id]
-            raise
+            failure = start_failure("a thread", exc)
+            if failure is None:
+                raise
+            raise failure from exc
 
     def thread_main(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
         """Serve a connection; with spare_threads, then wait for others while there is room."""

@@ -207,7 +207,7 @@ def build_newer_deb(workdir: Path) -> Path:
     assert version
     newer = f"{version.group(1)}+newdefault"
     init.write_text(init.read_text().replace(version.group(0), f'__version__ = "{newer}"'))
-    settings = tree / "echod/config.py"
+    settings = tree / "echod/settings.py"
     row = re.compile(r'(\n        "idle_timeout",\n        "number",\n        )300\.0,')
     text, count = row.subn(rf"\g<1>{NEW_DEFAULT}.0,", settings.read_text())
     assert count == 1, "the idle_timeout row of SETTINGS has changed shape"

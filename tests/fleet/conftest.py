@@ -9,6 +9,8 @@ every process it started and removes every namespace, and the test fails if any 
 from __future__ import annotations
 
 import os
+import select
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +21,9 @@ from tests.fleet.services import program
 from tests.support import pid_gone
 
 HOSTS = 3
+#: How long a process killed with its group may take to finish exiting (a worker with many
+#: threads, on a busy machine) before the namespaces' check calls it a stray.
+EXIT_WAIT = 5.0
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -42,10 +47,37 @@ def network() -> Iterator[Network]:
     finally:
         # What still runs inside once the test's own processes were killed (the `started`
         # fixture ends first) escaped them: destroy() kills it, and the test fails.
-        stray = {name: pids_in(name) for name in net.created}
+        stray = still_inside(net.created, EXIT_WAIT)
         net.destroy()
         assert not net.leftovers(), f"namespaces left behind: {net.leftovers()}"
         assert not any(stray.values()), f"processes left in the namespaces: {stray}"
+
+
+def still_inside(names: list[str], timeout: float) -> dict[str, list[int]]:
+    """The processes in the namespaces ``names`` once those seen there have exited, or
+    ``timeout`` seconds later: SIGKILL is sent to a whole group at once, but each of its
+    processes leaves its namespace only when it has finished exiting."""
+    seen = [pid for name in names for pid in pids_in(name)]
+    poller = select.poll()
+    waiting: set[int] = set()
+    try:
+        for pid in seen:
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            waiting.add(fd)
+            poller.register(fd, select.POLLIN)  # readable once the process has exited
+        deadline = time.monotonic() + timeout
+        pending = set(waiting)
+        while pending and (left := deadline - time.monotonic()) > 0:
+            for fd, _events in poller.poll(left * 1000):
+                poller.unregister(fd)
+                pending.discard(fd)
+    finally:
+        for fd in waiting:
+            os.close(fd)
+    return {name: pids_in(name) for name in names}
 
 
 class Started:

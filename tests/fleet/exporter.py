@@ -46,8 +46,8 @@ def main(argv: list[str]) -> int:
         deadline = server.next_deadline()
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         for key, mask in selector.select(timeout):
-            if key.data is server:
-                server.on_event(key.fileobj, mask)
+            if key.data is not None:
+                key.data(key.fileobj, mask)
             else:
                 wake_r.recv(64)
         server.run_timers(time.monotonic())

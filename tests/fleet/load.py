@@ -1,8 +1,8 @@
 """Clients for the fleet: threads in the client namespace, each opening connection after
 connection through the balancer. Every connection sends a stream of random bytes while it
-reads the echo, half-closes, reads to EOF, and compares the SHA-256 and length of what came
-back with what it sent. Bounded: each client stops after ``per_client`` connections or when
-told to, and every connection has a deadline."""
+reads the echo, half-closes once the whole echo is back, reads to EOF, and compares the
+SHA-256 and length of what came back with what it sent. Bounded: each client stops after
+``per_client`` connections or when told to, and every connection has a deadline."""
 
 from __future__ import annotations
 
@@ -139,10 +139,22 @@ class Clients:
         return conn
 
     def _exchange(self, sock: socket.socket, payload: bytes, conn: Connection) -> bytes:
-        """Send while reading (a large stream cannot deadlock), half-close, read to EOF."""
+        """Send while reading (a large stream cannot deadlock); once the whole echo is back,
+        half-close and read to EOF.
+
+        Not earlier: HAProxy 2.6 in ``mode tcp`` loses the end of a stream whose FIN reaches
+        it while its buffer toward the server is full. It stops polling the client for reads
+        then; a later write-only event clears its cached "readable" flag but not the sticky
+        "peer shut" one, and ``raw_sock_to_buf()`` takes that pair for the end of the data
+        without calling recv(): it shuts the server side after what it holds and closes the
+        client's socket with the rest unread, which the kernel answers with a reset (the
+        flags' semantics: haproxy/haproxy issue 169). echod never sees those bytes: a FIN
+        sent while they are on their way tests HAProxy's input handling, not echod's drain.
+        """
         sock.setblocking(False)
         view = memoryview(payload)
         echoed = bytearray()
+        half_closed = False
         end = time.monotonic() + self.deadline
         with selectors.DefaultSelector() as sel:
             sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
@@ -159,7 +171,6 @@ class Clients:
                         view = view[sent:]
                         conn.sent += sent
                         if not view:
-                            sock.shutdown(socket.SHUT_WR)
                             sel.modify(sock, selectors.EVENT_READ)
                     if events & selectors.EVENT_READ:
                         try:
@@ -170,3 +181,6 @@ class Clients:
                             return bytes(echoed)
                         echoed += chunk
                         conn.received += len(chunk)
+                    if not view and not half_closed and len(echoed) >= len(payload):
+                        sock.shutdown(socket.SHUT_WR)
+                        half_closed = True

@@ -76,7 +76,7 @@ def test_missing_file_exits_78(tmp_path: Path, command: str) -> None:
 def test_unreadable_file_exits_78(tmp_path: Path, command: str) -> None:
     """A path that cannot be read as a file (a directory, since root ignores modes) exits 78."""
     result = echod(command, "--config", str(tmp_path))
-    assert_config_error(result, f"{tmp_path}: cannot read: Is a directory")
+    assert_config_error(result, f"{tmp_path}: cannot read: a directory, not a file")
 
 
 def test_environment_names_the_file(tmp_path: Path) -> None:

@@ -56,8 +56,8 @@ class Loop:
                 deadline = self.server.next_deadline()
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 for key, mask in self.selector.select(timeout):
-                    if key.data is self.server:
-                        self.server.on_event(key.fileobj, mask)
+                    if key.data is not None:
+                        key.data(key.fileobj, mask)
                     else:
                         self.wake_r.recv(64)
                 self.server.run_timers(time.monotonic())

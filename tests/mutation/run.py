@@ -48,13 +48,19 @@ WORK = ROOT / ".mutation"
 # module -> the tests that exercise it, fastest first. Integration tests are named where only a
 # real process reveals a mutant: the handler's shared descriptor in process mode, admission
 # across forked workers (one mode stands for the others where the module is the same in each).
-# config.py is pure functions over text: its unit tests reach every path the CLI does.
+# The configuration modules are pure functions over text: their unit tests reach every path
+# the CLI does. (echod/config.py itself only re-exports them.)
+_CONFIG_TESTS = (
+    "tests/unit/test_config_rules.py",
+    "tests/unit/test_config.py",
+    "tests/unit/test_docgen.py",
+)
 MODULES: dict[str, tuple[str, ...]] = {
-    "echod/config.py": (
-        "tests/unit/test_config_rules.py",
-        "tests/unit/test_config.py",
-        "tests/unit/test_docgen.py",
-    ),
+    "echod/kinds.py": _CONFIG_TESTS,
+    "echod/settings.py": _CONFIG_TESTS,
+    "echod/configparse.py": _CONFIG_TESTS,
+    "echod/configfile.py": _CONFIG_TESTS,
+    "echod/configdump.py": _CONFIG_TESTS,
     "echod/handler.py": (
         "tests/unit/test_handler_rules.py",
         "tests/unit/test_handler_proxy_rules.py",
@@ -539,11 +545,12 @@ def write_report(
         lines.append(f"- `{module}`: " + ", ".join(f"`{t}`" for t in MODULES[module]))
     lines += [
         "",
-        "`config.py`, `proxy.py`, `acl.py` and `control.py` are pure functions over text and",
-        "bytes (control's send and receive over a real socket pair), so their unit tests reach",
-        "every path; the handler and admission are also run against real loopback sockets and",
-        "`python -m echod` processes, where only they reveal a mutant (the process mode's",
-        "shared descriptor, counts shared by forked workers, a header read a part at a time).",
+        "The configuration modules, `proxy.py`, `acl.py` and `control.py` are pure functions",
+        "over text and bytes (control's send and receive over a real socket pair), so their unit",
+        "tests reach every path; the handler and admission are also run against real loopback",
+        "sockets and `python -m echod` processes, where only they reveal a mutant (the process",
+        "mode's shared descriptor, counts shared by forked workers, a header read a part at a",
+        "time).",
     ]
     for module, entries in used.items():
         lines += ["", f"## Equivalent mutants of `{module}`", ""]

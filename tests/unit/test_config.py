@@ -10,7 +10,7 @@ from typing import NamedTuple
 import pytest
 import yaml
 
-from echod import config
+from echod import config, configparse
 from echod.config import (
     DEFAULT_PATH,
     MODES,
@@ -32,7 +32,7 @@ LOADERS = [yaml.SafeLoader] + ([yaml.CSafeLoader] if hasattr(yaml, "CSafeLoader"
 @pytest.fixture(params=LOADERS, ids=lambda loader: loader.__name__)
 def loader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> type:
     """Run a test under libyaml's loader and under the pure-Python one."""
-    monkeypatch.setattr(config, "_LOADER", request.param)
+    monkeypatch.setattr(configparse, "_LOADER", request.param)
     return request.param  # type: ignore[no-any-return]
 
 
@@ -194,7 +194,7 @@ def test_unreadable_file(tmp_path: Path) -> None:
     """A path that cannot be read as a file (root ignores modes, so: a directory) is an error."""
     with pytest.raises(ConfigError) as caught:
         load_config(str(tmp_path))
-    assert str(caught.value) == f"{tmp_path}: cannot read: Is a directory"
+    assert str(caught.value) == f"{tmp_path}: cannot read: a directory, not a file"
 
 
 def test_not_utf8(tmp_path: Path) -> None:

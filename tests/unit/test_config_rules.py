@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from echod import config
+from echod import config, configdump, configparse, kinds, settings
 from echod.config import (
     SETTINGS,
     ConfigError,
@@ -39,7 +41,7 @@ BY_NAME = {s.name: s for s in SETTINGS}
 @pytest.fixture(params=LOADERS, ids=lambda loader: loader.__name__)
 def loader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> type:
     """Run a test under libyaml's loader and under the pure-Python one."""
-    monkeypatch.setattr(config, "_LOADER", request.param)
+    monkeypatch.setattr(configparse, "_LOADER", request.param)
     return request.param  # type: ignore[no-any-return]
 
 
@@ -275,7 +277,7 @@ def test_show_value_keeps_exactly_sixty_characters() -> None:
 )
 def test_describe_names_each_yaml_type(value: object, described: str) -> None:
     """Each type YAML can give is named as a person would say it."""
-    assert config._describe(value) == described
+    assert kinds._describe(value) == described
 
 
 def test_config_error_str_and_attributes() -> None:
@@ -301,7 +303,7 @@ def test_config_error_str_and_attributes() -> None:
         "",
     )
     assert (bare.has_value, bare.value) == (False, None)
-    assert repr(config._NO_VALUE) == "<no value>"
+    assert repr(configparse._NO_VALUE) == "<no value>"
 
 
 @pytest.mark.parametrize(
@@ -585,7 +587,7 @@ class _FailingLoader(yaml.SafeLoader):
 
 def test_any_other_yaml_error_is_a_syntax_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """An error from the loader without a position is still one line naming the file."""
-    monkeypatch.setattr(config, "_LOADER", _FailingLoader)
+    monkeypatch.setattr(configparse, "_LOADER", _FailingLoader)
     found = error("port: 1\n")
     assert (str(found), found.line) == ("f.yaml: syntax error: the loader gave up", None)
 
@@ -594,11 +596,13 @@ def test_syntax_error_without_a_problem_keeps_the_context() -> None:
     """A parser error that has only a context reports the context, at its mark."""
     mark = yaml.Mark("f", 0, 4, 2, None, None)
     bare = yaml.MarkedYAMLError(context="while parsing", context_mark=mark)
-    assert str(config._syntax_error(bare, "f.yaml")) == "f.yaml:5:3: syntax error: while parsing"
+    assert str(configparse._syntax_error(bare, "f.yaml")) == (
+        "f.yaml:5:3: syntax error: while parsing"
+    )
     none = yaml.MarkedYAMLError()
-    assert str(config._syntax_error(none, "f.yaml")) == "f.yaml: syntax error: not valid YAML"
+    assert str(configparse._syntax_error(none, "f.yaml")) == "f.yaml: syntax error: not valid YAML"
     same = yaml.MarkedYAMLError("while x", mark, "found y", mark)
-    assert str(config._syntax_error(same, "f.yaml")) == (
+    assert str(configparse._syntax_error(same, "f.yaml")) == (
         "f.yaml:5:3: syntax error: found y (while x)"
     )
 
@@ -625,11 +629,46 @@ def test_a_file_of_exactly_the_limit_is_read(tmp_path: Path) -> None:
     assert str(caught.value) == f"{path}: cannot read: larger than 1048576 bytes"
 
 
-def test_an_endless_file_is_cut_at_the_limit() -> None:
-    """An endless file (a device) is read only up to the limit, then refused."""
+@pytest.mark.parametrize(
+    ("path", "what"),
+    [("/dev/zero", "a character device"), ("/dev/null", "a character device")],
+)
+def test_a_device_is_no_configuration_file(path: str, what: str) -> None:
+    """A device (endless, or empty) is refused as not a file, before anything is read."""
     with pytest.raises(ConfigError) as caught:
-        load_config("/dev/zero")
-    assert str(caught.value) == "/dev/zero: cannot read: larger than 1048576 bytes"
+        load_config(path)
+    assert str(caught.value) == f"{path}: cannot read: {what}, not a file"
+
+
+def test_a_fifo_is_refused_at_once_without_a_writer(tmp_path: Path) -> None:
+    """A FIFO at the path is refused at once: opening it does not wait for a writer."""
+    fifo = tmp_path / "echod.yaml"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(fifo))
+    assert time.monotonic() - started < 1.0
+    assert str(caught.value) == f"{fifo}: cannot read: a FIFO, not a file"
+
+
+def test_a_fifo_among_the_dropins_is_refused(tmp_path: Path) -> None:
+    """A FIFO named like a drop-in is refused the same way, naming the drop-in."""
+    (tmp_path / "echod.yaml").write_text("port: 7\n")
+    (tmp_path / "echod.d").mkdir()
+    os.mkfifo(tmp_path / "echod.d" / "10-fifo.yaml")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(tmp_path / "echod.yaml"))
+    assert str(caught.value) == f"{tmp_path}/echod.d/10-fifo.yaml: cannot read: a FIFO, not a file"
+
+
+def test_a_unix_socket_is_refused(tmp_path: Path) -> None:
+    """A Unix socket at the path (open() says ENXIO) is named as a socket."""
+    path = tmp_path / "echod.yaml"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        with pytest.raises(ConfigError) as caught:
+            load_config(str(path))
+    assert str(caught.value) == f"{path}: cannot read: a socket, not a file"
 
 
 def test_bad_utf8_on_a_later_line(tmp_path: Path) -> None:
@@ -712,7 +751,7 @@ def test_yaml_scalar_exact(value: object, text: str) -> None:
 
 def test_resolves_to_str() -> None:
     """Plain words stay strings; YAML's booleans and null do not."""
-    assert [config._resolves_to_str(t) for t in ("thread", "on", "null", "No", "x1")] == [
+    assert [configdump._resolves_to_str(t) for t in ("thread", "on", "null", "No", "x1")] == [
         True,
         False,
         False,
@@ -770,8 +809,8 @@ def test_yaml_lines_open_nested_sections_once(monkeypatch: pytest.MonkeyPatch) -
         Setting("a.e", "int", 3, "E."),
         Setting("f", "int", 4, "F."),
     )
-    monkeypatch.setattr(config, "SETTINGS", table)
-    monkeypatch.setattr(config, "SECTIONS", {"a": "Section A.", "a.b": "Section B."})
+    monkeypatch.setattr(configdump, "SETTINGS", table)
+    monkeypatch.setattr(configdump, "SECTIONS", {"a": "Section A.", "a.b": "Section B."})
     values = {"a.b.c": 1, "a.b.d": 2, "a.e": 3, "f": 4}
     assert list(iter_yaml_lines(values, docs=False)) == [
         "a:",
@@ -784,7 +823,7 @@ def test_yaml_lines_open_nested_sections_once(monkeypatch: pytest.MonkeyPatch) -
     documented = list(iter_yaml_lines(values, docs=True))
     assert documented[:4] == ["", "# Section A.", "a:", ""]
     assert documented[4:7] == ["  # Section B.", "  b:", ""]
-    monkeypatch.setattr(config, "SECTIONS", {"a": "Section A."})
+    monkeypatch.setattr(configdump, "SECTIONS", {"a": "Section A."})
     undocumented = list(iter_yaml_lines(values, docs=True))
     assert undocumented[3:6] == ["", "  #", "  b:"]
 
@@ -792,7 +831,7 @@ def test_yaml_lines_open_nested_sections_once(monkeypatch: pytest.MonkeyPatch) -
 def test_yaml_lines_reopen_only_what_differs(monkeypatch: pytest.MonkeyPatch) -> None:
     """A setting in a sibling sub-section opens that sub-section under the same parent."""
     table = (Setting("a.x.y", "int", 1, "Y."), Setting("a.b.c", "int", 2, "C."))
-    monkeypatch.setattr(config, "SETTINGS", table)
+    monkeypatch.setattr(configdump, "SETTINGS", table)
     values = {"a.x.y": 1, "a.b.c": 2}
     assert list(iter_yaml_lines(values, docs=False)) == [
         "a:",
@@ -812,19 +851,19 @@ def test_section_names_at_every_depth(monkeypatch: pytest.MonkeyPatch) -> None:
         Setting("g.h.i", "int", 4, "I."),
         Setting("f", "int", 5, "F."),
     )
-    monkeypatch.setattr(config, "SETTINGS", table)
-    assert config._section_names("") == ["a", "g", "f"]
-    assert config._section_names("a") == ["b", "e"]
-    assert config._section_names("a.b") == ["c", "d"]
-    assert config._section_names("g") == ["h"]
+    monkeypatch.setattr(configparse, "SETTINGS", table)
+    assert configparse._section_names("") == ["a", "g", "f"]
+    assert configparse._section_names("a") == ["b", "e"]
+    assert configparse._section_names("a.b") == ["c", "d"]
+    assert configparse._section_names("g") == ["h"]
 
 
 def test_section_names() -> None:
     """The keys allowed at the top are the top-level settings then log; in log, its keys."""
-    top = config._section_names("")
+    top = configparse._section_names("")
     assert top[-1] == "log"
     assert top[:-1] == [s.name for s in SETTINGS if not s.section]
-    assert config._section_names("log") == ["format", "target", "file", "level", "connections"]
+    assert configparse._section_names("log") == ["format", "target", "file", "level", "connections"]
 
 
 # -- the table check ---------------------------------------------------------------------------
@@ -834,23 +873,23 @@ def test_table_check_notices_a_setting_out_of_order(monkeypatch: pytest.MonkeyPa
     """A table whose top-level settings differ from Config's fields fails the import check."""
     table = list(SETTINGS)
     table[0], table[1] = table[1], table[0]
-    monkeypatch.setattr(config, "SETTINGS", tuple(table))
+    monkeypatch.setattr(settings, "SETTINGS", tuple(table))
     with pytest.raises(AssertionError) as caught:
-        config._check_table()
+        settings._check_table()
     assert str(caught.value) == "SETTINGS and Config disagree"
 
 
 def test_table_check_notices_a_missing_log_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     """A table whose log settings differ from LogConfig's fields fails the import check."""
-    monkeypatch.setattr(config, "SETTINGS", SETTINGS[:-1])
+    monkeypatch.setattr(settings, "SETTINGS", SETTINGS[:-1])
     with pytest.raises(AssertionError) as caught:
-        config._check_table()
+        settings._check_table()
     assert str(caught.value) == "SETTINGS and LogConfig disagree"
 
 
 def test_table_check_passes_the_real_table() -> None:
     """The shipped table passes its own check."""
-    assert config._check_table() is None
+    assert settings._check_table() is None
 
 
 def test_config_values_follow_the_table() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from echod import log
+from echod import console, log
 from echod.config import LogConfig
 
 pytestmark = pytest.mark.timeout(60)
@@ -48,7 +48,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def render(event: str, level: str = "info", colors: bool = False, **fields: Any) -> str:
     event_dict = {**fields, "event": event, "level": level, "timestamp": TIMESTAMP}
-    return log.ConsoleRenderer(colors=colors)(None, level, event_dict)
+    return console.ConsoleRenderer(colors=colors)(None, level, event_dict)
 
 
 @pytest.mark.parametrize(
@@ -205,7 +205,7 @@ def test_an_unknown_event_keeps_every_field_but_identity() -> None:
     """An event without a phrase of its own lists each field; identity stays out."""
     line = render("udp_summary", echoed=3, echoed_bytes=12, dropped={}, **SUPERVISOR)
     assert line == "11:53:30 udp_summary echoed=3 echoed_bytes=12 dropped={}"
-    for noise in log.IDENTITY:
+    for noise in console.IDENTITY:
         assert f"{noise}=" not in line
 
 

@@ -177,9 +177,9 @@ def pool_with_a_worker() -> Iterator[tuple[Owner, WorkerPool, WorkerHandle, sock
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with ours, theirs, selectors.DefaultSelector() as selector:
         ours.setblocking(False)
-        pool = WorkerPool(owner, structlog.get_logger())
+        pool = WorkerPool(owner, structlog.get_logger, lambda: None)
         pool.selector = selector
-        handle = WorkerHandle(1, 1, 1, 4242, ours, "thread")
+        handle = WorkerHandle(1, 1, 1, 4242, control=ours, mode="thread", started=0.0)
         selector.register(ours, selectors.EVENT_READ, handle)
         yield owner, pool, handle, theirs
 
@@ -204,7 +204,7 @@ def test_the_supervisor_side_logs_garbage_once_and_keeps_the_worker() -> None:
                 pool.on_readable(handle)
         garbled = [e for e in logs if e["event"] == "control_garbled"]
         assert len(garbled) == 1 and garbled[0]["worker_pid"] == 4242
-        assert handle.garbled == 3
+        assert pool.garbled[handle.serial] == 3
         assert owner.ready == [4242] and handle.state is WorkerState.RUNNING
         assert (handle.open, handle.served) == (0, 5)
         assert pool.totals.snapshot() == {"opened": 6}

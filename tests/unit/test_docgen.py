@@ -76,10 +76,13 @@ def test_rendered_yaml_documents_every_setting() -> None:
 
 
 def test_rendered_yaml_says_it_is_generated() -> None:
-    """The YAML file's header says it is generated, from what, and where the docs are."""
+    """The YAML file's header says it is generated, from what (the module that holds the
+    table), and where the docs are."""
     header = docgen.render_yaml().split("\n\n", 1)[0]
     assert all(line.startswith("#") for line in header.splitlines())
-    assert "Generated from the settings table in echod/config.py" in header
+    named = re.search(r"Generated from the settings table in (\S+) by", header)
+    assert named is not None and named.group(1) == "echod/settings.py"
+    assert "\nSETTINGS: tuple[Setting, ...] = (\n" in (ROOT / named.group(1)).read_text()
     assert docgen.REGENERATE in header
     assert "echod.yaml(5)" in header
 

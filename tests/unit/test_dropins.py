@@ -211,7 +211,7 @@ def test_unreadable_dropin_is_an_error(tmp_path: Path) -> None:
     main = write(tmp_path / "echod.yaml", "port: 1\n")
     (tmp_path / "echod.d/10-dir.yaml").mkdir(parents=True)
     message = str(error_for(Path(main)))
-    assert message == f"{tmp_path}/echod.d/10-dir.yaml: cannot read: Is a directory"
+    assert message == f"{tmp_path}/echod.d/10-dir.yaml: cannot read: a directory, not a file"
 
 
 def test_no_path_reads_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -290,21 +290,6 @@ def test_fd_sink_writes_regular_files_holding_the_interpreter(tmp_path: Path) ->
     assert path.read_text() == "é" * 3000 + "\ntwo\n"
 
 
-def test_fd_sink_short_write_on_a_regular_file_is_finished_or_raised(tmp_path: Path) -> None:
-    """When the write that holds the interpreter fails (here: a descriptor not open for
-    writing), os.write is what reports it: no line is silently dropped."""
-    path = tmp_path / "ro.log"
-    path.write_text("")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        sink = log.FdSink(fd)
-        assert sink._regular
-        with pytest.raises(OSError):
-            sink.write("lost?")
-    finally:
-        os.close(fd)
-
-
 def test_set_thread_name_names_threads_started_without_threading(tmp_path: Path) -> None:
     """Connection threads are started with _thread; the name they give themselves is the one
     their events carry, and no stand-in Thread object is made for them."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from echod import __version__, admission, handler, metrics, udp
+from echod import __version__, admission, connection, handler, metrics, udp
 from echod.metrics import METRICS, SupervisorFacts, WorkerCounters
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,9 +38,11 @@ def test_known_reasons_are_the_ones_the_code_uses() -> None:
     """The label values exposed at 0 are the reasons handler, admission and udp define."""
     closes = {handler.CLIENT_CLOSED, handler.IDLE_TIMEOUT, handler.WRITE_TIMEOUT}
     closes |= {handler.RESET, handler.SHUTDOWN, handler.ERROR, handler.PROXY_ERROR}
+    closes |= {connection.KILLED}
     assert set(metrics.CLOSE_REASONS) == closes
     refusals = {admission.REFUSED_LIMIT, admission.REFUSED_PER_IP, admission.REFUSED_RATE}
     refusals |= {admission.REFUSED_ACCESS, admission.REFUSED_UNTRUSTED, admission.REFUSED_PROXY}
+    refusals |= {admission.REFUSED_RESOURCES}
     assert refusals == set(metrics.REFUSE_REASONS)
     drops = {udp.DROP_LOOP_PORT, udp.DROP_RATE, udp.DROP_SEND_ERROR, udp.DROP_ACCESS_LIST}
     assert drops <= set(metrics.UDP_DROP_REASONS)

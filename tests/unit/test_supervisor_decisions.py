@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from echod import exitcodes, signals, status, upgrade
+from echod import exitcodes, handover, signals, status
 from echod.config import MODES, ConfigError, default_config
 from echod.errors import OperatorError
 from echod.pool import CrashWindow, backoff_delay, describe_status
@@ -216,23 +216,76 @@ def test_totals_survive_a_dump_and_load() -> None:
             Totals.load(bad)
 
 
+def handed_state() -> handover.Handover:
+    return handover.Handover(
+        from_version="1", config_path="/etc/echod.yaml", pidfile_required=False, started=1.0,
+        started_wall=2.0, generation=3, reloads=2, reload_serial=4, host="::",
+        port=7, udp_enabled=True, adopted=False, tcp=[5], udp=[6], pidfile_path="/run/p",
+        pidfile_fd=4,
+        pool=handover.PoolState(
+            serial=7,
+            workers=[handover.HandedWorker(1, 7, 3, 99, 8, "async", "running", 1.5, 1, 2, 3, 4)],
+            gone_served=1, gone_finished=1, gone_cut=0, crashes=[0.5], restarts=2,
+            totals={"gone": {}, "live": {}},
+        ),
+        log_drops_fd=9, pending_signals=[15],
+    )  # fmt: skip
+
+
 def test_handover_round_trip_and_garbage() -> None:
     """An upgrade's state reads back as it was written; anything else is a ValueError."""
-    handover = upgrade.Handover(
-        from_version="1", config_path="/etc/echod.yaml", pidfile_required=False, started=1.0,
-        started_wall=2.0, generation=3, serial=7, reloads=2, reload_serial=4, host="::",
-        port=7, udp_enabled=True, adopted=False, tcp=[5], udp=[6], pidfile_path="/run/p",
-        pidfile_fd=4, workers=[upgrade.HandedWorker(1, 7, 3, 99, 8, "async", "running", 1.5,
-                                                    1, 2, 3, 4)],
-        gone_served=1, gone_finished=1, gone_cut=0, crashes=[0.5], totals={"gone": {},
-                                                                            "live": {}},
-    )  # fmt: skip
-    data = json.dumps(dataclasses.asdict(handover)).encode()
-    assert upgrade.Handover.from_json(data) == handover
-    assert sorted(handover.descriptors()) == [4, 5, 6, 8]
-    for bad in (b"", b"[]", b"{}", b'{"workers": [{"pid": 1}]}'):
+    state = handed_state()
+    assert handover.Handover.from_json(state.to_json()) == state
+    assert sorted(state.descriptors()) == [4, 5, 6, 8, 9]
+    for bad in (b"", b"[]", b"{}", b'{"workers": [{"pid": 1}]}', b'{"format": 99}'):
         with pytest.raises(ValueError, match="unreadable upgrade state"):
-            upgrade.Handover.from_json(bad)
+            handover.Handover.from_json(bad)
+
+
+def test_handover_to_an_older_image_leaves_out_what_it_cannot_read() -> None:
+    """Format 1 (echod 0.1.0) is the flat state without the drop counts, the pending
+    signals and the restart count: exactly the keys that version's reader takes."""
+    written = json.loads(handed_state().to_json(1))
+    assert set(written) == {
+        "from_version", "config_path", "pidfile_required", "started", "started_wall",
+        "generation", "serial", "reloads", "reload_serial", "host", "port", "udp_enabled",
+        "adopted", "tcp", "udp", "pidfile_path", "pidfile_fd", "workers", "gone_served",
+        "gone_finished", "gone_cut", "crashes", "totals",
+    }  # fmt: skip
+    again = handover.Handover.from_json(json.dumps(written).encode())  # and we read it
+    assert (again.log_drops_fd, again.pending_signals, again.pool.restarts) == (None, [], 0)
+    assert again.pool.workers == handed_state().pool.workers
+
+
+def test_execute_refuses_an_older_image_while_signals_are_pending() -> None:
+    """An image that cannot take pending signals (format 1) is not executed while there
+    are any: the upgrade fails and the signals come back to be acted on."""
+    read_fd, write_fd = os.pipe2(os.O_NONBLOCK)
+    try:
+        os.write(write_fd, bytes([signal.SIGTERM]))
+        reason, pending = handover.execute(
+            lambda _pending: handed_state(), ["/nonexistent"], {}, read_fd, fmt=1
+        )
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    assert pending == [signal.SIGTERM]
+    assert "signals came during the upgrade" in reason
+
+
+def test_a_failed_exec_hands_back_the_pending_signals() -> None:
+    """The signals read off the wakeup pipe before the exec are returned when it fails."""
+    read_fd, write_fd = os.pipe2(os.O_NONBLOCK)
+    try:
+        os.write(write_fd, bytes([signal.SIGHUP, signal.SIGTERM]))
+        reason, pending = handover.execute(
+            lambda _pending: handed_state(), ["/nonexistent/python"], {}, read_fd
+        )
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    assert reason.startswith("cannot execute /nonexistent/python")
+    assert pending == [signal.SIGHUP, signal.SIGTERM]
 
 
 def test_the_upgrade_signal_is_the_supervisors_alone() -> None:

@@ -1,0 +1,254 @@
+"""Which configuration serves, on which listening sockets, in which generation of workers;
+and what became of the latest request to change that (a reload or an upgrade in place).
+
+A *generation* is the workers started on one configuration. A reload switches to a new one:
+the configuration and its sockets are prepared first (:func:`echod.reload.prepare`, which
+changes nothing), then :meth:`Generations.switch` makes them current and the supervisor
+spawns the new generation. Once every worker of it serves, :meth:`Generations.retire_older`
+retires the older ones (they stop accepting and serve their connections to their natural
+end), releases the sockets only they used, and completes the pending request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from echod import __version__, events, exitcodes, fdstore, sinks
+from echod.config import Config
+from echod.errors import OperatorError
+from echod.handover import Handover
+from echod.listeners import Listeners
+from echod.pool import WorkerHandle, WorkerPool
+from echod.reload import Prepared, ReloadOutcome, config_changes, prepare
+from echod.snapshot import Snapshot
+from echod.states import SupervisorState
+from echod.systemd import Notifier
+
+S = SupervisorState
+
+
+class GenerationsHost(Protocol):
+    """What the generations need of the supervisor."""
+
+    @property
+    def state(self) -> SupervisorState: ...
+
+    def generation_serves(self) -> None:
+        """The current generation serves (the first: the daemon is ready)."""
+        ...
+
+    def stop(self, exit_code: int, reason: str) -> None:
+        """Stop the daemon (workers that keep failing)."""
+        ...
+
+    def reload_failed(self, error: str, exit_code: int) -> None: ...
+
+    def publish(self, force: bool) -> None: ...
+
+
+class Generations:
+    """Methods for the supervisor: :meth:`first` (or :meth:`adopt` after an upgrade), then
+    :meth:`spawn`, :meth:`switch` on a reload. The current :attr:`cfg` and
+    :attr:`listeners` are read by everyone; only this changes them. It owns the
+    :attr:`pool` of workers, and is its :class:`~echod.pool.PoolOwner`: a worker ready, one
+    failed or one that quit is its to act on (retire the older generations, respawn, stop
+    a crash loop through its host)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        config_path: str | None,
+        host: GenerationsHost,
+        *,
+        notifier: Notifier | None,
+        logger: Callable[[], Any],
+        close_in_child: Callable[[], None],
+    ) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.host = host
+        self.notifier = notifier
+        self.logger = logger
+        self.pool = WorkerPool(self, logger, close_in_child)
+        self.generation = 0
+        self.reloads = 0
+        self.outcome = ReloadOutcome()
+        self.listeners: Listeners | None = None
+        #: Sockets of a configuration reloaded away, kept until its workers have retired.
+        self.old_listeners: list[Listeners] = []
+
+    def first(self, listeners: Listeners) -> None:
+        """The first generation, on ``listeners``, is the current one."""
+        self.listeners = listeners
+        self.generation = 1
+
+    def adopt(self, handed: Handover, listeners: Listeners) -> None:
+        """In the new image of an upgrade: the old image's generation and pending request go
+        on here; the next generation (on the new code) is the current one."""
+        self.listeners = listeners
+        self.generation, self.reloads = handed.generation + 1, handed.reloads
+        # The request that made this upgrade is still pending: completed by this generation.
+        self.outcome.resume(handed.reload_serial)
+        self.outcome.starting(self.generation)
+
+    def spawn(self) -> None:
+        """Start every worker of the current generation."""
+        assert self.listeners is not None
+        for index in range(1, self.cfg.workers + 1):
+            self.pool.spawn(index, self.cfg, self.listeners, self.generation)
+
+    def serves(self) -> bool:
+        """Whether every worker of the current generation serves."""
+        return self.pool.serves(self.generation, self.cfg.workers)
+
+    def retire_older(self) -> None:
+        """The current generation serves: the older ones retire, their own sockets go, and
+        the pending request (if this generation was its) is complete."""
+        self.pool.retire_older(self.generation, self.listeners)
+        for old in self.old_listeners:
+            fdstore.release(self.notifier, old)
+        self.old_listeners.clear()
+        self.outcome.served(self.generation)
+
+    def switch(self, new: Prepared) -> dict[str, Any]:
+        """A reload: ``new`` becomes the current configuration and sockets, in a new
+        generation (to be spawned); what changed, as ``{setting: [old, new]}``."""
+        old_cfg = self.cfg
+        if new.listeners is not self.listeners:
+            assert self.listeners is not None
+            self.old_listeners.append(self.listeners)
+            self.listeners = new.listeners
+            fdstore.keep(self.notifier, new.listeners)
+        self.cfg = new.cfg
+        self.generation += 1
+        self.reloads += 1
+        self.outcome.starting(self.generation)
+        self.pool.cancel_respawns()
+        return config_changes(old_cfg, new.cfg)
+
+    def check_upgrade(self) -> None:
+        """OperatorError unless the file loads and keeps the listening address (what an
+        upgrade's new image would read; it opens its own log and sockets)."""
+        assert self.listeners is not None
+        new = prepare(self.config_path, self.cfg, self.listeners)
+        if new.sink is not None:
+            new.sink.close()
+        if new.listeners is not self.listeners:
+            new.listeners.close()
+            raise OperatorError(
+                "the configuration changes the listening address "
+                "(reload to it first, then upgrade)",
+                exitcodes.EX_CONFIG,
+            )
+
+    def handed(self) -> dict[str, Any]:
+        """This part of an upgrade's handover: the configuration file, the generation, the
+        pending request, the listening sockets."""
+        listeners = self.listeners
+        assert listeners is not None
+        return {
+            "config_path": self.config_path,
+            "generation": self.generation,
+            "reloads": self.reloads,
+            "reload_serial": self.outcome.serial,
+            "host": listeners.host,
+            "port": listeners.port,
+            "udp_enabled": listeners.udp_enabled,
+            "adopted": listeners.adopted,
+            "tcp": [s.fileno() for s in listeners.tcp],
+            "udp": [s.fileno() for s in listeners.udp],
+        }
+
+    # -- what the pool tells us (PoolOwner) --------------------------------------------------
+
+    def worker_ready(self, handle: WorkerHandle) -> None:
+        if not self.serves():
+            return
+        self.retire_older()
+        self.host.generation_serves()
+        self.host.publish(True)
+
+    def worker_failed(self, handle: WorkerHandle, failures: int) -> None:
+        state = self.host.state
+        if state is S.STOPPING:
+            return
+        if state is S.STARTING and not handle.booted:
+            self.host.stop(exitcodes.EX_SOFTWARE, "worker failed to boot")
+            return
+        if handle.generation == self.generation and not handle.booted:
+            how = ", ".join(f"{k} {v}" for k, v in handle.ended.items())
+            self.host.reload_failed(
+                f"worker {handle.index} of generation {handle.generation} failed to start ({how})",
+                exitcodes.EX_SOFTWARE,
+            )
+        if failures >= self.cfg.crash_limit:
+            self.logger().error(
+                events.CRASH_LOOP,
+                failures=failures,
+                window=self.cfg.crash_window,
+                exit_code=exitcodes.EX_SOFTWARE,
+            )
+            self.host.stop(exitcodes.EX_SOFTWARE, "crash loop")
+            return
+        if handle.generation == self.generation:  # a retired generation's is not replaced
+            self.pool.respawn_later(handle, failures)
+
+    def worker_quit(self, handle: WorkerHandle) -> None:
+        if self.host.state is not S.STOPPING and handle.generation == self.generation:
+            self.pool.respawn_later(handle)
+
+    def counts_changed(self, force: bool) -> None:
+        self.host.publish(force)
+
+    def respawn_due(self, now: float) -> None:
+        """Replace the workers whose backoff is over."""
+        assert self.listeners is not None
+        for index in self.pool.due(now):
+            self.pool.spawn(index, self.cfg, self.listeners, self.generation)
+
+    def snapshot(self, state: SupervisorState, started: float) -> Snapshot:
+        """The daemon now (in ``state``, started at ``started``, epoch seconds)."""
+        # Stopping (or stopped: the last worker failed) closed the sockets already.
+        listening = state in (S.STARTING, S.RUNNING, S.DRAINING)
+        return Snapshot(
+            pid=os.getpid(),
+            version=__version__,
+            state=state,
+            started=started,
+            mode=self.cfg.mode,
+            addresses=tuple(self.listeners.addresses())
+            if listening and self.listeners is not None
+            else (),
+            config_file=self.config_path,
+            reloads=self.reloads,
+            generation=self.generation,
+            reload=self.outcome.view(),
+            pool=self.pool.snapshot(),
+            log_dropped=sinks.counts().snapshot(),
+        )
+
+    def summary(self, state: SupervisorState) -> str:
+        """The STATUS= line: ``thread mode; 2 open; 17 served`` (draining, stopping: said)."""
+        pool = self.pool
+        text = f"{self.cfg.mode} mode; {pool.open_now()} open; {pool.served_total()} served"
+        if state in (S.DRAINING, S.STOPPING):
+            return f"{state.value}: {text}"
+        return text
+
+    def refusal(self, state: SupervisorState) -> str | None:
+        """Why the daemon (in ``state``) cannot upgrade now, or None: only a running daemon
+        with no change under way hands itself over."""
+        if state is not S.RUNNING:
+            return f"echod is {state.value}"
+        if self.old_listeners or self.pool.respawn_due or self.outcome.pending:
+            return "a reload or a respawn is in progress; try again once it is done"
+        if self.pool.starting():
+            return "a worker is starting; try again once it runs"
+        return None
+
+    def close_in_child(self) -> None:
+        """In a new worker: the old sockets are the older generations' business."""
+        for old in self.old_listeners:
+            old.close()
