@@ -40,6 +40,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from echod import events
 from echod.acl import AccessList, AddressSet
 from echod.config import Config
 from echod.metrics import WorkerCounters
@@ -337,16 +338,15 @@ class Admission:
         self._last_summary = now
 
 
-REACHED = "limit_reached"
-RELEASED = "limit_released"
 
 
 @dataclass
 class _LimitState:
     """What was last logged for one limit, and what is true now."""
 
-    logged: str = RELEASED  # nothing logged yet reads as released: the first reached is due
-    actual: str = RELEASED
+    # Nothing logged yet reads as released: the first reached is due.
+    logged: str = events.LIMIT_RELEASED
+    actual: str = events.LIMIT_RELEASED
     last_at: dict[str, float] = field(default_factory=dict)
     #: Transitions of each kind since the last line of that kind.
     count: Counter[str] = field(default_factory=Counter)
@@ -372,11 +372,11 @@ class LimitLog:
 
     def reached(self, limit: str, now: float, **fields: Any) -> dict[str, Any] | None:
         """The limit was reached: the fields of a limit_reached line to write now, or None."""
-        return self._change(limit, REACHED, now, fields)
+        return self._change(limit, events.LIMIT_REACHED, now, fields)
 
     def released(self, limit: str, now: float, **fields: Any) -> dict[str, Any] | None:
         """The limit was released: the fields of a limit_released line to write now, or None."""
-        return self._change(limit, RELEASED, now, fields)
+        return self._change(limit, events.LIMIT_RELEASED, now, fields)
 
     def _change(
         self, limit: str, kind: str, now: float, fields: dict[str, Any]

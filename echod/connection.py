@@ -10,7 +10,7 @@ their I/O and their timers:
 - :func:`admit` judges the header: the real client, the balancer, whether the connection is
   the balancer's own (logged at debug), and whether the gate (access lists, the per-address
   limit) serves the client.
-- :class:`Closing` is how a connection ended: the outcome the worker counts and the fields
+- :class:`Record` is how a connection ended: the outcome the worker counts and the fields
   its close event carries, and whether that event is logged at all.
 
 Every rule about the intake and the end of a connection is written here once: the
@@ -221,9 +221,9 @@ class Outcome:
 
 
 @dataclass(slots=True)
-class Closing:
-    """How one connection ended, whichever way it was served: the outcome the worker counts
-    and the fields of its close event.
+class Record:
+    """One connection's record: how it ended, whichever way it was served; the outcome the
+    worker counts and the fields of its close event.
 
     A driver fills it as the connection goes (:meth:`end` once, with the first reason;
     :meth:`admitted` after a header) and reads :meth:`outcome` and :meth:`close_fields` at

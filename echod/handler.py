@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from echod import log
+from echod import events, log
 from echod.config import Config
 from echod.connection import (
     CLIENT_CLOSED,
@@ -52,12 +52,12 @@ from echod.connection import (
     RESET_ERRORS,
     SHUTDOWN,
     WRITE_TIMEOUT,
-    Closing,
     Ending,
     Gate,
     Header,
     Outcome,
     ProxyIntake,
+    Record,
     admit,
     balancer_itself,
     peer_fields,
@@ -194,7 +194,7 @@ class EchoHandler:
         self.shared_descriptor = shared_descriptor
         self.bytes_in = 0
         self.bytes_out = 0
-        self.closing = Closing()
+        self.record = Record()
         self.started = 0.0
         self._log: Any = None
         # With a PROXY header: the gate that decides on the real client, and the balancer's
@@ -206,12 +206,12 @@ class EchoHandler:
     @property
     def reason(self) -> str:
         """Why it ended (after :meth:`serve`)."""
-        return self.closing.reason
+        return self.record.reason
 
     @property
     def error(self) -> str | None:
         """The error it ended with, if any (after :meth:`serve`)."""
-        return self.closing.error
+        return self.record.error
 
     def serve(self) -> None:
         """Run setup, handle and finish; finish always runs."""
@@ -221,9 +221,9 @@ class EchoHandler:
                 self.accept_header()
             self.handle()
         except _Closed as closed:
-            self.closing.ended(closed.ending)
+            self.record.ended(closed.ending)
         except Exception as exc:  # a bug or an unexpected OS error: log it, keep the worker
-            self.closing.end(ERROR, f"{type(exc).__name__}: {exc}")
+            self.record.end(ERROR, f"{type(exc).__name__}: {exc}")
         finally:
             self.finish()
 
@@ -244,7 +244,7 @@ class EchoHandler:
                 )
         if settings.log_connections and not behind_proxy:
             self._bind_log(peer_fields(self.peer))
-            self._log.info("conn_open")
+            self._log.info(events.CONN_OPEN)
 
     def _bind_log(self, fields: dict[str, Any]) -> None:
         local_port = self.local_port
@@ -268,11 +268,11 @@ class EchoHandler:
         judged = admit(header, self.peer, self.gate)
         if isinstance(judged, Ending):
             raise _Closed(judged)
-        self.closing.admitted(judged)
+        self.record.admitted(judged)
         self.peer, self.proxy_peer = judged.peer, judged.proxy_peer
         if settings.log_connections:
             self._bind_log(judged.fields())
-            (self._log.debug if judged.quiet else self._log.info)("conn_open")
+            (self._log.debug if judged.quiet else self._log.info)(events.CONN_OPEN)
         rest = header.rest
         if rest:
             self.bytes_in += len(rest)
@@ -327,7 +327,7 @@ class EchoHandler:
 
     def outcome(self) -> Outcome:
         """How the connection ended (after :meth:`serve`)."""
-        return self.closing.outcome(self.bytes_in, self.bytes_out)
+        return self.record.outcome(self.bytes_in, self.bytes_out)
 
     def handle(self) -> None:
         """Echo until the client closes, goes idle, resets, or the worker cuts it."""
@@ -407,13 +407,13 @@ class EchoHandler:
             self.sock.close()
         finally:
             self.stopper.before_close_event()
-            closing = self.closing
-            if self._log is None and closing.logged and self.settings.log_connections:
+            record = self.record
+            if self._log is None and record.logged and self.settings.log_connections:
                 # Behind a PROXY header that never completed: say so once, with the
                 # balancer as peer.
                 self._bind_log(peer_fields(self.peer))
-            if self._log is not None and closing.logged:
-                fields = closing.close_fields(
+            if self._log is not None and record.logged:
+                fields = record.close_fields(
                     self.bytes_in, self.bytes_out, time.monotonic() - self.started
                 )
-                (self._log.debug if closing.quiet else self._log.info)("conn_close", **fields)
+                (self._log.debug if record.quiet else self._log.info)(events.CONN_CLOSE, **fields)

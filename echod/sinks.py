@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from echod import systemd
+from echod import events, systemd
 
 #: Why a line was dropped, by the error that dropped it. The reasons are the label values of
 #: ``echod_log_lines_dropped_total``; ``error`` is anything else (a value that would not
@@ -553,7 +553,7 @@ class DropWatch:
             f"({_summary(lost)}) in {seconds:g} s"
         )
         logger.warning(
-            "log_lines_dropped",
+            events.LOG_LINES_DROPPED,
             dropped=sum(lost.values()),
             reasons={r: c for r, c in lost.items() if c},
             seconds=seconds,

@@ -16,7 +16,7 @@ import time
 from collections import Counter, OrderedDict
 from typing import Any
 
-from echod import log
+from echod import events, log
 from echod.acl import AccessList
 from echod.admission import SUMMARY_INTERVAL, TokenBucket
 from echod.config import Config
@@ -114,7 +114,7 @@ class UdpEcho:
         """Log what was echoed and dropped since the last summary and reset the counts; the
         caller then calls :meth:`summary_logged`."""
         log.get_logger().info(
-            "udp_summary",
+            events.UDP_SUMMARY,
             echoed=self.echoed,
             echoed_bytes=self.echoed_bytes,
             dropped=dict(self.dropped),

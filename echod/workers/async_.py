@@ -4,79 +4,47 @@ The loop is uvloop's when it is installed (the ``fast`` extra), else asyncio's o
 environment variable ``ECHOD_NO_UVLOOP=1`` forces the standard loop (for tests and for
 comparing the two). The ``event_loop`` event says which loop runs.
 
-Everything but the connections is the base class's: the control channel, accepting and
-admission (:meth:`Worker.on_acceptable`, :meth:`Worker.admit`), pausing, the drain. The loop
-stands behind :meth:`add_reader`/:meth:`remove_reader`, and the base's timers (heartbeat,
-resume, drain deadline, refusal summaries) run on one loop timer that is moved whenever an
-event may have brought a deadline closer. An admitted socket is handed to the loop as a
-transport with an :class:`EchoProtocol`; with ``proxy_protocol`` on, first with a
-:class:`ProxiedEchoProtocol`, which buffers until the PROXY header is complete (within
+Everything but the connections is the worker's: the control channel, accepting and
+admission, the pause, the drain, signals and timers, all on the same loop
+(:class:`echod.eventsource.LoopSource`). An admitted socket is handed to the loop as a
+transport (a Task running ``connect_accepted_socket``) with an :class:`EchoProtocol`; with
+``proxy_protocol`` on, first with a :class:`ProxiedEchoProtocol`, which buffers until the
+PROXY header is complete (:class:`echod.connection.ProxyIntake` decides, within
 ``proxy_timeout``, on the connection's one timer), admits the real client, and then echoes
-as an EchoProtocol does.
-
-Signals: a running loop takes the signal wakeup fd over (uvloop does so even without
-handlers), so SIGTERM, SIGQUIT and SIGUSR1 are registered with ``loop.add_signal_handler``,
-which records them the same way (a byte on the loop's self-pipe) and calls
-:meth:`Worker.on_signal` from the loop. A signal that arrives before the loop runs still
-lands on the base's wakeup pipe, which stays watched.
+as an EchoProtocol does. How a connection ended is its :class:`echod.connection.Record`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
-import os
-import platform
 import socket
-from collections.abc import Callable
 from time import monotonic
 from typing import Any, cast
 
-from echod import log, proxy, signals
-from echod.handler import (
+from echod import events, log
+from echod.connection import (
     CLIENT_CLOSED,
     ERROR,
     IDLE_TIMEOUT,
-    PROXY_ERROR,
     RESET,
     RESET_ERRORS,
     SHUTDOWN,
     WRITE_TIMEOUT,
-    HandlerSettings,
+    Admitted,
+    Ending,
+    Header,
     Outcome,
-    balancer_itself,
+    ProxyIntake,
+    Record,
+    admit,
     peer_fields,
-    peer_ip,
-    proxy_fields,
 )
-from echod.worker import Worker, start_failure
+from echod.eventsource import LoopSource
+from echod.worker import Worker
 
-
-def _optional(name: str) -> Any:
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
-
-
-# Imported here, in the supervisor, so that every worker it forks has it already.
-uvloop: Any = _optional("uvloop")  # the optional "fast" extra
-
-#: Set to ``1`` to run the standard asyncio loop although uvloop is installed.
-NO_UVLOOP_ENV = "ECHOD_NO_UVLOOP"
-
-# The worker's signals but SIGCHLD: this mode has no children.
-_LOOP_SIGNALS = tuple(s for s, a in signals.WORKER.items() if a is not signals.Action.CHILD)
 # The shortest timer: uvloop counts in whole milliseconds, and a timer that fires a little
 # before its deadline (it can) is re-armed for the rest, which must not round down to 0.
 _MIN_DELAY = 0.001
-
-
-def new_event_loop() -> tuple[asyncio.AbstractEventLoop, str]:
-    """A new loop and its name: uvloop's unless it is missing or disabled, else asyncio's."""
-    if uvloop is not None and os.environ.get(NO_UVLOOP_ENV) != "1":
-        return uvloop.new_event_loop(), "uvloop"
-    return asyncio.new_event_loop(), "asyncio"
 
 
 class EchoProtocol(asyncio.Protocol):
@@ -91,25 +59,24 @@ class EchoProtocol(asyncio.Protocol):
     Timeouts use one timer per connection and no timer per read: a read only records the
     time, and the timer, when it fires before the connection's real deadline, re-arms itself
     for that deadline. The echo counts as stalled when reading is paused, or when the client
-    has sent nothing for a while (``idle_timeout``, else ``write_timeout``) and the echo it
-    was sent is still not taken.
+    has sent nothing for a while (the worker's ``check_every``) and the echo it was sent is
+    still not taken.
     """
 
     __slots__ = (
+        "aborting",
         "bytes_in",
-        "client",
-        "closing",
         "conn_id",
         "ended",
         "eof",
         "error",
+        "fields",
         "last_read",
         "local_port",
         "paused",
         "peer",
-        "proxy_peer",
-        "quiet",
         "reason",
+        "record",
         "stalled_since",
         "started",
         "timer",
@@ -128,9 +95,14 @@ class EchoProtocol(asyncio.Protocol):
         self.local_port = local_port
         self.bytes_in = 0
         self.unsent = 0
+        self.record = Record()
+        #: Why it is ending, once known; None until then (error, if it never is).
         self.reason: str | None = None
         self.error: str | None = None
-        self.closing = False
+        #: The peer fields of its events (behind a PROXY header: the client's and the
+        #: balancer's, once the header is done).
+        self.fields: dict[str, Any] | None = None
+        self.aborting = False  # close_now() was called: connection_lost follows
         self.ended = False
         self.eof = False
         self.paused = False
@@ -139,11 +111,6 @@ class EchoProtocol(asyncio.Protocol):
         self.stalled_since: float | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.timer_due = 0.0
-        # Behind a PROXY header (set by ProxiedEchoProtocol): the balancer, the client counted
-        # by admission, and whether to log at debug (the balancer's own connection).
-        self.proxy_peer: Any = None
-        self.client: str | None = None
-        self.quiet = False
 
     # -- asyncio's callbacks ---------------------------------------------------------------
 
@@ -152,17 +119,17 @@ class EchoProtocol(asyncio.Protocol):
         worker = self.worker
         tr.set_write_buffer_limits(high=worker.settings.buffer_size)
         self.started = self.last_read = monotonic()
-        if worker.quiet:
-            self.arm(self.started + worker.quiet)
+        if worker.check_every:
+            self.arm(self.started + worker.check_every)
         self.log_open()
-        if self.closing:  # cut before the loop got round to this
+        if self.aborting:  # cut before the loop got round to this
             tr.abort()
 
     def log_open(self) -> None:
         clog = self.worker.conn_log
         if clog is not None:
-            (clog.debug if self.quiet else clog.info)(
-                "conn_open",
+            (clog.debug if self.record.quiet else clog.info)(
+                events.CONN_OPEN,
                 conn_id=self.conn_id,
                 mode=self.worker.mode,
                 local_port=self.local_port,
@@ -170,9 +137,7 @@ class EchoProtocol(asyncio.Protocol):
             )
 
     def peer_fields(self) -> dict[str, Any]:
-        if self.proxy_peer is None:
-            return peer_fields(self.peer)
-        return proxy_fields(self.peer, self.proxy_peer)
+        return self.fields if self.fields is not None else peer_fields(self.peer)
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -200,8 +165,8 @@ class EchoProtocol(asyncio.Protocol):
             return
         self.transport.resume_reading()
         self.last_read = monotonic()  # idle counts from here, as after a blocking send
-        if self.worker.quiet:
-            self.arm(self.last_read + self.worker.quiet)
+        if self.worker.check_every:
+            self.arm(self.last_read + self.worker.check_every)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
@@ -209,7 +174,7 @@ class EchoProtocol(asyncio.Protocol):
             self.timer = None
         if self.ended:
             return  # the worker gave up waiting for this (kill_connections)
-        if not self.closing:
+        if not self.aborting:
             if isinstance(exc, RESET_ERRORS):
                 self.reason, self.error = RESET, str(exc)
             elif exc is not None:
@@ -233,7 +198,7 @@ class EchoProtocol(asyncio.Protocol):
 
     def on_timer(self) -> None:
         self.timer = None
-        if self.closing or self.ended:
+        if self.aborting or self.ended:
             return
         now = monotonic()
         if self.stalled_since is not None:
@@ -243,8 +208,8 @@ class EchoProtocol(asyncio.Protocol):
             self.stalled_since = None  # it drained below the high-water mark, never paused
         if self.eof:
             return  # the transport closes by itself now that the echo is flushed
-        quiet = self.worker.quiet
-        due = self.last_read + quiet
+        every = self.worker.check_every
+        due = self.last_read + every
         idle = self.worker.settings.idle_timeout
         if now < due:
             self.arm(due)  # there were reads since the timer was set
@@ -254,9 +219,9 @@ class EchoProtocol(asyncio.Protocol):
         elif idle and now >= self.last_read + idle:
             self.close_now(IDLE_TIMEOUT)
         elif idle:
-            self.arm(min(self.last_read + idle, now + quiet))  # look for stalls meanwhile
+            self.arm(min(self.last_read + idle, now + every))  # look for stalls meanwhile
         else:
-            self.arm(now + quiet)  # no idle timeout: the timer only looks for stalls
+            self.arm(now + every)  # no idle timeout: the timer only looks for stalls
 
     def stall(self, since: float | None = None) -> None:
         """The echo is not being taken: ``write_timeout`` counts from ``since`` (default now)."""
@@ -273,16 +238,17 @@ class EchoProtocol(asyncio.Protocol):
                 self.close_now(WRITE_TIMEOUT)
             else:
                 self.arm(due)
-        elif not self.paused and self.worker.quiet:
-            self.arm(now + self.worker.quiet)  # look again (after a pause, resume_writing does)
+        elif not self.paused and self.worker.check_every:
+            # Look again (after a pause, resume_writing does).
+            self.arm(now + self.worker.check_every)
 
     # -- ending ----------------------------------------------------------------------------
 
     def close_now(self, reason: str) -> None:
         """End the connection at once (a timeout or the shutdown cut), dropping unsent echo."""
-        if self.closing or self.ended:
+        if self.aborting or self.ended:
             return
-        self.closing = True
+        self.aborting = True
         self.reason = reason
         if self.started:  # else connection_made has yet to run, and aborts then
             self.unsent = self.transport.get_write_buffer_size()
@@ -291,164 +257,118 @@ class EchoProtocol(asyncio.Protocol):
     def end(self) -> None:
         """Log the close event and count the connection closed; runs once."""
         self.ended = True
+        self.record.end(self.reason or ERROR, self.error)
         worker = self.worker
         try:
-            if worker.conn_log is not None:
+            if worker.conn_log is not None and self.record.logged:
                 self.log_close(worker)
         finally:
             worker.connection_ended(self)
 
     def outcome(self) -> Outcome:
-        return Outcome(
-            self.reason or ERROR, self.bytes_in, self.bytes_in - self.unsent, None, self.client
-        )
+        return self.record.outcome(self.bytes_in, self.bytes_in - self.unsent)
 
     def log_close(self, worker: AsyncWorker) -> None:
-        fields: dict[str, Any] = {
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_in - self.unsent,
-            "duration": round(monotonic() - self.started, 6) if self.started else 0.0,
-            "reason": self.reason or ERROR,
-        }
-        if self.error is not None:
-            fields["error"] = self.error
-        (worker.conn_log.debug if self.quiet else worker.conn_log.info)(
-            "conn_close",
+        record = self.record
+        duration = monotonic() - self.started if self.started else 0.0
+        (worker.conn_log.debug if record.quiet else worker.conn_log.info)(
+            events.CONN_CLOSE,
             conn_id=self.conn_id,
             mode=worker.mode,
             local_port=self.local_port,
             **self.peer_fields(),
-            **fields,
+            **record.close_fields(self.bytes_in, self.bytes_in - self.unsent, duration),
         )
 
 
 class ProxiedEchoProtocol(EchoProtocol):
     """An EchoProtocol that first reads the connection's PROXY header.
 
-    Until the header is complete nothing is echoed: the bytes are buffered (at most one
-    header and what follows it in the same reads), and the connection's one timer, armed for
-    ``proxy_timeout``, closes it with ``proxy_error`` if the header is late. Then the real
-    client is admitted, the open event logged with it as ``peer``, and the rest echoed. A
-    subclass, not a flag in EchoProtocol: connections without the protocol keep their echo
-    path untouched (the loop binds ``data_received`` once per connection).
+    Until the header is complete nothing is echoed: :class:`ProxyIntake` keeps the bytes,
+    and the connection's one timer, armed for its deadline, ends it with ``proxy_error`` if
+    the header is late. Then the real client is judged (:func:`echod.connection.admit`), the
+    open event logged with it as ``peer``, and the rest echoed. A subclass, not a flag in
+    EchoProtocol: connections without the protocol keep their echo path untouched (the loop
+    binds ``data_received`` once per connection).
     """
 
-    __slots__ = ("fields", "pending", "refused")
+    __slots__ = ("intake",)
 
     def __init__(self, worker: AsyncWorker, peer: Any, conn_id: str, local_port: Any) -> None:
         super().__init__(worker, peer, conn_id, local_port)
-        self.pending: bytearray | None = bytearray()  # None once the header is done
-        self.refused: str | None = None
-        self.fields: dict[str, Any] | None = None  # the peer fields, once the header is done
+        self.intake: ProxyIntake | None = None  # made at connection_made; None once done
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = tr = cast(asyncio.Transport, transport)
-        tr.set_write_buffer_limits(high=self.worker.settings.buffer_size)
+        settings = self.worker.settings
+        tr.set_write_buffer_limits(high=settings.buffer_size)
         self.started = self.last_read = monotonic()
-        self.arm(self.started + self.worker.settings.proxy_timeout)
-        if self.closing:  # cut before the loop got round to this
+        self.intake = ProxyIntake(settings.proxy_protocol, settings.proxy_timeout, self.started)
+        self.arm(self.intake.deadline)
+        if self.aborting:  # cut before the loop got round to this
             tr.abort()
 
     def data_received(self, data: bytes) -> None:
-        if self.pending is None:  # the echo, as EchoProtocol's
+        intake = self.intake
+        if intake is None:  # the echo, as EchoProtocol's
             self.bytes_in += len(data)
             self.last_read = monotonic()
             self.transport.write(data)
             return
-        if self.closing:
+        if self.aborting:
             return
-        received: bytes | bytearray = data
-        if self.pending:
-            self.pending += data
-            received = self.pending
-        # (Most headers come whole in the first read: parsed as read, without a copy.)
-        try:
-            header = proxy.parse(received, self.worker.settings.proxy_protocol)
-        except proxy.ProxyError as exc:
-            self.fail(str(exc))
-            return
-        if header is not None:
-            self.accept_header(header, bytes(received[header.length :]))
-        elif received is data:
-            self.pending += data
+        got = intake.feed(data)
+        if isinstance(got, Header):
+            self.accept_header(got)
+        elif got is not None:
+            self.end_with(got)
 
-    def accept_header(self, header: proxy.ProxyHeader, rest: bytes) -> None:
-        """Admit the real client, log the open event, echo what followed the header."""
-        self.pending = None
-        self.quiet = balancer_itself(header, self.peer)
-        self.proxy_peer = self.peer
-        if header.source is not None:
-            self.peer = header.source
-        admission = self.worker.admission
-        if admission.checks_clients:
-            ip = peer_ip(self.peer)
-            refused = admission.admit_client(ip)
-            if refused is not None:
-                self.refused = refused
-                self.close_now(refused)
-                return
-            self.client = ip
+    def accept_header(self, header: Header) -> None:
+        """Judge the real client; if served, log the open event and echo what followed."""
+        self.intake = None
+        judged = admit(header, self.peer, self.worker.gate)
+        if not isinstance(judged, Admitted):
+            self.end_with(judged)
+            return
+        self.record.admitted(judged)
+        self.peer = judged.peer
         self.last_read = monotonic()  # idle counts from here
         if self.worker.conn_log is not None:
-            self.fields = proxy_fields(self.peer, self.proxy_peer)  # for both events
+            self.fields = judged.fields()  # for both events
             self.log_open()
-        if rest:
-            self.data_received(rest)
+        if header.rest:
+            self.data_received(header.rest)
 
     def eof_received(self) -> bool:
-        if self.pending is None:
+        if self.intake is None:
             return super().eof_received()
-        # Closed without a byte: a TCP connect health check, logged at debug and not
-        # counted as a refusal (the peer left; echod refused nothing).
-        self.quiet = left = not self.pending
-        self.fail(f"closed before a complete PROXY header ({len(self.pending)} bytes received)")
-        if left:
-            self.refused = None
+        self.end_with(self.intake.closed())
         return False
 
     def on_timer(self) -> None:
-        if self.pending is None:
-            if self.worker.quiet:
+        intake = self.intake
+        if intake is None:
+            if self.worker.check_every:
                 super().on_timer()
             else:
                 self.timer = None  # no idle or write timeout: only the header's deadline
             return
         self.timer = None
-        if self.closing or self.ended:
+        if self.aborting or self.ended:
             return
-        timeout = self.worker.settings.proxy_timeout
-        due = self.started + timeout
-        if monotonic() < due:
-            self.arm(due)  # the timer fired a little early
+        late = intake.expired(monotonic())
+        if late is None:
+            self.arm(intake.deadline)  # the timer fired a little early
+        else:
+            self.end_with(late)
+
+    def end_with(self, ending: Ending) -> None:
+        """End as ``ending`` says (a bad, late or cut-short header, a refused client)."""
+        if self.aborting or self.ended:
             return
-        self.fail(
-            f"no complete PROXY header within {timeout:g} s ({len(self.pending)} bytes received)"
-        )
-
-    def peer_fields(self) -> dict[str, Any]:
-        return self.fields if self.fields is not None else super().peer_fields()
-
-    def fail(self, error: str) -> None:
-        if self.closing or self.ended:
-            return
-        self.refused = PROXY_ERROR
-        self.error = error
-        self.close_now(PROXY_ERROR)
-
-    def outcome(self) -> Outcome:
-        return Outcome(
-            self.reason or ERROR,
-            self.bytes_in,
-            self.bytes_in - self.unsent,
-            self.refused,
-            self.client,
-        )
-
-    def log_close(self, worker: AsyncWorker) -> None:
-        # A refused client leaves no line (the refused summary counts it); a failed header
-        # leaves one, the close, with the balancer as peer.
-        if self.refused is None or self.refused == PROXY_ERROR:
-            super().log_close(worker)
+        self.record.ended(ending)
+        self.error = ending.error
+        self.close_now(ending.reason)
 
 
 class AsyncWorker(Worker):
@@ -456,96 +376,34 @@ class AsyncWorker(Worker):
 
     mode = "async"
     blocking_connections = False  # the loop's own timers bound idle and slow connections
+    event_source = LoopSource
 
-    # -- the event source ------------------------------------------------------------------
-
-    def init_loop(self) -> None:
-        self.loop, self.loop_name = new_event_loop()
+    def init_mode(self) -> None:
+        source: LoopSource = self.source
+        self.loop = source.loop
         self.loop.set_exception_handler(self.on_loop_error)
         self.conns: set[EchoProtocol] = set()
         self.conn_log: Any = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.timer_due = 0.0
-        self.failure: BaseException | None = None
-        # How long a connection may go without reads before its timer looks at it: the
-        # shorter timeout, so that a stalled echo is noticed within write_timeout, as in the
-        # other modes, also when idle_timeout is much longer.
-        settings: HandlerSettings = self.settings
-        timeouts = [t for t in (settings.idle_timeout, settings.write_timeout) if t > 0]
-        self.quiet = min(timeouts, default=0.0)
-
-    def add_reader(self, fileobj: Any, callback: Callable[[Any], None]) -> None:
-        self.loop.add_reader(fileobj, self.dispatch, callback, fileobj)
-
-    def remove_reader(self, fileobj: Any) -> None:
-        self.loop.remove_reader(fileobj)
-
-    def init_mode(self) -> None:
-        for signum in _LOOP_SIGNALS:
-            self.loop.add_signal_handler(signum, self.dispatch, self.on_signal, signum)
         if self.settings.log_connections:
             # One bound logger for every connection, whose fields are passed per event: a
             # bind() per connection costs more, and the lazy proxy more again.
             self.conn_log = log.get_logger().bind()
-        version = uvloop.__version__ if self.loop_name == "uvloop" else platform.python_version()
-        self.log.info("event_loop", loop=self.loop_name, loop_version=version)
-
-    def serve(self) -> None:
-        """Run the loop until the worker has drained; re-raise what broke it, if anything."""
-        self.next_heartbeat = monotonic()
-        try:
-            self.after_event()
-            if not self.drained():
-                self.loop.run_forever()
-        finally:
-            self.close_loop()
-        if self.failure is not None:
-            raise self.failure
-
-    def close_loop(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.loop.close()  # (which also removes its signal handlers)
-
-    def dispatch(self, callback: Callable[[Any], None], arg: Any) -> None:
-        """Run a base-class event handler, then act on what it changed (timers, the drain).
-
-        An exception ends the worker, as it does in the selector loop of the other modes:
-        the supervisor logs it and starts a fresh worker.
-        """
-        try:
-            callback(arg)
-            self.after_event()
-        except Exception as exc:
-            self.failure = exc
-            self.loop.stop()
-
-    def after_event(self) -> None:
-        if self.drained():
-            self.loop.stop()
-        else:
-            self.schedule_timers()
-
-    def schedule_timers(self) -> None:
-        """Arm the worker's one loop timer for the nearest deadline of :meth:`run_timers`."""
-        now = monotonic()
-        due = now + self.next_timeout(now)
-        if self.timer is not None:
-            if self.timer_due <= due:
-                return
-            self.timer.cancel()
-        self.timer_due = due
-        self.timer = self.loop.call_later(max(_MIN_DELAY, due - now), self.on_timer)
-
-    def on_timer(self) -> None:
-        self.timer = None
-        self.dispatch(self.run_timers, monotonic())
+        # How long a connection may go without reads before its timer looks at it: the
+        # shorter timeout, so that a stalled echo is noticed within write_timeout, as in the
+        # other modes, also when idle_timeout is much longer.
+        settings = self.settings
+        timeouts = [t for t in (settings.idle_timeout, settings.write_timeout) if t > 0]
+        self.check_every = min(timeouts, default=0.0)
+        # Behind a PROXY header the real client is judged on the loop (Admission directly).
+        behind_proxy = settings.proxy_protocol != "off"
+        self.gate = self.admission if behind_proxy and self.admission.checks_clients else None
+        self.log.info(events.EVENT_LOOP, loop=source.name, loop_version=source.version)
 
     def on_loop_error(self, _loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """Errors the loop caught (a protocol callback that raised): log them, keep serving."""
         exc = context.get("exception")
         self.log.error(
-            "loop_error",
+            events.LOOP_ERROR,
             message=context.get("message"),
             error=None if exc is None else f"{type(exc).__name__}: {exc}",
         )
@@ -563,36 +421,23 @@ class AsyncWorker(Worker):
         if self.settings.proxy_protocol != "off":
             protocol_class = ProxiedEchoProtocol
         protocol = protocol_class(self, peer, conn_id, local_port)
-        adopt = self.loop.connect_accepted_socket(lambda: protocol, conn)
-        # Driven by hand rather than by a Task: the first step creates the transport at once
-        # (errors reach admit(): a shortage holds the connection, anything else refuses it),
-        # and the rest only returns the pair once the loop has called connection_made.
-        try:
-            waiter = adopt.send(None)
-        except StopIteration:
-            pass
-        except (OSError, MemoryError) as exc:
-            # The transport takes no descriptor of its own; memory is what it can run short
-            # of. Held only while the socket is still ours to start again.
-            failure = start_failure("a transport", exc)
-            if failure is None or conn.fileno() < 0:
-                raise
-            raise failure from exc
-        else:
-            waiter.add_done_callback(lambda _f: _finish(adopt))
+        task = self.loop.create_task(self.loop.connect_accepted_socket(lambda: protocol, conn))
+        task.add_done_callback(lambda done: self.adopted(protocol, conn, done))
         self.conns.add(protocol)
 
-    def closed_while_paused(self) -> None:
-        # Called from the loop's connection_lost, outside dispatch(): what it changed (an
-        # earlier retry of a held connection, a limit line now due) needs the timer moved.
-        super().closed_while_paused()
-        self.schedule_timers()
+    def adopted(self, protocol: EchoProtocol, conn: socket.socket, task: asyncio.Task[Any]) -> None:
+        """The transport is made (connection_made has run), or could not be: then the
+        connection never started, and is closed and counted as an error."""
+        if task.cancelled() or task.exception() is None or protocol.ended:
+            return
+        exc = task.exception()
+        conn.close()
+        protocol.error = f"{type(exc).__name__}: {exc}"
+        protocol.end()
 
     def connection_ended(self, protocol: EchoProtocol) -> None:
         self.conns.discard(protocol)
         self.connection_closed(protocol.peer, protocol.outcome())
-        if self.stopping and self.drained():
-            self.loop.stop()
 
     def cut_connections(self) -> None:
         for protocol in list(self.conns):
@@ -602,16 +447,6 @@ class AsyncWorker(Worker):
         # Aborted transports report connection_lost on the next loop pass; anything still
         # here after the grace period is ended without waiting for it.
         for protocol in list(self.conns):
-            if not protocol.closing:
+            if not protocol.aborting:
                 protocol.reason = SHUTDOWN
             protocol.end()
-
-
-def _finish(adopt: Any) -> None:
-    """Run a hand-driven ``connect_accepted_socket`` to its end (it only returns the pair)."""
-    try:
-        adopt.send(None)
-    except StopIteration:
-        pass
-    except Exception:
-        adopt.close()

@@ -25,19 +25,18 @@ import signal
 import socket
 from typing import Any
 
-from echod import exitcodes, log, proctitle, signals
+from echod import events, exitcodes, log, proctitle, signals
+from echod.accepting import start_failure
 from echod.clientlink import WorkerLinks
 from echod.connection import KILLED
 from echod.handler import EchoHandler, Outcome, peer_fields
 from echod.prctl import PR_SET_PDEATHSIG, prctl, set_oom_score_adj
-from echod.worker import Worker, start_failure
+from echod.worker import Worker
 
 _FORK_BLOCKED = frozenset(signals.WORKER)  # the worker's handlers must not run in a child
 #: The signals by which the worker itself ends a connection process (the cut, the kill at
 #: the deadline): a death by any other (the OOM killer, an operator) is logged.
 _OURS = frozenset({signal.SIGTERM, signal.SIGKILL})
-#: The event (warning) for a connection process killed by a signal its worker did not send.
-CONNECTION_KILLED = "connection_killed"
 
 
 class Child:
@@ -222,11 +221,7 @@ class ProcessWorker(Worker):
             # The first the OOM killer takes: one client lost (see echod.prctl).
             set_oom_score_adj(self.connection_oom_score)
         self.spec.control.close()
-        for fd in (self.wakeup_r, self.wakeup_w):
-            os.close(fd)
-        if self.selector is not None:
-            # Dropping our reference only: the epoll instance stays the worker's.
-            self.selector.close()
+        self.source.close_in_child()
         # SIGTERM (the cut) keeps its record-only handler, on a wakeup pipe of our own.
         wake_r, _wake_w = signals.record((signal.SIGTERM,))
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -271,7 +266,7 @@ class ProcessWorker(Worker):
             child.conn.close()
             if killed is not None:
                 self.log.warning(
-                    CONNECTION_KILLED,
+                    events.CONNECTION_KILLED,
                     conn_id=child.conn_id,
                     conn_pid=pid,
                     signal=killed,
@@ -285,7 +280,9 @@ class ProcessWorker(Worker):
         elif pid in self.spares:
             self.spares.remove(pid)  # it died waiting
             if killed is not None:
-                self.log.warning(CONNECTION_KILLED, conn_id=None, conn_pid=pid, signal=killed)
+                self.log.warning(
+                    events.CONNECTION_KILLED, conn_id=None, conn_pid=pid, signal=killed
+                )
 
     def killed_by(self, pid: int, status: int) -> str | None:
         """The name of the signal that killed the reaped process ``pid``, unless this worker

@@ -40,8 +40,9 @@ import threading
 from typing import Any
 
 from echod import log
+from echod.accepting import start_failure
 from echod.handler import EchoHandler
-from echod.worker import Worker, start_failure
+from echod.worker import Worker
 
 #: sys.setswitchinterval() of a thread worker, in seconds (CPython's default: 0.005).
 SWITCH_INTERVAL = 0.05
@@ -183,7 +184,7 @@ class ThreadWorker(Worker):
             self.finished.append((conn_id, peer, handler.outcome()))
             # Read after the append: the main thread sets these before it looks at the deque
             # a last time, so either it sees our entry or we see that it waits.
-            if self.paused is not None or self.stopping:
+            if self.paused or self.stopping:
                 self.wake_main_thread()
 
     def wake_main_thread(self) -> None:
@@ -205,10 +206,6 @@ class ThreadWorker(Worker):
             self.open_sockets.pop(conn_id, None)
             self.connection_closed(peer, outcome)
 
-    def pause(self, reason: str, retry: float | None = None, **fields: Any) -> None:
-        super().pause(reason, retry, **fields)
-        self.collect_finished()  # what ended before the threads could see the pause
-
     def begin_stop(self, timeout: float | None) -> None:
         # Before the count of what is open at the stop: a connection that ended before it is
         # not one that finished during the drain.
@@ -216,10 +213,6 @@ class ThreadWorker(Worker):
         super().begin_stop(timeout)
         self.collect_finished()  # what ended meanwhile, before the threads saw the drain
         self.release_spares()  # no connection will come for them
-
-    def run_timers(self, now: float) -> None:
-        self.collect_finished()  # keeps the heartbeat's counts current
-        super().run_timers(now)
 
     def cut_connections(self) -> None:
         self.stopper.cut = True

@@ -98,7 +98,7 @@ class Gated(Installed):
 def gated(tmp_path: Path) -> Iterator[Gated]:
     server = Gated(tmp_path, workers=2, shutdown_timeout=30, drain_delay=0, idle_timeout=0)
     # A worker's start, before it installs its signals (they stay blocked until then).
-    server.gate("worker.py", "self.install_signals()", "worker")
+    server.gate("worker.py", "self.source.watch_signals(signals.WORKER, self.on_signal)", "worker")
     # The upgrade's check, before it imports the supervisor.
     server.gate("upgrade.py", "del supervisor  # imported to prove it imports", "check")
     try:

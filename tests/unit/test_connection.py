@@ -15,11 +15,11 @@ from echod.connection import (
     PROXY_ERROR,
     RESET,
     Admitted,
-    Closing,
     Ending,
     Header,
     Outcome,
     ProxyIntake,
+    Record,
     admit,
     balancer_itself,
     peer_fields,
@@ -211,38 +211,38 @@ def test_a_mapped_ipv6_sender_is_its_ipv4_address() -> None:
 # -- the end --------------------------------------------------------------------------------------
 
 
-def test_a_closing_counts_and_logs_how_it_ended() -> None:
+def test_a_record_counts_and_logs_how_it_ended() -> None:
     """The outcome and the close fields say the same reason, error and bytes."""
-    closing = Closing()
-    assert closing.reason == ERROR  # until told otherwise: a bug, not a client
-    closing.end(RESET, "[Errno 104] Connection reset by peer")
-    assert closing.outcome(10, 8) == Outcome(RESET, 10, 8, None, None)
-    assert closing.close_fields(10, 8, 1.23456789) == {
+    record = Record()
+    assert record.reason == ERROR  # until told otherwise: a bug, not a client
+    record.end(RESET, "[Errno 104] Connection reset by peer")
+    assert record.outcome(10, 8) == Outcome(RESET, 10, 8, None, None)
+    assert record.close_fields(10, 8, 1.23456789) == {
         "bytes_in": 10, "bytes_out": 8, "duration": 1.234568, "reason": RESET,
         "error": "[Errno 104] Connection reset by peer",
     }  # fmt: skip
 
 
-def test_a_closing_without_an_error_has_no_error_field() -> None:
-    closing = Closing()
-    closing.end(CLIENT_CLOSED)
-    assert "error" not in closing.close_fields(1, 1, 0.0)
+def test_a_record_without_an_error_has_no_error_field() -> None:
+    record = Record()
+    record.end(CLIENT_CLOSED)
+    assert "error" not in record.close_fields(1, 1, 0.0)
 
 
 def test_an_admitted_balancer_check_stays_quiet_however_it_ends() -> None:
     """Admitted quiet, then the client closes: still quiet; the client is released."""
-    closing = Closing()
-    closing.admitted(Admitted(BALANCER, BALANCER, True, "10.0.0.1"))
-    closing.ended(Ending(CLIENT_CLOSED))
-    assert closing.quiet and closing.logged
-    assert closing.outcome(0, 0) == Outcome(CLIENT_CLOSED, 0, 0, None, "10.0.0.1")
+    record = Record()
+    record.admitted(Admitted(BALANCER, BALANCER, True, "10.0.0.1"))
+    record.ended(Ending(CLIENT_CLOSED))
+    assert record.quiet and record.logged
+    assert record.outcome(0, 0) == Outcome(CLIENT_CLOSED, 0, 0, None, "10.0.0.1")
 
 
 def test_a_refusal_ending_is_not_logged_and_is_counted() -> None:
-    closing = Closing()
-    closing.ended(Ending("max_connections_per_ip", refused="max_connections_per_ip", logged=False))
-    assert not closing.logged
-    assert closing.outcome(0, 0).refused == "max_connections_per_ip"
+    record = Record()
+    record.ended(Ending("max_connections_per_ip", refused="max_connections_per_ip", logged=False))
+    assert not record.logged
+    assert record.outcome(0, 0).refused == "max_connections_per_ip"
 
 
 @pytest.mark.parametrize(

@@ -22,33 +22,10 @@ NAME = re.compile(r"[a-z][a-z0-9_]*")
 #: (module, event name) still logged as a string literal, in modules not converted yet: each is
 #: to become ``events.NAME`` there, and its line here removed. Every other module already logs
 #: the constants only; the test fails on a literal not listed, and on a line listed in vain.
-PENDING_LITERALS = frozenset(
-    {
-        ("echod/handler.py", "conn_open"),
-        ("echod/handler.py", "conn_close"),
-        ("echod/worker.py", "conn_start_failed"),
-        ("echod/worker.py", "control_garbled"),
-        ("echod/worker.py", "cutting"),
-        ("echod/worker.py", "oom_score_unchanged"),
-        ("echod/worker.py", "refused"),
-        ("echod/worker.py", "worker_draining"),
-        ("echod/workers/async_.py", "conn_open"),
-        ("echod/workers/async_.py", "conn_close"),
-        ("echod/workers/async_.py", "event_loop"),
-        ("echod/workers/async_.py", "loop_error"),
-        ("echod/udp.py", "udp_summary"),
-        ("echod/sinks.py", "log_lines_dropped"),
-    }
-)
+PENDING_LITERALS: frozenset[tuple[str, str]] = frozenset()
 #: (module, constant): a module-level constant that restates an event name outside
 #: echod.events, to be replaced by the one declared there.
-PENDING_CONSTANTS = frozenset(
-    {
-        ("echod/admission.py", "REACHED"),
-        ("echod/admission.py", "RELEASED"),
-        ("echod/workers/process.py", "CONNECTION_KILLED"),
-    }
-)
+PENDING_CONSTANTS: frozenset[tuple[str, str]] = frozenset()
 
 
 def modules() -> Iterator[tuple[str, ast.Module]]:

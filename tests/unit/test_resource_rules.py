@@ -10,8 +10,7 @@ import itertools
 import pytest
 
 from echod import prctl
-from echod.admission import REACHED, RELEASED, LimitLog
-from echod.worker import (
+from echod.accepting import (
     FD_HYSTERESIS_MAX,
     START_RETRY,
     START_RETRY_MAX,
@@ -20,6 +19,9 @@ from echod.worker import (
     start_failure,
     start_retry_delay,
 )
+from echod.admission import LimitLog
+from echod.events import LIMIT_REACHED as REACHED
+from echod.events import LIMIT_RELEASED as RELEASED
 
 pytestmark = pytest.mark.timeout(30)
 
