@@ -317,6 +317,12 @@ class Acceptor:
         if paused.limit == LIMIT_CONNECTIONS or fds_free:
             self.resume()
 
+    def limits_changed(self) -> None:
+        """The limits changed at run time: a pause at max_connections may be over."""
+        paused = self.paused
+        if paused is not None and paused.limit in (LIMIT_CONNECTIONS, LIMIT_RATE):
+            self.resume()
+
     # -- the pause ------------------------------------------------------------------------------
 
     def pause(self, limit: str, retry: float | None = None, **fields: Any) -> None:

@@ -208,9 +208,13 @@ class Admission:
     ) -> None:
         #: The metrics' cumulative counts (``refused`` below is the summary's, reset each time).
         self.counters = counters if counters is not None else WorkerCounters()
+        self.index = index
+        self.workers = cfg.workers
         self.limit = worker_share(cfg.max_connections, cfg.workers, index)
         self.per_ip = cfg.max_connections_per_ip
-        self.shared = shared if self.per_ip and slot is not None else None
+        # Counted in the shared table whatever per_ip is, so that a limit set at run time
+        # (echod set) counts the connections already open in every worker.
+        self.shared = shared if slot is not None else None
         self.slot = slot if slot is not None else -1
         self.refuse = cfg.overload == "refuse"
         self.bucket = TokenBucket(cfg.connection_rate)
@@ -232,6 +236,17 @@ class Admission:
         now = time.monotonic()
         self.bucket.start(now)
         self._last_summary = now
+
+    def set_limits(self, max_connections: int, per_ip: int, rate: float) -> None:
+        """The daemon's limits changed at run time (``echod set``): this worker's share of
+        ``max_connections``, ``max_connections_per_ip`` and ``connection_rate`` from now on."""
+        self.limit = worker_share(max_connections, self.workers, self.index)
+        with self._lock:
+            self.per_ip = per_ip
+            self.checks_clients = bool(self.acl is not None or self.per_ip)
+        if rate != self.bucket.rate:
+            self.bucket = TokenBucket(rate)
+            self.bucket.start(time.monotonic())
 
     def full(self) -> bool:
         return self.active >= self.limit

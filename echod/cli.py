@@ -17,10 +17,10 @@ import select
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from echod import __version__, exitcodes
+from echod import __version__, controlapi, ctlcommands, exitcodes
 from echod.config import (
     Config,
     ConfigError,
@@ -120,6 +120,27 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="validate the configuration and print the effective settings",
     )
+    connections = commands.add_parser(
+        "connections",
+        parents=[common],
+        help="list every open connection: the client, who serves it, its age and traffic",
+    )
+    connections.add_argument("--json", action="store_true", help="print the list as JSON")
+    cut = commands.add_parser("cut", parents=[common], help="end these connections now")
+    cut.add_argument("ids", nargs="+", metavar="ID", help="a connection id (3-17)")
+    commands.add_parser(
+        "drain",
+        parents=[common],
+        help="keep serving, but have /healthz and the agent check say draining",
+    )
+    commands.add_parser(
+        "resume", parents=[common], help="have /healthz and the agent check say serving again"
+    )
+    set_ = commands.add_parser(
+        "set", parents=[common], help="change a limit at once, until the next reload"
+    )
+    set_.add_argument("setting", choices=controlapi.SETTABLE)
+    set_.add_argument("value", help="its new value (the file's rule applies)")
     return parser
 
 
@@ -137,6 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return exitcodes.INTERRUPTED
+    except BrokenPipeError:
+        # The reader of our output left (`echod connections | head`): nothing is wrong.
+        # Point stdout at /dev/null, so that the interpreter's final flush fails no more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return exitcodes.OK
 
 
 def _autocomplete(parser: argparse.ArgumentParser) -> int:
@@ -388,7 +416,18 @@ def wait_reloaded(cfg: Config, pid: int, serial: int, timeout: float) -> Status:
     )
 
 
-COMMANDS = {
+def _with_config(
+    command: Callable[[Config, argparse.Namespace], int],
+) -> Callable[[argparse.Namespace], int]:
+    """A control-socket command, given the configuration that names the daemon's socket."""
+
+    def run(args: argparse.Namespace) -> int:
+        return command(load(args)[0], args)
+
+    return run
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "start": cmd_start,
     "stop": cmd_stop,
@@ -396,6 +435,11 @@ COMMANDS = {
     "reload": cmd_reload,
     "upgrade": cmd_upgrade,
     "check-config": cmd_check_config,
+    "connections": _with_config(ctlcommands.cmd_connections),
+    "cut": _with_config(ctlcommands.cmd_cut),
+    "drain": _with_config(ctlcommands.cmd_drain),
+    "resume": _with_config(ctlcommands.cmd_resume),
+    "set": _with_config(ctlcommands.cmd_set),
 }
 
 
@@ -456,6 +500,7 @@ def describe(published: Status | None) -> list[str]:
         reasons = ", ".join(f"{reason} {n}" for reason, n in published.log_dropped.items())
         total = sum(published.log_dropped.values())
         lines.append(f"log:         {total} lines dropped ({reasons})")
+    lines += ctlcommands.describe_runtime(published)
     if workers:
         lines.append("workers:")
         lines += [

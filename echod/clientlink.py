@@ -16,6 +16,8 @@ keeps the other until it reaps the process (or lets a spare go, below):
 - with ``spare_processes`` the end report may close with `` wait``: the process will wait
   for another connection rather than exit (without it, it exits; only the process knows,
   as a cut ends it). The worker reads every link then, not only at the reap.
+- process -> worker ``peer <ip> <port>``, behind a PROXY header once the header is read:
+  the real client, for ``echod connections``.
 - worker -> process ``conn <conn_id> <ip> <port>``, with the connection's descriptor attached
   (SCM_RIGHTS): the next connection for a process that said it waits. The worker closing its
   end of the link (before the reap, then) tells a waiting process to exit.
@@ -77,6 +79,20 @@ def decode_end(message: bytes) -> Outcome | None:
     return Outcome(parts[1], int(parts[2]), int(parts[3]), refused)
 
 
+def encode_peer(peer: Any) -> bytes:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"peer {peer[0]} {peer[1]}".encode("ascii", "replace")
+    return f"peer {peer} 0".encode("ascii", "replace")
+
+
+def decode_peer(message: bytes) -> tuple[str, int] | None:
+    """The real client a ``peer`` report names; None for anything else."""
+    parts = message.decode("ascii", "replace").split()
+    if len(parts) != 3 or parts[0] != "peer" or not parts[2].isdigit():
+        return None
+    return parts[1], int(parts[2])
+
+
 def encode_connection(conn_id: str, peer: Any) -> bytes:
     return f"conn {conn_id} {peer[0]} {peer[1]}".encode("ascii", "replace")
 
@@ -105,6 +121,13 @@ class ChildGate:
             return decode_verdict(self.sock.recv(MAX_MESSAGE))
         except OSError:  # the worker is gone or did not answer in time
             return NO_ANSWER
+
+    def tell_client(self, peer: Any, _proxy_peer: Any) -> None:
+        """The real client behind the PROXY header (for the worker's listing)."""
+        try:
+            self.sock.send(encode_peer(peer))
+        except OSError:
+            pass  # the worker is gone: nobody lists it
 
     def report(self, outcome: Outcome, waits: bool = False) -> None:
         """The end report; ``waits``: this process then waits for another connection."""
@@ -162,7 +185,9 @@ class WorkerLinks:
         timeout: float,
         add_reader: Callable[[Any, Callable[[Any], None]], None],
         remove_reader: Callable[[Any], None],
+        *,
         on_end: Callable[[int, Outcome, bool], None] | None = None,
+        on_peer: Callable[[int, tuple[str, int]], None] | None = None,
     ) -> None:
         self.admission = admission
         self.timeout = timeout
@@ -172,12 +197,18 @@ class WorkerLinks:
         #: report arrives, for processes that may be kept; without it the report waits for
         #: the reap.
         self.on_end = on_end
+        #: Called with (pid, the real client) as a process reports it (behind PROXY).
+        self.on_peer = on_peer
         self.links: dict[int, _Link] = {}
         self.by_fd: dict[int, _Link] = {}
-        # Whether a connection process may ask about its client: only behind a PROXY header
-        # (else the worker checked at accept), and only with something to check. Without
-        # PROXY the links still carry the end reports, for the metrics.
-        self.asks = admission.trusted is not None and admission.checks_clients
+
+    @property
+    def asks(self) -> bool:
+        """Whether a connection process forked now asks about its client: only behind a
+        PROXY header (else the worker checked at accept), and only with something to check
+        (which `echod set` may change). Without PROXY the links still carry the end
+        reports, for the metrics."""
+        return self.admission.trusted is not None and self.admission.checks_clients
 
     def pair(self) -> tuple[socket.socket, socket.socket]:
         return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -198,7 +229,7 @@ class WorkerLinks:
         sock.setblocking(False)
         link = _Link(pid, sock)
         self.links[pid] = link
-        if self.asks or self.on_end is not None:
+        if self.asks or self.on_end is not None or self.on_peer is not None:
             # Only a process that may ask needs an answer while it lives, and only one kept
             # for later connections reports its ends while it lives; else the end report is
             # read at the reap.
@@ -212,7 +243,7 @@ class WorkerLinks:
             self._read(link)
 
     def _read(self, link: _Link) -> None:
-        for _ in range(4):  # a process sends at most a question and its end report
+        for _ in range(8):  # a process sends a question, its client and its end report
             try:
                 message = link.sock.recv(MAX_MESSAGE)
             except BlockingIOError:
@@ -224,6 +255,11 @@ class WorkerLinks:
                 return
             if message.startswith(b"client "):
                 self._answer(link, message[7:].decode("ascii", "replace"))
+                continue
+            if message.startswith(b"peer "):
+                peer = decode_peer(message)
+                if peer is not None and self.on_peer is not None:
+                    self.on_peer(link.pid, peer)
                 continue
             outcome = decode_end(message)
             if self.on_end is None or outcome is None:

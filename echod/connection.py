@@ -36,6 +36,14 @@ ERROR = "error"
 PROXY_ERROR = "proxy_error"
 #: Its process died of a signal the worker did not send (the OOM killer, kill -9).
 KILLED = "killed"
+#: Cut on its own: by ``echod cut``; after a retirement's ``retire_timeout``; because a
+#: reload's access list, or per-address limit, no longer admits its client.
+CUT = "cut"
+RETIRED = "retired"
+ACCESS_LIST = "access_list"
+PER_IP = "max_connections_per_ip"
+#: It reached ``max_connection_age`` (ended after echoing what it had read).
+MAX_AGE = "max_age"
 
 #: The exceptions that mean the peer reset the connection.
 RESET_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)

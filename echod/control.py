@@ -9,17 +9,31 @@ bye only) the worker's metrics counters as ``name=value``, separated by single s
     hb 3 17 opened=20 closed:client_closed=17 bytes_in=1234
     stopping 3
     bye 2 1 17 opened=20 ...
+    conns 7 1 [{"conn_id": "3-1", ...}]
+    cut-done 7 12 15
     stop | retire | retire-listeners | reopen | quit
+    list 7 | cut 7 0 12 15 | limits 100 0 0 | retire-by 30000
 
 Worker to supervisor: :class:`Ready` (serving), :class:`Heartbeat` (sent from the worker's own
 loop, so it proves the loop runs; carries the counts for status), :class:`Stopping` (the
 answer to each Stop and Quit: what it had open when the stop reached it, which its bye's
 ``finished`` and ``cut`` add up to), :class:`Bye` (the final counts, just before a clean
-exit). Supervisor to worker: :class:`Stop` (drain for up to
-``shutdown_timeout``, then cut), :class:`Retire` (a reload replaced this worker: stop
+exit), :class:`Connections` (a part of its answer to a :class:`ListConnections`: a JSON
+array of its open connections, ``last`` 1 on the final part), :class:`CutDone` (the
+connections a :class:`Cut` found and cut). Supervisor to worker: :class:`Stop` (drain for up
+to ``shutdown_timeout``, then cut), :class:`Retire` (a reload replaced this worker: stop
 accepting, let every connection finish), :class:`RetireListeners` (the same, and the
 listening sockets are replaced too: first accept what is queued on them, which closing them
-would reset), :class:`Reopen` (log rotation), :class:`Quit` (cut now).
+would reset), :class:`Reopen` (log rotation), :class:`Quit` (cut now),
+:class:`ListConnections` (say what is open), :class:`Cut` (end these connections, by their
+sequence numbers, for a reason of :data:`CUT_REASONS`), :class:`Limits` (the daemon's limits
+changed at run time: ``max_connections``, ``max_connections_per_ip``, ``connection_rate`` in
+thousandths, 0 for the file's own), :class:`RetireBy` (a retiring worker's connections
+still open after this many milliseconds are cut, reason ``retired``).
+
+A worker of an older image (adopted in an upgrade) does not know the newer messages: it
+logs them as garbled and drops them, so every newer request has a deadline on the
+supervisor's side.
 
 Counters are opaque here: any name made of letters, digits and ``_ : . -`` with a
 non-negative integer, cumulative since that worker started. A message is at most
@@ -33,6 +47,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 #: The largest message either side sends or accepts (a heartbeat with many counters).
 MAX_MESSAGE = 64 * 1024
@@ -77,6 +92,24 @@ class Bye:
 
 
 @dataclass(frozen=True)
+class Connections:
+    """Worker: a part of its answer to ListConnections ``request``: ``data``, a JSON array
+    of its open connections; ``last`` 1 on the final part."""
+
+    request: int
+    last: int
+    data: bytes = b"[]"
+
+
+@dataclass(frozen=True)
+class CutDone:
+    """Worker: the connections (sequence numbers) that Cut ``request`` found and cut."""
+
+    request: int
+    seqs: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Stop:
     """Supervisor: stop accepting, drain for up to shutdown_timeout, then cut."""
 
@@ -101,8 +134,50 @@ class Quit:
     """Supervisor: cut every connection now."""
 
 
-WorkerMessage = Ready | Heartbeat | Stopping | Bye
-Command = Stop | Retire | RetireListeners | Reopen | Quit
+@dataclass(frozen=True)
+class ListConnections:
+    """Supervisor: answer ``request`` with what is open (Connections)."""
+
+    request: int
+
+
+#: Why the supervisor cuts a connection, by their code on the wire (Cut.reason); each is the
+#: close reason its connection's close event says.
+CUT_REASONS = ("cut", "retired", "access_list", "max_connections_per_ip")
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Supervisor: end the connections with these sequence numbers (the part of their id
+    after the worker's serial) now, for reason ``CUT_REASONS[reason]``; answer CutDone."""
+
+    request: int
+    reason: int
+    seqs: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Supervisor: the limits set at run time (``echod set``); 0: the file's own. The
+    worker takes its share of ``max_connections``; ``connection_rate_milli`` is the rate
+    in thousandths of a connection a second."""
+
+    max_connections: int
+    max_connections_per_ip: int
+    connection_rate_milli: int
+
+
+@dataclass(frozen=True)
+class RetireBy:
+    """Supervisor: a retiring worker cuts what is still open after ``milliseconds``."""
+
+    milliseconds: int
+
+
+WorkerMessage = Ready | Heartbeat | Stopping | Bye | Connections | CutDone
+Command = (
+    Stop | Retire | RetireListeners | Reopen | Quit | ListConnections | Cut | Limits | RetireBy
+)
 Message = WorkerMessage | Command
 
 _TAGS: dict[type, bytes] = {
@@ -115,6 +190,12 @@ _TAGS: dict[type, bytes] = {
     RetireListeners: b"retire-listeners",
     Reopen: b"reopen",
     Quit: b"quit",
+    Connections: b"conns",
+    CutDone: b"cut-done",
+    ListConnections: b"list",
+    Cut: b"cut",
+    Limits: b"limits",
+    RetireBy: b"retire-by",
 }
 _TYPES: dict[bytes, type] = {tag: cls for cls, tag in _TAGS.items()}
 # The counts each message carries, in their order on the wire; the rest are counters, for
@@ -123,8 +204,17 @@ _COUNTS: dict[type, tuple[str, ...]] = {
     Heartbeat: ("open", "served"),
     Stopping: ("open",),
     Bye: ("finished", "cut", "served"),
+    Connections: ("request", "last"),
+    CutDone: ("request",),
+    ListConnections: ("request",),
+    Cut: ("request", "reason"),
+    Limits: ("max_connections", "max_connections_per_ip", "connection_rate_milli"),
+    RetireBy: ("milliseconds",),
 }
 _WITH_COUNTERS = frozenset({Heartbeat, Bye})
+#: Messages whose counts are followed by a list of counts (its field), or by raw data.
+_WITH_LIST = {CutDone: "seqs", Cut: "seqs"}
+_WITH_DATA: frozenset[type] = frozenset({Connections})
 
 
 def encode(message: Message) -> bytes:
@@ -134,6 +224,10 @@ def encode(message: Message) -> bytes:
     parts = [_TAGS[kind]]
     for name in _COUNTS.get(kind, ()):
         parts.append(_encode_value(getattr(message, name)))
+    if kind in _WITH_LIST:
+        parts.extend(_encode_value(item) for item in getattr(message, _WITH_LIST[kind]))
+    if isinstance(message, Connections):
+        parts.append(message.data)
     counters: Mapping[str, int] = getattr(message, "counters", {})
     for name, value in counters.items():
         key = name.encode("ascii", "replace")
@@ -162,7 +256,20 @@ def decode(data: bytes) -> Message:
         return kind()  # type: ignore[no-any-return]
     if len(rest) < len(names):
         raise ValueError(f"{tag.decode()} needs {_counts(len(names))}: {_show(data)}")
+    if kind in _WITH_DATA:
+        # The data is the rest of the packet, spaces and all (a JSON array).
+        head = data.split(b" ", len(names) + 1)
+        counts = [_decode_value(item, data) for item in head[1 : len(names) + 1]]
+        payload = head[len(names) + 1] if len(head) > len(names) + 1 else b""
+        if not payload:
+            raise ValueError(f"{tag.decode()} needs its data: {_show(data)}")
+        maker: Any = kind  # (the tables say what it takes; mypy cannot follow them)
+        return maker(*counts, data=payload)  # type: ignore[no-any-return]
     counts = [_decode_value(item, data) for item in rest[: len(names)]]
+    if kind in _WITH_LIST:
+        items = tuple(_decode_value(item, data) for item in rest[len(names) :])
+        listed: Any = kind
+        return listed(*counts, items)  # type: ignore[no-any-return]
     if kind not in _WITH_COUNTERS:
         if len(rest) > len(names):
             raise ValueError(f"{tag.decode()} takes only {_counts(len(names))}: {_show(data)}")

@@ -165,5 +165,24 @@ CONNECTION_KILLED: Final = _event(
     "connection_killed", "process mode: a connection's process was killed by a signal"
 )
 
+# -- operating a running echod (the control socket) -------------------------------------------
+
+CONTROL_COMMAND: Final = _event(
+    "control_command", "a command on the control socket: the peer's uid and pid, the command"
+)
+CONTROL_REFUSED: Final = _event(
+    "control_refused", "a client of the control socket that may not use it: its uid and pid"
+)
+DRAIN: Final = _event(
+    "drain", "echod drain: /healthz answers 503 and the agent check drain; serving goes on"
+)
+RESUME: Final = _event("resume", "echod resume: /healthz answers 200 and the agent check up")
+LIMIT_SET: Final = _event(
+    "limit_set", "echod set: a limit changed at run time, beside the file's value"
+)
+LIMITS_CLEARED: Final = _event(
+    "limits_cleared", "a reload: the limits set at run time give way to the file's"
+)
+
 #: Every event name, in the order declared, with when it is logged.
 WHEN: Final[Mapping[str, str]] = MappingProxyType(_WHEN)

@@ -12,7 +12,22 @@ from dataclasses import dataclass
 from typing import Final
 
 #: The sub-commands of ``echod``; ``commands`` below names some of them.
-COMMANDS: Final = ("run", "start", "stop", "status", "reload", "upgrade", "check-config")
+COMMANDS: Final = (
+    "run",
+    "start",
+    "stop",
+    "status",
+    "reload",
+    "upgrade",
+    "check-config",
+    "connections",
+    "cut",
+    "drain",
+    "resume",
+    "set",
+)
+#: The commands that talk to a running daemon over its control socket.
+CONTROL_COMMANDS: Final = ("connections", "cut", "drain", "resume", "set")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +64,18 @@ NOT_RUNNING: Final = _declare(
 LSB_NOT_RUNNING: Final = _declare(
     "LSB_NOT_RUNNING",
     7,
-    "`reload`, `upgrade`: the daemon is not running (LSB), or it exited meanwhile",
-    ("reload", "upgrade"),
+    "`reload`, `upgrade`: the daemon is not running (LSB), or it exited meanwhile; for the"
+    " commands of the control socket, no daemon listens on it",
+    ("reload", "upgrade", *CONTROL_COMMANDS),
 )
-EX_USAGE: Final = _declare("EX_USAGE", 64, "usage error on the command line")
+EX_USAGE: Final = _declare(
+    "EX_USAGE",
+    64,
+    "usage error on the command line; for `set`, a value its setting's rule refuses",
+)
+EX_DATAERR: Final = _declare(
+    "EX_DATAERR", 65, "`cut`: a connection id that is not open (the others are cut)", ("cut",)
+)
 EX_UNAVAILABLE: Final = _declare(
     "EX_UNAVAILABLE",
     69,
@@ -67,8 +90,9 @@ EX_SOFTWARE: Final = _declare(
     70,
     "internal error, or the crash-loop breaker: workers kept failing, `crash_limit` times "
     "within `crash_window`; for `stop`, the daemon survived SIGKILL; for `reload` and "
-    "`upgrade`, the new workers or the new code failed to start",
-    ("run", "start", "stop", "reload", "upgrade"),
+    "`upgrade`, the new workers or the new code failed to start; for the commands of the"
+    " control socket, an answer that is not the daemon's",
+    ("run", "start", "stop", "reload", "upgrade", *CONTROL_COMMANDS),
 )
 EX_OSERR: Final = _declare(
     "EX_OSERR", 71, "cannot detach into the background (fork or setsid failed)", ("start",)
@@ -76,22 +100,23 @@ EX_OSERR: Final = _declare(
 EX_CANTCREAT: Final = _declare(
     "EX_CANTCREAT",
     73,
-    "cannot create the pidfile or the log file",
+    "cannot create the pidfile, the log file or the control socket",
     ("run", "start", "reload", "upgrade"),
 )
 EX_TEMPFAIL: Final = _declare(
     "EX_TEMPFAIL",
     75,
     "the daemon did not report in time that it was ready (`start`) or the outcome "
-    "(`reload`, `upgrade`), or it was busy (stopping, or another change in progress)",
-    ("start", "reload", "upgrade"),
+    "(`reload`, `upgrade`), or it was busy (stopping, or another change in progress); for "
+    "the commands of the control socket, no answer in time",
+    ("start", "reload", "upgrade", *CONTROL_COMMANDS),
 )
 EX_NOPERM: Final = _declare(
     "EX_NOPERM",
     77,
-    "permission denied: a port below 1024 without CAP_NET_BIND_SERVICE, or a pidfile "
-    "that cannot be read",
-    ("run", "start", "stop", "status", "reload", "upgrade"),
+    "permission denied: a port below 1024 without CAP_NET_BIND_SERVICE, a pidfile that "
+    "cannot be read, or a control socket this user may not use",
+    ("run", "start", "stop", "status", "reload", "upgrade", *CONTROL_COMMANDS),
 )
 EX_CONFIG: Final = _declare(
     "EX_CONFIG",
@@ -102,7 +127,7 @@ INTERRUPTED: Final = _declare(
     "INTERRUPTED",
     130,
     "interrupted by SIGINT (Ctrl-C) while waiting, 128 + 2; `run` stops cleanly instead",
-    ("start", "stop", "status", "reload", "upgrade", "check-config"),
+    ("start", "stop", "status", "reload", "upgrade", "check-config", *CONTROL_COMMANDS),
 )
 
 

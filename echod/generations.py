@@ -12,7 +12,7 @@ end), releases the sockets only they used, and completes the pending request.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from echod import __version__, events, exitcodes, fdstore, sinks
@@ -65,13 +65,18 @@ class Generations:
         notifier: Notifier | None,
         logger: Callable[[], Any],
         close_in_child: Callable[[], None],
+        on_answer: Callable[[WorkerHandle, Any], None] = lambda _handle, _message: None,
+        effective: Callable[[Config], Config] = lambda cfg: cfg,
     ) -> None:
         self.cfg = cfg
+        #: The configuration a new worker starts with: the file's, with the limits set at
+        #: run time (echod set).
+        self.effective = effective
         self.config_path = config_path
         self.host = host
         self.notifier = notifier
         self.logger = logger
-        self.pool = WorkerPool(self, logger, close_in_child)
+        self.pool = WorkerPool(self, logger, close_in_child, on_answer)
         self.generation = 0
         self.reloads = 0
         self.outcome = ReloadOutcome()
@@ -96,8 +101,9 @@ class Generations:
     def spawn(self) -> None:
         """Start every worker of the current generation."""
         assert self.listeners is not None
-        for index in range(1, self.cfg.workers + 1):
-            self.pool.spawn(index, self.cfg, self.listeners, self.generation)
+        cfg = self.effective(self.cfg)
+        for index in range(1, cfg.workers + 1):
+            self.pool.spawn(index, cfg, self.listeners, self.generation)
 
     def serves(self) -> bool:
         """Whether every worker of the current generation serves."""
@@ -106,7 +112,7 @@ class Generations:
     def retire_older(self) -> None:
         """The current generation serves: the older ones retire, their own sockets go, and
         the pending request (if this generation was its) is complete."""
-        self.pool.retire_older(self.generation, self.listeners)
+        self.pool.retire_older(self.generation, self.listeners, self.cfg.retire_timeout)
         for old in self.old_listeners:
             fdstore.release(self.notifier, old)
         self.old_listeners.clear()
@@ -206,9 +212,15 @@ class Generations:
         """Replace the workers whose backoff is over."""
         assert self.listeners is not None
         for index in self.pool.due(now):
-            self.pool.spawn(index, self.cfg, self.listeners, self.generation)
+            self.pool.spawn(index, self.effective(self.cfg), self.listeners, self.generation)
 
-    def snapshot(self, state: SupervisorState, started: float) -> Snapshot:
+    def snapshot(
+        self,
+        state: SupervisorState,
+        started: float,
+        drain: bool = False,
+        limits: Mapping[str, list[float]] | None = None,
+    ) -> Snapshot:
         """The daemon now (in ``state``, started at ``started``, epoch seconds)."""
         # Stopping (or stopped: the last worker failed) closed the sockets already.
         listening = state in (S.STARTING, S.RUNNING, S.DRAINING)
@@ -227,6 +239,8 @@ class Generations:
             reload=self.outcome.view(),
             pool=self.pool.snapshot(),
             log_dropped=sinks.counts().snapshot(),
+            drain=drain,
+            limits=dict(limits or {}),
         )
 
     def summary(self, state: SupervisorState) -> str:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -90,10 +91,15 @@ __all__ = [
 
 
 class Stopper(Protocol):
-    """How a connection learns that the worker cut it (the shutdown deadline passed)."""
+    """How a connection learns that the worker cut it (the shutdown deadline passed, or it
+    was cut on its own: ``echod cut``, its age, a retirement's deadline...)."""
 
     def cut_requested(self) -> bool:
         """Whether the worker has cut this connection; asked when a call fails or ends."""
+        ...
+
+    def cut_reason(self) -> str:
+        """Why it was cut (once cut_requested() said it was): its close event's reason."""
         ...
 
     def before_close_event(self) -> None:
@@ -151,7 +157,6 @@ def connection_timeouts(settings: HandlerSettings) -> tuple[bytes, bytes]:
     return timeval(receive), timeval(max(settings.write_timeout, 0.0))
 
 
-_CUT = Ending(SHUTDOWN)
 _CLIENT_CLOSED = Ending(CLIENT_CLOSED)
 
 
@@ -181,6 +186,7 @@ class EchoHandler:
         local_port: int | None = None,
         shared_descriptor: bool = False,
         gate: Gate | None = None,
+        on_client: Callable[[Any, Any], None] | None = None,
     ) -> None:
         self.sock = sock
         self.peer = peer
@@ -200,6 +206,9 @@ class EchoHandler:
         # With a PROXY header: the gate that decides on the real client, and the balancer's
         # address (``peer`` becomes the client's).
         self.gate = gate
+        #: Told (client, balancer) once the header named the client (a process's worker
+        #: lists it so).
+        self.on_client = on_client
         self.proxy_peer: Any = None
         self._receive_timeout = 0.0  # what SO_RCVTIMEO was last set to, behind a PROXY header
 
@@ -270,6 +279,8 @@ class EchoHandler:
             raise _Closed(judged)
         self.record.admitted(judged)
         self.peer, self.proxy_peer = judged.peer, judged.proxy_peer
+        if self.on_client is not None:
+            self.on_client(judged.peer, judged.proxy_peer)
         if settings.log_connections:
             self._bind_log(judged.fields())
             (self._log.debug if judged.quiet else self._log.info)(events.CONN_OPEN)
@@ -317,7 +328,7 @@ class EchoHandler:
                 raise self._closed(RESET, str(exc)) from None
             if not data:
                 if self.stopper.cut_requested():
-                    raise _Closed(_CUT)
+                    raise _Closed(Ending(self.stopper.cut_reason()))
                 raise _Closed(intake.closed())
             got = intake.feed(data)
             if isinstance(got, Header):
@@ -343,7 +354,7 @@ class EchoHandler:
                 raise self._closed(RESET, str(exc)) from None
             if not data:
                 if self.stopper.cut_requested():
-                    raise _Closed(_CUT)
+                    raise _Closed(Ending(self.stopper.cut_reason()))
                 # The client shut its write side. Everything it sent is already echoed,
                 # because each read is written out in full before the next one. Our FIN
                 # goes out in finish(): close() sends it (thread mode), or shutdown(SHUT_RDWR)
@@ -394,7 +405,7 @@ class EchoHandler:
 
     def _ending(self, ending: Ending) -> _Closed:
         if self.stopper.cut_requested():
-            return _Closed(_CUT)
+            return _Closed(Ending(self.stopper.cut_reason()))
         return _Closed(ending)
 
     def finish(self) -> None:

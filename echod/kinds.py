@@ -10,15 +10,16 @@ A new kind of value is a new ``Kind``, its check below, and a branch in ``rule``
 from __future__ import annotations
 
 import difflib
+import grp
 import ipaddress
 import math
 import os
 import re
 from dataclasses import dataclass
 from datetime import date
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
-Kind = Literal["int", "number", "bool", "choice", "host", "path", "networks", "endpoint"]
+Kind = Literal["int", "number", "bool", "choice", "host", "path", "networks", "endpoint", "group"]
 _N = TypeVar("_N", int, float)
 
 
@@ -84,6 +85,8 @@ class Setting:
             return "a list of IP addresses and CIDR blocks (IPv4 or IPv6)"
         if self.kind == "endpoint":
             return 'an address and port as "host:port" ("[::1]:port" for IPv6)'
+        if self.kind == "group":
+            return "a group of this machine, by name or number"
         return "an absolute path"
 
     @property
@@ -94,6 +97,7 @@ class Setting:
             "number": "a number",
             "bool": "a boolean",
             "networks": "a list",
+            "group": "a group name or number",
         }.get(self.kind, "a string")
 
     def convert(self, value: object) -> object:
@@ -116,6 +120,8 @@ class Setting:
             return value
         if self.kind == "networks":
             return _check_networks(value)
+        if self.kind == "group":
+            return _check_group(value, self._mismatch)
         if not isinstance(value, str):
             raise self._mismatch(value)
         if self.kind == "choice":
@@ -243,6 +249,28 @@ def _check_endpoint(value: str) -> str:
         raise InvalidValueError("is ambiguous", 'write an IPv6 address as "[addr]:port"')
     _check_host(host)
     return value
+
+
+#: A group's name as groupadd(8) takes it.
+_GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
+
+
+def _check_group(value: object, mismatch: Any) -> str:
+    """A group of this machine, by name or number (given as a YAML integer or string);
+    kept as given."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise mismatch(value)
+    text = str(value)
+    try:
+        if text.isdigit():
+            grp.getgrgid(int(text))
+        elif _GROUP_NAME.fullmatch(text):
+            grp.getgrnam(text)
+        else:
+            raise InvalidValueError("is not a group name or number")
+    except (KeyError, OverflowError):
+        raise InvalidValueError("is not a group on this machine") from None
+    return text
 
 
 def _check_path(value: str) -> str:

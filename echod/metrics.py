@@ -63,6 +63,11 @@ CLOSE_REASONS = (
     "error",
     "proxy_error",
     "killed",
+    "cut",
+    "retired",
+    "access_list",
+    "max_connections_per_ip",
+    "max_age",
 )
 REFUSE_REASONS = (
     "max_connections",

@@ -295,8 +295,11 @@ class WorkerPool:
         owner: PoolOwner,
         logger: Callable[[], Any],
         close_in_child: Callable[[], None],
+        on_answer: Callable[[WorkerHandle, Any], None] = lambda _handle, _message: None,
     ) -> None:
         self.owner = owner
+        #: Told a worker's answer to a request of the control socket's (a listing, a cut).
+        self.on_answer = on_answer
         self.logger = logger
         self.close_in_child = close_in_child
         self.workers: dict[int, WorkerHandle] = {}
@@ -474,6 +477,8 @@ class WorkerPool:
             if handle.state is W.STARTING:
                 handle.move(W.RUNNING, self.log)
             self.owner.worker_ready(handle)
+        elif isinstance(message, control.Connections | control.CutDone):
+            self.on_answer(handle, message)
         elif isinstance(message, control.Heartbeat | control.Bye):
             self.totals.report(handle.serial, message.counters)
             if isinstance(message, control.Heartbeat):
@@ -483,14 +488,19 @@ class WorkerPool:
 
     # -- the verbs ---------------------------------------------------------------------------
 
-    def retire_older(self, generation: int, listeners: Listeners | None) -> None:
+    def retire_older(
+        self, generation: int, listeners: Listeners | None, within: float = 0.0
+    ) -> None:
         """Every running worker of a generation before ``generation`` stops accepting and
-        serves its connections to their natural end; those whose sockets are not
-        ``listeners`` (a reload moved the address) first take what queues on them."""
+        serves its connections to their natural end, or for ``within`` seconds at most
+        (retire_timeout; 0: no bound); those whose sockets are not ``listeners`` (a reload
+        moved the address) first take what queues on them."""
         for handle in list(self.workers.values()):
             if handle.generation < generation and handle.state is W.RUNNING:
                 kept = handle.listeners is listeners
                 self.tell(handle, control.Retire() if kept else control.RetireListeners())
+                if within > 0:
+                    self.tell(handle, control.RetireBy(round(within * 1000)))
                 handle.move(W.RETIRING, self.log, open=handle.open)
 
     def stop_all(self, timeout: float) -> list[WorkerHandle]:
@@ -614,6 +624,10 @@ class WorkerPool:
         return all(now - h.last_seen <= worker_timeout for h in self.workers.values())
 
     # -- counts ----------------------------------------------------------------------------
+
+    def live(self) -> list[WorkerHandle]:
+        """The workers alive now, in order."""
+        return self.ordered()
 
     def any_alive(self) -> bool:
         return bool(self.workers)

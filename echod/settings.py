@@ -63,6 +63,10 @@ class Config:
     proxy_trusted: tuple[str, ...]
     proxy_timeout: float
     metrics: str | None
+    control_socket: str | None
+    control_group: str | None
+    retire_timeout: float
+    max_connection_age: float
     log: LogConfig
 
 
@@ -279,6 +283,34 @@ SETTINGS: tuple[Setting, ...] = (
         None,
         '"host:port" where the supervisor serves /metrics and /healthz; null for none.',
         nullable=True,
+    ),
+    Setting(
+        "control_socket",
+        "path",
+        None,
+        "The control socket (echod connections, cut, drain, set); null: beside the pidfile.",
+        nullable=True,
+    ),
+    Setting(
+        "control_group",
+        "group",
+        None,
+        "A group that may use the control socket too (0660); null: its owner only (0600).",
+        nullable=True,
+    ),
+    Setting(
+        "retire_timeout",
+        "number",
+        0.0,
+        "Seconds an old generation's connections may go on after a reload; 0 means no bound.",
+        minimum=0,
+    ),
+    Setting(
+        "max_connection_age",
+        "number",
+        0.0,
+        "Seconds after which a connection is ended (reason max_age); 0 means never.",
+        minimum=0,
     ),
     Setting(
         "log.format",

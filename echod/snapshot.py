@@ -72,3 +72,7 @@ class Snapshot:
     pool: PoolSnapshot
     #: Log lines dropped by every process of the daemon, by reason (echod.sinks).
     log_dropped: Mapping[str, int] = field(default_factory=dict)
+    #: Whether the operator drains it (echod drain).
+    drain: bool = False
+    #: Limits set at run time (echod set): name -> [value, the file's value].
+    limits: Mapping[str, list[float]] = field(default_factory=dict)

@@ -64,6 +64,10 @@ class Status:
     reload_exit_code: int | None = None
     #: Log lines dropped so far (a full disk, a closed pipe), by reason; only reasons counted.
     log_dropped: dict[str, int] = field(default_factory=dict)
+    #: Whether the operator drains it (echod drain): health checks say draining.
+    drain: bool = False
+    #: Limits set at run time (echod set): name -> [value, the file's value].
+    limits: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,6 +109,8 @@ def build(snapshot: Snapshot) -> Status:
         reload_error=reload.error,
         reload_exit_code=reload.exit_code,
         log_dropped={r: n for r, n in snapshot.log_dropped.items() if n},
+        drain=snapshot.drain,
+        limits={name: list(values) for name, values in snapshot.limits.items()},
     )
 
 

@@ -51,10 +51,12 @@ from echod import (
     systemd,
 )
 from echod.config import Config
+from echod.controlserver import ControlServer, control_path
 from echod.endpoint import Endpoint
 from echod.errors import OperatorError
 from echod.generations import Generations
 from echod.mainloop import MainLoop
+from echod.operations import Operations
 from echod.prctl import PR_SET_CHILD_SUBREAPER, prctl
 from echod.presence import Presence, Readiness
 from echod.reload import prepare
@@ -119,8 +121,15 @@ class Supervisor:
         self.serving = Generations(
             cfg, config_path, self, notifier=self.notifier, logger=lambda: self.log,
             close_in_child=self.close_in_child,
+            # (Late-bound: operations are made next, on the pool made here.)
+            on_answer=lambda worker, message: self.operations.worker_answered(worker, message),  # noqa: PLW0108
+            effective=lambda config: self.operations.effective(config),  # noqa: PLW0108
         )  # fmt: skip
         self.pool = self.serving.pool
+        self.operations = Operations(
+            self.pool, lambda: self.cfg, lambda: self.log, lambda: self.publish(force=True)
+        )
+        self.control: ControlServer | None = None
         self.shutdown = Shutdown(self, self.pool, lambda: self.log, self.notifier)
         self.endpoint = Endpoint(self.render_metrics, self.health, lambda: self.log)
         self.upgrade: Upgrade | None = None
@@ -141,13 +150,20 @@ class Supervisor:
         return self.shutdown.exit_code
 
     def health(self) -> str:
-        """``serving`` while running; ``draining`` during drain_delay; ``stopping`` after;
-        ``starting`` before the first generation is ready."""
+        """``serving`` while running; ``draining`` during drain_delay or while the operator
+        drains it (echod drain); ``stopping`` after; ``starting`` before the first
+        generation is ready."""
+        if self._state is S.RUNNING and self.operations.drain:
+            return HEALTH[S.DRAINING]
         return HEALTH[self._state]
 
     def snapshot(self) -> Snapshot:
         """The daemon now, for the status file and the metrics."""
-        return self.serving.snapshot(self._state, self.started_wall)
+        ops = self.operations
+        return self.serving.snapshot(
+            self._state, self.started_wall, drain=ops.drain,
+            limits={name: [value, getattr(self.cfg, name)] for name, value in ops.limits.items()},
+        )  # fmt: skip
 
     def render_metrics(self) -> bytes:
         return metrics.render_snapshot(self.snapshot())
@@ -226,6 +242,12 @@ class Supervisor:
         )  # fmt: skip
         self.pool.start(selector)
         self.endpoint.open(self.cfg, selector)
+        path = control_path(self.cfg)
+        if path is not None:
+            self.control = ControlServer(
+                path, self.cfg.control_group, self.operations, lambda: self.log
+            )
+            self.control.open(selector)
         if handed is None:
             self.serving.first(listeners)
         else:
@@ -250,6 +272,8 @@ class Supervisor:
         self.serving.close_in_child()
         self.loop.close_in_child()
         self.endpoint.close_in_child()
+        if self.control is not None:
+            self.control.close_in_child()
         if self.upgrade is not None:
             self.upgrade.end()
         self.presence.close_in_child()
@@ -276,6 +300,8 @@ class Supervisor:
         deadlines = self.pool.deadlines(self.cfg, now) + self.shutdown.deadlines()
         for deadline in (
             self.endpoint.deadline(),
+            self.control.deadline() if self.control is not None else None,
+            self.operations.deadline(),
             self.upgrade.deadline() if self.upgrade is not None else None,
             self.watchdog.deadline(),
         ):
@@ -293,6 +319,9 @@ class Supervisor:
             self.drops.check(self.log)
         self.shutdown.run_timers(now)
         self.endpoint.run_timers(now)
+        self.operations.run_timers(now)
+        if self.control is not None:
+            self.control.run_timers(now)
         if self.upgrade is not None:
             self.upgrade.run_timers(now)
         if self._state is S.STOPPING and not self.pool.any_alive():
@@ -355,7 +384,9 @@ class Supervisor:
             if action is signals.Action.QUIT:
                 self.shutdown.begin(exitcodes.OK, name, 0.0)
             else:
-                self.shutdown.request(name, self.cfg.drain_delay, self.cfg.shutdown_timeout)
+                # Drained by the operator already: the balancers have moved away.
+                delay = 0.0 if self.operations.drain else self.cfg.drain_delay
+                self.shutdown.request(name, delay, self.cfg.shutdown_timeout)
         elif action is signals.Action.RELOAD:
             if self.upgrade is not None and self.upgrade.checking:
                 self.deferred_reload = True  # acted on once the upgrade is over
@@ -389,8 +420,11 @@ class Supervisor:
     def generation_serves(self) -> None:
         if self._state is S.STARTING:
             self.become_ready()
-        elif self.notifier is not None:
+            return
+        if self.notifier is not None:
             self.notifier.ready()
+        # A reload's (an upgrade's) generation: its rules reach what is open on older ones.
+        self.operations.recheck(self.cfg, self.serving.generation)
 
     def stop(self, exit_code: int, reason: str) -> None:
         self.shutdown.begin(exit_code, reason, self.cfg.shutdown_timeout)
@@ -477,6 +511,8 @@ class Supervisor:
         if self.serving.listeners is not None:
             self.serving.listeners.close()
         self.endpoint.close()
+        if self.control is not None:
+            self.control.close()
         self.pool.close()
         self.presence.release()
 
@@ -502,6 +538,7 @@ class Supervisor:
             return
         if new.sink is not None:
             self.log = log.switch(new.cfg.log, new.sink, self.drops)
+        self.operations.clear_limits()  # (the file's again: the new generation starts so)
         changes = serving.switch(new)
         assert self.loop.selector is not None and serving.listeners is not None
         self.endpoint.reconfigure(new.cfg, self.loop.selector)

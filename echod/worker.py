@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
+import os
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -26,7 +29,8 @@ from echod import control, events, log, prctl, proctitle, signals
 from echod.accepting import HOLD_MAX, Acceptor
 from echod.admission import Admission, SharedIpCounts
 from echod.config import Config
-from echod.connection import Outcome
+from echod.connection import MAX_AGE, RETIRED, Outcome
+from echod.conntable import ConnectionTable, Entry
 from echod.eventsource import EventSource, SelectorSource
 from echod.handler import HandlerSettings, connection_timeouts
 from echod.listeners import Listeners
@@ -37,6 +41,8 @@ from echod.udp import UdpEcho
 CUT_GRACE = 5.0
 #: The most a heartbeat waits; a shorter worker_timeout makes heartbeats more frequent.
 HEARTBEAT_MAX = 1.0
+#: A listing is sent in parts of at most this many bytes of JSON (a control packet's room).
+LISTING_PART = control.MAX_MESSAGE - 256
 
 
 class Drain(Enum):
@@ -83,6 +89,11 @@ class Worker:
       the connection and calls again later); any other exception refuses it.
     - :meth:`cut_connections`: the shutdown deadline passed: make every open connection
       end now, with reason ``shutdown``.
+    - :meth:`cut_connection` (an :class:`~echod.conntable.Entry`, a reason, ``graceful``):
+      end one connection now with that reason (``echod cut``, a retirement's deadline, a
+      reload's rules), or, ``graceful``, once what it has read is echoed (its age).
+    - register every connection it serves in :attr:`table` (:meth:`register`), and take it
+      out when it ends (pass its ``conn_id`` to :meth:`connection_closed`).
 
     What a mode may extend (call ``super()`` first unless said otherwise):
 
@@ -125,8 +136,11 @@ class Worker:
             hold_max=min(HOLD_MAX, spec.config.idle_timeout or HOLD_MAX),
             backlog=spec.config.backlog,
         )  # fmt: skip
+        self.table = ConnectionTable(max_age=spec.config.max_connection_age)
         self.drain = Drain.SERVING
         self.drain_deadline: float | None = None
+        #: When a retiring worker cuts what is still open (retire_timeout); None: never.
+        self.retire_deadline: float | None = None
         self.kill_deadline: float | None = None
         #: What was open when it stopped accepting, or when a stop followed its retirement:
         #: its bye's finished + cut, and what it answers each stop with.
@@ -227,7 +241,13 @@ class Worker:
 
     def next_deadline(self, now: float) -> float:
         deadlines = [self.next_heartbeat]
-        for deadline in (self.drain_deadline, self.kill_deadline, self.acceptor.deadline(now)):
+        for deadline in (
+            self.drain_deadline,
+            self.kill_deadline,
+            self.retire_deadline,
+            self.acceptor.deadline(now),
+            self.table.next_age_deadline(),
+        ):
             if deadline is not None:
                 deadlines.append(deadline)
         for due in (self.admission.summary_due(now), self.udp.summary_due(now)):
@@ -258,6 +278,13 @@ class Worker:
         if self.kill_deadline is not None and now >= self.kill_deadline:
             self.kill_deadline = None
             self.kill_connections()
+        if self.retire_deadline is not None and now >= self.retire_deadline:
+            self.retire_deadline = None
+            if self.drain is Drain.RETIRING:
+                for entry in list(self.table.entries.values()):
+                    self.cut_connection(entry, RETIRED, graceful=False)
+        for entry in self.table.aged(now):
+            self.cut_connection(entry, MAX_AGE, graceful=True)
         # Each summary's interval starts when it has been written, not at ``now``: the timers
         # above, or a busy machine, may delay the line, and the next must not come early.
         due = self.admission.summary_due(now)
@@ -301,6 +328,12 @@ class Worker:
 
     def on_command(self, command: control.Message) -> None:
         if isinstance(command, control.Stop):
+            if not self.stopping and not self.spec.listeners.adopted:
+                # Our copies of the listening sockets may be the last (the supervisor closes
+                # its own): closing them would reset the clients queued on them. Serve those
+                # in the drain. (Sockets systemd keeps in its store stay open: what queues
+                # there is the next echod's.)
+                self.acceptor.accept_backlog()
             self.begin_stop(self.cfg.shutdown_timeout)
             self.say(control.Stopping(self.open_at_stop))
         elif isinstance(command, control.Retire):
@@ -317,6 +350,48 @@ class Worker:
         elif isinstance(command, control.Quit):
             self.begin_stop(0.0)
             self.say(control.Stopping(self.open_at_stop))
+        elif isinstance(command, control.ListConnections):
+            self.send_listing(command.request)
+        elif isinstance(command, control.Cut):
+            self.cut_by_request(command)
+        elif isinstance(command, control.Limits):
+            self.admission.set_limits(
+                command.max_connections,
+                command.max_connections_per_ip,
+                command.connection_rate_milli / 1000,
+            )
+            self.acceptor.limits_changed()
+        elif isinstance(command, control.RetireBy) and self.drain is Drain.RETIRING:
+            self.retire_deadline = time.monotonic() + command.milliseconds / 1000
+
+    def send_listing(self, request: int) -> None:
+        """Answer ListConnections ``request``: every open connection, in parts that each fit
+        a control packet."""
+        self.collect_finished()
+        part: list[bytes] = []
+        size = 2
+        for row in self.table.listing():
+            item = json.dumps(row, separators=(",", ":")).encode()
+            if part and size + len(item) + 1 > LISTING_PART:
+                self.say(control.Connections(request, 0, b"[" + b",".join(part) + b"]"))
+                part, size = [], 2
+            part.append(item)
+            size += len(item) + 1
+        self.say(control.Connections(request, 1, b"[" + b",".join(part) + b"]"))
+
+    def cut_by_request(self, command: control.Cut) -> None:
+        """End the connections a Cut names, for its reason; say which it found."""
+        self.collect_finished()
+        if not 0 <= command.reason < len(control.CUT_REASONS):
+            self.log.error(events.CONTROL_GARBLED, error=f"no cut reason {command.reason}")
+            return
+        reason = control.CUT_REASONS[command.reason]
+        found = []
+        for seq in command.seqs:
+            entry = self.table.get(seq)
+            if entry is not None and self.cut_connection(entry, reason, graceful=False):
+                found.append(seq)
+        self.say(control.CutDone(command.request, tuple(found)))
 
     def on_signal(self, signum: int) -> None:
         action = signals.WORKER.get(signal.Signals(signum))
@@ -350,9 +425,38 @@ class Worker:
         which errors mean that); the worker then holds the connection and calls again."""
         raise NotImplementedError
 
-    def connection_closed(self, peer: Any, outcome: Outcome | None = None) -> None:
+    def register(
+        self,
+        conn_id: str,
+        sock: Any,
+        peer: Any,
+        *,
+        pid: int | None = None,
+        process: str | None = None,
+        thread: str | None = "MainThread",
+        native_thread_id: int | None = None,
+        source: Any = None,
+        handle: Any = None,
+    ) -> Entry:
+        """Put a connection the mode starts serving in the table (by default served by
+        this process's main thread)."""
+        if pid is None:
+            pid, native_thread_id = os.getpid(), threading.get_native_id()
+        return self.table.add(
+            Entry(
+                conn_id, seq_of(conn_id), sock, peer, time.monotonic(), pid,
+                process or log.process_name(), thread, native_thread_id,
+                source=source, handle=handle,
+            )
+        )  # fmt: skip
+
+    def connection_closed(
+        self, peer: Any, outcome: Outcome | None = None, conn_id: str | None = None
+    ) -> None:
         """Called by the mode in the worker's main thread when a connection has ended;
         ``outcome``, when the mode has it, says how (what the metrics count)."""
+        if conn_id is not None:
+            self.table.remove(seq_of(conn_id))
         self.acceptor.connection_closed(peer, outcome)
         if self.stopping or self.paused:
             self.source.changed()  # the drain, or the pause, may be over now
@@ -394,8 +498,18 @@ class Worker:
         """Tell every open connection to close now with reason ``shutdown``."""
         raise NotImplementedError
 
+    def cut_connection(self, entry: Entry, reason: str, graceful: bool) -> bool:
+        """End one connection with ``reason``: now, or (``graceful``) once what it has read
+        is echoed. False if it could not be told (it is ending already)."""
+        raise NotImplementedError
+
     def kill_connections(self) -> None:
         """Connections that ignored the cut for CUT_GRACE: end them by force."""
+
+
+def seq_of(conn_id: str) -> int:
+    """A connection's sequence number in its worker: the part of its id after the serial."""
+    return int(conn_id.rpartition("-")[2])
 
 
 def _close_quietly(sock: socket.socket) -> None:

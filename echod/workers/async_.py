@@ -39,6 +39,7 @@ from echod.connection import (
     admit,
     peer_fields,
 )
+from echod.conntable import Entry
 from echod.eventsource import LoopSource
 from echod.worker import Worker
 
@@ -75,6 +76,7 @@ class EchoProtocol(asyncio.Protocol):
         "local_port",
         "paused",
         "peer",
+        "proxy_peer",
         "reason",
         "record",
         "stalled_since",
@@ -91,6 +93,8 @@ class EchoProtocol(asyncio.Protocol):
     def __init__(self, worker: AsyncWorker, peer: Any, conn_id: str, local_port: Any) -> None:
         self.worker = worker
         self.peer = peer
+        #: Behind a PROXY header, once it is read: the balancer (``peer`` is the client).
+        self.proxy_peer: Any = None
         self.conn_id = conn_id
         self.local_port = local_port
         self.bytes_in = 0
@@ -254,6 +258,16 @@ class EchoProtocol(asyncio.Protocol):
             self.unsent = self.transport.get_write_buffer_size()
             self.transport.abort()  # connection_lost follows, from the loop
 
+    def close_after_echo(self, reason: str) -> None:
+        """End the connection once what it has read is echoed (its age): the transport
+        writes out what it holds, then closes."""
+        if self.aborting or self.ended:
+            return
+        self.aborting = True
+        self.reason = reason
+        if self.started:  # else connection_made has yet to run, and aborts then
+            self.transport.close()  # connection_lost follows once the echo is out
+
     def end(self) -> None:
         """Log the close event and count the connection closed; runs once."""
         self.ended = True
@@ -331,7 +345,7 @@ class ProxiedEchoProtocol(EchoProtocol):
             self.end_with(judged)
             return
         self.record.admitted(judged)
-        self.peer = judged.peer
+        self.peer, self.proxy_peer = judged.peer, judged.proxy_peer
         self.last_read = monotonic()  # idle counts from here
         if self.worker.conn_log is not None:
             self.fields = judged.fields()  # for both events
@@ -396,7 +410,9 @@ class AsyncWorker(Worker):
         self.check_every = min(timeouts, default=0.0)
         # Behind a PROXY header the real client is judged on the loop (Admission directly).
         behind_proxy = settings.proxy_protocol != "off"
-        self.gate = self.admission if behind_proxy and self.admission.checks_clients else None
+        # (Always, not only when the file has per-address limits or access lists: `echod set`
+        # may add one at run time.)
+        self.gate = self.admission if behind_proxy else None
         self.log.info(events.EVENT_LOOP, loop=source.name, loop_version=source.version)
 
     def on_loop_error(self, _loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -421,27 +437,44 @@ class AsyncWorker(Worker):
         if self.settings.proxy_protocol != "off":
             protocol_class = ProxiedEchoProtocol
         protocol = protocol_class(self, peer, conn_id, local_port)
+        entry = self.register(conn_id, None, peer, source=protocol, handle=protocol)
         task = self.loop.create_task(self.loop.connect_accepted_socket(lambda: protocol, conn))
-        task.add_done_callback(lambda done: self.adopted(protocol, conn, done))
+        task.add_done_callback(lambda done: self.adopted(protocol, conn, entry, done))
         self.conns.add(protocol)
 
-    def adopted(self, protocol: EchoProtocol, conn: socket.socket, task: asyncio.Task[Any]) -> None:
+    def adopted(
+        self, protocol: EchoProtocol, conn: socket.socket, entry: Entry, task: asyncio.Task[Any]
+    ) -> None:
         """The transport is made (connection_made has run), or could not be: then the
         connection never started, and is closed and counted as an error."""
-        if task.cancelled() or task.exception() is None or protocol.ended:
+        if task.cancelled() or protocol.ended:
             return
         exc = task.exception()
+        if exc is None:
+            # The transport's socket: the listing asks the kernel about it (TCP_INFO).
+            entry.sock = protocol.transport.get_extra_info("socket")
+            return
         conn.close()
         protocol.error = f"{type(exc).__name__}: {exc}"
         protocol.end()
 
     def connection_ended(self, protocol: EchoProtocol) -> None:
         self.conns.discard(protocol)
-        self.connection_closed(protocol.peer, protocol.outcome())
+        self.connection_closed(protocol.peer, protocol.outcome(), protocol.conn_id)
 
     def cut_connections(self) -> None:
         for protocol in list(self.conns):
             protocol.close_now(SHUTDOWN)
+
+    def cut_connection(self, entry: Entry, reason: str, graceful: bool) -> bool:
+        protocol: EchoProtocol = entry.handle
+        if protocol.aborting or protocol.ended:
+            return False
+        if graceful:
+            protocol.close_after_echo(reason)
+        else:
+            protocol.close_now(reason)
+        return True
 
     def kill_connections(self) -> None:
         # Aborted transports report connection_lost on the next loop pass; anything still

@@ -20,6 +20,7 @@ retires, as at a stop.
 from __future__ import annotations
 
 import gc
+import mmap
 import os
 import signal
 import socket
@@ -28,7 +29,16 @@ from typing import Any
 from echod import events, exitcodes, log, proctitle, signals
 from echod.accepting import start_failure
 from echod.clientlink import WorkerLinks
-from echod.connection import KILLED
+from echod.connection import (
+    ACCESS_LIST,
+    CUT,
+    KILLED,
+    MAX_AGE,
+    PER_IP,
+    RETIRED,
+    SHUTDOWN,
+)
+from echod.conntable import Entry
 from echod.handler import EchoHandler, Outcome, peer_fields
 from echod.prctl import PR_SET_PDEATHSIG, prctl, set_oom_score_adj
 from echod.worker import Worker
@@ -39,26 +49,70 @@ _FORK_BLOCKED = frozenset(signals.WORKER)  # the worker's handlers must not run 
 _OURS = frozenset({signal.SIGTERM, signal.SIGKILL})
 
 
+#: Why the worker cut a connection process's connection, by their code on the CutBoard (0:
+#: the daemon's stop, the first of them).
+CUT_REASONS = (SHUTDOWN, CUT, RETIRED, ACCESS_LIST, PER_IP, MAX_AGE)
+
+
+class CutBoard:
+    """Why each connection process was cut: one byte per process, a ``MAP_SHARED`` mapping
+    the worker makes before it forks any and writes before it signals one; the process
+    reads its own byte when its connection ends (a cut wakes it with SIGTERM and a
+    shutdown of the socket, and the reason must come with it). Free slots are the worker's
+    to hand out; a process without one (all taken) ends a cut as ``shutdown``."""
+
+    SLOTS = 65536
+
+    def __init__(self) -> None:
+        self._map = mmap.mmap(-1, self.SLOTS, flags=mmap.MAP_SHARED)
+        self._free = list(range(self.SLOTS - 1, -1, -1))
+
+    def allocate(self) -> int:
+        return self._free.pop() if self._free else -1
+
+    def release(self, slot: int) -> None:
+        if slot >= 0:
+            self._map[slot] = 0
+            self._free.append(slot)
+
+    def mark(self, slot: int, reason: str) -> None:
+        if slot >= 0:
+            self._map[slot] = CUT_REASONS.index(reason)
+
+    def clear(self, slot: int) -> None:
+        if slot >= 0:
+            self._map[slot] = 0
+
+    def reason(self, slot: int) -> str:
+        return CUT_REASONS[self._map[slot]] if slot >= 0 else SHUTDOWN
+
+
 class Child:
     """A connection process serving a connection: what the worker keeps of it."""
 
-    __slots__ = ("conn", "conn_id", "peer")
+    __slots__ = ("conn", "conn_id", "peer", "proxy_peer", "slot")
 
-    def __init__(self, peer: Any, conn: socket.socket, conn_id: str) -> None:
+    def __init__(self, peer: Any, conn: socket.socket, conn_id: str, slot: int) -> None:
         self.peer = peer
-        #: Our descriptor of its connection, kept to cut it at the deadline.
+        self.proxy_peer: Any = None
+        #: Our descriptor of its connection, kept to cut it.
         self.conn = conn
         self.conn_id = conn_id
+        #: Its byte on the CutBoard (it keeps it across connections, as a spare).
+        self.slot = slot
 
 
 class ChildStopper:
     """The Stopper of a connection process: SIGTERM, recorded on its wakeup pipe, means the
-    worker cut this connection (it then shuts the socket down, which wakes the blocked call).
+    worker cut this connection (it then shuts the socket down, which wakes the blocked call);
+    the CutBoard says why.
     """
 
-    def __init__(self, read_fd: int) -> None:
+    def __init__(self, read_fd: int, board: CutBoard, slot: int) -> None:
         self._fd = read_fd
         self._cut = False
+        self._board = board
+        self._slot = slot
 
     def cut_requested(self) -> bool:
         try:
@@ -67,6 +121,9 @@ class ChildStopper:
             return self._cut
         self._cut = self._cut or signal.SIGTERM in received
         return self._cut
+
+    def cut_reason(self) -> str:
+        return self._board.reason(self._slot)
 
     def before_close_event(self) -> None:
         """Nothing left to do: SIGUSR1 reopened the log when it came (see _reopen_log)."""
@@ -98,6 +155,9 @@ class ProcessWorker(Worker):
         self.signalled: set[int] = set()
         self.spare_max = self.cfg.spare_processes
         self.worker_pid = os.getpid()
+        #: pid -> its slot on the board, for every connection process alive (spares too).
+        self.board = CutBoard()
+        self.slots: dict[int, int] = {}
         # Behind a PROXY header, each connection process asks about its real client, and
         # with PROXY or metrics on it reports how it ended, over a link of its own (see
         # echod.clientlink); a spare process gets its next connection over it. Without any
@@ -110,6 +170,7 @@ class ProcessWorker(Worker):
                 self.add_reader,
                 self.remove_reader,
                 on_end=self.on_child_done if self.spare_max else None,
+                on_peer=self.on_client if self.settings.proxy_protocol != "off" else None,
             )
 
     def open_connections(self) -> int:
@@ -124,26 +185,45 @@ class ProcessWorker(Worker):
         while self.spares:
             pid = self.spares.pop()
             assert self.links is not None
+            slot = self.slots.get(pid, -1)
+            self.board.clear(slot)  # (a reason from its last connection's end)
             if self.links.hand_over(pid, conn, peer, conn_id):
-                self.children[pid] = Child(peer, conn, conn_id)
+                self.adopt_child(pid, Child(peer, conn, conn_id, slot))
                 return
             # Dead (its reap is on its way) or unable to take it: either way not a spare.
             # Closing the link tells a live one to go.
             self.let_go(pid)
         pair = None
+        slot = self.board.allocate()
         try:
             pair = self.links.pair() if self.links is not None else None
-            pid = self.fork_connection(conn, peer, conn_id, pair)
+            pid = self.fork_connection(conn, peer, conn_id, pair, slot)
         except OSError as exc:
+            self.board.release(slot)
             for sock in pair or ():
                 sock.close()
             failure = start_failure("a process", exc)
             if failure is None:
                 raise
             raise failure from exc
-        self.children[pid] = Child(peer, conn, conn_id)
+        self.slots[pid] = slot
+        self.adopt_child(pid, Child(peer, conn, conn_id, slot))
         if self.links is not None and pair is not None:
             self.links.parent_side(pid, pair)
+
+    def adopt_child(self, pid: int, child: Child) -> None:
+        """``pid`` serves ``child`` now: keep it, and list it."""
+        self.children[pid] = child
+        self.register(
+            child.conn_id, child.conn, child.peer, pid=pid,
+            process=f"conn-{child.conn_id}", native_thread_id=pid, source=child, handle=pid,
+        )  # fmt: skip
+
+    def on_client(self, pid: int, client: tuple[str, int]) -> None:
+        """A connection process read its PROXY header: the real client, for the listing."""
+        child = self.children.get(pid)
+        if child is not None and child.proxy_peer is None:
+            child.peer, child.proxy_peer = client, child.peer
 
     def fork_connection(
         self,
@@ -151,13 +231,14 @@ class ProcessWorker(Worker):
         peer: Any,
         conn_id: str,
         pair: tuple[socket.socket, socket.socket] | None,
+        slot: int,
     ) -> int:
         """Fork the connection's process; returns its pid (in the worker only)."""
         signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
         try:
             pid = os.fork()
             if pid == 0:
-                self.become_connection(conn, peer, conn_id, pair)  # never returns
+                self.become_connection(conn, peer, conn_id, pair, slot)  # never returns
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
         return pid
@@ -168,6 +249,7 @@ class ProcessWorker(Worker):
         peer: Any,
         conn_id: str,
         pair: tuple[socket.socket, socket.socket] | None = None,
+        slot: int = -1,
     ) -> None:
         """In the child: shed the worker's descriptors, serve, and exit."""
         code = exitcodes.EX_SOFTWARE
@@ -175,9 +257,10 @@ class ProcessWorker(Worker):
             link = None
             if self.links is not None and pair is not None:
                 link = self.links.child_side(pair)
-            stopper = self.init_connection_process(conn_id)
+            stopper = self.init_connection_process(conn_id, slot)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
             job: tuple[socket.socket, Any, str] | None = (conn, peer, conn_id)
+            proxied = self.settings.proxy_protocol != "off"
             # One connection a pass; it ends when the worker lets this process go (EOF on
             # the link), sends anything but a connection, or a connection was cut.
             while job is not None:
@@ -190,6 +273,7 @@ class ProcessWorker(Worker):
                     local_port=self.local_port,
                     shared_descriptor=True,
                     gate=link if link is not None and link.asks else None,
+                    on_client=link.tell_client if link is not None and proxied else None,
                 )
                 handler.serve()
                 # A cut means the worker is stopping: this process goes, and says so in its
@@ -208,7 +292,7 @@ class ProcessWorker(Worker):
         finally:
             os._exit(code)
 
-    def init_connection_process(self, conn_id: str) -> ChildStopper:
+    def init_connection_process(self, conn_id: str, slot: int) -> ChildStopper:
         for sock in self.spec.listeners.all():
             sock.close()
         for child in self.children.values():
@@ -217,6 +301,8 @@ class ProcessWorker(Worker):
         self.spares.clear()
         self.leaving.clear()
         self.signalled.clear()
+        self.slots.clear()
+        self.table.entries.clear()
         if self.connection_oom_score is not None:
             # The first the OOM killer takes: one client lost (see echod.prctl).
             set_oom_score_adj(self.connection_oom_score)
@@ -239,7 +325,7 @@ class ProcessWorker(Worker):
             gc.disable()
         proctitle.set_title(f"echod: connection {conn_id}")
         _cut_when_orphaned(self.worker_pid)
-        return ChildStopper(wake_r)
+        return ChildStopper(wake_r, self.board, slot)
 
     def on_signal(self, signum: int) -> None:
         if signum == signal.SIGCHLD:
@@ -261,6 +347,7 @@ class ProcessWorker(Worker):
         killed = self.killed_by(pid, status)
         # The link first: a spare process's last end report may still wait in it.
         outcome = self.links.reaped(pid) if self.links is not None else None
+        self.board.release(self.slots.pop(pid, -1))
         child = self.children.pop(pid, None)
         if child is not None:
             child.conn.close()
@@ -274,7 +361,7 @@ class ProcessWorker(Worker):
                 )
                 if outcome is None:  # (not None when the worker had counted its client)
                     outcome = Outcome(KILLED, 0, 0)
-            self.connection_closed(child.peer, outcome)
+            self.connection_closed(child.peer, outcome, child.conn_id)
         elif pid in self.leaving:
             self.leaving.discard(pid)
         elif pid in self.spares:
@@ -300,7 +387,7 @@ class ProcessWorker(Worker):
         if child is None:
             return  # a report with no connection handed over: ignored
         child.conn.close()
-        self.connection_closed(child.peer, outcome)
+        self.connection_closed(child.peer, outcome, child.conn_id)
         if waits and not self.stopping and len(self.spares) < self.spare_max:
             self.spares.append(pid)
         else:
@@ -324,6 +411,25 @@ class ProcessWorker(Worker):
                 child.conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def cut_connection(self, entry: Entry, reason: str, graceful: bool) -> bool:
+        pid: int = entry.handle
+        child = self.children.get(pid)
+        if child is None or pid in self.signalled:
+            return False
+        # The reason first, then the signal, then the shutdown that wakes the process: when
+        # it wakes, both are there to read.
+        self.board.mark(child.slot, reason)
+        self.signalled.add(pid)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return False  # exited; the SIGCHLD on its way will reap it
+        try:
+            child.conn.shutdown(socket.SHUT_RD if graceful else socket.SHUT_RDWR)
+        except OSError:
+            pass
+        return True
 
     def kill_connections(self) -> None:
         self.signal_children(signal.SIGKILL, everyone=True)

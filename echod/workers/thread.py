@@ -41,8 +41,13 @@ from typing import Any
 
 from echod import log
 from echod.accepting import start_failure
+from echod.connection import SHUTDOWN
+from echod.conntable import Entry
 from echod.handler import EchoHandler
 from echod.worker import Worker
+
+#: What a connection thread is given: the socket, the peer, the connection's id, its entry.
+Job = tuple[socket.socket, Any, str, Entry]
 
 #: sys.setswitchinterval() of a thread worker, in seconds (CPython's default: 0.005).
 SWITCH_INTERVAL = 0.05
@@ -57,27 +62,35 @@ class CutFlag:
     def cut_requested(self) -> bool:
         return self.cut
 
+    def cut_reason(self) -> str:
+        return SHUTDOWN
+
     def before_close_event(self) -> None:
         """Threads share the worker's log sink, which the worker itself reopens."""
 
 
 class ConnectionStopper:
-    """The Stopper of one connection thread: the worker's cut flag, and the end lock, taken
-    when the handler first asks whether the connection was cut (it asks only once the
-    connection is ending) and released by the thread when it is done."""
+    """The Stopper of one connection thread: the worker's cut flag, the reason this one
+    connection was cut for (set by the main thread before it shuts the socket down), and
+    the end lock, taken when the handler first asks whether the connection was cut (it asks
+    only once the connection is ending) and released by the thread when it is done."""
 
-    __slots__ = ("_flag", "_lock", "holding")
+    __slots__ = ("_flag", "_lock", "holding", "reason")
 
     def __init__(self, flag: CutFlag, lock: threading.Lock) -> None:
         self._flag = flag
         self._lock = lock
         self.holding = False
+        self.reason: str | None = None
 
     def cut_requested(self) -> bool:
         if not self.holding:
             self._lock.acquire()
             self.holding = True
-        return self._flag.cut
+        return self._flag.cut or self.reason is not None
+
+    def cut_reason(self) -> str:
+        return self.reason or SHUTDOWN
 
     def before_close_event(self) -> None:
         """Threads share the worker's log sink, which the worker itself reopens."""
@@ -98,44 +111,50 @@ class ThreadWorker(Worker):
         if self.cfg.thread_stack_size:
             threading.stack_size(self.cfg.thread_stack_size)
         self.finished: collections.deque[Any] = collections.deque()
-        self.open_sockets: dict[str, socket.socket] = {}
         self.done_r, self.done_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.stopper = CutFlag()
         self.end_lock = threading.Lock()
         self.spare_max = self.cfg.spare_threads
         # Connections for spare threads; None tells one to exit. ``spare`` counts the threads
         # that wait or are about to: each one counted takes exactly one item.
-        self.jobs: queue.SimpleQueue[tuple[socket.socket, Any, str] | None] = queue.SimpleQueue()
+        self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.spare = 0
         self.spare_lock = threading.Lock()
         # Behind a PROXY header the real client is checked in its thread (Admission locks).
         behind_proxy = self.settings.proxy_protocol != "off"
-        self.gate = self.admission if behind_proxy and self.admission.checks_clients else None
+        # (Always, not only when the file has per-address limits or access lists: `echod set`
+        # may add one at run time.)
+        self.gate = self.admission if behind_proxy else None
         self.add_reader(self.done_r, self.on_done)
 
     def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
-        self.open_sockets[conn_id] = conn
+        stopper = ConnectionStopper(self.stopper, self.end_lock)
+        entry = self.register(
+            conn_id, conn, peer, thread=f"conn-{conn_id}", native_thread_id=0, handle=stopper
+        )
+        entry.native_thread_id = None  # (the thread says which it is once it runs)
+        job = (conn, peer, conn_id, entry)
         if self.spare_max and self.claim_spare():
-            self.jobs.put((conn, peer, conn_id))
+            self.jobs.put(job)
             return
         try:
             # ``_thread``, not ``threading.Thread``: Thread.start() makes this thread wait until
             # the new one says it runs (a hand-over of the interpreter each way), and builds
             # and registers an object that nothing here uses. A daemon thread either way; the
             # drain waits for the connections, not for the threads.
-            _thread.start_new_thread(self.thread_main, (conn, peer, conn_id))
+            _thread.start_new_thread(self.thread_main, (job,))
         except BaseException as exc:
-            del self.open_sockets[conn_id]
+            self.table.remove(entry.seq)
             failure = start_failure("a thread", exc)
             if failure is None:
                 raise
             raise failure from exc
 
-    def thread_main(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
+    def thread_main(self, job: Job | None) -> None:
         """Serve a connection; with spare_threads, then wait for others while there is room."""
-        job: tuple[socket.socket, Any, str] | None = (conn, peer, conn_id)
         while job is not None:  # bounded: one connection a pass; a None or no room ends it
             log.set_thread_name(f"conn-{job[2]}")
+            job[3].native_thread_id = threading.get_native_id()
             self.serve_in_thread(*job)
             if not self.offer_spare():
                 return
@@ -166,8 +185,10 @@ class ThreadWorker(Worker):
         for _ in range(waiting):
             self.jobs.put(None)
 
-    def serve_in_thread(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
-        stopper = ConnectionStopper(self.stopper, self.end_lock)
+    def serve_in_thread(
+        self, conn: socket.socket, peer: Any, conn_id: str, entry: Entry
+    ) -> None:
+        stopper = entry.handle
         handler = EchoHandler(
             conn,
             peer,
@@ -177,6 +198,7 @@ class ThreadWorker(Worker):
             local_port=self.local_port,
             gate=self.gate,
         )
+        entry.source = handler  # its peer, once behind a PROXY header the client's
         try:
             handler.serve()
         finally:
@@ -203,8 +225,7 @@ class ThreadWorker(Worker):
     def collect_finished(self) -> None:
         while self.finished:
             conn_id, peer, outcome = self.finished.popleft()
-            self.open_sockets.pop(conn_id, None)
-            self.connection_closed(peer, outcome)
+            self.connection_closed(peer, outcome, conn_id)
 
     def begin_stop(self, timeout: float | None) -> None:
         # Before the count of what is open at the stop: a connection that ended before it is
@@ -218,8 +239,21 @@ class ThreadWorker(Worker):
         self.stopper.cut = True
         # Only this (main) thread accepts, and it is not accepting now, so a descriptor closed
         # by a finishing thread cannot have been reused for a new connection meanwhile.
-        for sock in list(self.open_sockets.values()):
+        for entry in list(self.table.entries.values()):
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                entry.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass  # it finished and closed meanwhile
+
+    def cut_connection(self, entry: Entry, reason: str, graceful: bool) -> bool:
+        stopper: ConnectionStopper = entry.handle
+        if stopper.reason is not None:
+            return False
+        stopper.reason = reason
+        # Only this (main) thread accepts, so the descriptor is still this connection's:
+        # its entry leaves the table (collect_finished) before a new accept can reuse it.
+        try:
+            entry.sock.shutdown(socket.SHUT_RD if graceful else socket.SHUT_RDWR)
+        except OSError:
+            return False  # it finished and closed meanwhile
+        return True

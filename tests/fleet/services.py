@@ -139,6 +139,15 @@ def start_hosts(
 
 # -- HAProxy ------------------------------------------------------------------------------------
 
+#: tcplog's fields, plus the balancer's own address toward the server (``%bp`` is the
+#: ``proxy_peer_port`` in the hosts' logs), the bytes each way (U from the client, B to it)
+#: and what either side's connection saw go wrong: a connection in this log lines up with a
+#: host's close event and with a capture.
+LOG_FORMAT = (
+    "%ci:%cp [%t] %ft %b/%s %bi:%bp>%si:%sp %Tw/%Tc/%Tt U=%U B=%B %ts"
+    " %ac/%fc/%bc/%sc/%rc %sq/%bq fc_err=%[fc_err_str] bc_err=%[bc_err_str]"
+)
+
 
 def haproxy_config(
     network: Network,
@@ -169,7 +178,7 @@ global
 defaults
     mode tcp
     log global
-    option tcplog
+    log-format "{LOG_FORMAT}"
     # A connection that fails is the client's failure: no retry hides it from the test.
     retries 0
     timeout connect 2s

@@ -8,6 +8,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from tests.fleet import exporter
 from tests.fleet.conftest import HOSTS, Started
@@ -276,3 +277,60 @@ def test_readme_kubernetes_manifests_hold_together() -> None:
     [container] = pod["containers"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert cfg.metrics is not None and cfg.metrics.endswith(":9107")
+
+
+def test_an_operator_drain_takes_a_host_out_of_haproxy_without_stopping_it(
+    network: Network, started: Started, tmp_path: Path
+) -> None:
+    """`echod drain` on one host: HAProxy's /healthz check marks it DOWN while it still
+    serves the clients it has and stays up; `echod resume` brings it back UP. No client
+    of the balancer fails meanwhile."""
+    hosts = start_hosts(
+        network,
+        tmp_path,
+        per_host=lambda n: {
+            "metrics": instance(network, n),
+            "pidfile": str(tmp_path / f"h{n}" / "echod.pid"),
+        },
+        mode="thread",
+        shutdown_timeout=10,
+    )
+    for host in hosts:
+        started.add(host)
+    haproxy = HAProxy(network, tmp_path, send_proxy=False, http_check=True)
+    started.add(haproxy.start())
+    everyone_up = {f"h{n}": "UP" for n in range(1, HOSTS + 1)}
+    haproxy.wait_states(everyone_up)
+    clients = Clients(network.client, network.lb_front, FRONT_PORT, count=20, size=64 * 1024,
+                      per_client=100, pause=0.2, deadline=20.0).start()  # fmt: skip
+    try:
+        drained = hosts[1]
+        wait_for(lambda: drained.events("conn_close"), what="host 2 serving")
+        done = run_echod_in(drained, "drain")
+        assert done.returncode == 0, done
+        haproxy.wait_states({"h2": "DOWN"})
+        assert drained.proc is not None and drained.proc.poll() is None  # still running
+        down_at = len(drained.events("conn_open"))
+        time.sleep(1.0)  # the clients' own traffic goes on meanwhile: not a synchronisation
+        assert len(drained.events("conn_open")) <= down_at + 2  # (checks in flight)
+        done = run_echod_in(drained, "resume")
+        assert done.returncode == 0, done
+        haproxy.wait_states(everyone_up)
+        wait_for(lambda: len(drained.events("conn_open")) > down_at + 2,
+                 what="host 2 serving again")  # fmt: skip
+    finally:
+        tally = clients.stop()
+    assert not tally.failures(), [(c.local_port, c.failure) for c in tally.failures()[:10]]
+    assert [e["event"] for e in drained.events() if e["event"] in ("drain", "resume")] == [
+        "drain",
+        "resume",
+    ]
+
+
+def run_echod_in(host: Any, command: str) -> subprocess.CompletedProcess[str]:
+    """``echod COMMAND`` against ``host``'s configuration (its control socket is a file:
+    reached from here, whatever the host's network)."""
+    return subprocess.run(
+        [sys.executable, "-m", "echod", command, "--config", str(host.config_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=DEADLINE, check=False,
+    )  # fmt: skip

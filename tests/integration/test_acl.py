@@ -129,7 +129,8 @@ def test_udp_access_list_per_datagram(tmp_path: Path, mode: str) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_reload_changes_deny(tmp_path: Path, mode: str) -> None:
     """A reload that adds 127.0.0.2 to deny: new connections from it are refused by the new
-    workers, while its connection opened before the reload is still served to the end."""
+    workers, and its connection opened before the reload is cut (reason access_list) once
+    the new generation serves; a reload that lifts the deny serves it again."""
     server = Echod(tmp_path, mode=mode)
     try:
         server.start()
@@ -142,7 +143,10 @@ def test_reload_changes_deny(tmp_path: Path, mode: str) -> None:
         assert "deny" in str(reload)
         wait_for(lambda: not served(server, "127.0.0.2"), what="127.0.0.2 refused")
         assert served(server, "127.0.0.1")
-        assert echo_roundtrip(before, b"two") == b"two"
+        port = before.getsockname()[1]
+        cut = server.wait_event("conn_close", lambda e: e["peer_port"] == port)
+        assert cut["reason"] == "access_list"
+        assert echo_roundtrip(before, b"two") == b""
         before.close()
         server.write_config(deny=[])
         server.signal(signal.SIGHUP)

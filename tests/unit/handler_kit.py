@@ -18,6 +18,9 @@ class FlagStopper:
     def cut_requested(self) -> bool:
         return self.cut
 
+    def cut_reason(self) -> str:
+        return "shutdown"
+
     def before_close_event(self) -> None:
         self.before_close_calls += 1
 

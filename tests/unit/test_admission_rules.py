@@ -251,13 +251,27 @@ def test_admission_reads_its_part_of_the_config() -> None:
     assert not adm.by_ip and not adm.refused
 
 
-def test_admission_uses_the_table_only_with_a_limit_and_a_slot() -> None:
-    """The shared table counts only when max_connections_per_ip is set and a slot was given."""
+def test_admission_uses_the_table_whenever_it_has_a_slot() -> None:
+    """The shared table counts whenever a slot was given, a per-address limit or not: one
+    set at run time (echod set) must find the connections already open counted."""
     table = SharedIpCounts(2, 4)
     assert Admission(config(max_connections_per_ip=1), 1, table, 0).shared is table
     assert Admission(config(max_connections_per_ip=1), 1, table, None).shared is None
-    assert Admission(config(max_connections_per_ip=0), 1, table, 0).shared is None
+    assert Admission(config(max_connections_per_ip=0), 1, table, 0).shared is table
     assert Admission(config(max_connections_per_ip=1), 1, table, 1).slot == 1
+
+
+def test_limits_set_at_run_time_take_effect_for_the_next_client() -> None:
+    """set_limits: the worker's share of the new total, the per-address limit (and with it
+    whether clients behind PROXY are checked), a new rate with a full bucket."""
+    adm = Admission(config(max_connections=10, workers=2), 1)
+    adm.start()
+    assert (adm.limit, adm.per_ip, adm.checks_clients) == (5, 0, False)
+    adm.set_limits(3, 1, 2.5)
+    assert (adm.limit, adm.per_ip, adm.checks_clients) == (2, 1, True)
+    assert adm.bucket.rate == 2.5 and adm.bucket.tokens == 2.5
+    assert adm.admit("10.0.0.1") is None
+    assert adm.admit("10.0.0.1") == REFUSED_PER_IP
 
 
 def test_start_fills_the_bucket_and_starts_the_summary_clock() -> None:

@@ -271,6 +271,10 @@ proxy_protocol: any
 proxy_trusted: [127.0.0.1]
 proxy_timeout: 0.5
 metrics: "127.0.0.1:9107"
+control_socket: /run/echod/ctl.sock
+control_group: 0
+retire_timeout: 60
+max_connection_age: 3600
 log:
   format: json
   target: file
@@ -309,6 +313,10 @@ log:
         proxy_trusted=("127.0.0.1",),
         proxy_timeout=0.5,
         metrics="127.0.0.1:9107",
+        control_socket="/run/echod/ctl.sock",
+        control_group="0",
+        retire_timeout=60.0,
+        max_connection_age=3600.0,
         log=LogConfig(
             format="json",
             target="file",

@@ -32,7 +32,8 @@ def test_each_entry_is_a_constant_of_the_module() -> None:
     for entry in EXIT_CODES:
         assert getattr(exitcodes, entry.name) == entry.code
     constants = {name for name in vars(exitcodes) if re.fullmatch(r"[A-Z][A-Z_]+", name)}
-    assert constants - {"COMMANDS", "EXIT_CODES"} == {entry.name for entry in EXIT_CODES}
+    constants -= {"COMMANDS", "CONTROL_COMMANDS", "EXIT_CODES"}
+    assert constants == {entry.name for entry in EXIT_CODES}
 
 
 def test_commands_are_the_cli_sub_commands() -> None:
@@ -60,7 +61,8 @@ def _exit_names_used(path: Path) -> set[str]:
 
 def test_the_code_uses_only_declared_codes() -> None:
     """Every exit code named anywhere in the package is in the table."""
-    declared = {entry.name for entry in EXIT_CODES} | {"COMMANDS", "EXIT_CODES", "ExitCode"}
+    declared = {entry.name for entry in EXIT_CODES}
+    declared |= {"COMMANDS", "CONTROL_COMMANDS", "EXIT_CODES", "ExitCode"}
     for path in (ROOT / "echod").rglob("*.py"):
         assert _exit_names_used(path) <= declared, path
 
@@ -95,6 +97,10 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+#: The arguments a sub-command needs besides options.
+NEEDS = {"cut": ["1-1"], "set": ["max_connections", "5"]}
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_a_usage_error_exits_ex_usage(
     command: str, clean_env: None, capsys: pytest.CaptureFixture[str]
@@ -103,7 +109,7 @@ def test_a_usage_error_exits_ex_usage(
     from echod import cli
 
     with pytest.raises(SystemExit) as exit_:
-        cli.main([command, "--no-such-option"])
+        cli.main([command, *NEEDS.get(command, []), "--no-such-option"])
     assert exit_.value.code == exitcodes.EX_USAGE
     assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
     assert _commands_cell("EX_USAGE") == " every command "
@@ -118,7 +124,7 @@ def test_a_bad_configuration_exits_ex_config(
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("port: 70000\n", encoding="utf-8")
-    assert cli.main([command, "--config", str(bad)]) == exitcodes.EX_CONFIG
+    assert cli.main([command, *NEEDS.get(command, []), "--config", str(bad)]) == exitcodes.EX_CONFIG
     assert "port: 70000 is out of range" in capsys.readouterr().err
     assert _commands_cell("EX_CONFIG") == " every command "
 

@@ -38,7 +38,8 @@ def test_known_reasons_are_the_ones_the_code_uses() -> None:
     """The label values exposed at 0 are the reasons handler, admission and udp define."""
     closes = {handler.CLIENT_CLOSED, handler.IDLE_TIMEOUT, handler.WRITE_TIMEOUT}
     closes |= {handler.RESET, handler.SHUTDOWN, handler.ERROR, handler.PROXY_ERROR}
-    closes |= {connection.KILLED}
+    closes |= {connection.KILLED, connection.CUT, connection.RETIRED, connection.ACCESS_LIST}
+    closes |= {connection.PER_IP, connection.MAX_AGE}
     assert set(metrics.CLOSE_REASONS) == closes
     refusals = {admission.REFUSED_LIMIT, admission.REFUSED_PER_IP, admission.REFUSED_RATE}
     refusals |= {admission.REFUSED_ACCESS, admission.REFUSED_UNTRUSTED, admission.REFUSED_PROXY}

@@ -349,6 +349,9 @@ class NoCut:
     def cut_requested(self) -> bool:
         return False
 
+    def cut_reason(self) -> str:
+        return "shutdown"
+
     def before_close_event(self) -> None:
         pass
 

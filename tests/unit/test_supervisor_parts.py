@@ -398,7 +398,8 @@ def test_the_status_file_is_the_snapshot() -> None:
             {"index": 2, "pid": 102, "generation": 2, "state": "retiring", "open": 1},
         ],
         "reload_serial": 5, "reload_result": "failed", "reload_error": "bad",
-        "reload_exit_code": 78, "log_dropped": {"no_space": 12},
+        "reload_exit_code": 78, "log_dropped": {"no_space": 12}, "drain": False,
+        "limits": {},
     }  # fmt: skip
     assert status.Status.from_dict(built.to_dict()) == built
 
