@@ -78,8 +78,9 @@ def ctl(server: Echod, *args: str, user: str | None = None) -> subprocess.Comple
         try:
             os.dup2(out_w, 1)
             os.dup2(err_w, 2)
-            sys.stdout = open(1, "w", closefd=False)  # (not the test runner's capture)
-            sys.stderr = open(2, "w", closefd=False)
+            # The descriptors, not the test runner's capture: this process ends with _exit.
+            sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
             os.setgroups([])
             os.setgid(entry.pw_gid)
             os.setuid(entry.pw_uid)
@@ -326,7 +327,9 @@ def test_retire_timeout_ends_what_a_talking_client_would_keep(tmp_path: Path, mo
         assert close["reason"] == "retired"
         assert 1.0 < time.monotonic() - retired_at < 10
         assert not alive or ended(sock)
-        server.wait_event("worker_state", lambda e: e["worker_pid"] == old and e["state"] == "exited")
+        server.wait_event(
+            "worker_state", lambda e: e["worker_pid"] == old and e["state"] == "exited"
+        )
 
 
 @pytest.mark.parametrize("mode", MODES)
