@@ -111,9 +111,6 @@ class Supervisor:
         self.started = 0.0
         self.log: Any = None
         self.internal_errors = 0
-        #: A SIGHUP that came while an upgrade's check ran: a reload once the upgrade is
-        #: over (or the new image's, should the exec happen).
-        self.deferred_reload = False
         # The parts; nothing happens before run().
         self.loop = MainLoop(
             self.on_signal, self.next_deadline, self.after_gap, lambda: gap_threshold(self.cfg)
@@ -388,9 +385,8 @@ class Supervisor:
                 delay = 0.0 if self.operations.drain else self.cfg.drain_delay
                 self.shutdown.request(name, delay, self.cfg.shutdown_timeout)
         elif action is signals.Action.RELOAD:
-            if self.upgrade is not None and self.upgrade.checking:
-                self.deferred_reload = True  # acted on once the upgrade is over
-            else:
+            # During an upgrade's check, a reload waits for the upgrade to be over.
+            if self.upgrade is None or not self.upgrade.defer(signum):
                 self.reload()
         elif action is signals.Action.REOPEN:
             log.reopen()
@@ -480,15 +476,10 @@ class Supervisor:
     def upgrade_failed(self, error: str, exit_code: int) -> None:
         self.log.error(events.UPGRADE_FAILED, error=error)
         self.reload_failed(error, exit_code)
-        if self.deferred_reload:
-            self.deferred_reload = False
-            self.reload()
 
     def handover(self, pending: list[int]) -> handover.Handover:
         """What the new image of an upgrade takes over; ``pending``: the signals recorded
-        and not acted on yet (a deferred SIGHUP joins them)."""
-        if self.deferred_reload:
-            pending = [*pending, signal.SIGHUP]
+        and not acted on yet."""
         return handover.Handover(
             **self.serving.handed(),
             **self.presence.handed(),

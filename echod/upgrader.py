@@ -123,10 +123,28 @@ class Upgrade:
         self.until = 0.0
         #: Checks killed by abort() and not reaped yet: theirs are not the loop's exits.
         self.abandoned: set[int] = set()
+        #: Signals that wait for the upgrade to be over (a SIGHUP during the check): handed
+        #: over to the new image, or acted on here if the upgrade fails.
+        self.deferred: list[int] = []
 
     @property
     def checking(self) -> bool:
         return self.proc is not None
+
+    def defer(self, signum: int) -> bool:
+        """Keep ``signum`` until the upgrade under way is over; False if none is."""
+        if not self.checking:
+            return False
+        if signum not in self.deferred:
+            self.deferred.append(signum)
+        return True
+
+    def failed(self, error: str, exit_code: int) -> None:
+        """The upgrade failed: say so, then act on what was deferred."""
+        self.host.upgrade_failed(error, exit_code)
+        deferred, self.deferred = self.deferred, []
+        if deferred:
+            self.host.act_on(deferred)
 
     def begin(self) -> None:
         """SIGUSR2: start the check (or, with one under way, let it answer this request
@@ -136,7 +154,7 @@ class Upgrade:
         if self.checking:
             return
         if why is not None:
-            self.host.upgrade_failed(why, exitcodes.EX_TEMPFAIL)
+            self.failed(why, exitcodes.EX_TEMPFAIL)
             return
         command = [sys.executable, "-m", "echod.upgrade", *config_arguments(self.config_path)]
         try:
@@ -149,9 +167,7 @@ class Upgrade:
                 start_new_session=True,  # a terminal's Ctrl-C is the daemon's to take
             )
         except OSError as exc:
-            self.host.upgrade_failed(
-                f"the new code could not be checked: {exc}", exitcodes.EX_SOFTWARE
-            )
+            self.failed(f"the new code could not be checked: {exc}", exitcodes.EX_SOFTWARE)
             return
         assert self.proc.stdout is not None
         os.set_blocking(self.proc.stdout.fileno(), False)
@@ -211,7 +227,7 @@ class Upgrade:
             self.abandoned.add(proc.pid)
             # The supervisor's reaper collects it (exited()), not subprocess's own clean-up.
             proc.returncode = -signal.SIGKILL
-        self.host.upgrade_failed(reason, exit_code)
+        self.failed(reason, exit_code)
 
     def end(self) -> subprocess.Popen[bytes] | None:
         """Forget the check under way (its pipe closed); the check, or None."""
@@ -234,7 +250,7 @@ class Upgrade:
         if code != 0:
             lines = output.strip().splitlines() or ["(no output)"]
             failed = exitcodes.EX_CONFIG if code == exitcodes.EX_CONFIG else exitcodes.EX_SOFTWARE
-            self.host.upgrade_failed(f"the new code failed its check: {lines[-1]}", failed)
+            self.failed(f"the new code failed its check: {lines[-1]}", failed)
             return
         version, fmt = parse_check(output)
         self.execute(version, fmt)
@@ -245,7 +261,7 @@ class Upgrade:
         try:
             self.host.check_upgrade()
         except OperatorError as exc:
-            self.host.upgrade_failed(str(exc), exc.exit_code)
+            self.failed(str(exc), exc.exit_code)
             return
         self.logger().info(
             events.UPGRADING, version=__version__, to_version=version, pid=os.getpid()
@@ -254,12 +270,13 @@ class Upgrade:
             self.notifier.reloading()
         argv = [sys.executable, "-m", "echod", "run", *config_arguments(self.config_path)]
         reason, pending = handover.execute(
-            self.host.handover, argv, os.environ, self.wakeup_fd, fmt
-        )
+            lambda recorded: self.host.handover([*recorded, *self.deferred]),
+            argv, os.environ, self.wakeup_fd, fmt,
+        )  # fmt: skip
         # Still here: the exec failed, and this image serves on.
         if self.notifier is not None:
             self.notifier.ready()
-        self.host.upgrade_failed(reason, exitcodes.EX_SOFTWARE)
+        self.failed(reason, exitcodes.EX_SOFTWARE)
         self.host.act_on(pending)
 
 
