@@ -29,7 +29,8 @@ def _event(name: str, when: str) -> str:
 # -- the daemon's life, logged by the supervisor ---------------------------------------------
 
 START: Final = _event(
-    "start", "the supervisor starts: its version, config_file, mode, workers, host and port"
+    "start",
+    "the supervisor starts: its version, config_file, mode, workers, host and port, listen",
 )
 READY: Final = _event(
     "ready", "echod serves: the addresses and the port actually bound, the start-up time"
@@ -153,7 +154,9 @@ LOOP_ERROR: Final = _event(
 # -- connections -----------------------------------------------------------------------------
 
 CONN_OPEN: Final = _event(
-    "conn_open", "a connection was accepted: conn_id, peer (and proxy_peer), local_port, mode"
+    "conn_open",
+    "a connection was accepted: conn_id, peer (and proxy_peer), local_address, local_port,"
+    " mode",
 )
 CONN_CLOSE: Final = _event(
     "conn_close", "a connection ended: bytes_in, bytes_out, duration, and the reason"

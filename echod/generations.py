@@ -15,11 +15,11 @@ import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from echod import __version__, events, exitcodes, fdstore, sinks
+from echod import __version__, events, exitcodes, fdstore, handover, sinks
 from echod.config import Config
 from echod.errors import OperatorError
 from echod.handover import Handover
-from echod.listeners import Listeners
+from echod.listeners import Listeners, close_all
 from echod.pool import WorkerHandle, WorkerPool
 from echod.reload import Prepared, ReloadOutcome, config_changes, prepare
 from echod.snapshot import Snapshot
@@ -76,7 +76,8 @@ class Generations:
         self.reloads = 0
         self.outcome = ReloadOutcome()
         self.listeners: Listeners | None = None
-        #: Sockets of a configuration reloaded away, kept until its workers have retired.
+        #: Sockets of a configuration reloaded away, kept until its workers have retired
+        #: (those the current configuration still lists stay open after that).
         self.old_listeners: list[Listeners] = []
 
     def first(self, listeners: Listeners) -> None:
@@ -108,7 +109,7 @@ class Generations:
         the pending request (if this generation was its) is complete."""
         self.pool.retire_older(self.generation, self.listeners)
         for old in self.old_listeners:
-            fdstore.release(self.notifier, old)
+            fdstore.release(self.notifier, old, keep=self.listeners)
         self.old_listeners.clear()
         self.outcome.served(self.generation)
 
@@ -129,14 +130,12 @@ class Generations:
         return config_changes(old_cfg, new.cfg)
 
     def check_upgrade(self) -> None:
-        """OperatorError unless the file loads and keeps the listening address (what an
+        """OperatorError unless the file loads and keeps the listening addresses (what an
         upgrade's new image would read; it opens its own log and sockets)."""
         assert self.listeners is not None
         new = prepare(self.config_path, self.cfg, self.listeners)
-        if new.sink is not None:
-            new.sink.close()
+        new.abandon(self.listeners)
         if new.listeners is not self.listeners:
-            new.listeners.close()
             raise OperatorError(
                 "the configuration changes the listening address "
                 "(reload to it first, then upgrade)",
@@ -153,12 +152,9 @@ class Generations:
             "generation": self.generation,
             "reloads": self.reloads,
             "reload_serial": self.outcome.serial,
-            "host": listeners.host,
-            "port": listeners.port,
+            "listeners": handover.hand_listeners(listeners),
             "udp_enabled": listeners.udp_enabled,
             "adopted": listeners.adopted,
-            "tcp": [s.fileno() for s in listeners.tcp],
-            "udp": [s.fileno() for s in listeners.udp],
         }
 
     # -- what the pool tells us (PoolOwner) --------------------------------------------------
@@ -249,6 +245,7 @@ class Generations:
         return None
 
     def close_in_child(self) -> None:
-        """In a new worker: the old sockets are the older generations' business."""
+        """In a new worker: the old sockets are the older generations' business (those the
+        current configuration still lists are its own)."""
         for old in self.old_listeners:
-            old.close()
+            close_all(old.without(self.listeners))

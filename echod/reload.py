@@ -1,10 +1,11 @@
 """A reload's two halves: preparing the new configuration without changing anything, and
 keeping the outcome for whoever asked (``echod reload`` reads it in the status file).
 
-:func:`prepare` reads and validates the file, binds any new address and opens any new log
-sink; only if all of that worked does the supervisor switch over (new generation first, then
-the old one retires). :class:`ReloadOutcome` follows each request from ``pending`` to ``ok``
-(the new generation serves) or ``failed`` (with the reason and its exit code).
+:func:`prepare` reads and validates the file, binds any new address (keeping the sockets of
+every address the file still lists) and opens any new log sink; only if all of that worked
+does the supervisor switch over (new generation first, then the old one retires).
+:class:`ReloadOutcome` follows each request from ``pending`` to ``ok`` (the new generation
+serves) or ``failed`` (with the reason and its exit code).
 """
 
 from __future__ import annotations
@@ -29,21 +30,29 @@ class Prepared:
     #: A new log sink when the log settings changed, else None.
     sink: Any
 
+    def abandon(self, running: Listeners) -> None:
+        """Let go of what was opened for nothing (the reload goes no further): the log sink,
+        and the sockets bound beside ``running``'s."""
+        if self.sink is not None:
+            self.sink.close()
+        if self.listeners is not running:
+            self.listeners.close_except(running.all())
+
 
 def prepare(config_path: str | None, cfg: Config, listeners: Listeners) -> Prepared:
     """The configuration at ``config_path`` with its sockets and log sink; raises
     OperatorError (a ConfigError, a bind error, a log file that cannot be opened)."""
     new_cfg = load_config(config_path)
     if listeners.serves(new_cfg):
-        update_backlog(listeners, new_cfg.backlog)
+        update_backlog(listeners, new_cfg)
         new_listeners = listeners
     else:
-        new_listeners = bind(new_cfg)
+        new_listeners = bind(new_cfg, previous=listeners)
     try:
         sink = log.open_sink(new_cfg.log) if new_cfg.log != cfg.log else None
     except OSError as exc:
         if new_listeners is not listeners:
-            new_listeners.close()
+            new_listeners.close_except(listeners.all())
         message = f"cannot open log file {new_cfg.log.file}: {exc.strerror}"
         raise OperatorError(message, exitcodes.EX_CANTCREAT) from None
     return Prepared(new_cfg, new_listeners, sink)

@@ -203,6 +203,7 @@ class Supervisor:
             workers=self.cfg.workers,
             host=self.cfg.host,
             port=self.cfg.port,
+            listen=[entry.address for entry in self.cfg.listen_entries()],
             python=sys.version.split()[0],
             upgrade=handed is not None,
         )

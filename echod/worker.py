@@ -23,7 +23,7 @@ from enum import Enum
 from typing import Any, ClassVar
 
 from echod import control, events, log, prctl, proctitle, signals
-from echod.accepting import HOLD_MAX, Acceptor
+from echod.accepting import HOLD_MAX, Acceptor, Local
 from echod.admission import Admission, SharedIpCounts
 from echod.config import Config
 from echod.connection import Outcome
@@ -77,7 +77,8 @@ class Worker:
 
     What a mode must implement:
 
-    - :meth:`start_connection` (``conn``, ``peer``, ``conn_id``): serve an admitted
+    - :meth:`start_connection` (``conn``, ``peer``, ``conn_id``, ``local``: the local
+      address and port when the listener knows them, else None): serve an admitted
       connection (start its thread, its process, its transport) and return at once. Raise
       :class:`~echod.accepting.StartFailed` when a resource ran short (the worker holds
       the connection and calls again later); any other exception refuses it.
@@ -135,7 +136,6 @@ class Worker:
         #: What connection processes set their OOM score to (None: leave it as inherited).
         self.connection_oom_score: int | None = None
         self.next_heartbeat = 0.0
-        self.local_port: int | None = None
         self.log: Any = None
 
     @property
@@ -181,9 +181,9 @@ class Worker:
                 self.add_reader(sock, self.udp.on_readable)
         self.admission.start()
         self.udp.start()
-        self.local_port = self.spec.listeners.common_port()
         if self.blocking_connections:
             self.inherit_timeouts()
+        self.inherit_tcp_options()
         self.init_mode()
         # What exists now lives as long as the worker: keep the collector off it, so that the
         # pages holding it stay shared with forked connection processes instead of copied.
@@ -342,12 +342,21 @@ class Worker:
         self.spec.listeners.set_connection_timeouts(*connection_timeouts(self.settings))
         self.settings = dataclasses.replace(self.settings, timeouts_inherited=True)
 
+    def inherit_tcp_options(self) -> None:
+        """Set TCP_NODELAY and TCP keepalive on the listening sockets, for every accepted
+        socket to inherit (in every mode: no call per connection), as the timeouts are."""
+        self.spec.listeners.set_tcp_options(self.cfg.tcp_nodelay, self.cfg.tcp_keepalive)
+
     def collect_finished(self) -> None:
         """Count connections that ended without waking the loop (see the thread mode)."""
 
-    def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
-        """Serve ``conn``. Raise StartFailed when a resource ran short (start_failure() says
-        which errors mean that); the worker then holds the connection and calls again."""
+    def start_connection(
+        self, conn: socket.socket, peer: Any, conn_id: str, local: Local = None
+    ) -> None:
+        """Serve ``conn``, accepted on a listener whose address and port are ``local`` (None:
+        a wildcard, the connection's own are its socket's). Raise StartFailed when a
+        resource ran short (start_failure() says which errors mean that); the worker then
+        holds the connection and calls again."""
         raise NotImplementedError
 
     def connection_closed(self, peer: Any, outcome: Outcome | None = None) -> None:

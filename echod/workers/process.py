@@ -26,7 +26,7 @@ import socket
 from typing import Any
 
 from echod import events, exitcodes, log, proctitle, signals
-from echod.accepting import start_failure
+from echod.accepting import Local, start_failure
 from echod.clientlink import WorkerLinks
 from echod.connection import KILLED
 from echod.handler import EchoHandler, Outcome, peer_fields
@@ -120,7 +120,9 @@ class ProcessWorker(Worker):
         # Spares let go exit at once (their link's EOF); reap them before the worker goes.
         return super().drained() and not self.spares and not self.leaving
 
-    def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
+    def start_connection(
+        self, conn: socket.socket, peer: Any, conn_id: str, local: Local = None
+    ) -> None:
         while self.spares:
             pid = self.spares.pop()
             assert self.links is not None
@@ -133,7 +135,7 @@ class ProcessWorker(Worker):
         pair = None
         try:
             pair = self.links.pair() if self.links is not None else None
-            pid = self.fork_connection(conn, peer, conn_id, pair)
+            pid = self.fork_connection(conn, peer, conn_id, pair, local)
         except OSError as exc:
             for sock in pair or ():
                 sock.close()
@@ -151,13 +153,14 @@ class ProcessWorker(Worker):
         peer: Any,
         conn_id: str,
         pair: tuple[socket.socket, socket.socket] | None,
+        local: Local = None,
     ) -> int:
         """Fork the connection's process; returns its pid (in the worker only)."""
         signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
         try:
             pid = os.fork()
             if pid == 0:
-                self.become_connection(conn, peer, conn_id, pair)  # never returns
+                self.become_connection(conn, peer, conn_id, pair, local)  # never returns
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
         return pid
@@ -168,6 +171,7 @@ class ProcessWorker(Worker):
         peer: Any,
         conn_id: str,
         pair: tuple[socket.socket, socket.socket] | None = None,
+        local: Local = None,
     ) -> None:
         """In the child: shed the worker's descriptors, serve, and exit."""
         code = exitcodes.EX_SOFTWARE
@@ -187,7 +191,7 @@ class ProcessWorker(Worker):
                     job[2],
                     self.settings,
                     stopper,
-                    local_port=self.local_port,
+                    local=local,
                     shared_descriptor=True,
                     gate=link if link is not None and link.asks else None,
                 )
@@ -201,6 +205,7 @@ class ProcessWorker(Worker):
                     break
                 proctitle.set_title("echod: spare connection process")
                 job = link.next_connection()
+                local = None  # (a spare's next connection: its socket says where it came)
                 if job is not None:
                     log.set_process_name(f"conn-{job[2]}")
                     proctitle.set_title(f"echod: connection {job[2]}")

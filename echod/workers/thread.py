@@ -40,7 +40,7 @@ import threading
 from typing import Any
 
 from echod import log
-from echod.accepting import start_failure
+from echod.accepting import Local, start_failure
 from echod.handler import EchoHandler
 from echod.worker import Worker
 
@@ -105,7 +105,9 @@ class ThreadWorker(Worker):
         self.spare_max = self.cfg.spare_threads
         # Connections for spare threads; None tells one to exit. ``spare`` counts the threads
         # that wait or are about to: each one counted takes exactly one item.
-        self.jobs: queue.SimpleQueue[tuple[socket.socket, Any, str] | None] = queue.SimpleQueue()
+        self.jobs: queue.SimpleQueue[tuple[socket.socket, Any, str, Local] | None] = (
+            queue.SimpleQueue()
+        )
         self.spare = 0
         self.spare_lock = threading.Lock()
         # Behind a PROXY header the real client is checked in its thread (Admission locks).
@@ -113,17 +115,19 @@ class ThreadWorker(Worker):
         self.gate = self.admission if behind_proxy and self.admission.checks_clients else None
         self.add_reader(self.done_r, self.on_done)
 
-    def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
+    def start_connection(
+        self, conn: socket.socket, peer: Any, conn_id: str, local: Local = None
+    ) -> None:
         self.open_sockets[conn_id] = conn
         if self.spare_max and self.claim_spare():
-            self.jobs.put((conn, peer, conn_id))
+            self.jobs.put((conn, peer, conn_id, local))
             return
         try:
             # ``_thread``, not ``threading.Thread``: Thread.start() makes this thread wait until
             # the new one says it runs (a hand-over of the interpreter each way), and builds
             # and registers an object that nothing here uses. A daemon thread either way; the
             # drain waits for the connections, not for the threads.
-            _thread.start_new_thread(self.thread_main, (conn, peer, conn_id))
+            _thread.start_new_thread(self.thread_main, (conn, peer, conn_id, local))
         except BaseException as exc:
             del self.open_sockets[conn_id]
             failure = start_failure("a thread", exc)
@@ -131,9 +135,9 @@ class ThreadWorker(Worker):
                 raise
             raise failure from exc
 
-    def thread_main(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
+    def thread_main(self, conn: socket.socket, peer: Any, conn_id: str, local: Local) -> None:
         """Serve a connection; with spare_threads, then wait for others while there is room."""
-        job: tuple[socket.socket, Any, str] | None = (conn, peer, conn_id)
+        job: tuple[socket.socket, Any, str, Local] | None = (conn, peer, conn_id, local)
         while job is not None:  # bounded: one connection a pass; a None or no room ends it
             log.set_thread_name(f"conn-{job[2]}")
             self.serve_in_thread(*job)
@@ -166,7 +170,7 @@ class ThreadWorker(Worker):
         for _ in range(waiting):
             self.jobs.put(None)
 
-    def serve_in_thread(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
+    def serve_in_thread(self, conn: socket.socket, peer: Any, conn_id: str, local: Local) -> None:
         stopper = ConnectionStopper(self.stopper, self.end_lock)
         handler = EchoHandler(
             conn,
@@ -174,7 +178,7 @@ class ThreadWorker(Worker):
             conn_id,
             self.settings,
             stopper,
-            local_port=self.local_port,
+            local=local,
             gate=self.gate,
         )
         try:

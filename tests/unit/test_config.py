@@ -25,6 +25,7 @@ from echod.config import (
     resolve_config_path,
     split_endpoint,
 )
+from echod.kinds import Keepalive
 
 LOADERS = [yaml.SafeLoader] + ([yaml.CSafeLoader] if hasattr(yaml, "CSafeLoader") else [])
 
@@ -253,6 +254,8 @@ overload: refuse
 buffer_size: 1024
 idle_timeout: 0
 write_timeout: 1.5
+tcp_nodelay: false
+tcp_keepalive: {idle: 60, interval: 10, count: 5}
 shutdown_timeout: 0
 drain_delay: 2.5
 worker_timeout: 5
@@ -283,6 +286,7 @@ log:
         mode="process",
         host="::",
         port=0,
+        listen=(),
         backlog=64,
         workers=2,
         max_connections=10,
@@ -292,6 +296,8 @@ log:
         buffer_size=1024,
         idle_timeout=0.0,
         write_timeout=1.5,
+        tcp_nodelay=False,
+        tcp_keepalive=Keepalive(True, 60, 10, 5),
         shutdown_timeout=0.0,
         drain_delay=2.5,
         worker_timeout=5.0,
