@@ -19,7 +19,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from echod import exitcodes
+from echod import exitcodes, privileges
 from echod.errors import OperatorError
 from echod.kinds import (
     KEEPALIVE_FIELDS,
@@ -455,6 +455,7 @@ def check_together(values: Mapping[str, object], where: Mapping[str, Origin]) ->
             **where["proxy_protocol"].location(),
         )
     _check_listen_alone(values, where)
+    _check_account(values, where)
     workers, total = values["workers"], values["max_connections"]
     assert isinstance(workers, int) and isinstance(total, int)
     if total < workers:
@@ -488,3 +489,29 @@ def _check_listen_alone(values: Mapping[str, object], where: Mapping[str, Origin
                 **where["listen"].location(),
             )
 
+
+def _check_account(values: Mapping[str, object], where: Mapping[str, Origin]) -> None:
+    """``group`` needs ``user``, and both must name an account this system knows."""
+    user, group = values["user"], values["group"]
+    if group is not None and user is None:
+        raise ConfigError(
+            "group: needs user (it is the group of the user the workers run as)",
+            key="group",
+            value=group,
+            rule="group only with user",
+            **where["group"].location(),
+        )
+    if user is None:
+        return
+    assert isinstance(user, str | int) and (group is None or isinstance(group, str | int))
+    try:
+        privileges.resolve(user, group)
+    except privileges.UnknownAccount as exc:
+        shown = values[exc.setting]
+        raise ConfigError(
+            f"{exc.setting}: {exc.message}",
+            key=exc.setting,
+            value=shown,
+            rule="an account of this system",
+            **where[exc.setting].location(),
+        ) from None

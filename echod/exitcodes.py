@@ -89,8 +89,8 @@ EX_TEMPFAIL: Final = _declare(
 EX_NOPERM: Final = _declare(
     "EX_NOPERM",
     77,
-    "permission denied: a port below 1024 without CAP_NET_BIND_SERVICE, or a pidfile "
-    "that cannot be read",
+    "permission denied: a port below 1024 without CAP_NET_BIND_SERVICE, a pidfile "
+    "that cannot be read, or `user` names another user while echod does not run as root",
     ("run", "start", "stop", "status", "reload", "upgrade"),
 )
 EX_CONFIG: Final = _declare(

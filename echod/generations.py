@@ -21,6 +21,7 @@ from echod.errors import OperatorError
 from echod.handover import Handover
 from echod.listeners import Listeners, close_all
 from echod.pool import WorkerHandle, WorkerPool
+from echod.privileges import Account
 from echod.reload import Prepared, ReloadOutcome, config_changes, prepare
 from echod.snapshot import Snapshot
 from echod.states import SupervisorState
@@ -79,16 +80,21 @@ class Generations:
         #: Sockets of a configuration reloaded away, kept until its workers have retired
         #: (those the current configuration still lists stay open after that).
         self.old_listeners: list[Listeners] = []
+        #: Who the current generation's workers run as (None: as the supervisor).
+        self.account: Account | None = None
 
-    def first(self, listeners: Listeners) -> None:
-        """The first generation, on ``listeners``, is the current one."""
+    def first(self, listeners: Listeners, account: Account | None = None) -> None:
+        """The first generation, on ``listeners``, its workers run as ``account``, is the
+        current one."""
         self.listeners = listeners
+        self.account = account
         self.generation = 1
 
-    def adopt(self, handed: Handover, listeners: Listeners) -> None:
+    def adopt(self, handed: Handover, listeners: Listeners, account: Account | None = None) -> None:
         """In the new image of an upgrade: the old image's generation and pending request go
         on here; the next generation (on the new code) is the current one."""
         self.listeners = listeners
+        self.account = account
         self.generation, self.reloads = handed.generation + 1, handed.reloads
         # The request that made this upgrade is still pending: completed by this generation.
         self.outcome.resume(handed.reload_serial)
@@ -98,7 +104,7 @@ class Generations:
         """Start every worker of the current generation."""
         assert self.listeners is not None
         for index in range(1, self.cfg.workers + 1):
-            self.pool.spawn(index, self.cfg, self.listeners, self.generation)
+            self.pool.spawn(index, self.cfg, self.listeners, self.generation, self.account)
 
     def serves(self) -> bool:
         """Whether every worker of the current generation serves."""
@@ -123,6 +129,7 @@ class Generations:
             self.listeners = new.listeners
             fdstore.keep(self.notifier, new.listeners)
         self.cfg = new.cfg
+        self.account = new.account
         self.generation += 1
         self.reloads += 1
         self.outcome.starting(self.generation)
@@ -202,7 +209,7 @@ class Generations:
         """Replace the workers whose backoff is over."""
         assert self.listeners is not None
         for index in self.pool.due(now):
-            self.pool.spawn(index, self.cfg, self.listeners, self.generation)
+            self.pool.spawn(index, self.cfg, self.listeners, self.generation, self.account)
 
     def snapshot(self, state: SupervisorState, started: float) -> Snapshot:
         """The daemon now (in ``state``, started at ``started``, epoch seconds)."""

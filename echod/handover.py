@@ -82,10 +82,11 @@ class PoolState:
 #: The newest format of the handed-over state this version writes and reads; the new code's
 #: check prints the newest it reads (``python -m echod.upgrade``). Format 3 hands several
 #: listeners over (``listeners``, where 1 and 2 had one ``host`` and ``port`` and every
-#: socket in ``tcp`` and ``udp``).
+#: socket in ``tcp`` and ``udp``) and the log's mailbox (echod.logshare).
 FORMAT = 3
 _POOL_FIELDS = tuple(f.name for f in fields(PoolState))
 _SINCE_2 = ("log_drops_fd", "pending_signals", "restarts")
+_SINCE_3 = ("log_mailbox",)
 
 
 @dataclass
@@ -112,6 +113,9 @@ class Handover:
     log_drops_fd: int | None = None
     #: Signals the old image had recorded but not acted on when it executed the new one.
     pending_signals: list[int] = field(default_factory=list)
+    #: The log's mailbox (echod.logshare): the supervisor's end, then the one the workers
+    #: hold, which the old workers go on reading after the exec.
+    log_mailbox: list[int] | None = None
 
     def descriptors(self) -> list[int]:
         """Every descriptor the new image must inherit."""
@@ -119,6 +123,7 @@ class Handover:
         fds += [w.control for w in self.pool.workers]
         if self.log_drops_fd is not None:
             fds.append(self.log_drops_fd)
+        fds += self.log_mailbox or []
         return fds if self.pidfile_fd is None else [*fds, self.pidfile_fd]
 
     def to_json(self, fmt: int = FORMAT) -> bytes:
@@ -126,7 +131,8 @@ class Handover:
         image knows (it says so in its check). Format 1 (echod 0.1.0) knows neither the drop
         counts nor pending signals nor the restart count: left out for it. Formats 1 and 2
         know one listener: its host and port, and the sockets (an older image cannot read a
-        file that lists several, so its check refuses the upgrade first)."""
+        file that lists several, so its check refuses the upgrade first); nor the log's
+        mailbox (its workers reopen the file themselves)."""
         values = {k: v for k, v in asdict(self).items() if k != "pool"}
         values.update(asdict(self.pool))
         if fmt < 3:
@@ -135,6 +141,8 @@ class Handover:
             values["host"], values["port"] = first["host"], first["port"]
             values["tcp"] = [fd for group in groups for fd in group["tcp"]]
             values["udp"] = [fd for group in groups for fd in group["udp"]]
+            for key in _SINCE_3:
+                values.pop(key, None)
         if fmt < 2:
             for key in _SINCE_2:
                 values.pop(key, None)

@@ -34,6 +34,8 @@ Kind = Literal[
     "networks",
     "endpoint",
     "address",
+    "user",
+    "group",
     "listen",
     "keepalive",
 ]
@@ -106,6 +108,8 @@ class Setting:
             return 'an address and port as "host:port" ("[::1]:port" for IPv6)'
         if self.kind == "address":
             return '"host:port" ("[::1]:port" for IPv6, "*:port" for every address)'
+        if self.kind in ("user", "group"):
+            return f"a {self.kind} name or number"
         if self.kind == "listen":
             return (
                 'a list of "host:port" ("[::1]:port" for IPv6, "*:port" for every address),'
@@ -127,6 +131,8 @@ class Setting:
             "bool": "a boolean",
             "networks": "a list",
             "listen": "a list",
+            "user": "a name or a number",
+            "group": "a name or a number",
             "keepalive": "a boolean or a mapping",
         }.get(self.kind, "a string")
 
@@ -154,6 +160,8 @@ class Setting:
             return check_listen(value)
         if self.kind == "keepalive":
             return check_keepalive(value)
+        if self.kind in ("user", "group"):
+            return self._account(value)
         if not isinstance(value, str):
             raise self._mismatch(value)
         if self.kind == "choice":
@@ -197,6 +205,21 @@ class Setting:
             raise InvalidValueError("is out of range")
         return value
 
+    def _account(self, value: object) -> str | int:
+        """A user or group: a name as the system's databases write it, or a number (an id,
+        which need not have an entry)."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not 0 <= value < _ID_LIMIT:
+                raise InvalidValueError("is out of range", f"an id from 0 to {_ID_LIMIT - 1}")
+            return value
+        if not isinstance(value, str):
+            raise self._mismatch(value)
+        if value.isdigit():
+            raise InvalidValueError("is a string of digits", "write an id without quotes")
+        if not _ACCOUNT_NAME.fullmatch(value):
+            raise InvalidValueError(f"is not a valid {self.kind} name")
+        return value
+
     def _choice(self, value: str) -> str:
         if value in self.choices:
             return value
@@ -214,6 +237,11 @@ def _num(value: float | None) -> str:
 
 
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+# What useradd(8) and the name services accept, loosely: no separator of /etc/passwd or
+# /etc/group (":" "," whitespace), no path separator, not starting with "-" (an option).
+_ACCOUNT_NAME = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.@$-]{0,255}")
+#: uid_t and gid_t are 32 bits; (uid_t) -1 means "unchanged" to the kernel.
+_ID_LIMIT = 2**32 - 1
 
 
 def _check_host(value: str) -> str:

@@ -55,6 +55,8 @@ class Config:
     crash_limit: int
     crash_window: float
     pidfile: str | None
+    user: str | int | None
+    group: str | int | None
     udp: bool
     udp_rate: float
     thread_stack_size: int
@@ -229,6 +231,20 @@ SETTINGS: tuple[Setting, ...] = (
         "path",
         "/run/echod/echod.pid",
         "File that holds the daemon's process id; null for none.",
+        nullable=True,
+    ),
+    Setting(
+        "user",
+        "user",
+        None,
+        "Started as root: the user workers and connection processes run as; null: root.",
+        nullable=True,
+    ),
+    Setting(
+        "group",
+        "group",
+        None,
+        "With user: their group (and the user's supplementary groups); null: the user's own.",
         nullable=True,
     ),
     Setting(

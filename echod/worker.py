@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar
 
-from echod import control, events, log, prctl, proctitle, signals
+from echod import control, events, log, prctl, privileges, proctitle, signals
 from echod.accepting import HOLD_MAX, Acceptor, Local
 from echod.admission import Admission, SharedIpCounts
 from echod.config import Config
@@ -31,6 +31,7 @@ from echod.eventsource import EventSource, SelectorSource
 from echod.handler import HandlerSettings, connection_timeouts
 from echod.listeners import Listeners
 from echod.metrics import WorkerCounters
+from echod.privileges import Account
 from echod.udp import UdpEcho
 
 #: After the shutdown deadline cut the connections, how long they get to log and go.
@@ -70,6 +71,8 @@ class WorkerSpec:
     #: row was free; max_connections_per_ip then counts this worker's connections only).
     ip_counts: SharedIpCounts | None = None
     ip_slot: int | None = None
+    #: Who the worker runs as once set up (None: as the supervisor).
+    account: Account | None = None
 
 
 class Worker:
@@ -161,7 +164,8 @@ class Worker:
         return 0
 
     def init_process(self) -> None:
-        """Set up this freshly forked process: identity, logging, signals, the event source."""
+        """Set up this freshly forked process: identity, logging, signals, the event source;
+        then, with ``user``, drop to it: nothing it does after talks to a client as root."""
         log.set_process_name(f"worker-{self.spec.index}")
         log.configure(self.cfg.log, sink=log.current_sink())
         self.log = log.get_logger().bind(worker=self.spec.index)
@@ -185,6 +189,7 @@ class Worker:
             self.inherit_timeouts()
         self.inherit_tcp_options()
         self.init_mode()
+        self.drop_privileges()
         # What exists now lives as long as the worker: keep the collector off it, so that the
         # pages holding it stay shared with forked connection processes instead of copied.
         gc.freeze()
@@ -207,6 +212,23 @@ class Worker:
             return
         assert inherited is not None
         self.connection_oom_score = prctl.oom_score_over(inherited, prctl.OOM_CONNECTION)
+
+    def drop_privileges(self) -> None:
+        """Become the ``user`` of the configuration, for good, before the first client: the
+        connection processes forked from here inherit it. Raises (the worker then fails to
+        boot) rather than serve with what it could not drop."""
+        account = self.spec.account
+        if account is None:
+            return
+        privileges.drop(account)
+        self.log.debug(
+            events.PRIVILEGES_DROPPED,
+            user=account.user,
+            uid=account.uid,
+            group=account.group,
+            gid=account.gid,
+            groups=list(account.groups),
+        )
 
     def init_mode(self) -> None:
         """Mode-specific set-up in the worker process (pipes, thread stack size...)."""

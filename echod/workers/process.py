@@ -173,7 +173,8 @@ class ProcessWorker(Worker):
         pair: tuple[socket.socket, socket.socket] | None = None,
         local: Local = None,
     ) -> None:
-        """In the child: shed the worker's descriptors, serve, and exit."""
+        """In the child: shed the worker's descriptors, serve, and exit. It runs as the
+        worker does: with ``user``, unprivileged, as the worker dropped before forking."""
         code = exitcodes.EX_SOFTWARE
         try:
             link = None

@@ -262,6 +262,8 @@ worker_timeout: 5
 crash_limit: 3
 crash_window: 10
 pidfile: null
+user: nobody
+group: nogroup
 udp: true
 udp_rate: 0
 thread_stack_size: 262144
@@ -304,6 +306,8 @@ log:
         crash_limit=3,
         crash_window=10.0,
         pidfile=None,
+        user="nobody",
+        group="nogroup",
         udp=True,
         udp_rate=0.0,
         thread_stack_size=262144,
