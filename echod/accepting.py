@@ -33,6 +33,10 @@ from echod.connection import ERROR, Outcome, peer_ip
 from echod.listeners import Listeners
 from echod.metrics import WorkerCounters
 
+#: A connection's local address and port, as its listener knows them (None: a wildcard
+#: listener, where each connection has the address its client reached).
+Local = tuple[str, int] | None
+
 #: How many connections one readiness event accepts before the loop serves other events.
 ACCEPT_BATCH = 16
 #: After EMFILE/ENFILE, accepting is paused this long (or until connections close).
@@ -115,6 +119,7 @@ class Held:
     conn_id: str
     since: float
     attempts: int = 1
+    local: Local = None
 
 
 @dataclass(frozen=True)
@@ -132,8 +137,8 @@ class Paused:
 class Acceptor:
     """Methods for the worker: :meth:`start`, :meth:`on_acceptable` (the listening
     sockets' reader), :meth:`connection_closed`, :meth:`deadline` and :meth:`run_timers`,
-    :meth:`accept_backlog` and :meth:`stop`. ``start_connection(conn, peer, conn_id)`` is the
-    mode's: it raises StartFailed when a resource ran short."""
+    :meth:`accept_backlog` and :meth:`stop`. ``start_connection(conn, peer, conn_id,
+    local)`` is the mode's: it raises StartFailed when a resource ran short."""
 
     def __init__(
         self,
@@ -144,7 +149,7 @@ class Acceptor:
         *,
         add_reader: Callable[[Any, Callable[[Any], None]], None],
         remove_reader: Callable[[Any], None],
-        start_connection: Callable[[socket.socket, Any, str], None],
+        start_connection: Callable[[socket.socket, Any, str, Local], None],
         open_connections: Callable[[], int],
         logger: Callable[[], Any],
         hold_max: float = HOLD_MAX,
@@ -173,8 +178,11 @@ class Acceptor:
         # no limit_released, until an accept (a start) succeeds.
         self.retrying: set[str] = set()
         self.limit_log = LimitLog()
+        #: By listening socket's descriptor: its connections' local address (Local).
+        self.local: dict[int, Local] = {}
 
     def start(self) -> None:
+        self.local = self.listeners.local_addresses()
         for sock in self.listeners.tcp:
             self.add_reader(sock, self.on_acceptable)
 
@@ -204,11 +212,11 @@ class Acceptor:
                 raise
             if LIMIT_FDS in self.retrying:
                 self.released(LIMIT_FDS)
-            self.admit(conn, peer)
+            self.admit(conn, peer, self.local.get(lsock.fileno()))
             if self.paused is not None:
                 return  # its start failed: the connection is held, accepting paused
 
-    def admit(self, conn: socket.socket, peer: Any) -> None:
+    def admit(self, conn: socket.socket, peer: Any, local: Local = None) -> None:
         ip = peer_ip(peer)
         if self.admission.admit(ip) is not None:
             _close_quietly(conn)
@@ -216,9 +224,9 @@ class Acceptor:
         self.seq += 1
         conn_id = f"{self.serial}-{self.seq}"
         try:
-            self.start_connection(conn, peer, conn_id)
+            self.start_connection(conn, peer, conn_id, local)
         except StartFailed as exc:
-            self.hold(Held(conn, peer, ip, conn_id, time.monotonic()), str(exc))
+            self.hold(Held(conn, peer, ip, conn_id, time.monotonic(), local=local), str(exc))
             return
         except Exception as exc:
             self.start_failed(conn, ip, conn_id, exc)
@@ -261,7 +269,7 @@ class Acceptor:
         held = self.held
         assert held is not None
         try:
-            self.start_connection(held.conn, held.peer, held.conn_id)
+            self.start_connection(held.conn, held.peer, held.conn_id, held.local)
         except StartFailed:
             held.attempts += 1
             if now - held.since < self.hold_max:

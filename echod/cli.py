@@ -217,7 +217,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     loaded = read(args)
-    sys.stdout.write("".join(f"# {line}\n" for line in describe_sources(loaded)))
+    header = [*describe_sources(loaded), describe_privileges(loaded.config)]
+    sys.stdout.write("".join(f"# {line}\n" for line in header))
     sys.stdout.write(dump_config(loaded.config, loaded.origins))
     summary = loaded.path or "embedded defaults"
     dropins = [name for name in loaded.files if name != loaded.path]
@@ -245,6 +246,26 @@ def describe_sources(loaded: LoadedConfig) -> list[str]:
     else:
         lines.append("A setting without a 'from' comment is at its embedded default.")
     return lines
+
+
+def describe_privileges(cfg: Config) -> str:
+    """check-config's word on who the workers and connection processes will run as."""
+    from echod import privileges
+
+    if cfg.user is None:
+        return (
+            "Workers and connection processes run as the user that starts echod"
+            " (user is not set: started as root, every process runs as root)."
+        )
+    account = privileges.resolve(cfg.user, cfg.group)  # (the file's check resolved it)
+    groups = ", ".join(str(gid) for gid in account.groups)
+    text = (
+        f"Workers and connection processes run as {account.describe()}, groups {groups};"
+        " the supervisor keeps the privileges it is started with."
+    )
+    if os.geteuid() != 0 and not account.is_current():
+        text += " Started as this user, echod would refuse it (exit 77): only root may switch."
+    return text
 
 
 def cmd_start(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import yaml
 from yaml.nodes import ScalarNode
 
 from echod.configparse import Origin
+from echod.kinds import Keepalive, ListenEntry
 from echod.settings import SECTIONS, SETTINGS, Config
 
 
@@ -35,6 +36,13 @@ def yaml_scalar(value: object) -> str:
         return "null"
     if isinstance(value, tuple | list):
         return "[" + ", ".join(yaml_scalar(item) for item in value) + "]"
+    if isinstance(value, ListenEntry):
+        if value.plain:
+            return yaml_scalar(value.address)
+        options = {"ipv6_only": value.ipv6_only or None, "backlog": value.backlog}
+        return _flow_mapping({"address": value.address, **options})
+    if isinstance(value, Keepalive):
+        return _flow_mapping(value.timings()) if value.enabled else "false"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -55,6 +63,13 @@ def yaml_scalar(value: object) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _flow_mapping(items: Mapping[str, object]) -> str:
+    """``{key: value, ...}`` of the items that are not None; ``true`` when there are none
+    (what a keepalive with the kernel's timings is written as)."""
+    shown = [f"{key}: {yaml_scalar(value)}" for key, value in items.items() if value is not None]
+    return "{" + ", ".join(shown) + "}" if shown else "true"
+
+
 def _resolves_to_str(text: str) -> bool:
     """Whether a plain scalar stays a string (``yes``, ``null`` and ``on`` do not)."""
     resolve: Any = yaml.resolver.Resolver().resolve  # untyped in the stubs
@@ -67,12 +82,14 @@ def iter_yaml_lines(
     docs: bool,
     commented: bool = False,
     notes: Mapping[str, str] | None = None,
+    unused: frozenset[str] = frozenset(),
 ) -> Iterator[str]:
     """The settings as YAML lines in table order; with ``docs``, each after its doc comment.
 
     ``commented`` writes every setting and section line commented out (``#port: 9999``,
     ``#  level: info`` under ``#log:``), so that the text sets nothing and removing one
-    ``#`` sets that value. ``notes`` adds a trailing comment to the line of a setting.
+    ``#`` sets that value. ``notes`` adds a trailing comment to the line of a setting;
+    the settings in ``unused`` are written commented out (another setting replaces them).
     """
     mark = "#" if commented else ""
     notes = notes or {}
@@ -97,7 +114,8 @@ def iter_yaml_lines(
             yield ""
             yield f"{indent}# {setting.doc}"
             yield f"{indent}# Allowed: {setting.rule}."
-        line = f"{indent}{mark}{setting.key}: {yaml_scalar(values[setting.name])}"
+        hidden = mark or ("#" if setting.name in unused else "")
+        line = f"{indent}{hidden}{setting.key}: {yaml_scalar(values[setting.name])}"
         note = notes.get(setting.name)
         yield f"{line}  # {_one_line(note)}" if note else line
 
@@ -114,4 +132,10 @@ def dump_config(cfg: Config, origins: Mapping[str, Origin] | None = None) -> str
     (``port: 7  # from /etc/echod.d/10-port.yaml:1``); the text still loads to ``cfg``.
     """
     notes = {name: f"from {origin}" for name, origin in (origins or {}).items()}
-    return "\n".join(iter_yaml_lines(config_values(cfg), docs=False, notes=notes)) + "\n"
+    # listen replaces its short form: host and port are shown, but commented out, so that
+    # the text still loads (a file may not set both).
+    unused = frozenset(("host", "port")) if cfg.listen else frozenset()
+    for name in unused:
+        notes[name] = "unused: listen replaces host and port"
+    lines = iter_yaml_lines(config_values(cfg), docs=False, notes=notes, unused=unused)
+    return "\n".join(lines) + "\n"

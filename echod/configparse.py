@@ -19,9 +19,17 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from echod import exitcodes
+from echod import exitcodes, privileges
 from echod.errors import OperatorError
-from echod.kinds import InvalidValueError, Setting, check_network, show_value
+from echod.kinds import (
+    KEEPALIVE_FIELDS,
+    LISTEN_FIELDS,
+    InvalidValueError,
+    Setting,
+    check_fields,
+    check_network,
+    show_value,
+)
 from echod.settings import BY_NAME, SETTINGS, Config, build_config
 
 # libyaml is faster; the pure-Python loader gives the same nodes and marks where it is missing.
@@ -300,6 +308,14 @@ def _construct(node: ScalarNode, path: str, key: str) -> object:
 def _read_value(setting: Setting, node: Node, path: str) -> object:
     if setting.kind == "networks" and isinstance(node, SequenceNode):
         return _read_list(setting, node, path)
+    if setting.kind == "listen" and isinstance(node, SequenceNode):
+        return _read_listen(setting, node, path)
+    if setting.kind == "keepalive" and isinstance(node, MappingNode):
+        mapping = _read_mapping(setting, node, path, setting.name)
+        try:
+            return setting.convert(mapping)
+        except InvalidValueError as bad:
+            raise _item_error(path, node, setting, mapping, bad) from None
     if not isinstance(node, ScalarNode):
         kind = _node_kind(node)
         raise ConfigError(
@@ -335,6 +351,86 @@ def _read_list(setting: Setting, node: SequenceNode, path: str) -> object:
     return setting.convert(items)
 
 
+#: The keys of the small mappings a setting of each kind may hold.
+_FIELDS = {"listen": LISTEN_FIELDS, "keepalive": KEEPALIVE_FIELDS}
+
+
+def _read_listen(setting: Setting, node: SequenceNode, path: str) -> object:
+    """The ``listen`` list: each item a string or a mapping; an error points at the item
+    (or the key) at fault."""
+    items: list[object] = []
+    for index, item in enumerate(node.value):
+        if isinstance(item, MappingNode):
+            items.append(_read_mapping(setting, item, path, f"{setting.name}: item {index + 1}"))
+        elif isinstance(item, ScalarNode):
+            items.append(_construct(item, path, setting.name))
+        else:
+            raise ConfigError(
+                f"{setting.name}: {_node_kind(item)} was found where a list item belongs"
+                f" ({setting.rule})",
+                key=setting.name,
+                rule=setting.rule,
+                **_at(path, item),
+            )
+    try:
+        return setting.convert(items)
+    except InvalidValueError as bad:
+        at = node.value[bad.item] if bad.item is not None else node
+        value = items[bad.item] if bad.item is not None else items
+        raise _item_error(path, at, setting, value, bad) from None
+
+
+def _read_mapping(setting: Setting, node: MappingNode, path: str, label: str) -> dict[Any, Any]:
+    """A small mapping of plain values (a ``listen`` entry, ``tcp_keepalive``), each key
+    checked where it is written."""
+    found: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        for part in (key_node, value_node):
+            if not isinstance(part, ScalarNode):
+                raise ConfigError(
+                    f"{label}: {_node_kind(part)} was found where a plain value belongs",
+                    key=setting.name,
+                    rule=setting.rule,
+                    **_at(path, part),
+                )
+        assert isinstance(key_node, ScalarNode) and isinstance(value_node, ScalarNode)
+        key = _construct(key_node, path, setting.name)
+        value = _construct(value_node, path, setting.name)
+        if key in found:
+            raise ConfigError(
+                f"{label}: {show_value(key)} is given twice",
+                key=setting.name,
+                rule="each key at most once",
+                **_at(path, key_node),
+            )
+        try:
+            check_fields({key: value}, _FIELDS[setting.kind])
+        except InvalidValueError as bad:
+            known = any(f.name == key for f in _FIELDS[setting.kind])
+            raise ConfigError(
+                f"{label} {bad.problem} ({bad.hint})",
+                key=setting.name,
+                value=value,
+                rule=bad.hint,
+                **_at(path, value_node if known else key_node),
+            ) from None
+        found[key] = value
+    return found
+
+
+def _item_error(
+    path: str, node: Node, setting: Setting, value: object, bad: InvalidValueError
+) -> ConfigError:
+    """A structured value's error: its problem names the item, the hint says what to do."""
+    return ConfigError(
+        f"{setting.name}: {bad.problem} ({bad.hint or setting.rule})",
+        key=setting.name,
+        value=value,
+        rule=setting.rule,
+        **_at(path, node),
+    )
+
+
 def check_together(values: Mapping[str, object], where: Mapping[str, Origin]) -> None:
     """Rules that span settings; each is reported where the operator wrote the deciding value.
 
@@ -358,6 +454,8 @@ def check_together(values: Mapping[str, object], where: Mapping[str, Origin]) ->
             rule="proxy_trusted not empty when proxy_protocol is on",
             **where["proxy_protocol"].location(),
         )
+    _check_listen_alone(values, where)
+    _check_account(values, where)
     workers, total = values["workers"], values["max_connections"]
     assert isinstance(workers, int) and isinstance(total, int)
     if total < workers:
@@ -374,3 +472,50 @@ def check_together(values: Mapping[str, object], where: Mapping[str, Origin]) ->
             rule="max_connections >= workers",
             **where[name].location(),
         )
+
+
+def _check_listen_alone(values: Mapping[str, object], where: Mapping[str, Origin]) -> None:
+    """``listen`` replaces ``host`` and ``port``: a file may set one or the other, never
+    both, so that no listener is implied that the operator did not write."""
+    if not values["listen"]:
+        return
+    for name in ("host", "port"):
+        if name in where and "listen" in where:
+            raise ConfigError(
+                f"listen: cannot be used with {name} (set at {where[name]}): listen replaces"
+                " host and port; write that address as an entry of listen instead",
+                key="listen",
+                rule="listen, or host and port, not both",
+                **where["listen"].location(),
+            )
+
+
+def _check_account(values: Mapping[str, object], where: Mapping[str, Origin]) -> None:
+    """``group`` needs ``user``; they, and ``control_group``, must name accounts this system
+    knows."""
+    user, group = values["user"], values["group"]
+    if group is not None and user is None:
+        raise ConfigError(
+            "group: needs user (it is the group of the user the workers run as)",
+            key="group",
+            value=group,
+            rule="group only with user",
+            **where["group"].location(),
+        )
+    control_group = values["control_group"]
+    assert isinstance(user, str | int | None) and isinstance(group, str | int | None)
+    assert isinstance(control_group, str | int | None)
+    try:
+        if user is not None:
+            privileges.resolve(user, group)
+        if control_group is not None:
+            privileges.group_id(control_group, "control_group")
+    except privileges.UnknownAccount as exc:
+        shown = values[exc.setting]
+        raise ConfigError(
+            f"{exc.setting}: {exc.message}",
+            key=exc.setting,
+            value=shown,
+            rule="an account of this system",
+            **where[exc.setting].location(),
+        ) from None

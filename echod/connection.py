@@ -70,6 +70,19 @@ def peer_fields(peer: Any) -> dict[str, Any]:
     return {"peer": str(peer), "peer_port": None}
 
 
+def local_fields(sock: Any, local: tuple[str, int] | None) -> dict[str, Any]:
+    """Log fields for a connection's own end: ``local`` when its listener knows it, else
+    asked of the socket (a wildcard listener: the address the client reached); None
+    where the socket cannot say."""
+    if local is None:
+        try:
+            name = sock.getsockname()
+            local = (str(name[0]), int(name[1]))
+        except (OSError, TypeError, IndexError, ValueError):
+            return {"local_address": None, "local_port": None}
+    return {"local_address": local[0], "local_port": local[1]}
+
+
 def proxy_fields(peer: Any, sender: Any) -> dict[str, Any]:
     """Log fields for a connection behind a PROXY header: the client, then the balancer."""
     fields = peer_fields(peer)

@@ -195,7 +195,9 @@ def _served_by(event_dict: EventDict) -> str:
 
 
 def _conn_open(event_dict: EventDict) -> str:
-    # The local port is the one the ready line announced: left out to keep the line short.
+    # The local address is one the ready line announced: left out to keep the line short
+    # (the JSON lines and the journal have it).
+    event_dict.pop("local_address", None)
     event_dict.pop("local_port", None)
     return _join(_peer(event_dict), _served_by(event_dict))
 
@@ -204,7 +206,7 @@ def _conn_close(event_dict: EventDict) -> str:
     # conn_open, logged with the same bound fields, said who served the connection and how:
     # the close line names it and says how it ended.
     pop = event_dict.pop
-    for key in ("mode", "local_port"):
+    for key in ("mode", "local_address", "local_port"):
         pop(key, None)
     name = f"conn-{pop('conn_id')}" if "conn_id" in event_dict else ""
     traffic = ""

@@ -15,7 +15,6 @@ The commands themselves are the :class:`CommandHandler`'s: it answers at once or
 from __future__ import annotations
 
 import contextlib
-import grp
 import os
 import selectors
 import socket
@@ -25,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from echod import controlapi, events, exitcodes
+from echod import controlapi, events, exitcodes, privileges
 from echod.config import Config
 from echod.controlapi import MAX_REQUEST, REQUEST_TIMEOUT, Request, RequestError
 from echod.errors import OperatorError
@@ -89,10 +88,8 @@ def groups_of(pid: int) -> set[int]:
     return set()
 
 
-def group_id(group: str | None) -> int | None:
-    if group is None:
-        return None
-    return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+def group_id(group: str | int | None) -> int | None:
+    return None if group is None else privileges.group_id(group, "control_group")
 
 
 class ControlServer:
@@ -103,7 +100,7 @@ class ControlServer:
     def __init__(
         self,
         path: str,
-        group: str | None,
+        group: str | int | None,
         handler: CommandHandler,
         logger: Callable[[], Any],
         clock: Callable[[], float] = time.monotonic,

@@ -29,13 +29,19 @@ def _event(name: str, when: str) -> str:
 # -- the daemon's life, logged by the supervisor ---------------------------------------------
 
 START: Final = _event(
-    "start", "the supervisor starts: its version, config_file, mode, workers, host and port"
+    "start",
+    "the supervisor starts: its version, config_file, mode, workers, host and port, listen,"
+    " user",
 )
 READY: Final = _event(
     "ready", "echod serves: the addresses and the port actually bound, the start-up time"
 )
 START_FAILED: Final = _event(
     "start_failed", "echod could not start: the error, and the exit_code it ends with"
+)
+RUNNING_AS_ROOT: Final = _event(
+    "running_as_root",
+    "at start (or a reload that unsets user) as root without user: the workers run as root",
 )
 PIDFILE_UNAVAILABLE: Final = _event(
     "pidfile_unavailable", "the pidfile, optional in the foreground, could not be written"
@@ -140,6 +146,10 @@ REFUSED: Final = _event("refused", "at most once a second: the clients refused, 
 UDP_SUMMARY: Final = _event(
     "udp_summary", "at most once a second: the UDP datagrams echoed and dropped"
 )
+PRIVILEGES_DROPPED: Final = _event(
+    "privileges_dropped",
+    "a worker switched to user before serving: user, uid, group, gid, groups (at debug)",
+)
 OOM_SCORE_UNCHANGED: Final = _event(
     "oom_score_unchanged", "a worker could not raise its OOM score (a read-only /proc)"
 )
@@ -153,7 +163,9 @@ LOOP_ERROR: Final = _event(
 # -- connections -----------------------------------------------------------------------------
 
 CONN_OPEN: Final = _event(
-    "conn_open", "a connection was accepted: conn_id, peer (and proxy_peer), local_port, mode"
+    "conn_open",
+    "a connection was accepted: conn_id, peer (and proxy_peer), local_address, local_port,"
+    " mode",
 )
 CONN_CLOSE: Final = _event(
     "conn_close", "a connection ended: bytes_in, bytes_out, duration, and the reason"

@@ -115,7 +115,8 @@ EX_NOPERM: Final = _declare(
     "EX_NOPERM",
     77,
     "permission denied: a port below 1024 without CAP_NET_BIND_SERVICE, a pidfile that "
-    "cannot be read, or a control socket this user may not use",
+    "cannot be read, a control socket this user may not use, or `user` names another user "
+    "while echod does not run as root",
     ("run", "start", "stop", "status", "reload", "upgrade", *CONTROL_COMMANDS),
 )
 EX_CONFIG: Final = _declare(

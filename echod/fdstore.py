@@ -59,13 +59,18 @@ def release(
     notifier: systemd.Notifier | None,
     listeners: Listeners,
     environ: Mapping[str, str] | None = None,
+    *,
+    keep: Listeners | None = None,
 ) -> None:
-    """Close ``listeners`` for good (a reload moved away from them): the store's copies
-    too, or the kernel would go on queueing clients that nobody accepts."""
+    """Close ``listeners`` for good (a reload moved away from them), all but the sockets
+    ``keep`` (the listeners now in use) still serves: the store's copies too, or the kernel
+    would go on queueing clients that nobody accepts."""
+    going = listeners.without(keep)
     if notifier is not None and not listeners.adopted and systemd.fd_store_max(environ):
-        for sock in listeners.all():
+        for sock in going:
             notifier.remove_fds(name_of(sock))
-    listeners.close()
+    for sock in going:
+        sock.close()
 
 
 def forget(

@@ -15,12 +15,13 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from echod import __version__, events, exitcodes, fdstore, sinks
+from echod import __version__, events, exitcodes, fdstore, handover, sinks
 from echod.config import Config
 from echod.errors import OperatorError
 from echod.handover import Handover
-from echod.listeners import Listeners
+from echod.listeners import Listeners, close_all
 from echod.pool import WorkerHandle, WorkerPool
+from echod.privileges import Account
 from echod.reload import Prepared, ReloadOutcome, config_changes, prepare
 from echod.snapshot import Snapshot
 from echod.states import SupervisorState
@@ -81,18 +82,24 @@ class Generations:
         self.reloads = 0
         self.outcome = ReloadOutcome()
         self.listeners: Listeners | None = None
-        #: Sockets of a configuration reloaded away, kept until its workers have retired.
+        #: Sockets of a configuration reloaded away, kept until its workers have retired
+        #: (those the current configuration still lists stay open after that).
         self.old_listeners: list[Listeners] = []
+        #: Who the current generation's workers run as (None: as the supervisor).
+        self.account: Account | None = None
 
-    def first(self, listeners: Listeners) -> None:
-        """The first generation, on ``listeners``, is the current one."""
+    def first(self, listeners: Listeners, account: Account | None = None) -> None:
+        """The first generation, on ``listeners``, its workers run as ``account``, is the
+        current one."""
         self.listeners = listeners
+        self.account = account
         self.generation = 1
 
-    def adopt(self, handed: Handover, listeners: Listeners) -> None:
+    def adopt(self, handed: Handover, listeners: Listeners, account: Account | None = None) -> None:
         """In the new image of an upgrade: the old image's generation and pending request go
         on here; the next generation (on the new code) is the current one."""
         self.listeners = listeners
+        self.account = account
         self.generation, self.reloads = handed.generation + 1, handed.reloads
         # The request that made this upgrade is still pending: completed by this generation.
         self.outcome.resume(handed.reload_serial)
@@ -103,7 +110,7 @@ class Generations:
         assert self.listeners is not None
         cfg = self.effective(self.cfg)
         for index in range(1, cfg.workers + 1):
-            self.pool.spawn(index, cfg, self.listeners, self.generation)
+            self.pool.spawn(index, cfg, self.listeners, self.generation, self.account)
 
     def serves(self) -> bool:
         """Whether every worker of the current generation serves."""
@@ -114,7 +121,7 @@ class Generations:
         the pending request (if this generation was its) is complete."""
         self.pool.retire_older(self.generation, self.listeners, self.cfg.retire_timeout)
         for old in self.old_listeners:
-            fdstore.release(self.notifier, old)
+            fdstore.release(self.notifier, old, keep=self.listeners)
         self.old_listeners.clear()
         self.outcome.served(self.generation)
 
@@ -128,6 +135,7 @@ class Generations:
             self.listeners = new.listeners
             fdstore.keep(self.notifier, new.listeners)
         self.cfg = new.cfg
+        self.account = new.account
         self.generation += 1
         self.reloads += 1
         self.outcome.starting(self.generation)
@@ -135,14 +143,12 @@ class Generations:
         return config_changes(old_cfg, new.cfg)
 
     def check_upgrade(self) -> None:
-        """OperatorError unless the file loads and keeps the listening address (what an
+        """OperatorError unless the file loads and keeps the listening addresses (what an
         upgrade's new image would read; it opens its own log and sockets)."""
         assert self.listeners is not None
         new = prepare(self.config_path, self.cfg, self.listeners)
-        if new.sink is not None:
-            new.sink.close()
+        new.abandon(self.listeners)
         if new.listeners is not self.listeners:
-            new.listeners.close()
             raise OperatorError(
                 "the configuration changes the listening address "
                 "(reload to it first, then upgrade)",
@@ -159,12 +165,9 @@ class Generations:
             "generation": self.generation,
             "reloads": self.reloads,
             "reload_serial": self.outcome.serial,
-            "host": listeners.host,
-            "port": listeners.port,
+            "listeners": handover.hand_listeners(listeners),
             "udp_enabled": listeners.udp_enabled,
             "adopted": listeners.adopted,
-            "tcp": [s.fileno() for s in listeners.tcp],
-            "udp": [s.fileno() for s in listeners.udp],
         }
 
     # -- what the pool tells us (PoolOwner) --------------------------------------------------
@@ -212,7 +215,9 @@ class Generations:
         """Replace the workers whose backoff is over."""
         assert self.listeners is not None
         for index in self.pool.due(now):
-            self.pool.spawn(index, self.effective(self.cfg), self.listeners, self.generation)
+            self.pool.spawn(
+                index, self.effective(self.cfg), self.listeners, self.generation, self.account
+            )
 
     def snapshot(
         self,
@@ -263,6 +268,7 @@ class Generations:
         return None
 
     def close_in_child(self) -> None:
-        """In a new worker: the old sockets are the older generations' business."""
+        """In a new worker: the old sockets are the older generations' business (those the
+        current configuration still lists are its own)."""
         for old in self.old_listeners:
-            old.close()
+            close_all(old.without(self.listeners))

@@ -61,6 +61,7 @@ from echod.connection import (
     Record,
     admit,
     balancer_itself,
+    local_fields,
     peer_fields,
     peer_ip,
     proxy_fields,
@@ -183,7 +184,7 @@ class EchoHandler:
         settings: HandlerSettings,
         stopper: Stopper,
         *,
-        local_port: int | None = None,
+        local: tuple[str, int] | None = None,
         shared_descriptor: bool = False,
         gate: Gate | None = None,
         on_client: Callable[[Any, Any], None] | None = None,
@@ -193,8 +194,9 @@ class EchoHandler:
         self.conn_id = conn_id
         self.settings = settings
         self.stopper = stopper
-        # The listener's port, when the worker knows it: saves a getsockname() per connection.
-        self.local_port = local_port
+        # The listener's address and port, when it is not a wildcard: saves a getsockname()
+        # per connection.
+        self.local = local
         # Another process holds a descriptor of this socket too (process mode: the worker, to
         # cut it), so close() alone would not end the connection: shut it down first.
         self.shared_descriptor = shared_descriptor
@@ -256,14 +258,11 @@ class EchoHandler:
             self._log.info(events.CONN_OPEN)
 
     def _bind_log(self, fields: dict[str, Any]) -> None:
-        local_port = self.local_port
-        if local_port is None:
-            try:
-                local_port = self.sock.getsockname()[1]
-            except OSError:
-                pass
         self._log = log.bind(
-            conn_id=self.conn_id, mode=self.settings.mode, local_port=local_port, **fields
+            conn_id=self.conn_id,
+            mode=self.settings.mode,
+            **local_fields(self.sock, self.local),
+            **fields,
         )
 
     def accept_header(self) -> None:

@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from echod import signals
-from echod.listeners import Listeners
+from echod.kinds import ListenEntry
+from echod.listeners import Listener, Listeners
 from echod.pidfile import Pidfile
 
 #: Names the descriptor of the memfd that holds the handed-over state.
@@ -53,6 +54,18 @@ class HandedWorker:
 
 
 @dataclass
+class HandedListener:
+    """One entry of ``listen`` and its sockets' descriptors."""
+
+    host: str
+    port: int
+    ipv6_only: bool
+    backlog: int | None
+    tcp: list[int]
+    udp: list[int]
+
+
+@dataclass
 class PoolState:
     """The pool's part: its workers and the counts that outlive them."""
 
@@ -67,10 +80,13 @@ class PoolState:
 
 
 #: The newest format of the handed-over state this version writes and reads; the new code's
-#: check prints the newest it reads (``python -m echod.upgrade``).
-FORMAT = 2
+#: check prints the newest it reads (``python -m echod.upgrade``). Format 3 hands several
+#: listeners over (``listeners``, where 1 and 2 had one ``host`` and ``port`` and every
+#: socket in ``tcp`` and ``udp``) and the log's mailbox (echod.logshare).
+FORMAT = 3
 _POOL_FIELDS = tuple(f.name for f in fields(PoolState))
 _SINCE_2 = ("log_drops_fd", "pending_signals", "restarts")
+_SINCE_3 = ("log_mailbox",)
 
 
 @dataclass
@@ -86,12 +102,9 @@ class Handover:
     generation: int
     reloads: int
     reload_serial: int
-    host: str
-    port: int
+    listeners: list[HandedListener]
     udp_enabled: bool
     adopted: bool
-    tcp: list[int]
-    udp: list[int]
     pidfile_path: str | None
     pidfile_fd: int | None
     pool: PoolState
@@ -100,20 +113,36 @@ class Handover:
     log_drops_fd: int | None = None
     #: Signals the old image had recorded but not acted on when it executed the new one.
     pending_signals: list[int] = field(default_factory=list)
+    #: The log's mailbox (echod.logshare): the supervisor's end, then the one the workers
+    #: hold, which the old workers go on reading after the exec.
+    log_mailbox: list[int] | None = None
 
     def descriptors(self) -> list[int]:
         """Every descriptor the new image must inherit."""
-        fds = [*self.tcp, *self.udp, *(w.control for w in self.pool.workers)]
+        fds = [fd for group in self.listeners for fd in (*group.tcp, *group.udp)]
+        fds += [w.control for w in self.pool.workers]
         if self.log_drops_fd is not None:
             fds.append(self.log_drops_fd)
+        fds += self.log_mailbox or []
         return fds if self.pidfile_fd is None else [*fds, self.pidfile_fd]
 
     def to_json(self, fmt: int = FORMAT) -> bytes:
         """The state as the new image reads it: flat, in ``fmt``, the newest format that
         image knows (it says so in its check). Format 1 (echod 0.1.0) knows neither the drop
-        counts nor pending signals nor the restart count: left out for it."""
+        counts nor pending signals nor the restart count: left out for it. Formats 1 and 2
+        know one listener: its host and port, and the sockets (an older image cannot read a
+        file that lists several, so its check refuses the upgrade first); nor the log's
+        mailbox (its workers reopen the file themselves)."""
         values = {k: v for k, v in asdict(self).items() if k != "pool"}
         values.update(asdict(self.pool))
+        if fmt < 3:
+            groups = values.pop("listeners")
+            first = groups[0] if groups else {"host": "", "port": 0}
+            values["host"], values["port"] = first["host"], first["port"]
+            values["tcp"] = [fd for group in groups for fd in group["tcp"]]
+            values["udp"] = [fd for group in groups for fd in group["udp"]]
+            for key in _SINCE_3:
+                values.pop(key, None)
         if fmt < 2:
             for key in _SINCE_2:
                 values.pop(key, None)
@@ -129,6 +158,11 @@ class Handover:
             fmt = values.pop("format", 1)
             if not isinstance(fmt, int) or fmt > FORMAT:
                 raise ValueError(f"format {fmt!r}, newer than {FORMAT}")
+            if fmt < 3:
+                one = [values.pop(key) for key in ("host", "port", "tcp", "udp")]
+                values["listeners"] = [HandedListener(one[0], one[1], False, None, *one[2:])]
+            else:
+                values["listeners"] = [HandedListener(**g) for g in values["listeners"]]
             pool = {name: values.pop(name) for name in _POOL_FIELDS if name in values}
             pool["workers"] = [HandedWorker(**w) for w in pool["workers"]]
             return cls(**values, pool=PoolState(**pool))
@@ -211,12 +245,28 @@ def take_socket(fd: int) -> socket.socket:
     return sock
 
 
+def hand_listeners(listeners: Listeners) -> list[HandedListener]:
+    """The listeners' part of the handover: each entry with its sockets' descriptors."""
+    return [
+        HandedListener(
+            g.entry.host,
+            g.entry.port,
+            g.entry.ipv6_only,
+            g.entry.backlog,
+            [s.fileno() for s in g.tcp],
+            [s.fileno() for s in g.udp],
+        )
+        for g in listeners.groups
+    ]
+
+
 def adopt_resources(handover: Handover) -> tuple[Pidfile | None, Listeners]:
     """The pidfile and listening sockets the old image held, close-on-exec again."""
-    listeners = Listeners(handover.host, handover.port, handover.udp_enabled)
-    listeners.adopted = handover.adopted
-    listeners.tcp = [take_socket(fd) for fd in handover.tcp]
-    listeners.udp = [take_socket(fd) for fd in handover.udp]
+    listeners = Listeners(udp_enabled=handover.udp_enabled, adopted=handover.adopted)
+    for group in handover.listeners:
+        entry = ListenEntry(group.host, group.port, group.ipv6_only, group.backlog)
+        tcp = [take_socket(fd) for fd in group.tcp]
+        listeners.groups.append(Listener(entry, tcp, [take_socket(fd) for fd in group.udp]))
     pidfile = None
     if handover.pidfile_path is not None and handover.pidfile_fd is not None:
         pidfile = Pidfile.adopt(handover.pidfile_path, handover.pidfile_fd)

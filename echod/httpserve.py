@@ -33,7 +33,7 @@ from typing import Any
 
 from echod import events, log
 from echod.errors import OperatorError
-from echod.listeners import _bind_kind, format_address
+from echod.listeners import bind_tcp, format_address
 from echod.metrics import CONTENT_TYPE
 
 #: Longest request (line and headers) read; past it the answer is 431.
@@ -110,7 +110,7 @@ class MetricsServer:
     def open(self, selector: selectors.BaseSelector) -> None:
         """Bind and listen, and register on ``selector``. Raises OperatorError."""
         try:
-            self.listeners = _bind_kind(self.host, self.port, socket.SOCK_STREAM, BACKLOG)
+            self.listeners = bind_tcp(self.host, self.port, BACKLOG)
         except OperatorError as exc:
             raise OperatorError(f"metrics: {exc}", exc.exit_code) from None
         self.selector = selector

@@ -12,6 +12,10 @@ processor, :func:`add_identity`, never by call sites.
 Call :func:`configure` in every process that logs: once in the supervisor, again in each
 worker and connection process after ``fork`` (the identity caches are refreshed by an
 at-fork hook, the sink is shared).
+
+A log file is opened by the supervisor only, also when it is reopened: :func:`reopen` in the
+supervisor opens it again and posts the descriptor in the mailbox of :mod:`echod.logshare`
+(:func:`share_reopens`), and :func:`reopen` in any other process takes it from there.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import structlog
 
 from echod import sinks, systemd
 from echod.console import ConsoleRenderer
+from echod.logshare import Mailbox
 from echod.settings import LogConfig
 from echod.sinks import FdSink, JournalSink, Sink
 
@@ -193,6 +198,8 @@ class _State:
     #: made with (its processor list, logger factory and wrapper class).
     bound: Any = None
     bound_with: tuple[Any, Any, Any] | None = None
+    #: Where the supervisor posts the log file it reopened, for every other process.
+    mailbox: Mailbox | None = None
 
 
 _state = _State()
@@ -289,9 +296,50 @@ def _sink_is_tty(sink: Sink) -> bool:
 
 
 def reopen() -> None:
-    """Reopen the log file (after logrotate moved it). A no-op for streams and the journal."""
-    if _state.sink is not None:
-        _state.sink.reopen()
+    """Reopen the log file (after logrotate moved it). A no-op for streams and the journal.
+
+    In the supervisor, the file is opened again and handed to every other process (posted
+    in the mailbox); elsewhere, the supervisor's descriptor is taken when it is of this
+    process's file, which is opened again only otherwise."""
+    sink, box = _state.sink, _state.mailbox
+    if sink is None:
+        return
+    shared = isinstance(sink, FdSink) and sink.path is not None and box is not None
+    if shared and box is not None and not box.posts:
+        assert isinstance(sink, FdSink) and sink.path is not None
+        fd = box.take(sink.path)
+        if fd is not None:
+            sink.replace(fd)
+            return
+    sink.reopen()
+    if shared:
+        _post()
+
+
+def share_reopens(mailbox: Mailbox) -> None:
+    """In the supervisor: hand the log file to the other processes through ``mailbox``,
+    now and at each reopen (and after a reload that changes the file)."""
+    _state.mailbox = mailbox
+    _post()
+
+
+def _post() -> None:
+    sink, box = _state.sink, _state.mailbox
+    if box is not None and box.posts and isinstance(sink, FdSink) and sink.path is not None:
+        fd = sink.fileno()
+        if fd is not None and fd >= 0:
+            box.post(sink.path, fd)
+
+
+def mailbox() -> Mailbox | None:
+    """The mailbox of :func:`share_reopens` (for an upgrade's handover)."""
+    return _state.mailbox
+
+
+def close_in_child() -> None:
+    """In a process the supervisor forks: reopening is the supervisor's (see :func:`reopen`)."""
+    if _state.mailbox is not None:
+        _state.mailbox.close_in_child()
 
 
 def describe_target(cfg: LogConfig) -> str:
@@ -317,6 +365,7 @@ def switch(cfg: LogConfig, sink: Sink, drops: sinks.DropWatch | None) -> Any:
     """A reload changed the log settings: configure the supervisor's logging anew on
     ``sink`` (already opened), point ``drops`` at it; the logger to use from now on."""
     configure(cfg, sink=sink)
+    _post()
     if drops is not None:
         fresh = watch_drops(cfg)
         drops.retarget(fresh.target, fresh.fallback)

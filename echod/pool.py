@@ -28,6 +28,7 @@ from echod.admission import SharedIpCounts
 from echod.config import Config
 from echod.handover import HandedWorker, PoolState, take_socket
 from echod.listeners import Listeners
+from echod.privileges import Account
 from echod.snapshot import PoolSnapshot, WorkerView
 from echod.states import WORKER_TRANSITIONS, WorkerState, check
 from echod.totals import Totals
@@ -332,13 +333,23 @@ class WorkerPool:
 
     # -- forking ---------------------------------------------------------------------------
 
-    def spawn(self, index: int, cfg: Config, listeners: Listeners, generation: int) -> None:
-        """Fork worker ``index`` of ``generation``, serving ``listeners`` with ``cfg``."""
+    def spawn(
+        self,
+        index: int,
+        cfg: Config,
+        listeners: Listeners,
+        generation: int,
+        account: Account | None = None,
+    ) -> None:
+        """Fork worker ``index`` of ``generation``, serving ``listeners`` with ``cfg``, as
+        ``account`` (None: as the supervisor)."""
         assert self.selector is not None
         self.serial += 1
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         slot = self.allocate_ip_slot(cfg)
-        spec = WorkerSpec(index, self.serial, cfg, listeners, theirs, self.ip_counts, slot)
+        spec = WorkerSpec(
+            index, self.serial, cfg, listeners, theirs, self.ip_counts, slot, account
+        )
         worker = worker_class(cfg.mode)(spec)
         signal.pthread_sigmask(signal.SIG_BLOCK, signals.FORK_BLOCKED)
         try:

@@ -1,9 +1,10 @@
 """A reload's two halves: preparing the new configuration without changing anything, and
 keeping the outcome for whoever asked (``echod reload`` reads it in the status file).
 
-:func:`prepare` reads and validates the file, binds any new address and opens any new log
-sink; only if all of that worked does the supervisor switch over (new generation first, then
-the old one retires). :class:`ReloadOutcome` follows each request from ``pending`` to ``ok``
+:func:`prepare` reads and validates the file, resolves the account the workers run as, binds
+any new address (keeping the sockets of every address the file still lists) and opens any new
+log sink; only if all of that worked does the supervisor switch over (new generation first,
+then the old one retires). :class:`ReloadOutcome` follows each request from ``pending`` to ``ok``
 (the new generation serves) or ``failed`` (with the reason and its exit code).
 """
 
@@ -12,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from echod import exitcodes, log
+from echod import exitcodes, log, privileges
 from echod.config import Config, load_config
 from echod.errors import OperatorError
 from echod.listeners import Listeners, bind, update_backlog
+from echod.privileges import Account
 from echod.snapshot import ReloadView
 from echod.status import RELOAD_FAILED, RELOAD_OK, RELOAD_PENDING
 
@@ -28,25 +30,37 @@ class Prepared:
     listeners: Listeners
     #: A new log sink when the log settings changed, else None.
     sink: Any
+    #: Who the new workers run as (None: as the supervisor).
+    account: Account | None = None
+
+    def abandon(self, running: Listeners) -> None:
+        """Let go of what was opened for nothing (the reload goes no further): the log sink,
+        and the sockets bound beside ``running``'s."""
+        if self.sink is not None:
+            self.sink.close()
+        if self.listeners is not running:
+            self.listeners.close_except(running.all())
 
 
 def prepare(config_path: str | None, cfg: Config, listeners: Listeners) -> Prepared:
-    """The configuration at ``config_path`` with its sockets and log sink; raises
-    OperatorError (a ConfigError, a bind error, a log file that cannot be opened)."""
+    """The configuration at ``config_path`` with its sockets, log sink and account; raises
+    OperatorError (a ConfigError, a user this process may not switch to, a bind error, a
+    log file that cannot be opened)."""
     new_cfg = load_config(config_path)
+    account = privileges.switch_for(new_cfg.user, new_cfg.group)
     if listeners.serves(new_cfg):
-        update_backlog(listeners, new_cfg.backlog)
+        update_backlog(listeners, new_cfg)
         new_listeners = listeners
     else:
-        new_listeners = bind(new_cfg)
+        new_listeners = bind(new_cfg, previous=listeners)
     try:
         sink = log.open_sink(new_cfg.log) if new_cfg.log != cfg.log else None
     except OSError as exc:
         if new_listeners is not listeners:
-            new_listeners.close()
+            new_listeners.close_except(listeners.all())
         message = f"cannot open log file {new_cfg.log.file}: {exc.strerror}"
         raise OperatorError(message, exitcodes.EX_CANTCREAT) from None
-    return Prepared(new_cfg, new_listeners, sink)
+    return Prepared(new_cfg, new_listeners, sink, account)
 
 
 def config_changes(old: Config, new: Config) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Final
 
-from echod.kinds import Setting
+from echod.kinds import Keepalive, ListenEntry, Setting
 
 MODES: tuple[str, ...] = ("thread", "process", "async")
 
@@ -37,6 +37,7 @@ class Config:
     mode: str
     host: str
     port: int
+    listen: tuple[ListenEntry, ...]
     backlog: int
     workers: int
     max_connections: int
@@ -46,12 +47,16 @@ class Config:
     buffer_size: int
     idle_timeout: float
     write_timeout: float
+    tcp_nodelay: bool
+    tcp_keepalive: Keepalive
     shutdown_timeout: float
     drain_delay: float
     worker_timeout: float
     crash_limit: int
     crash_window: float
     pidfile: str | None
+    user: str | int | None
+    group: str | int | None
     udp: bool
     udp_rate: float
     thread_stack_size: int
@@ -64,10 +69,18 @@ class Config:
     proxy_timeout: float
     metrics: str | None
     control_socket: str | None
-    control_group: str | None
+    control_group: str | int | None
     retire_timeout: float
     max_connection_age: float
     log: LogConfig
+
+    def listen_entries(self) -> tuple[ListenEntry, ...]:
+        """Where echod listens: ``listen``, or its short form ``host`` and ``port``."""
+        return self.listen or (ListenEntry(self.host, self.port),)
+
+    def backlog_of(self, entry: ListenEntry) -> int:
+        """The backlog of ``entry``'s sockets: its own, else the ``backlog`` setting."""
+        return entry.backlog if entry.backlog is not None else self.backlog
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -91,6 +104,12 @@ SETTINGS: tuple[Setting, ...] = (
         "TCP port to listen on; 0 takes a free port (the ready event logs the one bound).",
         minimum=0,
         maximum=65535,
+    ),
+    Setting(
+        "listen",
+        "listen",
+        (),
+        "Several listeners instead of host and port (not with them); empty: host:port alone.",
     ),
     Setting(
         "backlog",
@@ -162,6 +181,18 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0,
     ),
     Setting(
+        "tcp_nodelay",
+        "bool",
+        True,
+        "Send each echo at once (TCP_NODELAY), never held back by Nagle's algorithm.",
+    ),
+    Setting(
+        "tcp_keepalive",
+        "keepalive",
+        Keepalive(),
+        "TCP keepalive probes, which drop a vanished client even when idle_timeout is 0.",
+    ),
+    Setting(
         "shutdown_timeout",
         "number",
         10.0,
@@ -207,10 +238,24 @@ SETTINGS: tuple[Setting, ...] = (
         nullable=True,
     ),
     Setting(
+        "user",
+        "user",
+        None,
+        "Started as root: the user workers and connection processes run as; null: root.",
+        nullable=True,
+    ),
+    Setting(
+        "group",
+        "group",
+        None,
+        "With user: their group (and the user's supplementary groups); null: the user's own.",
+        nullable=True,
+    ),
+    Setting(
         "udp",
         "bool",
         False,
-        "Also serve UDP echo on the same host and port.",
+        "Also serve UDP echo, on every address and port TCP listens on.",
     ),
     Setting(
         "udp_rate",

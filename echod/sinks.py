@@ -341,6 +341,20 @@ class FdSink:
             os.close(fresh)
         self._torn = False
 
+    @property
+    def path(self) -> str | None:
+        """The file's path, when this sink opened it (and may reopen it)."""
+        return self._path
+
+    def replace(self, fd: int) -> None:
+        """Put ``fd`` (the same path opened again, by the supervisor) under the descriptor
+        in use, as :meth:`reopen` does, and close ``fd``."""
+        try:
+            os.dup2(fd, self._fd, inheritable=False)
+        finally:
+            os.close(fd)
+        self._torn = False
+
     def fileno(self) -> int | None:
         return self._fd
 

@@ -43,6 +43,7 @@ from echod import (
     handover,
     log,
     metrics,
+    privileges,
     proctitle,
     signals,
     sinks,
@@ -55,6 +56,7 @@ from echod.controlserver import ControlServer, control_path
 from echod.endpoint import Endpoint
 from echod.errors import OperatorError
 from echod.generations import Generations
+from echod.logshare import Mailbox
 from echod.mainloop import MainLoop
 from echod.operations import Operations
 from echod.prctl import PR_SET_CHILD_SUBREAPER, prctl
@@ -199,6 +201,9 @@ class Supervisor:
     def start(self) -> None:
         self.started = time.monotonic()
         self.started_wall = time.time()
+        # First: a user this process cannot switch to is refused (77) before anything is
+        # opened, the log included (which such a user often may not open either).
+        account = privileges.switch_for(self.cfg.user, self.cfg.group)
         startup.configure_logging(self.cfg)
         log.set_process_name("supervisor")
         proctitle.set_title("echod: supervisor")
@@ -216,9 +221,15 @@ class Supervisor:
             workers=self.cfg.workers,
             host=self.cfg.host,
             port=self.cfg.port,
+            listen=[entry.address for entry in self.cfg.listen_entries()],
+            user=self.cfg.user,
             python=sys.version.split()[0],
             upgrade=handed is not None,
         )
+        if handed is None:  # (an upgrade's new image: the old one said so already)
+            self.warn_if_root(account)
+        mailbox = handed.log_mailbox if handed is not None else None
+        log.share_reopens(Mailbox.adopt(mailbox) if mailbox else Mailbox.open())
         startup.fit_fd_limit(self.cfg, self.log)
         if handed is None:
             self.presence.acquire(self.cfg, self.log)
@@ -246,9 +257,9 @@ class Supervisor:
             )
             self.control.open(selector)
         if handed is None:
-            self.serving.first(listeners)
+            self.serving.first(listeners, account)
         else:
-            self.adopt(handed, listeners)
+            self.adopt(handed, listeners, account)
         self.serving.spawn()
         # An upgrade's exec kept our signals blocked until the handlers above were set.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.FORK_BLOCKED)
@@ -264,8 +275,18 @@ class Supervisor:
             sinks.tell_stderr(message)
         return code
 
+    def warn_if_root(self, account: privileges.Account | None) -> None:
+        """Say once that the workers, which talk to clients, would run as root."""
+        if account is None and os.geteuid() == 0:
+            self.log.warning(
+                events.RUNNING_AS_ROOT,
+                effect="every process, those that talk to clients too, runs as root",
+                fix="set user (nobody, or a user of echod's own)",
+            )
+
     def close_in_child(self) -> None:
         """In a new worker: close what is the supervisor's alone."""
+        log.close_in_child()
         self.serving.close_in_child()
         self.loop.close_in_child()
         self.endpoint.close_in_child()
@@ -275,11 +296,13 @@ class Supervisor:
             self.upgrade.end()
         self.presence.close_in_child()
 
-    def adopt(self, handed: handover.Handover, listeners: Any) -> None:
+    def adopt(
+        self, handed: handover.Handover, listeners: Any, account: privileges.Account | None
+    ) -> None:
         """In the new image of an upgrade: take the old one's workers and counts; a new
         generation on the new code will retire the old one once it serves."""
         self.started, self.started_wall = handed.started, handed.started_wall
-        self.serving.adopt(handed, listeners)
+        self.serving.adopt(handed, listeners, account)
         adopted = self.pool.adopt(handed.pool, listeners)
         self.change_state(S.RUNNING)
         self.log.info(
@@ -489,6 +512,7 @@ class Supervisor:
             pool=self.pool.hand_over(),
             log_drops_fd=sinks.counts().fileno(),
             pending_signals=[int(s) for s in pending],
+            log_mailbox=mailbox.fds() if (mailbox := log.mailbox()) is not None else None,
         )
 
     # -- stop --------------------------------------------------------------------------------
@@ -531,6 +555,8 @@ class Supervisor:
             self.log = log.switch(new.cfg.log, new.sink, self.drops)
         self.operations.clear_limits()  # (the file's again: the new generation starts so)
         changes = serving.switch(new)
+        if "user" in changes or "group" in changes:
+            self.warn_if_root(new.account)
         assert self.loop.selector is not None and serving.listeners is not None
         self.endpoint.reconfigure(new.cfg, self.loop.selector)
         startup.fit_fd_limit(new.cfg, self.log)

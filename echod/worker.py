@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar
 
-from echod import control, events, log, prctl, proctitle, signals
-from echod.accepting import HOLD_MAX, Acceptor
+from echod import control, events, log, prctl, privileges, proctitle, signals
+from echod.accepting import HOLD_MAX, Acceptor, Local
 from echod.admission import Admission, SharedIpCounts
 from echod.config import Config
 from echod.connection import MAX_AGE, RETIRED, Outcome
@@ -35,6 +35,7 @@ from echod.eventsource import EventSource, SelectorSource
 from echod.handler import HandlerSettings, connection_timeouts
 from echod.listeners import Listeners
 from echod.metrics import WorkerCounters
+from echod.privileges import Account
 from echod.udp import UdpEcho
 
 #: After the shutdown deadline cut the connections, how long they get to log and go.
@@ -76,6 +77,8 @@ class WorkerSpec:
     #: row was free; max_connections_per_ip then counts this worker's connections only).
     ip_counts: SharedIpCounts | None = None
     ip_slot: int | None = None
+    #: Who the worker runs as once set up (None: as the supervisor).
+    account: Account | None = None
 
 
 class Worker:
@@ -83,7 +86,8 @@ class Worker:
 
     What a mode must implement:
 
-    - :meth:`start_connection` (``conn``, ``peer``, ``conn_id``): serve an admitted
+    - :meth:`start_connection` (``conn``, ``peer``, ``conn_id``, ``local``: the local
+      address and port when the listener knows them, else None): serve an admitted
       connection (start its thread, its process, its transport) and return at once. Raise
       :class:`~echod.accepting.StartFailed` when a resource ran short (the worker holds
       the connection and calls again later); any other exception refuses it.
@@ -149,7 +153,6 @@ class Worker:
         #: What connection processes set their OOM score to (None: leave it as inherited).
         self.connection_oom_score: int | None = None
         self.next_heartbeat = 0.0
-        self.local_port: int | None = None
         self.log: Any = None
 
     @property
@@ -175,7 +178,8 @@ class Worker:
         return 0
 
     def init_process(self) -> None:
-        """Set up this freshly forked process: identity, logging, signals, the event source."""
+        """Set up this freshly forked process: identity, logging, signals, the event source;
+        then, with ``user``, drop to it: nothing it does after talks to a client as root."""
         log.set_process_name(f"worker-{self.spec.index}")
         log.configure(self.cfg.log, sink=log.current_sink())
         self.log = log.get_logger().bind(worker=self.spec.index)
@@ -195,10 +199,11 @@ class Worker:
                 self.add_reader(sock, self.udp.on_readable)
         self.admission.start()
         self.udp.start()
-        self.local_port = self.spec.listeners.common_port()
         if self.blocking_connections:
             self.inherit_timeouts()
+        self.inherit_tcp_options()
         self.init_mode()
+        self.drop_privileges()
         # What exists now lives as long as the worker: keep the collector off it, so that the
         # pages holding it stay shared with forked connection processes instead of copied.
         gc.freeze()
@@ -221,6 +226,23 @@ class Worker:
             return
         assert inherited is not None
         self.connection_oom_score = prctl.oom_score_over(inherited, prctl.OOM_CONNECTION)
+
+    def drop_privileges(self) -> None:
+        """Become the ``user`` of the configuration, for good, before the first client: the
+        connection processes forked from here inherit it. Raises (the worker then fails to
+        boot) rather than serve with what it could not drop."""
+        account = self.spec.account
+        if account is None:
+            return
+        privileges.drop(account)
+        self.log.debug(
+            events.PRIVILEGES_DROPPED,
+            user=account.user,
+            uid=account.uid,
+            group=account.group,
+            gid=account.gid,
+            groups=list(account.groups),
+        )
 
     def init_mode(self) -> None:
         """Mode-specific set-up in the worker process (pipes, thread stack size...)."""
@@ -417,12 +439,21 @@ class Worker:
         self.spec.listeners.set_connection_timeouts(*connection_timeouts(self.settings))
         self.settings = dataclasses.replace(self.settings, timeouts_inherited=True)
 
+    def inherit_tcp_options(self) -> None:
+        """Set TCP_NODELAY and TCP keepalive on the listening sockets, for every accepted
+        socket to inherit (in every mode: no call per connection), as the timeouts are."""
+        self.spec.listeners.set_tcp_options(self.cfg.tcp_nodelay, self.cfg.tcp_keepalive)
+
     def collect_finished(self) -> None:
         """Count connections that ended without waking the loop (see the thread mode)."""
 
-    def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
-        """Serve ``conn``. Raise StartFailed when a resource ran short (start_failure() says
-        which errors mean that); the worker then holds the connection and calls again."""
+    def start_connection(
+        self, conn: socket.socket, peer: Any, conn_id: str, local: Local = None
+    ) -> None:
+        """Serve ``conn``, accepted on a listener whose address and port are ``local`` (None:
+        a wildcard, the connection's own are its socket's). Raise StartFailed when a
+        resource ran short (start_failure() says which errors mean that); the worker then
+        holds the connection and calls again."""
         raise NotImplementedError
 
     def register(

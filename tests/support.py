@@ -100,6 +100,9 @@ class Echod:
             **settings,
             "log": log_settings,
         }
+        if self.settings.get("listen"):
+            # listen replaces host and port: a file may not set both.
+            del self.settings["host"], self.settings["port"]
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.stderr_path = tmp_path / "stderr.txt"
@@ -826,3 +829,58 @@ def mounted_tmpfs(mount: Path, size: str) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+# -- helpers for the listener, socket option and privilege tests -------------------------------
+
+_SYS_PIDFD_GETFD = 438  # the same number on every architecture Linux has (5.6 and later)
+
+
+def server_side_of(pid: int, client: socket.socket) -> socket.socket | None:
+    """A duplicate, taken from process ``pid`` (pidfd_getfd), of the socket at the server's
+    end of ``client``'s connection; None when ``pid`` holds none. Its options are those of
+    the socket echod accepted (the descriptor is the same open socket)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    want = (client.getpeername()[:2], client.getsockname()[:2])
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            fd = libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(name), 0)
+            if fd < 0:
+                continue
+            sock = socket.socket(fileno=fd)
+            try:
+                if sock.type == socket.SOCK_STREAM and (
+                    sock.getsockname()[:2],
+                    sock.getpeername()[:2],
+                ) == want:
+                    return sock
+            except OSError:
+                pass
+            sock.close()
+    finally:
+        os.close(pidfd)
+    return None
+
+
+def process_status(pid: int) -> dict[str, str]:
+    """``/proc/PID/status`` as a mapping (``Uid``, ``CapEff``, ``NoNewPrivs`` ...)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        return {k: v.strip() for k, _, v in (line.partition(":") for line in status)}
+
+
+def udp_echo(host: str, port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """One datagram to ``host:port``, and the one that comes back."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(data, (host, port))
+        return sock.recvfrom(65536)[0]

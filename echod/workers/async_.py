@@ -22,6 +22,7 @@ from time import monotonic
 from typing import Any, cast
 
 from echod import events, log
+from echod.accepting import Local
 from echod.connection import (
     CLIENT_CLOSED,
     ERROR,
@@ -37,12 +38,15 @@ from echod.connection import (
     ProxyIntake,
     Record,
     admit,
+    local_fields,
     peer_fields,
 )
 from echod.conntable import Entry
 from echod.eventsource import LoopSource
 from echod.worker import Worker
 
+#: The local fields of a connection that logs nothing.
+_NO_LOCAL: dict[str, Any] = {}
 # The shortest timer: uvloop counts in whole milliseconds, and a timer that fires a little
 # before its deadline (it can) is re-armed for the rest, which must not round down to 0.
 _MIN_DELAY = 0.001
@@ -73,7 +77,7 @@ class EchoProtocol(asyncio.Protocol):
         "error",
         "fields",
         "last_read",
-        "local_port",
+        "local",
         "paused",
         "peer",
         "proxy_peer",
@@ -90,13 +94,14 @@ class EchoProtocol(asyncio.Protocol):
 
     transport: asyncio.Transport  # set by connection_made
 
-    def __init__(self, worker: AsyncWorker, peer: Any, conn_id: str, local_port: Any) -> None:
+    def __init__(self, worker: AsyncWorker, peer: Any, conn_id: str, local: dict[str, Any]) -> None:
         self.worker = worker
         self.peer = peer
         #: Behind a PROXY header, once it is read: the balancer (``peer`` is the client).
         self.proxy_peer: Any = None
         self.conn_id = conn_id
-        self.local_port = local_port
+        #: The local_address and local_port fields of its events.
+        self.local = local
         self.bytes_in = 0
         self.unsent = 0
         self.record = Record()
@@ -122,6 +127,8 @@ class EchoProtocol(asyncio.Protocol):
         self.transport = tr = cast(asyncio.Transport, transport)
         worker = self.worker
         tr.set_write_buffer_limits(high=worker.settings.buffer_size)
+        if not worker.cfg.tcp_nodelay:
+            worker.nagle(tr)
         self.started = self.last_read = monotonic()
         if worker.check_every:
             self.arm(self.started + worker.check_every)
@@ -136,7 +143,7 @@ class EchoProtocol(asyncio.Protocol):
                 events.CONN_OPEN,
                 conn_id=self.conn_id,
                 mode=self.worker.mode,
-                local_port=self.local_port,
+                **self.local,
                 **self.peer_fields(),
             )
 
@@ -289,7 +296,7 @@ class EchoProtocol(asyncio.Protocol):
             events.CONN_CLOSE,
             conn_id=self.conn_id,
             mode=worker.mode,
-            local_port=self.local_port,
+            **self.local,
             **self.peer_fields(),
             **record.close_fields(self.bytes_in, self.bytes_in - self.unsent, duration),
         )
@@ -308,14 +315,16 @@ class ProxiedEchoProtocol(EchoProtocol):
 
     __slots__ = ("intake",)
 
-    def __init__(self, worker: AsyncWorker, peer: Any, conn_id: str, local_port: Any) -> None:
-        super().__init__(worker, peer, conn_id, local_port)
+    def __init__(self, worker: AsyncWorker, peer: Any, conn_id: str, local: dict[str, Any]) -> None:
+        super().__init__(worker, peer, conn_id, local)
         self.intake: ProxyIntake | None = None  # made at connection_made; None once done
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = tr = cast(asyncio.Transport, transport)
         settings = self.worker.settings
         tr.set_write_buffer_limits(high=settings.buffer_size)
+        if not self.worker.cfg.tcp_nodelay:
+            self.worker.nagle(tr)
         self.started = self.last_read = monotonic()
         self.intake = ProxyIntake(settings.proxy_protocol, settings.proxy_timeout, self.started)
         self.arm(self.intake.deadline)
@@ -426,17 +435,22 @@ class AsyncWorker(Worker):
 
     # -- connections -----------------------------------------------------------------------
 
-    def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
-        local_port = self.local_port
-        if local_port is None and self.conn_log is not None:
-            try:
-                local_port = conn.getsockname()[1]
-            except OSError:
-                pass
+    def nagle(self, transport: asyncio.Transport) -> None:
+        """tcp_nodelay: false. The socket inherited it off from its listener, but uvloop
+        turns TCP_NODELAY on for every transport it makes: off again, on this one."""
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+
+    def start_connection(
+        self, conn: socket.socket, peer: Any, conn_id: str, local: Local = None
+    ) -> None:
+        # Asked of the socket only when it is logged and the listener cannot tell.
+        fields = _NO_LOCAL if self.conn_log is None else local_fields(conn, local)
         protocol_class = EchoProtocol
         if self.settings.proxy_protocol != "off":
             protocol_class = ProxiedEchoProtocol
-        protocol = protocol_class(self, peer, conn_id, local_port)
+        protocol = protocol_class(self, peer, conn_id, fields)
         entry = self.register(conn_id, None, peer, source=protocol, handle=protocol)
         task = self.loop.create_task(self.loop.connect_accepted_socket(lambda: protocol, conn))
         task.add_done_callback(lambda done: self.adopted(protocol, conn, entry, done))

@@ -27,7 +27,7 @@ import socket
 from typing import Any
 
 from echod import events, exitcodes, log, proctitle, signals
-from echod.accepting import start_failure
+from echod.accepting import Local, start_failure
 from echod.clientlink import WorkerLinks
 from echod.connection import (
     ACCESS_LIST,
@@ -181,7 +181,9 @@ class ProcessWorker(Worker):
         # Spares let go exit at once (their link's EOF); reap them before the worker goes.
         return super().drained() and not self.spares and not self.leaving
 
-    def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
+    def start_connection(
+        self, conn: socket.socket, peer: Any, conn_id: str, local: Local = None
+    ) -> None:
         while self.spares:
             pid = self.spares.pop()
             assert self.links is not None
@@ -197,7 +199,7 @@ class ProcessWorker(Worker):
         slot = self.board.allocate()
         try:
             pair = self.links.pair() if self.links is not None else None
-            pid = self.fork_connection(conn, peer, conn_id, pair, slot)
+            pid = self.fork_connection(conn, peer, conn_id, pair, slot=slot, local=local)
         except OSError as exc:
             self.board.release(slot)
             for sock in pair or ():
@@ -231,14 +233,16 @@ class ProcessWorker(Worker):
         peer: Any,
         conn_id: str,
         pair: tuple[socket.socket, socket.socket] | None,
+        *,
         slot: int,
+        local: Local = None,
     ) -> int:
         """Fork the connection's process; returns its pid (in the worker only)."""
         signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
         try:
             pid = os.fork()
             if pid == 0:
-                self.become_connection(conn, peer, conn_id, pair, slot)  # never returns
+                self.become_connection(conn, peer, conn_id, pair, slot=slot, local=local)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
         return pid
@@ -249,9 +253,12 @@ class ProcessWorker(Worker):
         peer: Any,
         conn_id: str,
         pair: tuple[socket.socket, socket.socket] | None = None,
+        *,
         slot: int = -1,
+        local: Local = None,
     ) -> None:
-        """In the child: shed the worker's descriptors, serve, and exit."""
+        """In the child: shed the worker's descriptors, serve, and exit. It runs as the
+        worker does: with ``user``, unprivileged, as the worker dropped before forking."""
         code = exitcodes.EX_SOFTWARE
         try:
             link = None
@@ -270,7 +277,7 @@ class ProcessWorker(Worker):
                     job[2],
                     self.settings,
                     stopper,
-                    local_port=self.local_port,
+                    local=local,
                     shared_descriptor=True,
                     gate=link if link is not None and link.asks else None,
                     on_client=link.tell_client if link is not None and proxied else None,
@@ -285,6 +292,7 @@ class ProcessWorker(Worker):
                     break
                 proctitle.set_title("echod: spare connection process")
                 job = link.next_connection()
+                local = None  # (a spare's next connection: its socket says where it came)
                 if job is not None:
                     log.set_process_name(f"conn-{job[2]}")
                     proctitle.set_title(f"echod: connection {job[2]}")

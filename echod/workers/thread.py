@@ -40,14 +40,14 @@ import threading
 from typing import Any
 
 from echod import log
-from echod.accepting import start_failure
+from echod.accepting import Local, start_failure
 from echod.connection import SHUTDOWN
 from echod.conntable import Entry
 from echod.handler import EchoHandler
 from echod.worker import Worker
 
 #: What a connection thread is given: the socket, the peer, the connection's id, its entry.
-Job = tuple[socket.socket, Any, str, Entry]
+Job = tuple[socket.socket, Any, str, Entry, Local]
 
 #: sys.setswitchinterval() of a thread worker, in seconds (CPython's default: 0.005).
 SWITCH_INTERVAL = 0.05
@@ -127,13 +127,15 @@ class ThreadWorker(Worker):
         self.gate = self.admission if behind_proxy else None
         self.add_reader(self.done_r, self.on_done)
 
-    def start_connection(self, conn: socket.socket, peer: Any, conn_id: str) -> None:
+    def start_connection(
+        self, conn: socket.socket, peer: Any, conn_id: str, local: Local = None
+    ) -> None:
         stopper = ConnectionStopper(self.stopper, self.end_lock)
         entry = self.register(
             conn_id, conn, peer, thread=f"conn-{conn_id}", native_thread_id=0, handle=stopper
         )
         entry.native_thread_id = None  # (the thread says which it is once it runs)
-        job = (conn, peer, conn_id, entry)
+        job = (conn, peer, conn_id, entry, local)
         if self.spare_max and self.claim_spare():
             self.jobs.put(job)
             return
@@ -186,7 +188,7 @@ class ThreadWorker(Worker):
             self.jobs.put(None)
 
     def serve_in_thread(
-        self, conn: socket.socket, peer: Any, conn_id: str, entry: Entry
+        self, conn: socket.socket, peer: Any, conn_id: str, entry: Entry, local: Local
     ) -> None:
         stopper = entry.handle
         handler = EchoHandler(
@@ -195,7 +197,7 @@ class ThreadWorker(Worker):
             conn_id,
             self.settings,
             stopper,
-            local_port=self.local_port,
+            local=local,
             gate=self.gate,
         )
         entry.source = handler  # its peer, once behind a PROXY header the client's

@@ -33,6 +33,7 @@ UNIT = "echod.service"
 SOCKET_UNIT = "echod.socket"
 CONFIG = "/etc/echod.yaml"
 DROP_IN_DIR = "/run/systemd/system/echod.service.d"
+SOCKET_DROP_IN_DIR = "/run/systemd/system/echod.socket.d"
 #: The event a connection's end is logged with (echod.handler).
 CLOSE_EVENT = "conn_close"
 DEADLINE = 30.0
@@ -393,6 +394,31 @@ def test_socket_activation(echod: ct.Container) -> None:
     # cannot tell: setproctitle, when installed, writes the process title over it).
     pid = prop(echod, "MainPID")
     assert sockets_of(echod, pid) & sockets_of(echod, "1")
+
+
+def test_socket_activation_with_two_listen_streams(echod: ct.Container) -> None:
+    """echod.socket with a second ListenStream= line: echod adopts both of systemd's
+    sockets, echoes on each, and its ready event names both."""
+    echod.run("mkdir", "-p", SOCKET_DROP_IN_DIR)
+    echod.path(f"{SOCKET_DROP_IN_DIR}/second.conf").write_text(
+        "[Socket]\nListenStream=127.0.0.1:9996\n"
+    )
+    try:
+        systemctl(echod, "daemon-reload")
+        cursor = journal_cursor(echod)
+        systemctl(echod, "start", SOCKET_UNIT)
+        assert prop(echod, "ActiveState") == "inactive"
+        assert echo_once(echod, 9996, "second") == "second\n"  # the second starts it
+        assert echo_once(echod, 9999, "first") == "first\n"
+        assert prop(echod, "ActiveState") == "active"
+        addresses = wait_event(echod, cursor, "ready")["ECHOD_ADDRESSES"]
+        assert "127.0.0.1:9999" in addresses and "127.0.0.1:9996" in addresses
+        pid = prop(echod, "MainPID")
+        assert len(sockets_of(echod, pid) & sockets_of(echod, "1")) == 2
+    finally:
+        stop_everything(echod)
+        echod.run("rm", "-rf", SOCKET_DROP_IN_DIR)
+        systemctl(echod, "daemon-reload")
 
 
 def test_binds_port_7_unprivileged(echod: ct.Container) -> None:

@@ -25,6 +25,7 @@ from echod.config import (
     resolve_config_path,
     split_endpoint,
 )
+from echod.kinds import Keepalive
 
 LOADERS = [yaml.SafeLoader] + ([yaml.CSafeLoader] if hasattr(yaml, "CSafeLoader") else [])
 
@@ -253,12 +254,16 @@ overload: refuse
 buffer_size: 1024
 idle_timeout: 0
 write_timeout: 1.5
+tcp_nodelay: false
+tcp_keepalive: {idle: 60, interval: 10, count: 5}
 shutdown_timeout: 0
 drain_delay: 2.5
 worker_timeout: 5
 crash_limit: 3
 crash_window: 10
 pidfile: null
+user: nobody
+group: nogroup
 udp: true
 udp_rate: 0
 thread_stack_size: 262144
@@ -287,6 +292,7 @@ log:
         mode="process",
         host="::",
         port=0,
+        listen=(),
         backlog=64,
         workers=2,
         max_connections=10,
@@ -296,12 +302,16 @@ log:
         buffer_size=1024,
         idle_timeout=0.0,
         write_timeout=1.5,
+        tcp_nodelay=False,
+        tcp_keepalive=Keepalive(True, 60, 10, 5),
         shutdown_timeout=0.0,
         drain_delay=2.5,
         worker_timeout=5.0,
         crash_limit=3,
         crash_window=10.0,
         pidfile=None,
+        user="nobody",
+        group="nogroup",
         udp=True,
         udp_rate=0.0,
         thread_stack_size=262144,
@@ -314,7 +324,7 @@ log:
         proxy_timeout=0.5,
         metrics="127.0.0.1:9107",
         control_socket="/run/echod/ctl.sock",
-        control_group="0",
+        control_group=0,
         retire_timeout=60.0,
         max_connection_age=3600.0,
         log=LogConfig(

@@ -103,7 +103,7 @@ def test_keep_stores_each_socket_under_its_inode(manager: socket.socket) -> None
     """keep() stores every socket under echod-listener-INODE, only when the store is big
     enough for all of them."""
     notifier = Notifier(manager.getsockname())
-    listeners = Listeners("127.0.0.1", 0, False, tcp=[socket.create_server(("127.0.0.1", 0))])
+    listeners = Listeners.of(tcp=[socket.create_server(("127.0.0.1", 0))])
     try:
         assert fdstore.keep(notifier, listeners, {"FDSTORE": "0"}) is False
         assert fdstore.keep(notifier, listeners, {"FDSTORE": "1"}) is True

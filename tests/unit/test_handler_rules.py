@@ -37,12 +37,6 @@ pytestmark = pytest.mark.timeout(30)
 TIMEVAL = struct.calcsize("@ll")
 
 
-
-
-
-
-
-
 def timeouts(sock: socket.socket) -> tuple[float, float]:
     """The socket's SO_RCVTIMEO and SO_SNDTIMEO in seconds."""
     found = []
@@ -88,12 +82,13 @@ def test_setup_sets_the_kernel_timeouts(
     assert handler.started > 0
 
 
-def test_open_event_uses_the_port_it_was_given(
+def test_open_event_uses_the_address_it_was_given(
     tcp_pair: tuple[socket.socket, socket.socket, Any],
 ) -> None:
-    """A local port handed in by the worker is logged as is, without asking the socket."""
+    """A local address handed in by the worker is logged as is, without asking the socket."""
     _, server_side, peer = tcp_pair
-    handler = EchoHandler(server_side, peer, "1-2", settings(), FlagStopper(), local_port=4242)
+    local = ("192.0.2.7", 4242)
+    handler = EchoHandler(server_side, peer, "1-2", settings(), FlagStopper(), local=local)
     with capture_logs() as logs:
         handler.setup()
     assert logs == [
@@ -102,6 +97,7 @@ def test_open_event_uses_the_port_it_was_given(
             "log_level": "info",
             "conn_id": "1-2",
             "mode": "thread",
+            "local_address": "192.0.2.7",
             "local_port": 4242,
             "peer": peer[0],
             "peer_port": peer[1],
@@ -109,8 +105,21 @@ def test_open_event_uses_the_port_it_was_given(
     ]
 
 
+def test_open_event_asks_the_socket_behind_a_wildcard(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """Without an address from the worker (a wildcard listener), the socket says the address
+    and port the client reached."""
+    _, server_side, peer = tcp_pair
+    handler = EchoHandler(server_side, peer, "1-4", settings(), FlagStopper())
+    with capture_logs() as logs:
+        handler.setup()
+    assert (logs[0]["local_address"], logs[0]["local_port"]) == server_side.getsockname()
+
+
 def test_open_event_of_a_socket_that_cannot_say_its_port() -> None:
-    """When getsockname fails the open event says local_port None, and serving goes on."""
+    """When getsockname fails the open event says local_address and local_port None, and
+    serving goes on."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.close()
     handler = EchoHandler(
@@ -118,7 +127,7 @@ def test_open_event_of_a_socket_that_cannot_say_its_port() -> None:
     )
     with capture_logs() as logs:
         handler.setup()
-    assert logs[0]["local_port"] is None
+    assert (logs[0]["local_address"], logs[0]["local_port"]) == (None, None)
 
 
 def test_an_unexpected_error_is_logged_with_its_type(

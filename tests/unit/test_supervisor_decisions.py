@@ -219,16 +219,16 @@ def test_totals_survive_a_dump_and_load() -> None:
 def handed_state() -> handover.Handover:
     return handover.Handover(
         from_version="1", config_path="/etc/echod.yaml", pidfile_required=False, started=1.0,
-        started_wall=2.0, generation=3, reloads=2, reload_serial=4, host="::",
-        port=7, udp_enabled=True, adopted=False, tcp=[5], udp=[6], pidfile_path="/run/p",
-        pidfile_fd=4,
+        started_wall=2.0, generation=3, reloads=2, reload_serial=4,
+        listeners=[handover.HandedListener("::", 7, False, None, [5], [6])],
+        udp_enabled=True, adopted=False, pidfile_path="/run/p", pidfile_fd=4,
         pool=handover.PoolState(
             serial=7,
             workers=[handover.HandedWorker(1, 7, 3, 99, 8, "async", "running", 1.5, 1, 2, 3, 4)],
             gone_served=1, gone_finished=1, gone_cut=0, crashes=[0.5], restarts=2,
             totals={"gone": {}, "live": {}},
         ),
-        log_drops_fd=9, pending_signals=[15],
+        log_drops_fd=9, pending_signals=[15], log_mailbox=[10, 11],
     )  # fmt: skip
 
 
@@ -236,7 +236,7 @@ def test_handover_round_trip_and_garbage() -> None:
     """An upgrade's state reads back as it was written; anything else is a ValueError."""
     state = handed_state()
     assert handover.Handover.from_json(state.to_json()) == state
-    assert sorted(state.descriptors()) == [4, 5, 6, 8, 9]
+    assert sorted(state.descriptors()) == [4, 5, 6, 8, 9, 10, 11]
     for bad in (b"", b"[]", b"{}", b'{"workers": [{"pid": 1}]}', b'{"format": 99}'):
         with pytest.raises(ValueError, match="unreadable upgrade state"):
             handover.Handover.from_json(bad)
@@ -255,6 +255,36 @@ def test_handover_to_an_older_image_leaves_out_what_it_cannot_read() -> None:
     again = handover.Handover.from_json(json.dumps(written).encode())  # and we read it
     assert (again.log_drops_fd, again.pending_signals, again.pool.restarts) == (None, [], 0)
     assert again.pool.workers == handed_state().pool.workers
+    assert again.listeners == handed_state().listeners
+
+
+def test_handover_format_2_has_one_listener_and_no_mailbox() -> None:
+    """Format 2 is format 1 and the drop counts, pending signals and restart count: one
+    listener (host, port, and every socket in tcp and udp), no log mailbox; read back, it
+    is one listener holding every socket."""
+    state = handed_state()
+    state.listeners.append(handover.HandedListener("127.0.0.1", 9, False, 64, [12], []))
+    written = json.loads(state.to_json(2))
+    assert written["format"] == 2
+    assert (written["host"], written["port"], written["tcp"], written["udp"]) == (
+        "::", 7, [5, 12], [6],
+    )  # fmt: skip
+    assert not {"listeners", "log_mailbox"} & set(written)
+    assert {"log_drops_fd", "pending_signals", "restarts"} <= set(written)
+    again = handover.Handover.from_json(json.dumps(written).encode())
+    assert again.listeners == [handover.HandedListener("::", 7, False, None, [5, 12], [6])]
+    assert again.log_mailbox is None
+
+
+def test_handover_format_3_keeps_every_listener_and_its_options() -> None:
+    """Format 3 hands each entry over with its ipv6_only and backlog and its own sockets."""
+    state = handed_state()
+    state.listeners.append(handover.HandedListener("::1", 0, True, 64, [12], [13]))
+    written = json.loads(state.to_json())
+    assert written["format"] == handover.FORMAT == 3
+    assert not {"host", "port", "tcp", "udp"} & set(written)
+    assert handover.Handover.from_json(state.to_json()) == state
+    assert sorted(state.descriptors()) == [4, 5, 6, 8, 9, 10, 11, 12, 13]
 
 
 def test_execute_refuses_an_older_image_while_signals_are_pending() -> None:

@@ -488,9 +488,8 @@ def test_a_pool_hands_over_and_adopts_its_workers(selector: selectors.BaseSelect
     again = handover.Handover.from_json(
         handover.Handover(
             from_version="x", config_path=None, pidfile_required=False, started=0.0,
-            started_wall=0.0, generation=4, reloads=0, reload_serial=0, host="127.0.0.1",
-            port=7, udp_enabled=False, adopted=False, tcp=[], udp=[], pidfile_path=None,
-            pidfile_fd=None, pool=state,
+            started_wall=0.0, generation=4, reloads=0, reload_serial=0, listeners=[],
+            udp_enabled=False, adopted=False, pidfile_path=None, pidfile_fd=None, pool=state,
         ).to_json()
     ).pool  # fmt: skip
     with selectors.DefaultSelector() as other:
@@ -498,7 +497,7 @@ def test_a_pool_hands_over_and_adopts_its_workers(selector: selectors.BaseSelect
         new.start(other)
         control_fd = os.dup(ours.fileno())  # what the exec would have kept open
         again.workers[0].control = control_fd
-        listeners = Listeners("127.0.0.1", 7, False)
+        listeners = Listeners()
         try:
             assert new.adopt(again, listeners) == [4242]
             adopted = new.workers[4242]
