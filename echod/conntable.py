@@ -14,6 +14,7 @@ acknowledged; the idle time is since the last data received or sent, whichever i
 from __future__ import annotations
 
 import heapq
+import json
 import random
 import socket
 import struct
@@ -49,6 +50,23 @@ def tcp_counts(sock: Any) -> tuple[int, int, float] | None:
     )
     acked, received = struct.unpack_from("=QQ", info, _BYTES_ACKED)
     return received, acked, min(sent_ms, received_ms) / 1000.0
+
+
+def listing_parts(rows: list[dict[str, Any]], limit: int) -> list[bytes]:
+    """``rows`` as JSON arrays of at most ``limit`` bytes each (a row longer than that goes
+    alone); at least one, empty when there are no rows."""
+    parts: list[bytes] = []
+    part: list[bytes] = []
+    size = 2
+    for row in rows:
+        item = json.dumps(row, separators=(",", ":")).encode()
+        if part and size + len(item) + 1 > limit:
+            parts.append(b"[" + b",".join(part) + b"]")
+            part, size = [], 2
+        part.append(item)
+        size += len(item) + 1
+    parts.append(b"[" + b",".join(part) + b"]")
+    return parts
 
 
 def address(value: Any) -> str | None:

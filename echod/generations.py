@@ -125,6 +125,12 @@ class Generations:
         self.old_listeners.clear()
         self.outcome.served(self.generation)
 
+    def prepare(self) -> Prepared:
+        """The file again, with its sockets, log sink and account, nothing running changed
+        (echod.reload.prepare); OperatorError when it cannot be served."""
+        assert self.listeners is not None
+        return prepare(self.config_path, self.cfg, self.listeners)
+
     def switch(self, new: Prepared) -> dict[str, Any]:
         """A reload: ``new`` becomes the current configuration and sockets, in a new
         generation (to be spawned); what changed, as ``{setting: [old, new]}``."""
@@ -146,7 +152,7 @@ class Generations:
         """OperatorError unless the file loads and keeps the listening addresses (what an
         upgrade's new image would read; it opens its own log and sockets)."""
         assert self.listeners is not None
-        new = prepare(self.config_path, self.cfg, self.listeners)
+        new = self.prepare()
         new.abandon(self.listeners)
         if new.listeners is not self.listeners:
             raise OperatorError(

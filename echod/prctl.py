@@ -152,3 +152,15 @@ def set_oom_score_adj(value: int) -> bool:
 def oom_score_over(base: int | None, offset: int) -> int | None:
     """The score ``offset`` above ``base`` (capped), or None when ``base`` is unknown."""
     return None if base is None else min(base + offset, OOM_SCORE_MAX)
+
+
+def raise_for_worker() -> tuple[int | None, int | None]:
+    """Have the OOM killer take this (worker) process before the supervisor, and its
+    connection processes before it. Returns the score it had and the one for its connection
+    processes (None: unchanged, not allowed or unknown; no error: the scores are a
+    preference, and a read-only /proc, a container's, is common)."""
+    inherited = oom_score_adj()
+    mine = oom_score_over(inherited, OOM_WORKER)
+    if mine is None or not set_oom_score_adj(mine):
+        return inherited, None
+    return inherited, oom_score_over(inherited, OOM_CONNECTION)

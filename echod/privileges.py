@@ -20,8 +20,9 @@ import grp
 import os
 import pwd
 from dataclasses import dataclass
+from typing import Any
 
-from echod import exitcodes, prctl
+from echod import events, exitcodes, prctl
 from echod.errors import OperatorError
 
 #: The capability sets of /proc/self/status.
@@ -53,6 +54,13 @@ class Account:
     def describe(self) -> str:
         """``nobody (uid 65534), group nogroup (gid 65534)``."""
         return f"{self.user} (uid {self.uid}), group {self.group} (gid {self.gid})"
+
+    def fields(self) -> dict[str, Any]:
+        """Its fields in an event."""
+        return {
+            "user": self.user, "uid": self.uid, "group": self.group, "gid": self.gid,
+            "groups": list(self.groups),
+        }  # fmt: skip
 
     def is_current(self) -> bool:
         """Whether this process runs as this account already (ids and groups)."""
@@ -165,3 +173,14 @@ def capabilities(status_path: str = "/proc/self/status") -> dict[str, int]:
     except (OSError, ValueError):
         return found
     return found
+
+
+def warn_if_root(account: Account | None, log: Any) -> None:
+    """Say once that the workers, which talk to clients, would run as root (``account``:
+    what switch_for found)."""
+    if account is None and os.geteuid() == 0:
+        log.warning(
+            events.RUNNING_AS_ROOT,
+            effect="every process, those that talk to clients too, runs as root",
+            fix="set user (nobody, or a user of echod's own)",
+        )

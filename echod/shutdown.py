@@ -26,10 +26,11 @@ alive at the stop, the exit code) and acts through two small Protocols: :class:`
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from echod import events, exitcodes
+from echod import events, exitcodes, sinks
 from echod.states import WORKER_GONE, SupervisorState, WorkerState
 from echod.systemd import Notifier
 
@@ -126,9 +127,9 @@ class Shutdown:
     """The supervisor's stop, from the first signal to the last worker gone.
 
     Methods for the caller: :meth:`request` (SIGTERM, SIGINT), :meth:`begin` (stop accepting
-    now), :meth:`deadlines` and :meth:`run_timers` from the loop, :meth:`shift` after the
-    daemon was paused, :meth:`log_stopped` once the last worker is gone. :attr:`exit_code`
-    is the daemon's.
+    now), :meth:`internal_error`, :meth:`deadlines` and :meth:`run_timers` from the loop,
+    :meth:`shift` after the daemon was paused, :meth:`log_stopped` once the last worker is
+    gone. :attr:`exit_code` is the daemon's.
     """
 
     def __init__(
@@ -160,6 +161,35 @@ class Shutdown:
         #: Until when the stopping event waits for the workers' counts; None once logged.
         self.report_until: float | None = None
         self.stopping_fields: dict[str, object] = {}
+        self.internal_errors = 0
+
+    def internal_error(self, exc: Exception, timeout: float, fatal: bool = False) -> bool:
+        """Something echod did not expect: log it once, with its traceback, and stop the
+        graceful way (exit 70, ``timeout`` for the drain). A second time, or ``fatal``, the
+        workers are killed instead; True then: the loop cannot be trusted to drain, and the
+        caller ends it."""
+        self.internal_errors += 1
+        self.exit_code = exitcodes.EX_SOFTWARE
+        log = self.logger()
+        if log is None:  # before logging was set up: nothing runs yet
+            sinks.tell_stderr(f"internal error: {exc!r}")
+            return False
+        fatal = fatal or self.internal_errors > 1
+        log.error(
+            events.INTERNAL_ERROR,
+            error=f"{type(exc).__name__}: {exc}",
+            traceback="".join(traceback.format_exception(exc)),
+            state=self.host.state.value,
+            exit_code=exitcodes.EX_SOFTWARE,
+            fatal=fatal,
+        )
+        if self.notifier is not None:
+            self.notifier.stopping()
+        if fatal:
+            self.workers.kill_all()
+        else:
+            self.begin(exitcodes.EX_SOFTWARE, "internal error", timeout)
+        return fatal
 
     def request(self, reason: str, drain_delay: float, shutdown_timeout: float) -> None:
         """A graceful stop: drain first if ``drain_delay`` asks for it; a second request

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 from typing import Any
 
-from echod import events, exitcodes, fdstore, log, systemd
+from echod import __version__, events, exitcodes, fdstore, log, proctitle, sinks, systemd
 from echod.config import Config
 from echod.errors import OperatorError
+from echod.handover import Handover
 from echod.listeners import Listeners, adopt, bind, close_all, key_of, wanted
+from echod.logshare import Mailbox
 from echod.pidfile import Pidfile, PidfileLocked
 
 
@@ -23,6 +26,37 @@ def configure_logging(cfg: Config) -> None:
     except OSError as exc:
         message = f"cannot open log file {cfg.log.file}: {exc.strerror}"
         raise OperatorError(message, exitcodes.EX_CANTCREAT) from None
+
+
+def open_log(cfg: Config, handed: Handover | None) -> tuple[Any, sinks.DropWatch | None]:
+    """The supervisor's logging, at its start: its logger, and the watch on lines dropped.
+    ``handed``: from an upgrade's old image, whose workers go on counting their drops and
+    reading the reopens where they did."""
+    configure_logging(cfg)
+    log.set_process_name("supervisor")
+    proctitle.set_title("echod: supervisor")
+    if handed is not None and handed.log_drops_fd is not None:
+        sinks.adopt_counts(handed.log_drops_fd)
+    mailbox = handed.log_mailbox if handed is not None else None
+    log.share_reopens(Mailbox.adopt(mailbox) if mailbox else Mailbox.open())
+    return log.get_logger(), log.watch_drops(cfg.log)
+
+
+def log_start(logger: Any, cfg: Config, config_path: str | None, upgrade: bool) -> None:
+    """The first line of a run (``upgrade``: of an upgrade's new image)."""
+    logger.info(
+        events.START,
+        version=__version__,
+        config_file=config_path or "<embedded defaults>",
+        mode=cfg.mode,
+        workers=cfg.workers,
+        host=cfg.host,
+        port=cfg.port,
+        listen=[entry.address for entry in cfg.listen_entries()],
+        user=cfg.user,
+        python=sys.version.split()[0],
+        upgrade=upgrade,
+    )
 
 
 def acquire_pidfile(cfg: Config, required: bool, logger: Any) -> Pidfile | None:

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
-import traceback
 from typing import Any
 
 from echod import (
@@ -44,7 +42,6 @@ from echod import (
     log,
     metrics,
     privileges,
-    proctitle,
     signals,
     sinks,
     startup,
@@ -56,12 +53,10 @@ from echod.controlserver import ControlServer, control_path
 from echod.endpoint import Endpoint
 from echod.errors import OperatorError
 from echod.generations import Generations
-from echod.logshare import Mailbox
-from echod.mainloop import MainLoop
+from echod.mainloop import MainLoop, Timed, reap_children
 from echod.operations import Operations
 from echod.prctl import PR_SET_CHILD_SUBREAPER, prctl
 from echod.presence import Presence, Readiness
-from echod.reload import prepare
 from echod.shutdown import STOP_GRACE, Shutdown
 from echod.snapshot import Snapshot
 from echod.states import SUPERVISOR_TRANSITIONS, SupervisorState, check
@@ -112,7 +107,6 @@ class Supervisor:
         self.started_wall = 0.0
         self.started = 0.0
         self.log: Any = None
-        self.internal_errors = 0
         # The parts; nothing happens before run().
         self.loop = MainLoop(
             self.on_signal, self.next_deadline, self.after_gap, lambda: gap_threshold(self.cfg)
@@ -131,6 +125,9 @@ class Supervisor:
         self.control: ControlServer | None = None
         self.shutdown = Shutdown(self, self.pool, lambda: self.log, self.notifier)
         self.endpoint = Endpoint(self.render_metrics, self.health, lambda: self.log)
+        #: The parts with timers of their own (the control server and the upgrade join them
+        #: once made).
+        self.timed: list[Timed] = [self.endpoint, self.operations]
         self.upgrade: Upgrade | None = None
         self.drops: sinks.DropWatch | None = None
 
@@ -204,32 +201,11 @@ class Supervisor:
         # First: a user this process cannot switch to is refused (77) before anything is
         # opened, the log included (which such a user often may not open either).
         account = privileges.switch_for(self.cfg.user, self.cfg.group)
-        startup.configure_logging(self.cfg)
-        log.set_process_name("supervisor")
-        proctitle.set_title("echod: supervisor")
-        self.log = log.get_logger()
         handed = handover.received(os.environ)
-        if handed is not None and handed.log_drops_fd is not None:
-            # The old workers go on counting there: count on with them.
-            sinks.adopt_counts(handed.log_drops_fd)
-        self.drops = log.watch_drops(self.cfg.log)
-        self.log.info(
-            events.START,
-            version=__version__,
-            config_file=self.serving.config_path or "<embedded defaults>",
-            mode=self.cfg.mode,
-            workers=self.cfg.workers,
-            host=self.cfg.host,
-            port=self.cfg.port,
-            listen=[entry.address for entry in self.cfg.listen_entries()],
-            user=self.cfg.user,
-            python=sys.version.split()[0],
-            upgrade=handed is not None,
-        )
+        self.log, self.drops = startup.open_log(self.cfg, handed)
+        startup.log_start(self.log, self.cfg, self.serving.config_path, upgrade=handed is not None)
         if handed is None:  # (an upgrade's new image: the old one said so already)
-            self.warn_if_root(account)
-        mailbox = handed.log_mailbox if handed is not None else None
-        log.share_reopens(Mailbox.adopt(mailbox) if mailbox else Mailbox.open())
+            privileges.warn_if_root(account, self.log)
         startup.fit_fd_limit(self.cfg, self.log)
         if handed is None:
             self.presence.acquire(self.cfg, self.log)
@@ -248,6 +224,7 @@ class Supervisor:
             self, self.serving.config_path, selector, wakeup_fd=self.loop.wakeup_r,
             notifier=self.notifier, logger=lambda: self.log,
         )  # fmt: skip
+        self.timed.append(self.upgrade)
         self.pool.start(selector)
         self.endpoint.open(self.cfg, selector)
         path = control_path(self.cfg)
@@ -256,6 +233,7 @@ class Supervisor:
                 path, self.cfg.control_group, self.operations, lambda: self.log
             )
             self.control.open(selector)
+            self.timed.append(self.control)
         if handed is None:
             self.serving.first(listeners, account)
         else:
@@ -274,15 +252,6 @@ class Supervisor:
         if not self.presence.failed(code, message) and not told:
             sinks.tell_stderr(message)
         return code
-
-    def warn_if_root(self, account: privileges.Account | None) -> None:
-        """Say once that the workers, which talk to clients, would run as root."""
-        if account is None and os.geteuid() == 0:
-            self.log.warning(
-                events.RUNNING_AS_ROOT,
-                effect="every process, those that talk to clients too, runs as root",
-                fix="set user (nobody, or a user of echod's own)",
-            )
 
     def close_in_child(self) -> None:
         """In a new worker: close what is the supervisor's alone."""
@@ -318,13 +287,7 @@ class Supervisor:
 
     def next_deadline(self, now: float) -> float:
         deadlines = self.pool.deadlines(self.cfg, now) + self.shutdown.deadlines()
-        for deadline in (
-            self.endpoint.deadline(),
-            self.control.deadline() if self.control is not None else None,
-            self.operations.deadline(),
-            self.upgrade.deadline() if self.upgrade is not None else None,
-            self.watchdog.deadline(),
-        ):
+        for deadline in [part.deadline() for part in self.timed] + [self.watchdog.deadline()]:
             if deadline is not None:
                 deadlines.append(deadline)
         return min(deadlines)
@@ -338,12 +301,8 @@ class Supervisor:
         if self.drops is not None:
             self.drops.check(self.log)
         self.shutdown.run_timers(now)
-        self.endpoint.run_timers(now)
-        self.operations.run_timers(now)
-        if self.control is not None:
-            self.control.run_timers(now)
-        if self.upgrade is not None:
-            self.upgrade.run_timers(now)
+        for part in self.timed:
+            part.run_timers(now)
         if self._state is S.STOPPING and not self.pool.any_alive():
             self.change_state(S.STOPPED)
 
@@ -365,31 +324,13 @@ class Supervisor:
         )
 
     def internal_error(self, exc: Exception, fatal: bool = False) -> None:
-        """Something echod did not expect: log it once, with its traceback, and stop the
-        graceful way (exit 70); a second time (or ``fatal``), kill the workers and end."""
-        self.internal_errors += 1
-        self.shutdown.exit_code = exitcodes.EX_SOFTWARE
-        if self.log is None:
-            sinks.tell_stderr(f"internal error: {exc!r}")
-            return
-        fatal = fatal or self.internal_errors > 1
-        self.log.error(
-            events.INTERNAL_ERROR,
-            error=f"{type(exc).__name__}: {exc}",
-            traceback="".join(traceback.format_exception(exc)),
-            state=self._state.value,
-            exit_code=exitcodes.EX_SOFTWARE,
-            fatal=fatal,
-        )
-        if self.notifier is not None:
-            self.notifier.stopping()
+        """Logged and stopped by the stop (Shutdown.internal_error); an upgrade's check
+        ends too, and after a second one (or ``fatal``) the loop ends here."""
+        ended = self.shutdown.internal_error(exc, self.cfg.shutdown_timeout, fatal)
         if self.upgrade is not None:
             self.upgrade.abort("echod is stopping (internal error)")
-        if fatal:
-            self.pool.kill_all()
+        if ended:
             self._state = S.STOPPED  # the loop cannot be trusted to drain: end it here
-            return
-        self.shutdown.begin(exitcodes.EX_SOFTWARE, "internal error", self.cfg.shutdown_timeout)
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -423,13 +364,7 @@ class Supervisor:
         """Collect every exited child and tell its owner: a worker, an upgrade's check, or
         an orphaned connection process (this is their subreaper: nothing to tell)."""
         stopping = self._state in (S.STOPPING, S.STOPPED)
-        for _ in range(100_000):  # bounded: at most one pass per child, with room to spare
-            try:
-                pid, wait_status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, wait_status in reap_children():
             ours = self.pool.exited(pid, wait_status, self.cfg, stopping)
             if not ours and self.upgrade is not None:
                 self.upgrade.exited(pid, wait_status)
@@ -542,9 +477,8 @@ class Supervisor:
             return
         if self.notifier is not None:
             self.notifier.reloading()
-        assert serving.listeners is not None
         try:
-            new = prepare(serving.config_path, self.cfg, serving.listeners)
+            new = serving.prepare()
         except OperatorError as exc:
             self.log.error(events.RELOAD_FAILED, error=str(exc), config_file=serving.config_path)
             if self.notifier is not None:
@@ -556,7 +490,7 @@ class Supervisor:
         self.operations.clear_limits()  # (the file's again: the new generation starts so)
         changes = serving.switch(new)
         if "user" in changes or "group" in changes:
-            self.warn_if_root(new.account)
+            privileges.warn_if_root(new.account, self.log)
         assert self.loop.selector is not None and serving.listeners is not None
         self.endpoint.reconfigure(new.cfg, self.loop.selector)
         startup.fit_fd_limit(new.cfg, self.log)

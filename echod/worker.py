@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import os
 import signal
 import socket
 import threading
 import time
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, ClassVar
 
 from echod import control, events, log, prctl, privileges, proctitle, signals
@@ -30,7 +28,8 @@ from echod.accepting import HOLD_MAX, Acceptor, Local
 from echod.admission import Admission, SharedIpCounts
 from echod.config import Config
 from echod.connection import MAX_AGE, RETIRED, Outcome
-from echod.conntable import ConnectionTable, Entry
+from echod.conntable import ConnectionTable, Entry, listing_parts
+from echod.draining import Drain, WorkerDrain
 from echod.eventsource import EventSource, SelectorSource
 from echod.handler import HandlerSettings, connection_timeouts
 from echod.listeners import Listeners
@@ -38,26 +37,10 @@ from echod.metrics import WorkerCounters
 from echod.privileges import Account
 from echod.udp import UdpEcho
 
-#: After the shutdown deadline cut the connections, how long they get to log and go.
-CUT_GRACE = 5.0
 #: The most a heartbeat waits; a shorter worker_timeout makes heartbeats more frequent.
 HEARTBEAT_MAX = 1.0
 #: A listing is sent in parts of at most this many bytes of JSON (a control packet's room).
 LISTING_PART = control.MAX_MESSAGE - 256
-
-
-class Drain(Enum):
-    """Where a worker is in its stop: one state, so that whether it accepts, whether a
-    deadline will cut, and what its bye counts from cannot disagree."""
-
-    #: Accepting.
-    SERVING = "serving"
-    #: A reload replaced it: not accepting; its connections run to their natural end.
-    RETIRING = "retiring"
-    #: Stopped: not accepting; what is still open at the deadline is cut.
-    STOPPING = "stopping"
-    #: The deadline passed: what was open then has been told to close.
-    CUT = "cut"
 
 
 def heartbeat_interval(cfg: Config) -> float:
@@ -104,7 +87,8 @@ class Worker:
     - :meth:`init_mode`: set-up in the worker process, once its parts exist (nothing to
       call up).
     - :meth:`open_connections`: what it serves now, if it knows more than admission does.
-    - :meth:`kill_connections`: connections that ignored the cut for ``CUT_GRACE``.
+    - :meth:`kill_connections`: connections that ignored the cut for ``CUT_GRACE``
+      (echod.draining).
     - :meth:`on_signal` for a signal of its own (SIGCHLD in process mode); else ``super()``.
     - :meth:`reopen_children`: pass a log reopen on (nothing to call up).
     - :meth:`collect_finished`: count connections that ended without waking the loop.
@@ -141,15 +125,7 @@ class Worker:
             backlog=spec.config.backlog,
         )  # fmt: skip
         self.table = ConnectionTable(max_age=spec.config.max_connection_age)
-        self.drain = Drain.SERVING
-        self.drain_deadline: float | None = None
-        #: When a retiring worker cuts what is still open (retire_timeout); None: never.
-        self.retire_deadline: float | None = None
-        self.kill_deadline: float | None = None
-        #: What was open when it stopped accepting, or when a stop followed its retirement:
-        #: its bye's finished + cut, and what it answers each stop with.
-        self.open_at_stop = 0
-        self.cut = 0
+        self.drain = WorkerDrain()
         #: What connection processes set their OOM score to (None: leave it as inherited).
         self.connection_oom_score: int | None = None
         self.next_heartbeat = 0.0
@@ -158,7 +134,7 @@ class Worker:
     @property
     def stopping(self) -> bool:
         """Whether it has stopped accepting (retiring, stopping or cut)."""
-        return self.drain is not Drain.SERVING
+        return self.drain.stopping
 
     @property
     def paused(self) -> bool:
@@ -173,8 +149,8 @@ class Worker:
         self.init_process()
         self.next_heartbeat = time.monotonic()
         self.source.run(self.next_deadline, self.after_events)
-        finished = self.open_at_stop - self.cut
-        self.say(control.Bye(finished, self.cut, self.admission.served, self.counters()))
+        drain = self.drain
+        self.say(control.Bye(drain.finished, drain.cut, self.admission.served, self.counters()))
         return 0
 
     def init_process(self) -> None:
@@ -184,7 +160,10 @@ class Worker:
         log.configure(self.cfg.log, sink=log.current_sink())
         self.log = log.get_logger().bind(worker=self.spec.index)
         proctitle.set_title(f"echod: worker {self.spec.index} ({self.mode})")
-        self.raise_oom_score()
+        # The OOM killer takes connection processes first, then workers, then the supervisor.
+        inherited, self.connection_oom_score = prctl.raise_for_worker()
+        if self.connection_oom_score is None:
+            self.log.debug(events.OOM_SCORE_UNCHANGED, oom_score_adj=inherited)
         self.source = self.event_source()
         # Ctrl-C and SIGHUP reach the whole process group; the supervisor decides for all.
         for signum in signals.WORKER_IGNORED:
@@ -203,7 +182,11 @@ class Worker:
             self.inherit_timeouts()
         self.inherit_tcp_options()
         self.init_mode()
-        self.drop_privileges()
+        if self.spec.account is not None:
+            # For good, before the first client: connection processes forked from here
+            # inherit it. Raises (the worker fails to boot) rather than serve as root.
+            privileges.drop(self.spec.account)
+            self.log.debug(events.PRIVILEGES_DROPPED, **self.spec.account.fields())
         # What exists now lives as long as the worker: keep the collector off it, so that the
         # pages holding it stay shared with forked connection processes instead of copied.
         gc.freeze()
@@ -214,35 +197,6 @@ class Worker:
 
     def remove_reader(self, fileobj: Any) -> None:
         self.source.remove_reader(fileobj)
-
-    def raise_oom_score(self) -> None:
-        """Have the OOM killer take this worker before the supervisor, and its connection
-        processes before it (see echod.prctl). Not being allowed is no error: the scores are
-        a preference, and a read-only /proc (a container) is common."""
-        inherited = prctl.oom_score_adj()
-        mine = prctl.oom_score_over(inherited, prctl.OOM_WORKER)
-        if mine is None or not prctl.set_oom_score_adj(mine):
-            self.log.debug(events.OOM_SCORE_UNCHANGED, oom_score_adj=inherited)
-            return
-        assert inherited is not None
-        self.connection_oom_score = prctl.oom_score_over(inherited, prctl.OOM_CONNECTION)
-
-    def drop_privileges(self) -> None:
-        """Become the ``user`` of the configuration, for good, before the first client: the
-        connection processes forked from here inherit it. Raises (the worker then fails to
-        boot) rather than serve with what it could not drop."""
-        account = self.spec.account
-        if account is None:
-            return
-        privileges.drop(account)
-        self.log.debug(
-            events.PRIVILEGES_DROPPED,
-            user=account.user,
-            uid=account.uid,
-            group=account.group,
-            gid=account.gid,
-            groups=list(account.groups),
-        )
 
     def init_mode(self) -> None:
         """Mode-specific set-up in the worker process (pipes, thread stack size...)."""
@@ -262,11 +216,8 @@ class Worker:
     # -- timers ----------------------------------------------------------------------------
 
     def next_deadline(self, now: float) -> float:
-        deadlines = [self.next_heartbeat]
+        deadlines = [self.next_heartbeat, *self.drain.deadlines()]
         for deadline in (
-            self.drain_deadline,
-            self.kill_deadline,
-            self.retire_deadline,
             self.acceptor.deadline(now),
             self.table.next_age_deadline(),
         ):
@@ -288,23 +239,16 @@ class Worker:
             self.heartbeat()
             self.next_heartbeat = now + heartbeat_interval(self.cfg)
         self.acceptor.run_timers(now)
-        if self.drain_deadline is not None and now >= self.drain_deadline:
-            self.drain_deadline = None
-            self.drain = Drain.CUT
-            self.cut = self.open_connections()
-            if self.cut:
-                self.log.info(events.CUTTING, open=self.cut)
-                self.acceptor.refuse_held()  # never served: nothing to cut, only to close
-                self.cut_connections()
-                self.kill_deadline = now + CUT_GRACE
-        if self.kill_deadline is not None and now >= self.kill_deadline:
-            self.kill_deadline = None
+        asked = self.drain.due(now, self.open_connections)
+        if asked.cut:
+            self.log.info(events.CUTTING, open=self.drain.cut)
+            self.acceptor.refuse_held()  # never served: nothing to cut, only to close
+            self.cut_connections()
+        if asked.kill:
             self.kill_connections()
-        if self.retire_deadline is not None and now >= self.retire_deadline:
-            self.retire_deadline = None
-            if self.drain is Drain.RETIRING:
-                for entry in list(self.table.entries.values()):
-                    self.cut_connection(entry, RETIRED, graceful=False)
+        if asked.retire:
+            for entry in list(self.table.entries.values()):
+                self.cut_connection(entry, RETIRED, graceful=False)
         for entry in self.table.aged(now):
             self.cut_connection(entry, MAX_AGE, graceful=True)
         # Each summary's interval starts when it has been written, not at ``now``: the timers
@@ -357,7 +301,7 @@ class Worker:
                 # there is the next echod's.)
                 self.acceptor.accept_backlog()
             self.begin_stop(self.cfg.shutdown_timeout)
-            self.say(control.Stopping(self.open_at_stop))
+            self.say(control.Stopping(self.drain.open_at_stop))
         elif isinstance(command, control.Retire):
             self.begin_stop(None)
         elif isinstance(command, control.RetireListeners):
@@ -371,7 +315,7 @@ class Worker:
             self.reopen_children()
         elif isinstance(command, control.Quit):
             self.begin_stop(0.0)
-            self.say(control.Stopping(self.open_at_stop))
+            self.say(control.Stopping(self.drain.open_at_stop))
         elif isinstance(command, control.ListConnections):
             self.send_listing(command.request)
         elif isinstance(command, control.Cut):
@@ -383,23 +327,16 @@ class Worker:
                 command.connection_rate_milli / 1000,
             )
             self.acceptor.limits_changed()
-        elif isinstance(command, control.RetireBy) and self.drain is Drain.RETIRING:
-            self.retire_deadline = time.monotonic() + command.milliseconds / 1000
+        elif isinstance(command, control.RetireBy):
+            self.drain.retire_by(time.monotonic() + command.milliseconds / 1000)
 
     def send_listing(self, request: int) -> None:
         """Answer ListConnections ``request``: every open connection, in parts that each fit
         a control packet."""
         self.collect_finished()
-        part: list[bytes] = []
-        size = 2
-        for row in self.table.listing():
-            item = json.dumps(row, separators=(",", ":")).encode()
-            if part and size + len(item) + 1 > LISTING_PART:
-                self.say(control.Connections(request, 0, b"[" + b",".join(part) + b"]"))
-                part, size = [], 2
-            part.append(item)
-            size += len(item) + 1
-        self.say(control.Connections(request, 1, b"[" + b",".join(part) + b"]"))
+        parts = listing_parts(self.table.listing(), LISTING_PART)
+        for index, part in enumerate(parts):
+            self.say(control.Connections(request, int(index == len(parts) - 1), part))
 
     def cut_by_request(self, command: control.Cut) -> None:
         """End the connections a Cut names, for its reason; say which it found."""
@@ -498,25 +435,13 @@ class Worker:
         """Stop accepting now; cut what is still open after ``timeout`` (None: never, a
         retirement). Called again, a shorter timeout brings the cut forward; once cut,
         nothing changes."""
-        before = self.drain
-        if before is Drain.SERVING:
-            # The state first: a thread-mode connection thread reads it to decide whether
-            # to wait for another connection.
-            self.drain = Drain.RETIRING if timeout is None else Drain.STOPPING
-            self.open_at_stop = self.open_connections()
+        # (The state changes first: a thread-mode connection thread reads it to decide
+        # whether to wait for another connection.)
+        left = self.drain.begin(timeout, self.open_connections(), time.monotonic())
+        if left is Drain.SERVING:
             self.close_listeners()
-        elif before is Drain.RETIRING and timeout is not None:
-            # The daemon stops while a reload's retirement goes on: count from now, so that
-            # what this worker answers the stop with is what it has open at the stop, and
-            # what finished during the retirement (before the stop) is not in its bye.
-            self.drain = Drain.STOPPING
-            self.open_at_stop = self.open_connections()
-        if self.drain is not before:
-            self.log.info(events.WORKER_DRAINING, open=self.open_at_stop, timeout=timeout)
-        if timeout is not None and self.drain is Drain.STOPPING:
-            deadline = time.monotonic() + timeout
-            if self.drain_deadline is None or deadline < self.drain_deadline:
-                self.drain_deadline = deadline
+        if left is not None:
+            self.log.info(events.WORKER_DRAINING, open=self.drain.open_at_stop, timeout=timeout)
 
     def close_listeners(self) -> None:
         self.acceptor.stop(_close_quietly)
