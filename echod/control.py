@@ -44,7 +44,9 @@ truncation, an oversize packet), which the receiver logs and drops.
 from __future__ import annotations
 
 import re
+import select
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -298,13 +300,31 @@ def receive(sock: socket.socket) -> bytes | None:
         return b""
 
 
-def send(sock: socket.socket, message: Message) -> bool:
-    """Send one message; False when the other side is gone (it is noticed on read)."""
-    try:
-        sock.send(encode(message))
-    except OSError:
-        return False
-    return True
+def send(sock: socket.socket, message: Message, wait: float = 0.0) -> bool:
+    """Send one message; False when the other side is gone (it is noticed on read), or its
+    queue is full and stays full for ``wait`` seconds (0: not at all). A worker waits: what
+    it says is in order and whole (a listing of 10,000 connections is many packets, sent
+    faster than the supervisor reads them); the supervisor never does (a worker that does
+    not read is one it will replace)."""
+    data = encode(message)
+    deadline = time.monotonic() + wait
+    poller: select.poll | None = None
+    for _ in range(100_000):  # bounded: each pass waits, or ends
+        try:
+            sock.send(data)
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if poller is None:
+                poller = select.poll()
+                poller.register(sock, select.POLLOUT)
+            poller.poll(max(1, int(left * 1000)))
+            continue
+        except OSError:
+            return False
+        return True
+    return False
 
 
 def _encode_value(value: int) -> bytes:

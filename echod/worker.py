@@ -39,6 +39,10 @@ from echod.udp import UdpEcho
 
 #: The most a heartbeat waits; a shorter worker_timeout makes heartbeats more frequent.
 HEARTBEAT_MAX = 1.0
+#: The most one message to the supervisor waits for room in its queue: the supervisor reads
+#: at every pass of its loop, so only a listing larger than the queue (or a supervisor that
+#: is stopped) makes a worker wait at all.
+SAY_WAIT = 5.0
 #: A listing is sent in parts of at most this many bytes of JSON (a control packet's room).
 LISTING_PART = control.MAX_MESSAGE - 256
 
@@ -273,8 +277,11 @@ class Worker:
     # -- control channel and signals -------------------------------------------------------
 
     def say(self, message: control.WorkerMessage) -> None:
-        """Send one message to the supervisor; a gone supervisor is noticed on read."""
-        control.send(self.spec.control, message)
+        """Send one message to the supervisor; a gone supervisor is noticed on read. A
+        heartbeat never waits for room: the next one says the same, newer, and a worker
+        must not stall its clients for a supervisor that is stopped."""
+        wait = 0.0 if isinstance(message, control.Heartbeat) else SAY_WAIT
+        control.send(self.spec.control, message, wait)
 
     def on_control(self, sock: Any) -> None:
         data = control.receive(self.spec.control)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import resource
 import shutil
 import socket
 import subprocess
@@ -193,6 +194,32 @@ def test_the_listing_is_the_open_events_and_a_cut_ends_one(
 def echo_roundtrip_open(sock: socket.socket, data: bytes) -> bytes:
     sock.sendall(data)
     return recv_exactly(sock, len(data))
+
+
+@pytest.mark.parametrize("mode", ["thread", "async"])
+def test_a_listing_larger_than_the_control_queue_comes_whole(tmp_path: Path, mode: str) -> None:
+    """1,500 connections list as about 600 KB of JSON: more packets than the worker's
+    control queue holds at once. The worker waits for room instead of dropping parts (it
+    did, in async mode, whose socket does not block: 1,325 rows of 10,001)."""
+    count = 1500
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < count + 200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard}: {count} connections need more")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, count + 200), hard))
+    try:
+        with daemon(tmp_path, mode=mode, max_connections=count + 10, backlog=2048,
+                    log={"connections": False}) as server:  # fmt: skip
+            wait_workers(server, 1)
+            socks = held(server, count)
+            try:
+                rows = listing(server)
+                assert len(rows) == count
+                assert len({row["conn_id"] for row in rows}) == count
+            finally:
+                for sock in socks:
+                    sock.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import selectors
 import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -147,6 +148,38 @@ def test_over_a_real_seqpacket_pair() -> None:
         theirs.close()
         assert control.receive(ours) == b""
         assert control.send(ours, control.Stop()) is False
+
+
+def test_a_full_queue_waits_for_room_in_order_or_not_at_all() -> None:
+    """On a non-blocking socket whose queue is full: without ``wait`` the message is not
+    sent (False); with it, it goes as soon as the reader makes room, after everything sent
+    before it, and nothing is lost."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        theirs.setblocking(False)
+        sent = 0
+        for _ in range(100_000):  # bounded: the queue fills long before
+            if not control.send(theirs, control.Connections(sent, 0, b"[]")):
+                break
+            sent += 1
+        assert 0 < sent < 100_000
+        reader_done: list[list[control.Message]] = []
+
+        def read_all() -> None:
+            got = []
+            ours.settimeout(10)
+            for _ in range(sent + 1):
+                got.append(control.decode(ours.recv(control.MAX_MESSAGE + 1)))
+            reader_done.append(got)
+
+        reader = threading.Thread(target=read_all)
+        reader.start()
+        assert control.send(theirs, control.Connections(sent, 1, b"[]"), wait=10.0)
+        reader.join(15)
+        assert reader_done, "the reader did not get every message"
+        assert reader_done[0] == [
+            control.Connections(n, int(n == sent), b"[]") for n in range(sent + 1)
+        ]
 
 
 class Owner:
