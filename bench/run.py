@@ -1000,6 +1000,8 @@ def _ratio_section(report: dict[str, Any], scenarios: list[loadgen.Scenario]) ->
     def wanted(echod: str, base: str) -> bool:
         if base.startswith("faster:"):
             return echod in selected and any(b in selected for b in PAIRS[base[7:]])
+        if not echod.startswith("echod_"):  # two baselines: only when both ran
+            return echod in selected and base in selected
         return echod in selected or base in selected
 
     pairs = [(a, b) for a, b in RATIOS if wanted(a, b)]
