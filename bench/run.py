@@ -59,6 +59,10 @@ SLICE_FULL, SLICE_QUICK = 2.0, 0.3  # seconds of load per server per round
 XINETD = Path("/usr/sbin/xinetd")
 NOTES = ROOT / "bench" / "notes.md"
 TOOL_BASELINES = frozenset({"c_epoll", "xinetd"})  # n/a without cc or xinetd, not a failure
+# A baseline's known flaw, and the only load-generator error it excuses (with every byte sent
+# echoed back unchanged): the tutorial process server's parent keeps its copy of the socket it
+# accepted last, so that connection's client waits in vain for the end of the echo.
+KNOWN_FLAWS = {"tutorial_process": "connections still open after the drain"}
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,8 @@ class ServerSpec:
     xinetd: bool = False  # xinetd's built-in echo, on a private configuration
     settings: str = ""  # echod: YAML lines added to its configuration
     tree: str | None = None  # echod: serve from this source tree (--before), not ROOT
+    workers: int = 1  # echod: its workers setting
+    args: tuple[str, ...] = ()  # a baseline script: arguments after PORT
 
     @property
     def is_echod(self) -> bool:
@@ -83,7 +89,17 @@ SERVERS: tuple[ServerSpec, ...] = (
     ServerSpec("c_epoll", "C, one epoll loop (the limit for this client)", binary="epoll_echo"),
     ServerSpec("xinetd", "xinetd's built-in echo (forks per connection)", xinetd=True),
     ServerSpec("classic_thread", "tutorial server, thread per connection", "classic_thread.py"),
+    ServerSpec(
+        "tutorial_thread",
+        "the tutorials' thread server as printed (send, listen(1000), nothing else)",
+        "tutorial_thread.py",
+    ),
     ServerSpec("classic_process", "tutorial server, fork per connection", "classic_process.py"),
+    ServerSpec(
+        "tutorial_process",
+        "the tutorials' multiprocessing.Process server as printed (fork, listen(10))",
+        "tutorial_process.py",
+    ),
     ServerSpec("bare_uvloop", "asyncio Protocol echo on uvloop, nothing else", "bare_uvloop.py"),
     ServerSpec("echod_thread", "echod mode thread, 1 worker, connections logged", mode="thread"),
     ServerSpec(
@@ -103,13 +119,48 @@ SERVERS: tuple[ServerSpec, ...] = (
 )
 SERVER_NAMES = tuple(s.name for s in SERVERS)
 
-# (echod server, its baseline): the comparisons the project's targets are stated in.
+# Scaling: echod with N workers against N bare servers sharing the port (SO_REUSEPORT), N the
+# machine's CPUs, run only where there are more than two (with two, the load generator and
+# the servers would compete for the same CPUs, which says nothing about scaling).
+WORKERS_SCENARIOS = ("1KiB-c100", "churn-64B-c10")
+WORKERS_MIN_CPUS = 3
+
+
+def workers_specs(n: int) -> list[ServerSpec]:
+    """echod's async mode with ``n`` workers, and ``n`` bare uvloop servers on one port."""
+    return [
+        ServerSpec(
+            f"echod_async_w{n}",
+            f"echod mode async, {n} workers, connections logged",
+            mode="async",
+            workers=n,
+        ),
+        ServerSpec(
+            f"bare_uvloop_x{n}",
+            f"{n} bare_uvloop processes on one port (SO_REUSEPORT)",
+            "bare_uvloop.py",
+            args=(str(n),),
+        ),
+    ]
+
+# Two baselines that serve alike: the tutorials' code as printed, and the same server written
+# with our habits (sendall, with, exception handling; os.fork). A mode is compared, scenario by
+# scenario, with the faster of the pair (bench/notes.md says why they differ).
+PAIRS: dict[str, tuple[str, str]] = {
+    "thread": ("classic_thread", "tutorial_thread"),
+    "process": ("classic_process", "tutorial_process"),
+}
+
+# (echod server, its baseline): the comparisons the project's targets are stated in. A
+# baseline "faster:<kind>" is the faster of PAIRS[kind] in each scenario.
 RATIOS: tuple[tuple[str, str], ...] = (
     ("echod_async", "bare_uvloop"),
-    ("echod_thread", "classic_thread"),
-    ("echod_thread_spare", "classic_thread"),
-    ("echod_process", "classic_process"),
-    ("echod_process_spare", "classic_process"),
+    ("echod_thread", "faster:thread"),
+    ("echod_thread_spare", "faster:thread"),
+    ("echod_process", "faster:process"),
+    ("echod_process_spare", "faster:process"),
+    ("tutorial_thread", "classic_thread"),
+    ("tutorial_process", "classic_process"),
     *((f"echod_{mode}", "c_epoll") for mode in ("async", "thread", "process")),
     *((f"echod_{mode}", "xinetd") for mode in ("async", "thread", "process")),
 )
@@ -158,7 +209,8 @@ class Server:
 
     def argv(self) -> list[str]:
         if self.spec.script is not None:
-            return [sys.executable, str(BASELINES / self.spec.script), str(self.port)]
+            script = [sys.executable, str(BASELINES / self.spec.script), str(self.port)]
+            return script + list(self.spec.args)
         if self.spec.binary is not None:
             built = self.binaries.get(self.spec.binary)
             if built is None:
@@ -179,7 +231,9 @@ class Server:
                 "-pidfile",
                 str(self.workdir / f"{self.config.stem}.pid"),
             ]
-        return [sys.executable, "-m", "echod", "run", "--config", str(self.config)]
+        # -P: not the working directory (ROOT) first on sys.path, so that PYTHONPATH decides
+        # which tree is served (--before).
+        return [sys.executable, "-P", "-m", "echod", "run", "--config", str(self.config)]
 
     def write_xinetd_config(self) -> None:
         """The echo service built into xinetd, alone, on our port of 127.0.0.1.
@@ -215,7 +269,7 @@ class Server:
             f"mode: {self.spec.mode}\n"
             f"host: {HOST}\n"
             f"port: {self.port}\n"
-            "workers: 1\n"
+            f"workers: {self.spec.workers}\n"
             "max_connections: 20000\n"
             "pidfile: null\n"
             "log:\n"
@@ -735,6 +789,7 @@ def render_markdown(report: dict[str, Any], scenarios: list[loadgen.Scenario]) -
         [[n, *[_field(runs[n][s.name], "other_cpu_pct", 0) for s in scenarios]] for n in servers],
     )
     out += _ratio_section(report, scenarios)
+    out += _workers_section(report, scenarios)
     out += _mass_close_section(report)
     out += _verification_section(report)
     out += [
@@ -763,9 +818,12 @@ def render_markdown(report: dict[str, Any], scenarios: list[loadgen.Scenario]) -
         "then held; memory is PSS from /proc/<pid>/smaps_rollup summed over the server's tree. "
         "The ramp stops after 30 s, or once it has cost 6 GiB of available memory (or left "
         "less than a quarter): a server that needs more shows what it held by then.",
-        "- The classic servers are as the tutorials write them (recv(1024), Nagle's algorithm "
-        "left on) except that they use sendall: 64 KiB echoed in 1 KiB writes then waits for "
-        "delayed ACKs, about 40 ms a round trip.",
+        "- The tutorial servers (tutorial_thread, tutorial_process) are the tutorials' code as "
+        "printed: recv(1024) and send, a threading.Thread or a multiprocessing.Process per "
+        "connection, listen(1000) or listen(10), nothing else. The classic servers are the "
+        "same written with sendall, with and exception handling (classic_process forks with "
+        "os.fork and closes its copy of the socket). All leave Nagle's algorithm on: 64 KiB "
+        "echoed in 1 KiB writes then waits for delayed ACKs, about 40 ms a round trip.",
         "",
     ]
     return "\n".join(out)
@@ -787,6 +845,39 @@ def _with_cpu(entry: dict[str, Any]) -> str:
     if entry.get("status") != "ok" or entry["kind"] == "idle" or cpu is None:
         return text
     return f"{text} · {cpu:,.1f} µs"
+
+
+def _workers_section(report: dict[str, Any], scenarios: list[loadgen.Scenario]) -> list[str]:
+    info: dict[str, Any] | None = report.get("workers_n")
+    if info is None:
+        return []
+    out = ["", "## Workers: N against N bare servers", ""]
+    if "skipped" in info:
+        return [*out, f"Not run: {info['skipped']}."]
+    n, results = info["n"], info["results"]
+    out += [
+        f"echod's async mode with {n} workers against {n} bare_uvloop processes sharing the "
+        f"port with SO_REUSEPORT, on {info['cpus']} CPUs; interleaved as above. Ratio: echod "
+        "divided by the bare servers (CPU: theirs divided by echod's).",
+        "",
+    ]
+    chosen = [s for s in scenarios if s.name in WORKERS_SCENARIOS]
+    echod_name, bare_name = (spec.name for spec in workers_specs(n))
+    rows = [[name, *[_with_cpu(results.get(name, {}).get(s.name, {})) for s in chosen]]
+            for name in (echod_name, bare_name)]  # fmt: skip
+
+    def cell(s: loadgen.Scenario, key: str | None) -> str:
+        mine = results.get(echod_name, {}).get(s.name, {})
+        theirs = results.get(bare_name, {}).get(s.name, {})
+        if mine.get("status") != "ok" or theirs.get("status") != "ok":
+            return "n/a"
+        if key is None:
+            return _ratio(primary_value(mine), primary_value(theirs))
+        return _ratio(theirs.get(key), mine.get(key))
+
+    rows.append(["ratio", *[cell(s, None) for s in chosen]])
+    rows.append(["ratio (CPU)", *[cell(s, "server_cpu_us_per_rt") for s in chosen]])
+    return out + _table(["server", *[f"{s.name} {unit(s)}" for s in chosen]], rows)
 
 
 def _mass_close_section(report: dict[str, Any]) -> list[str]:
@@ -882,16 +973,44 @@ def _memory_section(report: dict[str, Any], scenarios: list[loadgen.Scenario]) -
     return out + (["", *notes] if notes else [])
 
 
+def faster_baseline(
+    runs: dict[str, dict[str, Any]], kind: str, scenario: loadgen.Scenario
+) -> str | None:
+    """The faster server of ``PAIRS[kind]`` in ``scenario`` (idle: the one with less memory per
+    connection); None when neither ran."""
+    best: tuple[float, str] | None = None
+    for name in PAIRS[kind]:
+        entry = runs.get(name, {}).get(scenario.name, {})
+        if entry.get("status") != "ok":
+            continue
+        if scenario.kind == "idle":
+            per_conn = entry.get("pss_per_conn_kib")
+            score = -per_conn if per_conn is not None else None
+        else:
+            score = primary_value(entry)
+        if score is not None and (best is None or score > best[0]):
+            best = (score, name)
+    return None if best is None else best[1]
+
+
 def _ratio_section(report: dict[str, Any], scenarios: list[loadgen.Scenario]) -> list[str]:
     runs = report["results"]
     selected = set(report["servers"])
-    pairs = [(a, b) for a, b in RATIOS if a in selected or b in selected]
+
+    def wanted(echod: str, base: str) -> bool:
+        if base.startswith("faster:"):
+            return echod in selected and any(b in selected for b in PAIRS[base[7:]])
+        if not echod.startswith("echod_"):  # two baselines: only when both ran
+            return echod in selected and base in selected
+        return echod in selected or base in selected
+
+    pairs = [(a, b) for a, b in RATIOS if wanted(a, b)]
     pairs += [(n, f"{n}_before") for n in report["servers"] if f"{n}_before" in selected]
     if not pairs:
         return []
 
-    def value(server: str, scenario: str, key: str | None) -> float | None:
-        entry = runs.get(server, {}).get(scenario, {})
+    def value(server: str | None, scenario: str, key: str | None) -> float | None:
+        entry = runs.get(server, {}).get(scenario, {}) if server is not None else {}
         if entry.get("status") != "ok":
             return None
         return primary_value(entry) if key is None else entry.get(key)
@@ -900,32 +1019,68 @@ def _ratio_section(report: dict[str, Any], scenarios: list[loadgen.Scenario]) ->
     out += [
         "Headline number of echod divided by that of its baseline (idle: baseline PSS divided "
         "by echod PSS). CPU: baseline CPU per round trip divided by echod's. Above 1.00x "
-        "means echod does better.",
+        "means echod does better. \"faster thread\" and \"faster process\" are, in each "
+        "scenario, the faster of the two tutorial-style servers of that kind (classic_* as we "
+        "write them, tutorial_* as the tutorials print them), named in the cell; the CPU row "
+        "compares with that same server.",
         "",
     ]
     rows = []
     for echod, base in pairs:
         cells, cpu_cells = [], []
+        label = f"faster {base[7:]}" if base.startswith("faster:") else base
         for s in scenarios:
-            mine, theirs = value(echod, s.name, None), value(base, s.name, None)
-            if s.kind == "idle" and value(echod, s.name, "held") != value(base, s.name, "held"):
+            theirs_name: str | None = base
+            note = ""
+            if base.startswith("faster:"):
+                theirs_name = faster_baseline(runs, base[7:], s)
+                note = f" ({theirs_name.split('_')[0]})" if theirs_name else ""
+            mine, theirs = value(echod, s.name, None), value(theirs_name, s.name, None)
+            if s.kind == "idle" and value(echod, s.name, "held") != value(
+                theirs_name, s.name, "held"
+            ):
                 # They held different numbers of connections: compare per connection.
                 mine = value(echod, s.name, "pss_per_conn_kib")
-                theirs = value(base, s.name, "pss_per_conn_kib")
-                cells.append(_ratio(theirs, mine) + " per conn.")
+                theirs = value(theirs_name, s.name, "pss_per_conn_kib")
+                cells.append(_ratio(theirs, mine) + " per conn." + note)
             elif s.kind == "idle":
-                cells.append(_ratio(theirs, mine))
+                cells.append(_ratio(theirs, mine) + note)
             else:
-                cells.append(_ratio(mine, theirs))
+                cells.append(_ratio(mine, theirs) + note)
             cpu_cells.append(
                 _ratio(
-                    value(base, s.name, "server_cpu_us_per_rt"),
+                    value(theirs_name, s.name, "server_cpu_us_per_rt"),
                     value(echod, s.name, "server_cpu_us_per_rt"),
                 )
+                + note
             )
-        rows.append([f"{echod} / {base}", *cells])
-        rows.append([f"{echod} / {base} (CPU)", *cpu_cells])
+        rows.append([f"{echod} / {label}", *cells])
+        rows.append([f"{echod} / {label} (CPU)", *cpu_cells])
     return out + _table(["ratio", *[s.name for s in scenarios]], rows)
+
+
+def all_runs(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(server, scenario, entry) of every run of the report, the workers scenario's too."""
+    runs: list[tuple[str, str, dict[str, Any]]] = []
+    extra = report.get("workers_n", {}).get("results", {})
+    for results in (report["results"], extra):
+        for server, by_scenario in results.items():
+            runs += [(server, scenario, e) for scenario, e in by_scenario.items()]
+    return runs
+
+
+def excused(server: str, entry: dict[str, Any]) -> bool:
+    """Whether a run's only failure is the known flaw of its baseline (KNOWN_FLAWS), with every
+    byte sent echoed back unchanged."""
+    flaw = KNOWN_FLAWS.get(server)
+    return (
+        flaw is not None
+        and entry.get("status") == "ok"
+        and not entry.get("mismatches")
+        and entry.get("round_trips", 0) > 0
+        and entry.get("verified_bytes") == entry.get("sent_bytes")
+        and all(sample.startswith(flaw) for sample in entry.get("error_samples", []))
+    )
 
 
 def _verification_section(report: dict[str, Any]) -> list[str]:
@@ -933,23 +1088,25 @@ def _verification_section(report: dict[str, Any]) -> list[str]:
     sent = 0
     problems: list[str] = []
     unavailable: list[str] = []
-    for server, runs in report["results"].items():
-        for scenario, e in runs.items():
-            if e["status"] == "n/a":
-                unavailable.append(f"- {server} {scenario}: n/a ({e['reason']})")
-            elif e["status"] == "ok" and e["verified"]:
-                ok += 1
-                sent += e["sent_bytes"]
-            else:
-                failed += 1
-                why = e.get("reason") or "; ".join(e.get("error_samples", [])) or "mismatch"
-                problems.append(f"- {server} {scenario}: FAILED ({why})")
+    flawed: list[str] = []
+    for server, scenario, e in all_runs(report):
+        if e["status"] == "n/a":
+            unavailable.append(f"- {server} {scenario}: n/a ({e['reason']})")
+        elif e["status"] == "ok" and e["verified"]:
+            ok += 1
+            sent += e["sent_bytes"]
+        elif excused(server, e):
+            ok += 1
+            sent += e["sent_bytes"]
+            flawed.append(f"{server} {scenario}")
+        else:
+            failed += 1
+            why = e.get("reason") or "; ".join(e.get("error_samples", [])) or "mismatch"
+            problems.append(f"- {server} {scenario}: FAILED ({why})")
     # Failures of a tool baseline that echoed nothing wrong (xinetd resetting connections) do
     # not fail the verification of the run; they are listed below it.
     tolerated = [line for line in problems if line.split()[1] in TOOL_BASELINES]
-    wrong_bytes = any(
-        e.get("mismatches") for runs in report["results"].values() for e in runs.values()
-    )
+    wrong_bytes = any(e.get("mismatches") for _, _, e in all_runs(report))
     failed_here = failed - (0 if wrong_bytes else len(tolerated))
     verdict = "passed" if failed_here == 0 and ok > 0 else "FAILED"
     out = [
@@ -960,6 +1117,13 @@ def _verification_section(report: dict[str, Any]) -> list[str]:
         f"on its way back; {failed} runs failed"
         + (f" ({len(tolerated)} of a tool baseline, no byte wrong)." if tolerated else "."),
     ]
+    if flawed:
+        out += [
+            "",
+            f"Every byte was echoed in {', '.join(flawed)}, but in each a client waited in vain "
+            "for the end of its echo: the parent of the tutorials' process server keeps its copy "
+            "of the socket it accepted last (bench/baselines/tutorial_process.py).",
+        ]
     if problems or unavailable:
         out += ["", *problems, *_dedupe_na(unavailable)]
     return out
@@ -978,7 +1142,9 @@ PALETTE = {
     "c_epoll": "#000000",
     "xinetd": "#b39ddb",
     "classic_thread": "#9e9e9e",
+    "tutorial_thread": "#bdbdbd",
     "classic_process": "#6d6d6d",
+    "tutorial_process": "#8d6e63",
     "bare_uvloop": "#3d3d3d",
     "echod_thread": "#4c9be8",
     "echod_thread_spare": "#90caf9",
@@ -1106,6 +1272,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="connections closed at once in the thread-mode scenario (5000; quick 500; 0: skip)",
     )
+    parser.add_argument(
+        "--workers-n",
+        type=int,
+        metavar="N",
+        help="the workers scenario: echod async with N workers against N bare servers "
+        f"(default: the CPUs, when there are at least {WORKERS_MIN_CPUS}; 0: skip)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="output directory")
     parser.add_argument(
         "--before",
@@ -1203,6 +1376,7 @@ def main(argv: list[str] | None = None) -> int:
         loops = {e["loop"] for r in results.values() for e in r.values() if e.get("loop")}
         if loops:
             report["bare_uvloop_loop"] = ", ".join(sorted(loops))
+        report["workers_n"] = bench_workers(args, scenarios, plan, workdir)
         chosen = [s for s in specs if s.name in massclose.SERVERS]
         if args.mass_close and chosen:
             report["mass_close"] = {
@@ -1213,6 +1387,31 @@ def main(argv: list[str] | None = None) -> int:
             }
     report["elapsed_s"] = round(time.monotonic() - began, 1)
     return write_report(report, scenarios, args.out)
+
+
+def bench_workers(
+    args: argparse.Namespace, scenarios: list[loadgen.Scenario], plan: Plan, workdir: Path
+) -> dict[str, Any]:
+    """The workers scenario (see WORKERS_SCENARIOS), or why it did not run."""
+    cpus = os.cpu_count() or 1
+    n = args.workers_n if args.workers_n is not None else cpus
+    info: dict[str, Any] = {"cpus": cpus, "n": n, "results": {}}
+    if args.workers_n is None and cpus < WORKERS_MIN_CPUS:
+        info["skipped"] = (
+            f"this machine has {cpus} CPUs: N workers against N bare servers is measured with "
+            f"{WORKERS_MIN_CPUS} or more (with {cpus}, the load generator shares every CPU "
+            "with the servers)"
+        )
+        return info
+    chosen = [s for s in scenarios if s.name in WORKERS_SCENARIOS]
+    if n <= 0 or not chosen:
+        info["skipped"] = "not asked for (--workers-n 0, or none of its scenarios chosen)"
+        return info
+    specs = workers_specs(n)
+    for scenario in chosen:
+        for name, entry in bench_interleaved(specs, scenario, plan, workdir).items():
+            info["results"].setdefault(name, {})[scenario.name] = entry
+    return info
 
 
 def _build(outdir: Path) -> tuple[dict[str, Path], dict[str, str]]:
@@ -1245,10 +1444,10 @@ def write_report(report: dict[str, Any], scenarios: list[loadgen.Scenario], out:
     # in the report but is not echod's, unless a byte came back wrong.
     failed = [
         (server, scenario)
-        for server, runs in report["results"].items()
-        for scenario, e in runs.items()
+        for server, scenario, e in all_runs(report)
         if e["status"] == "failed" or (e["status"] == "ok" and not e["verified"])
         if server not in TOOL_BASELINES or e.get("mismatches")
+        if not excused(server, e)
     ]
     # A baseline that needs a tool the machine lacks (xinetd, a C compiler) is reported n/a
     # with the reason; any other baseline must start.

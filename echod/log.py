@@ -52,16 +52,20 @@ _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "critic
 
 
 class _Identity:
-    """The process-wide part of the identity, cached: ``getpid()`` is a system call."""
+    """The process-wide part of the identity, cached: ``getpid()`` is a system call.
+    ``generation`` changes whenever any of it does (a fork, a new role name), which tells
+    each thread that its rendered identity (:func:`thread_identity`) is stale."""
 
     def __init__(self) -> None:
         self.pid = 0
         self.ppid = 0
         self.process = "echod"
+        self.generation = 0
 
     def refresh(self) -> None:
         self.pid = os.getpid()
         self.ppid = os.getppid()
+        self.generation += 1
 
 
 _identity = _Identity()
@@ -81,9 +85,16 @@ def process_name() -> str:
 
 
 class _ThreadName(threading.local):
-    """The name a thread gave itself with :func:`set_thread_name`; None: ask ``threading``."""
+    """The name a thread gave itself with :func:`set_thread_name` (None: ask ``threading``),
+    and its identity fields, made once (:func:`thread_identity`) and reused by every event
+    the thread logs until its name or the process's identity changes."""
 
     name: str | None = None
+    #: The identity fields, as a dict and as rendered JSON members (``,"pid":1,...``).
+    fields: dict[str, Any] | None = None
+    json: str = ""
+    #: What they were made for: the process identity's generation and the thread's name.
+    made_for: tuple[int, str] | None = None
 
 
 _thread_name = _ThreadName()
@@ -99,17 +110,42 @@ def set_thread_name(name: str) -> None:
     _thread_name.name = name
 
 
+#: The fields add_identity() adds, in the order it adds them.
+IDENTITY_FIELDS = ("pid", "ppid", "process", "thread_id", "native_thread_id", "thread_name")
+
+
+def thread_identity() -> _ThreadName:
+    """This thread's identity fields (``fields``, and ``json`` rendered), made on its first
+    event and again only when the thread's name or the process's identity changed: a
+    connection's events, and all of a thread's, share them. ``get_native_id()`` is a system
+    call; the rest is attribute lookups that every event would otherwise repeat."""
+    local = _thread_name
+    name = local.name
+    if name is None:
+        name = threading.current_thread().name
+    made_for = (_identity.generation, name)
+    if local.made_for != made_for:
+        fields = {
+            "pid": _identity.pid,
+            "ppid": _identity.ppid,
+            "process": _identity.process,
+            "thread_id": threading.get_ident(),
+            # Asked of the OS, not of the Thread object: after fork, CPython 3.11 keeps the
+            # parent's native id on the main thread object.
+            "native_thread_id": threading.get_native_id(),
+            "thread_name": name,
+        }
+        local.fields = fields
+        local.json = "," + _JSON.encode(fields)[1:-1]
+        local.made_for = made_for
+    return local
+
+
 def add_identity(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
     """structlog processor: say which process and thread wrote the event."""
-    event_dict["pid"] = _identity.pid
-    event_dict["ppid"] = _identity.ppid
-    event_dict["process"] = _identity.process
-    # Asked of the OS, not of the Thread object: after fork, CPython 3.11 keeps the parent's
-    # native id on the main thread object.
-    event_dict["thread_id"] = threading.get_ident()
-    event_dict["native_thread_id"] = threading.get_native_id()
-    name = _thread_name.name
-    event_dict["thread_name"] = threading.current_thread().name if name is None else name
+    fields = thread_identity().fields
+    assert fields is not None
+    event_dict.update(fields)
     return event_dict
 
 
@@ -131,13 +167,17 @@ class _Clock:
         self.prefix = ""
 
     def __call__(self, _logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+        event_dict["timestamp"] = self.stamp()
+        return event_dict
+
+    def stamp(self) -> str:
+        """The timestamp of an event logged now."""
         now = time.time()
         second = int(now)
         if second != self.second:
-            self.second = second
             self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        event_dict["timestamp"] = f"{self.prefix}.{int((now - second) * 1e6):06d}Z"
-        return event_dict
+            self.second = second
+        return f"{self.prefix}.{int((now - second) * 1e6):06d}Z"
 
 
 add_timestamp = _Clock()
@@ -200,9 +240,96 @@ class _State:
     bound_with: tuple[Any, Any, Any] | None = None
     #: Where the supervisor posts the log file it reopened, for every other process.
     mailbox: Mailbox | None = None
+    #: The JSON lines of :func:`bind`'s loggers, written without structlog's chain while
+    #: structlog runs the chain that configure() installed (None: another format).
+    lines: JsonLines | None = None
 
 
 _state = _State()
+
+
+#: Keys a connection event's own fields must not use for its line to be made by JsonLines:
+#: structlog's chain would put them elsewhere in the line (it updates them in place).
+_CHAIN_KEYS = frozenset(("event", "level", "timestamp", *IDENTITY_FIELDS))
+
+
+class JsonLines:
+    """JSON lines made as the chain that :func:`configure` installs would make them
+    (``add_log_level``, ``add_timestamp``, ``add_identity``, ``render_json``), byte for byte,
+    from parts rendered once: the connection's bound fields when it binds, the thread's
+    identity on its first event (:func:`thread_identity`). An event renders only its own
+    fields, its name, its level and the time; structlog's per-event work (a copy of the
+    context, the processor calls) is skipped. Anything the chain would do otherwise (a field
+    named like one the chain adds) takes the chain."""
+
+    def __init__(self, processors: list[Any], min_level: int, logger: SinkLogger) -> None:
+        #: The processors this was made for (a copy: structlog's list may change in place,
+        #: as ``structlog.testing.capture_logs`` changes it).
+        self.processors = list(processors)
+        self.min_level = min_level
+        self.logger = logger
+
+    def current(self) -> bool:
+        """Whether structlog still runs the chain this was made for (not, for example, a
+        test's ``capture_logs``)."""
+        processors: list[Any] = structlog.get_config()["processors"]
+        return processors == self.processors
+
+    def emit(self, bound: ConnectionLogger, level: str, event: str, kw: dict[str, Any]) -> None:
+        if kw and not (_CHAIN_KEYS.isdisjoint(kw) and bound.fields.keys().isdisjoint(kw)):
+            getattr(bound.chain(), level)(event, **kw)
+            return
+        try:
+            head = bound.head
+            if kw:
+                own = _JSON.encode(kw)[1:-1]
+                head = f"{head},{own}" if bound.fields else "{" + own
+            sep = "," if len(head) > 1 else ""
+            line = (
+                f'{head}{sep}"event":{_JSON.encode(event)},"level":"{level}",'
+                f'"timestamp":"{add_timestamp.stamp()}"{thread_identity().json}}}'
+            )
+        except Exception as exc:  # as _dropping_failures(): drop and count, never raise
+            sinks.drop(exc)
+            return
+        self.logger.msg(line)
+
+
+class ConnectionLogger:
+    """A logger with a connection's fields bound (:func:`bind`): ``info``, ``debug``,
+    ``warning`` and ``error`` with the event and its own fields, as structlog's bound
+    logger, through :class:`JsonLines`."""
+
+    __slots__ = ("_chain", "fields", "head", "lines")
+
+    def __init__(self, lines: JsonLines, fields: dict[str, Any]) -> None:
+        self.lines = lines
+        self.fields = fields
+        #: The line's beginning: ``{`` and the bound fields (``{"conn_id":"1-1",...``).
+        self.head = _JSON.encode(fields)[:-1]
+        self._chain: Any = None
+
+    def chain(self) -> Any:
+        """The same fields bound on structlog's logger, for what JsonLines leaves to it."""
+        if self._chain is None:
+            self._chain = structlog.get_logger().bind(**self.fields)
+        return self._chain
+
+    def debug(self, event: str, **kw: Any) -> None:
+        if self.lines.min_level <= logging.DEBUG:
+            self.lines.emit(self, "debug", event, kw)
+
+    def info(self, event: str, **kw: Any) -> None:
+        if self.lines.min_level <= logging.INFO:
+            self.lines.emit(self, "info", event, kw)
+
+    def warning(self, event: str, **kw: Any) -> None:
+        if self.lines.min_level <= logging.WARNING:
+            self.lines.emit(self, "warning", event, kw)
+
+    def error(self, event: str, **kw: Any) -> None:
+        if self.lines.min_level <= logging.ERROR:
+            self.lines.emit(self, "error", event, kw)
 
 
 def effective_target(cfg: LogConfig, environ: MutableMapping[str, str] | None = None) -> str:
@@ -263,17 +390,20 @@ def configure(cfg: LogConfig, sink: Sink | None = None) -> None:
         renderer = ConsoleRenderer(colors=_sink_is_tty(sink))
     else:
         renderer = render_json
+    processors: list[Any] = [
+        structlog.processors.add_log_level,
+        add_timestamp,
+        add_identity,
+        _dropping_failures(renderer),
+    ]
     structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            add_timestamp,
-            add_identity,
-            _dropping_failures(renderer),
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[cfg.level]),
         logger_factory=lambda *_args: SinkLogger(sink),
         cache_logger_on_first_use=True,
     )
+    lines = JsonLines(processors, LEVELS[cfg.level], SinkLogger(sink))
+    _state.lines = lines if renderer is render_json else None
 
 
 def _dropping_failures(renderer: Callable[..., Any]) -> Callable[..., Any]:
@@ -383,9 +513,14 @@ def get_logger(**initial: Any) -> Any:
 
 
 def bind(**fields: Any) -> Any:
-    """A logger with ``fields`` bound, for one connection: bound on a concrete logger made
-    once per configuration, so that each connection pays for a copy of its context only, not
-    for the lazy proxy that :func:`get_logger` returns and the chain it builds on first use."""
+    """A logger with ``fields`` bound, for one connection. In JSON, a
+    :class:`ConnectionLogger`, whose lines are made from parts rendered once
+    (:class:`JsonLines`); otherwise bound on a concrete logger made once per configuration,
+    so that each connection pays for a copy of its context only, not for the lazy proxy that
+    :func:`get_logger` returns and the chain it builds on first use."""
+    lines = _state.lines
+    if lines is not None and lines.current():
+        return ConnectionLogger(lines, fields)
     config = structlog.get_config()
     made_with = (config["processors"], config["logger_factory"], config["wrapper_class"])
     if made_with != _state.bound_with:

@@ -71,6 +71,7 @@ class EchoProtocol(asyncio.Protocol):
     __slots__ = (
         "aborting",
         "bytes_in",
+        "clog",
         "conn_id",
         "ended",
         "eof",
@@ -111,6 +112,7 @@ class EchoProtocol(asyncio.Protocol):
         #: The peer fields of its events (behind a PROXY header: the client's and the
         #: balancer's, once the header is done).
         self.fields: dict[str, Any] | None = None
+        self.clog: Any = None  # bound on its first event (bind_log)
         self.aborting = False  # close_now() was called: connection_lost follows
         self.ended = False
         self.eof = False
@@ -137,15 +139,20 @@ class EchoProtocol(asyncio.Protocol):
             tr.abort()
 
     def log_open(self) -> None:
-        clog = self.worker.conn_log
-        if clog is not None:
-            (clog.debug if self.record.quiet else clog.info)(
-                events.CONN_OPEN,
+        if self.worker.log_connections:
+            clog = self.bind_log()
+            (clog.debug if self.record.quiet else clog.info)(events.CONN_OPEN)
+
+    def bind_log(self) -> Any:
+        """The connection's logger, its fields bound once for both of its events."""
+        if self.clog is None:
+            self.clog = log.bind(
                 conn_id=self.conn_id,
                 mode=self.worker.mode,
                 **self.local,
                 **self.peer_fields(),
             )
+        return self.clog
 
     def peer_fields(self) -> dict[str, Any]:
         return self.fields if self.fields is not None else peer_fields(self.peer)
@@ -281,23 +288,20 @@ class EchoProtocol(asyncio.Protocol):
         self.record.end(self.reason or ERROR, self.error)
         worker = self.worker
         try:
-            if worker.conn_log is not None and self.record.logged:
-                self.log_close(worker)
+            if worker.log_connections and self.record.logged:
+                self.log_close()
         finally:
             worker.connection_ended(self)
 
     def outcome(self) -> Outcome:
         return self.record.outcome(self.bytes_in, self.bytes_in - self.unsent)
 
-    def log_close(self, worker: AsyncWorker) -> None:
+    def log_close(self) -> None:
         record = self.record
         duration = monotonic() - self.started if self.started else 0.0
-        (worker.conn_log.debug if record.quiet else worker.conn_log.info)(
+        clog = self.bind_log()
+        (clog.debug if record.quiet else clog.info)(
             events.CONN_CLOSE,
-            conn_id=self.conn_id,
-            mode=worker.mode,
-            **self.local,
-            **self.peer_fields(),
             **record.close_fields(self.bytes_in, self.bytes_in - self.unsent, duration),
         )
 
@@ -356,7 +360,7 @@ class ProxiedEchoProtocol(EchoProtocol):
         self.record.admitted(judged)
         self.peer, self.proxy_peer = judged.peer, judged.proxy_peer
         self.last_read = monotonic()  # idle counts from here
-        if self.worker.conn_log is not None:
+        if self.worker.log_connections:
             self.fields = judged.fields()  # for both events
             self.log_open()
         if header.rest:
@@ -406,11 +410,9 @@ class AsyncWorker(Worker):
         self.loop = source.loop
         self.loop.set_exception_handler(self.on_loop_error)
         self.conns: set[EchoProtocol] = set()
-        self.conn_log: Any = None
-        if self.settings.log_connections:
-            # One bound logger for every connection, whose fields are passed per event: a
-            # bind() per connection costs more, and the lazy proxy more again.
-            self.conn_log = log.get_logger().bind()
+        # Each connection binds its fields once (log.bind), for its two events: in JSON, that
+        # renders them once.
+        self.log_connections = self.settings.log_connections
         # How long a connection may go without reads before its timer looks at it: the
         # shorter timeout, so that a stalled echo is noticed within write_timeout, as in the
         # other modes, also when idle_timeout is much longer.
@@ -446,7 +448,7 @@ class AsyncWorker(Worker):
         self, conn: socket.socket, peer: Any, conn_id: str, local: Local = None
     ) -> None:
         # Asked of the socket only when it is logged and the listener cannot tell.
-        fields = _NO_LOCAL if self.conn_log is None else local_fields(conn, local)
+        fields = local_fields(conn, local) if self.log_connections else _NO_LOCAL
         protocol_class = EchoProtocol
         if self.settings.proxy_protocol != "off":
             protocol_class = ProxiedEchoProtocol
