@@ -398,19 +398,25 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def open_files(pid: int) -> list[str]:
-    """What the descriptors of ``pid`` point to ([] once it is gone)."""
-    targets = []
+def open_descriptors(pid: int) -> dict[int, str]:
+    """The descriptors of ``pid`` and what they point to ({} once it is gone); one closed
+    while we read is left out."""
+    table = {}
     try:
         entries = os.listdir(f"/proc/{pid}/fd")
     except OSError:
-        return []
+        return {}
     for fd in entries:
         try:
-            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            table[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
-    return targets
+    return table
+
+
+def open_files(pid: int) -> list[str]:
+    """What the descriptors of ``pid`` point to ([] once it is gone)."""
+    return list(open_descriptors(pid).values())
 
 
 class NotifySocket:

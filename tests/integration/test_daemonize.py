@@ -16,7 +16,7 @@ import pytest
 from echod.daemonize import EXITED_EARLY, Readiness, start_detached
 from echod.exitcodes import EX_CONFIG, EX_OSERR, EX_SOFTWARE, EX_TEMPFAIL
 from echod.pidfile import Pidfile, read_live_pid
-from tests.support import children_of, wait_for
+from tests.support import children_of, open_descriptors, wait_for
 
 # Every daemon a test starts ends by itself after this long, whatever happens to the test.
 DAEMON_LIFETIME = 60.0
@@ -178,7 +178,14 @@ def test_daemon_is_detached_and_keeps_our_sigterm_handler(tmp_path: Path, daemon
     assert os.readlink(f"/proc/{pid}/cwd") == str(workdir)
     assert read_live_pid(str(pidfile_path)) == pid
 
-    fds = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    # The readiness pipe is closed just after the report that made start_detached return:
+    # wait for that, so the table read is the daemon's settled one.
+    fds = wait_for(
+        lambda: (table := open_descriptors(pid))
+        and sum(target.startswith("pipe:") for target in table.values()) == 2  # SIGTERM's
+        and table,
+        what="the daemon to close its readiness pipe",
+    )
     assert fds[0] == fds[1] == "/dev/null"
     assert fds[2] == str(stderr_path)
     assert "/dev/null" not in [target for fd, target in fds.items() if fd > 2]
