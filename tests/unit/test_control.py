@@ -32,6 +32,16 @@ MESSAGES: list[control.Message] = [
     control.RetireListeners(),
     control.Reopen(),
     control.Quit(),
+    control.ListConnections(7),
+    # A listing's data is the rest of the packet, spaces (leading ones too) and all.
+    control.Connections(7, 1, b' [{"conn_id": "3-1", "thread": "conn 3 1"}]'),
+    control.Connections(0, 0, b"[]"),
+    control.Cut(7, 0, (12, 15)),
+    control.Cut(1, 3),
+    control.CutDone(7, (12, 15)),
+    control.CutDone(2),
+    control.Limits(100, 0, 2500),
+    control.RetireBy(30000),
 ]
 
 
@@ -46,6 +56,10 @@ def test_the_encoding_is_compact_text() -> None:
     assert control.encode(control.Heartbeat(3, 17, {"opened": 20})) == b"hb 3 17 opened=20"
     assert control.encode(control.RetireListeners()) == b"retire-listeners"
     assert control.encode(control.Stopping(3)) == b"stopping 3"
+    assert control.encode(control.Cut(7, 0, (12, 15))) == b"cut 7 0 12 15"
+    assert control.encode(control.CutDone(7, (12, 15))) == b"cut-done 7 12 15"
+    assert control.encode(control.Connections(7, 1, b'[{"a": 1}]')) == b'conns 7 1 [{"a": 1}]'
+    assert control.encode(control.Limits(100, 0, 2500)) == b"limits 100 0 2500"
 
 
 GARBAGE = [

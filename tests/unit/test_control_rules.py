@@ -6,6 +6,7 @@ These are the checks the mutation run (``make mutation``) found missing.
 
 from __future__ import annotations
 
+import select
 import socket
 
 import pytest
@@ -36,6 +37,11 @@ def refusal(data: bytes) -> str:
         (b"hb +1 2", "bad count b'+1' in b'hb +1 2'"),
         (b"hb 9999999999999999999 2", "count 9999999999999999999 is too large"),
         (b"hello", "unknown message b'hello'"),
+        (b"conns 7 1", "conns needs its data: b'conns 7 1'"),
+        (b"conns 7 1 ", "conns needs its data: b'conns 7 1 '"),
+        (b"conns x 1 []", "bad count b'x' in b'conns x 1 []'"),
+        (b"cut 7 0 12 x", "bad count b'x' in b'cut 7 0 12 x'"),
+        (b"cut-done 7 -1", "bad count b'-1' in b'cut-done 7 -1'"),
     ],
 )
 def test_decode_says_what_is_wrong(data: bytes, message: str) -> None:
@@ -88,3 +94,69 @@ def test_receive_on_a_failing_socket_is_the_end() -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         sock.setblocking(False)
         assert control.receive(sock) == b""
+
+
+class Poller:
+    """Stands in for ``select.poll()`` in :func:`control.send`: records what it is asked,
+    and at each poll makes room (the reader takes one packet) or not."""
+
+    def __init__(self, reader: socket.socket | None) -> None:
+        self.reader = reader
+        self.registered: list[tuple[object, int]] = []
+        self.timeouts: list[object] = []
+
+    def register(self, sock: object, mask: int) -> None:
+        self.registered.append((sock, mask))
+
+    def poll(self, timeout: object) -> list[tuple[int, int]]:
+        self.timeouts.append(timeout)
+        if self.reader is not None:
+            self.reader.recv(control.MAX_MESSAGE + 1)
+        return []
+
+
+def full_pair() -> tuple[socket.socket, socket.socket]:
+    """A SOCK_SEQPACKET pair whose writer (the second) is non-blocking with a full queue."""
+    reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    writer.setblocking(False)
+    for _ in range(100_000):  # bounded: the queue fills long before
+        try:
+            writer.send(b"ready")
+        except BlockingIOError:
+            return reader, writer
+    raise AssertionError("the queue never filled")
+
+
+def test_a_full_queue_without_wait_is_not_waited_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default (the supervisor's way) a full queue is False at once: no poll at all."""
+    reader, writer = full_pair()
+    with reader, writer:
+        monkeypatch.setattr(select, "poll", lambda: pytest.fail("send polled"))
+        assert control.send(writer, control.Stop()) is False
+
+
+def test_a_wait_polls_for_room_on_its_socket_for_what_is_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ``wait`` a full queue is polled for POLLOUT on the socket itself, for the time
+    left in milliseconds, and the message goes once there is room, however short the wait."""
+    reader, writer = full_pair()
+    with reader, writer:
+        poller = Poller(reader)
+        monkeypatch.setattr(select, "poll", lambda: poller)
+        assert control.send(writer, control.Stop(), wait=0.5) is True
+        assert poller.registered == [(writer, select.POLLOUT)]
+        assert len(poller.timeouts) == 1
+        timeout = poller.timeouts[0]
+        assert isinstance(timeout, int) and 300 <= timeout <= 500
+
+
+def test_a_queue_that_never_drains_ends_false(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A socket that stays full while poll keeps returning at once cannot hold the sender:
+    the passes are bounded, and the message is not sent."""
+    reader, writer = full_pair()
+    with reader, writer:
+        poller = Poller(None)
+        monkeypatch.setattr(select, "poll", lambda: poller)
+        assert control.send(writer, control.Stop(), wait=3600.0) is False
+        assert len(poller.timeouts) == 100_000  # one a pass

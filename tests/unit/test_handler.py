@@ -20,6 +20,7 @@ from echod.handler import (
     WRITE_TIMEOUT,
     EchoHandler,
     HandlerSettings,
+    connection_timeouts,
     peer_fields,
     timeval,
 )
@@ -65,6 +66,30 @@ def test_timeval(seconds: float, expected: tuple[int, int]) -> None:
     packed = timeval(seconds)
     assert len(packed) == struct.calcsize("@ll")
     assert struct.unpack("@ll", packed) == expected
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"idle_timeout": 0.0, "write_timeout": 0.0}, (0.0, 0.0)),
+        ({"idle_timeout": 0.5, "write_timeout": 0.25}, (0.5, 0.25)),
+        ({"idle_timeout": 30.0, "write_timeout": 0.0}, (30.0, 0.0)),
+        # Behind PROXY the first read waits proxy_timeout, not idle_timeout.
+        (
+            {"idle_timeout": 0.0, "proxy_protocol": "v1", "proxy_timeout": 0.75},
+            (0.75, 10.0),
+        ),
+    ],
+)
+def test_connection_timeouts_are_the_settings_none_kept_none(
+    changes: dict[str, Any], expected: tuple[float, float]
+) -> None:
+    """The listener's SO_RCVTIMEO and SO_SNDTIMEO are the first read's timeout and
+    write_timeout as they are: under a second stays under, and 0 (none) stays 0."""
+    assert connection_timeouts(settings(**changes)) == (
+        timeval(expected[0]),
+        timeval(expected[1]),
+    )
 
 
 @pytest.mark.parametrize(

@@ -160,6 +160,26 @@ def test_a_header_naming_the_connection_itself_is_logged_at_debug(
     assert (logs[0]["peer"], logs[0]["proxy_peer"]) == (peer[0], peer[0])
 
 
+def test_the_client_named_by_the_header_is_told_with_its_balancer(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """``on_client`` hears (client, balancer) once the header is in, before the echo: what a
+    process's worker lists for the connection."""
+    client, server_side, peer = tcp_pair
+    told: list[tuple[Any, Any]] = []
+    handler = EchoHandler(
+        server_side, peer, "p-6", settings(), NoCut(), on_client=lambda *both: told.append(both)
+    )
+    client.sendall(v1_header(("203.0.113.7", 5), ("192.0.2.1", 7)) + b"ping")
+    client.shutdown(socket.SHUT_WR)
+    handler.serve()
+    assert client.recv(16) == b"ping"
+    assert len(told) == 1
+    (client_address, balancer) = told[0]
+    assert tuple(client_address)[:2] == ("203.0.113.7", 5)
+    assert tuple(balancer)[:2] == tuple(peer)[:2]
+
+
 class Refuse:
     """A gate that refuses every client, saying why."""
 
@@ -303,6 +323,51 @@ def test_a_large_rest_whose_send_is_cut_short_is_echoed_whole(
     assert handler.reason == CLIENT_CLOSED
     assert bytes(received) == payload
     assert handler.bytes_in == handler.bytes_out == len(payload)
+
+
+def test_an_echo_cut_short_then_not_read_ends_with_write_timeout(
+    tcp_pair: tuple[socket.socket, socket.socket, Any],
+) -> None:
+    """When a signal cuts short the echo of the data that came with the header and the
+    client reads nothing more, the rest cannot go either: the connection ends with
+    write_timeout, not an unnamed reason, part of the echo sent."""
+    client, server_side, peer = tcp_pair
+    server_side.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    data = v1_header(("203.0.113.7", 5), ("192.0.2.1", 7)) + b"r" * (512 << 10)
+    sender = threading.Thread(target=lambda: _send_quietly(client, data), daemon=True)
+    sender.start()
+    wait_for(lambda: waiting(server_side) >= 256 << 10, 10, what="256 KiB to read")
+    handler = EchoHandler(
+        server_side,
+        peer,
+        "p-9",
+        settings(buffer_size=1 << 20, write_timeout=1.5),
+        NoCut(),
+    )
+    main = threading.get_ident()
+    assert main == threading.main_thread().ident
+
+    def helper() -> None:
+        wait_for(
+            lambda: handler.bytes_in > 0 and handler.bytes_out == 0 and queued(server_side) > 0,
+            10,
+            what="the first send blocked",
+        )
+        signal.pthread_kill(main, signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    try:
+        worker = threading.Thread(target=helper, daemon=True)
+        worker.start()
+        with capture_logs():
+            handler.serve()
+        worker.join(10)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert handler.reason == WRITE_TIMEOUT
+    assert 0 < handler.bytes_out < handler.bytes_in
 
 
 def test_a_header_begun_late_still_ends_at_proxy_timeout(
