@@ -10,13 +10,15 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +181,13 @@ class Echod:
             return matches[count - 1] if len(matches) >= count else None
 
         return wait_for(found, timeout, what=f"{count} x event {name!r}")
+
+    def wait_stopped_accepting(self, pids: Iterable[int]) -> None:
+        """Wait until each of these workers has stopped accepting (its ``worker_draining``):
+        the supervisor logs ``retiring`` when it tells a worker, and until the worker acts
+        on it a client may still reach it through the listening socket they share."""
+        for pid in pids:
+            self.wait_event("worker_draining", partial(_logged_by, pid))
 
     def connect(self, timeout: float = 10.0, source: str | None = None) -> socket.socket:
         """A connection to the daemon's port, from the loopback address ``source`` if given."""
@@ -361,6 +370,26 @@ def worker_pids(server: Echod) -> list[int]:
     return [e["worker_pid"] for e in server.events("worker_state") if e["state"] == "running"]
 
 
+def _logged_by(pid: int, event: dict[str, Any]) -> bool:
+    return bool(event.get("pid") == pid)
+
+
+def settled(read: Callable[[], Any], quiet: float = 0.5, timeout: float = DEADLINE) -> Any:
+    """``read()`` once two reads ``quiet`` seconds apart agree (a count that has stopped
+    moving); fail after ``timeout`` seconds."""
+    last = read()
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / quiet) + 2):  # bounded by the deadline too
+        time.sleep(quiet)
+        now = read()
+        if now == last:
+            return now
+        if time.monotonic() > deadline:
+            break
+        last = now
+    raise AssertionError(f"still changing after {timeout} s: {last!r}")
+
+
 def wait_text(
     path: Path, predicate: Callable[[str], Any], timeout: float = DEADLINE, what: str = "text"
 ) -> Any:
@@ -379,11 +408,32 @@ def wait_text(
 # -- helpers for the daemon, reload and systemd tests ---------------------------------------
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A port on 127.0.0.1 that nothing uses right now (TCP and UDP), for echod to bind
+    later. Taken below the kernel's ephemeral range, where no client connection opened
+    meanwhile can take it as its source port, and never the same twice in a run."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    low = max(low, 2048)
+    for _ in range(1000):  # bounded: nearly every try is free
+        port = random.randrange(max(1024, low - 12000), low)
+        if port in _HANDED_OUT:
+            continue
+        try:
+            with socket.socket() as tcp, socket.socket(type=socket.SOCK_DGRAM) as udp:
+                tcp.bind(("127.0.0.1", port))
+                udp.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        _HANDED_OUT.add(port)
+        return port
+    raise AssertionError("no free port below the ephemeral range")
 
 
 def descendants(pid: int) -> list[int]:
@@ -582,13 +632,19 @@ def warm_up(server: Echod, tries: int = 200) -> dict[int, int]:
     finally:
         opened = len(server.events("conn_open"))
         wait_for(lambda: len(server.events("conn_close")) == opened, what="warm-up closes")
-        for pid in workers.values():
-            # Idle again: the main thread only, no connection processes, none left to reap
-            # (a process-mode worker holds a connection's socket until it reaps its child).
-            wait_for(
-                lambda pid=pid: resources(pid)[1:] == (1, 0) and not zombies_of(pid),
-                what=f"worker {pid} idle",
-            )
+        wait_idle(workers.values())
+
+
+def wait_idle(workers: Iterable[int]) -> None:
+    """Wait until each worker is idle again: the main thread only, no connection processes,
+    none left to reap (a process-mode worker holds a connection's socket until it reaps its
+    child, so a baseline of descriptors taken before that is one too many)."""
+    for pid in workers:
+        wait_for(partial(_idle, pid), what=f"worker {pid} idle")
+
+
+def _idle(pid: int) -> bool:
+    return resources(pid)[1:] == (1, 0) and not zombies_of(pid)
 
 
 def resources(pid: int) -> tuple[int, int, int]:
@@ -602,7 +658,8 @@ def no_leaks(server: Echod, pids: list[int], timeout: float = DEADLINE) -> Itera
     """Assert that ``pids`` (the supervisor, the workers) stay alive and, once the block's
     connections are over, hold exactly the descriptors, threads and children they held
     before it."""
-    before = {pid: resources(pid) for pid in pids}
+    # Settled: a descriptor or child of something just over may still be going.
+    before = {pid: settled(partial(resources, pid), quiet=0.2) for pid in pids}
     yield
     for pid in pids:
         assert not pid_gone(pid), f"process {pid} died"
@@ -855,14 +912,19 @@ def server_side_of(pid: int, client: socket.socket) -> socket.socket | None:
     except ProcessLookupError:
         return None
     try:
-        for name in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
-                    continue
-            fd = libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(name), 0)
+        # The table changes while we read it: a descriptor closed (or its number reused)
+        # between the listing and the copy is skipped.
+        for name, target in open_descriptors(pid).items():
+            if not target.startswith("socket:"):
+                continue
+            fd = libc.syscall(_SYS_PIDFD_GETFD, pidfd, name, 0)
             if fd < 0:
                 continue
-            sock = socket.socket(fileno=fd)
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)
+                continue
             try:
                 if sock.type == socket.SOCK_STREAM and (
                     sock.getsockname()[:2],

@@ -257,6 +257,12 @@ def test_package_upgrade_is_in_place(service: ct.Container, tmp_path: Path) -> N
             "apt-get", "install", "-y", "-o", "Dpkg::Options::=--force-confold",
             "/root/echod-newer.deb", timeout=300,
         )
+        # The old workers are retired by the new image: what they took before they stopped
+        # accepting is theirs; every connection after that is the new workers'.
+        wait_for(
+            lambda: len(journal(c, cursor, ECHOD_EVENT="worker_draining")) >= SETTINGS["workers"],
+            what="the old workers to stop accepting",
+        )
         after = journal_cursor(c)
         assert relay.echo("during") == "during"
         # The new workers serve the loop's next connections.

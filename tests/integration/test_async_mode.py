@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import DEADLINE, Echod, echo_roundtrip, recv_exactly, wait_for
+from tests.support import DEADLINE, Echod, echo_roundtrip, recv_exactly, settled, wait_for
 
 try:
     import uvloop  # noqa: F401
@@ -269,7 +269,8 @@ def test_churn_leaks_no_descriptor(tmp_path: Path) -> None:
         with server.connect() as warm:
             assert echo_roundtrip(warm, b"x") == b"x"
         server.wait_event("conn_close")
-        before = open_fds(pid)
+        # The loop closes the socket after connection_lost, which logs conn_close: settled.
+        before = settled(lambda: open_fds(pid))
         for i in range(100):
             sock = server.connect()
             sock.sendall(b"hello")
@@ -294,6 +295,7 @@ def test_reload_retires_the_old_worker_after_its_connection_ends(tmp_path: Path)
             server.write_config(buffer_size=4096)
             server.signal(signal.SIGHUP)
             server.wait_event("worker_state", lambda e: e["state"] == "retiring")
+            server.wait_stopped_accepting([old_pid])
             with server.connect() as new_conn:
                 assert echo_roundtrip(new_conn, b"new") == b"new"
             new_close = server.wait_event("conn_close")

@@ -172,12 +172,14 @@ def test_socket_options_are_read_back_from_accepted_sockets(tmp_path: Path, mode
         server.start()
         with server.connect() as client:
             assert accepted_options(server, client)[:2] == (1, 0)
+        old = worker_pids(server)
         server.write_config(
             tcp_nodelay=False, tcp_keepalive={"idle": 33, "interval": 7, "count": 4}
         )
         server.signal(signal.SIGHUP)
         server.wait_event("reload")
         wait_for(lambda: len(worker_pids(server)) >= 2, what="the new worker")
+        server.wait_stopped_accepting(old)  # the next client is the new worker's
         with server.connect() as client:
             assert accepted_options(server, client) == (0, 1, 33, 7, 4)
         assert server.stop() == 0

@@ -374,7 +374,9 @@ def test_max_connection_age_ends_a_connection_after_its_echo(tmp_path: Path, mod
         close = server.wait_event("conn_close")
         assert close["reason"] == "max_age"
         assert close["bytes_in"] == close["bytes_out"] == 1000
-        assert 0.85 <= close["duration"] <= 1.5, close
+        # Ended at its age (spread over the last tenth), not by anything later: the upper
+        # bound leaves a loaded machine time to wake up and close.
+        assert 0.85 <= close["duration"] < 3, close
         assert lived < 3
 
 

@@ -20,10 +20,11 @@ from tests.support import (
     Echod,
     echo_roundtrip,
     echod,
+    free_port,
     no_leaks,
     reset_close,
-    resources,
     wait_for,
+    wait_idle,
     wait_workers,
 )
 
@@ -276,8 +277,7 @@ def test_hostile_batch_leaks_no_descriptor(tmp_path: Path, mode: str) -> None:
         assert echo_roundtrip(sock, header + b"warm") == b"warm"  # the loop's first-use fds
         sock.close()
         server.wait_event("conn_close")
-        for pid in workers.values():  # idle again: the main thread only, no connection process
-            wait_for(lambda pid=pid: resources(pid)[1:] == (1, 0), what=f"worker {pid} idle")
+        wait_idle(workers.values())
         with no_leaks(server, [server.pid, *workers.values()]):
             hostile_batch(server)
             opened = server.connect()
@@ -291,12 +291,6 @@ def test_hostile_batch_leaks_no_descriptor(tmp_path: Path, mode: str) -> None:
 HAPROXY = shutil.which("haproxy") or (
     "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed")

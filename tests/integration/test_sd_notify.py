@@ -25,6 +25,7 @@ from tests.support import (
     recv_exactly,
     refused,
     wait_for,
+    worker_pids,
 )
 
 STOP_GRACE = 8.0  # echod.supervisor.STOP_GRACE: asked for on top of shutdown_timeout
@@ -201,11 +202,13 @@ def test_socket_activation_serves_the_passed_socket_across_a_reload(tmp_path: Pa
         held = server.connect()
         held.sendall(b"a")
         assert recv_exactly(held, 1) == b"a"
+        old = worker_pids(server)
         other = free_port()
         server.write_config(port=other, mode="process")
         server.signal(signal.SIGHUP)
         server.wait_event("reload")
         server.wait_event("worker_state", lambda e: e["state"] == "retiring", count=2)
+        server.wait_stopped_accepting(old)
         with server.connect() as sock:
             assert echo_roundtrip(sock, b"kept") == b"kept"
         assert server.events("conn_open")[-1]["mode"] == "process"

@@ -194,7 +194,8 @@ def test_sigquit_after_sigterm_cuts_what_the_stop_counted(tmp_path: Path) -> Non
 def test_a_client_of_the_drain_delay_is_counted_at_the_stop(tmp_path: Path) -> None:
     """With drain_delay, the stop comes at the delay's end: a client that came during the
     delay is counted with the one held from before."""
-    with echod(tmp_path, mode="thread", drain_delay=0.5, shutdown_timeout=20) as server:
+    # (The delay must outlast the test's connect and echo on a loaded machine.)
+    with echod(tmp_path, mode="thread", drain_delay=3.0, shutdown_timeout=20) as server:
         socks = hold(server, 1)
         server.signal(signal.SIGTERM)
         server.wait_event("draining")

@@ -90,7 +90,9 @@ def test_each_source_is_limited_to_udp_rate(tmp_path: Path, mode: str) -> None:
             other = drain(second)
         echoed, dropped = summed(server)
         print(f"{mode}: 200 datagrams in 1 s at udp_rate 20: {len(replies)} echoed")
-        assert 36 <= len(replies) <= 44
+        # About 40; a stall of the sender or the worker moves it a few either way, while
+        # an allowance per worker would give about 80 and no limit 200.
+        assert 30 <= len(replies) <= 52
         assert sorted(other) == sorted(b"other %d" % i for i in range(5))
         assert echoed == len(replies) + 5
         assert dropped == {"rate": 200 - len(replies)}

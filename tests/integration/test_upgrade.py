@@ -155,6 +155,8 @@ def test_upgrade_in_place_serves_the_new_code_in_the_same_pid(tmp_path: Path, mo
         new_workers = {w.pid for w in now.workers if w.generation == 2}
         assert len(new_workers) == 2 and not new_workers & old_workers
 
+        # Connections the old workers took before they stopped accepting are theirs.
+        server.wait_stopped_accepting(old_workers)
         opened = len(server.events("conn_open"))
         wait_for(lambda: clients.served >= 20, what="traffic after")
         clients.finish()

@@ -49,10 +49,13 @@ WORK = ROOT / ".mutation"
 # real process reveals a mutant: the handler's shared descriptor in process mode, admission
 # across forked workers (one mode stands for the others where the module is the same in each).
 # The configuration modules are pure functions over text: their unit tests reach every path
-# the CLI does. (echod/config.py itself only re-exports them.)
+# the CLI does, with the drop-ins' and the listen entries' own. (echod/config.py itself only
+# re-exports them.)
 _CONFIG_TESTS = (
     "tests/unit/test_config_rules.py",
     "tests/unit/test_config.py",
+    "tests/unit/test_dropins.py",
+    "tests/unit/test_listeners.py",
     "tests/unit/test_docgen.py",
 )
 MODULES: dict[str, tuple[str, ...]] = {
