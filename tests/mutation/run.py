@@ -92,6 +92,8 @@ MODULES: dict[str, tuple[str, ...]] = {
     "echod/admission.py": (
         "tests/unit/test_admission_rules.py",
         "tests/unit/test_admission.py",
+        # The limit lines' folding (LimitLog) and the resource limits' rules.
+        "tests/unit/test_resource_rules.py",
         # Access lists and the checks of the client behind a PROXY header.
         "tests/unit/test_acl.py::test_access_list_at_accept_without_proxy",
         "tests/unit/test_acl.py::test_proxy_on_checks_only_the_sender_at_accept",
@@ -444,6 +446,14 @@ def _kept_survivors(module: str, mutants: Sequence[Mutant]) -> set[str]:
     return {r.mutant.key for r in kept if r.status == "survived"}
 
 
+def _of_current_code(module: str) -> bool:
+    """Whether the module has kept results, of the mutants its current code makes."""
+    kept = load_results(module)
+    return kept is not None and sorted(r.mutant.key for r in kept) == sorted(
+        m.key for m in make_mutants(module)
+    )
+
+
 def _merged(module: str, rerun: list[Result]) -> list[Result]:
     """The kept results with the rerun survivors' new results in their place."""
     kept = load_results(module)
@@ -646,6 +656,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 save_results(module, found)
             elif args.match == "" and args.sample == 1 and not args.tests:
                 save_results(module, found)
+            elif not args.tests and _of_current_code(module):
+                # A part of the module (--match, --sample): its results replace the kept
+                # ones of the same mutants, and the row stays the whole module's.
+                found = results[module] = _merged(module, found)
+                save_results(module, found)
+            else:
+                del results[module]  # a part is no row: the report keeps the kept results
             for slot in slots:  # leave every copy unmutated for the next module
                 (slot.work / module).write_text((ROOT / module).read_text())
     finally:

@@ -24,6 +24,7 @@ from echod.admission import (
     worker_share,
 )
 from echod.config import Config, default_config
+from echod.metrics import WorkerCounters
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -390,3 +391,31 @@ def test_rate_refusal_is_counted() -> None:
     assert adm.admit("10.0.0.1") is None
     assert adm.admit("10.0.0.1") == REFUSED_RATE
     assert (adm.active, adm.refused) == (1, {REFUSED_RATE: 1})
+
+
+def test_clients_are_checked_while_a_rule_needs_it() -> None:
+    """checks_clients: an access list or a per-address limit makes the real client behind a
+    PROXY header worth asking about; a limit set at run time turns it on and off again."""
+    assert not Admission(config(), 1).checks_clients
+    assert Admission(config(max_connections_per_ip=2), 1).checks_clients
+    assert Admission(config(allow=("10.0.0.0/8",)), 1).checks_clients
+    adm = Admission(config(max_connections=10), 1)
+    adm.set_limits(10, 1, 0)
+    assert adm.checks_clients
+    adm.set_limits(10, 0, 0)
+    assert not adm.checks_clients
+
+
+def test_refusals_after_accept_add_up_in_the_summary_and_the_metrics() -> None:
+    """Each connection refused after accept (behind PROXY) counts once more, in the summary
+    and in the counters the worker was given."""
+    counters = WorkerCounters()
+    cfg = config(proxy_protocol="v2", proxy_trusted=("127.0.0.1",))
+    adm = Admission(cfg, 1, counters=counters)
+    adm.start()
+    for _ in range(2):
+        assert adm.admit("127.0.0.1") is None
+        adm.closed("127.0.0.1", refused=REFUSED_PER_IP)
+    assert adm.refused == {REFUSED_PER_IP: 2}
+    assert adm.counters is counters
+    assert counters.snapshot()["refused:" + REFUSED_PER_IP] == 2

@@ -304,6 +304,13 @@ def test_config_error_str_and_attributes() -> None:
     )
     assert (bare.has_value, bare.value) == (False, None)
     assert repr(configparse._NO_VALUE) == "<no value>"
+    assert bare.exit_code == 78  # EX_CONFIG, whoever raises it
+
+
+def test_an_origin_reads_as_path_and_line() -> None:
+    """Where a value was set, as other messages quote it: the path, and the line if known."""
+    assert str(configparse.Origin("/etc/echod.yaml", 3)) == "/etc/echod.yaml:3"
+    assert str(configparse.Origin("/etc/echod.yaml")) == "/etc/echod.yaml"
 
 
 @pytest.mark.parametrize(
@@ -898,3 +905,144 @@ def test_config_values_follow_the_table() -> None:
     values = config.config_values(cfg)
     assert list(values) == [s.name for s in SETTINGS]
     assert (values["port"], values["log.level"]) == (7, "info")
+
+
+LISTEN_RULE = (
+    'a list of "host:port" ("[::1]:port" for IPv6, "*:port" for every address), each alone or'
+    " as {address, ipv6_only, backlog}"
+)
+KEEPALIVE_RULE = (
+    "false, true (the kernel's timings), or {idle, interval, count}: seconds from 1 to 32767,"
+    " probes from 1 to 127"
+)
+NO_VALUE = object()
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "named"),
+    [
+        (
+            "tcp_keepalive:\n  idle: [1]\n",
+            "2:9: tcp_keepalive: a list was found where a plain value belongs",
+            ("tcp_keepalive", NO_VALUE, KEEPALIVE_RULE),
+        ),
+        (
+            "tcp_keepalive:\n  [idle]: 1\n",
+            "2:3: tcp_keepalive: a list was found where a plain value belongs",
+            ("tcp_keepalive", NO_VALUE, KEEPALIVE_RULE),
+        ),
+        (
+            "tcp_keepalive:\n  idle: 30\n  idle: 40\n",
+            "3:3: tcp_keepalive: 'idle' is given twice",
+            ("tcp_keepalive", NO_VALUE, "each key at most once"),
+        ),
+        (
+            "tcp_keepalive:\n  idel: 30\n",
+            "2:3: tcp_keepalive has the unknown key 'idel' (did you mean 'idle'?)",
+            ("tcp_keepalive", 30, "did you mean 'idle'?"),
+        ),
+        (
+            "tcp_keepalive:\n  idle: x\n",
+            "2:9: tcp_keepalive has idle 'x', which is a string, not an integer (an integer"
+            " from 1 to 32767)",
+            ("tcp_keepalive", "x", "an integer from 1 to 32767"),
+        ),
+        (
+            "listen:\n  - '127.0.0.1:7'\n  - {address: '127.0.0.1:8', backlog: x}\n",
+            "3:39: listen: item 2 has backlog 'x', which is a string, not an integer (an"
+            " integer from 1 to 65535, or null)",
+            ("listen", "x", "an integer from 1 to 65535, or null"),
+        ),
+        (
+            "listen:\n  - '127.0.0.1:7'\n  - {address: '127.0.0.1:8', backlog: [1]}\n",
+            "3:39: listen: item 2: a list was found where a plain value belongs",
+            ("listen", NO_VALUE, LISTEN_RULE),
+        ),
+        (
+            "listen:\n  - '127.0.0.1:7'\n  - [a]\n",
+            f"3:5: listen: a list was found where a list item belongs ({LISTEN_RULE})",
+            ("listen", NO_VALUE, LISTEN_RULE),
+        ),
+        (
+            "listen:\n  - '127.0.0.1:7'\n  - 'nonsense'\n",
+            "3:5: listen: item 2 'nonsense' has no port (write it as \"host:port\")",
+            ("listen", "nonsense", LISTEN_RULE),
+        ),
+        (
+            "listen:\n  - '127.0.0.1:7'\n  - '127.0.0.1:7'\n",
+            "3:5: listen: item 2 '127.0.0.1:7' is listed twice (item 1) (each address at most"
+            " once)",
+            ("listen", "127.0.0.1:7", LISTEN_RULE),
+        ),
+        (
+            "listen: ['127.0.0.1:7']\nport: 9\n",
+            "1:9: listen: cannot be used with port (set at f.yaml:2): listen replaces host and"
+            " port; write that address as an entry of listen instead",
+            ("listen", NO_VALUE, "listen, or host and port, not both"),
+        ),
+        (
+            "group: nogroup\n",
+            "1:8: group: needs user (it is the group of the user the workers run as)",
+            ("group", "nogroup", "group only with user"),
+        ),
+        (
+            "user: no-such-user-here\n",
+            "1:7: user: no user named 'no-such-user-here' on this system",
+            ("user", "no-such-user-here", "an account of this system"),
+        ),
+        (
+            "user: nobody\ngroup: no-such-group-here\n",
+            "2:8: group: no group named 'no-such-group-here' on this system",
+            ("group", "no-such-group-here", "an account of this system"),
+        ),
+        (
+            "control_group: no-such-group-here\n",
+            "1:16: control_group: no group named 'no-such-group-here' on this system",
+            ("control_group", "no-such-group-here", "an account of this system"),
+        ),
+    ],
+)
+def test_listeners_keepalive_and_accounts_word_for_word(
+    loader: type, text: str, message: str, named: tuple[str, object, str]
+) -> None:
+    """The errors of the structured settings and the accounts: where (the item, the key or
+    the value at fault), the setting, the bad value when there is one, and the rule."""
+    key, value, rule = named
+    found = error(text)
+    assert (str(found), found.key, found.rule) == (f"f.yaml:{message}", key, rule)
+    if value is NO_VALUE:
+        assert not found.has_value
+    else:
+        assert (found.has_value, found.value) == (True, value)
+
+
+def test_a_listen_item_of_every_form_is_read() -> None:
+    """Strings and mappings mix; a mapping's keys are the entry's options."""
+    cfg = parse_config(
+        "listen:\n  - '127.0.0.1:7'\n  - {address: '[::1]:8', ipv6_only: true, backlog: 16}\n"
+    )
+    assert [(e.host, e.port, e.ipv6_only, e.backlog) for e in cfg.listen] == [
+        ("127.0.0.1", 7, False, None),
+        ("::1", 8, True, 16),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("tcp_keepalive: true\n", "tcp_keepalive: true"),
+        ("tcp_keepalive: {idle: 30}\n", "tcp_keepalive: {idle: 30}"),
+        ("tcp_keepalive: {idle: 30, count: 4}\n", "tcp_keepalive: {idle: 30, count: 4}"),
+    ],
+)
+def test_the_keepalive_is_dumped_as_written(text: str, line: str) -> None:
+    """The kernel's timings dump as ``true``; timings of the file's as a flow mapping of
+    those given."""
+    assert line in dump_config(parse_config(text)).splitlines()
+
+
+def test_a_note_keeps_printable_text_and_escapes_the_rest() -> None:
+    """A comment stays on one line: line breaks are escaped, while printable text (accents,
+    backslashes) is left as it is."""
+    assert configdump._one_line("caf\u00e9 a\\b") == "caf\u00e9 a\\b"
+    assert configdump._one_line("a\nb") == "a\\nb"
