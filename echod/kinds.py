@@ -572,6 +572,11 @@ def _clash(entry: ListenEntry, before: list[ListenEntry]) -> tuple[str, str] | N
             (e for e in (other, entry) if _version(e.host) == 6 and "v4" in (_scopes(e) or ())),
             None,
         )
+        if dual is not None:
+            # ipv6_only is the way out only if the two meet on IPv4 alone.
+            partner = theirs if dual is entry else mine
+            if _overlap((_scopes(dual) or set()) - {"v4"}, partner):
+                dual = None
         hint = (
             f"{dual.address} serves IPv4 too: set ipv6_only: true on it"
             if dual is not None

@@ -1046,3 +1046,144 @@ def test_a_note_keeps_printable_text_and_escapes_the_rest() -> None:
     backslashes) is left as it is."""
     assert configdump._one_line("caf\u00e9 a\\b") == "caf\u00e9 a\\b"
     assert configdump._one_line("a\nb") == "a\\nb"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("user", -1, ("is out of range", "an id from 0 to 4294967294")),
+        ("user", 4294967295, ("is out of range", "an id from 0 to 4294967294")),
+        ("user", True, ("is a boolean, not a name or a number", "")),
+        ("user", "123", ("is a string of digits", "write an id without quotes")),
+        ("user", "bad name!", ("is not a valid user name", "")),
+        ("group", "bad name!", ("is not a valid group name", "")),
+        ("listen", ["nonsense"], ("item 1 'nonsense' has no port", 'write it as "host:port"')),
+        ("listen", [5], ("item 1 5 is an integer, not a string or a mapping", "")),
+        (
+            "listen",
+            ["h:70000"],
+            ("item 1 'h:70000' has a port that is not an integer from 0 to 65535", ""),
+        ),
+        ("listen", ["[zz]:7"], ("item 1 '[zz]:7' has an invalid IPv6 address in brackets", "")),
+        (
+            "listen",
+            ["::1]:7"],
+            ("item 1 '::1]:7' is ambiguous", 'write an IPv6 address as "[addr]:port"'),
+        ),
+        (
+            "listen",
+            [{"backlog": 5}],
+            ("item 1 {'backlog': 5} has no address", "write {address: 'host:port', ...}"),
+        ),
+        (
+            "listen",
+            [{"address": "nonsense"}],
+            (
+                "item 1 'nonsense' has address 'nonsense', which has no port",
+                '"host:port" ("[::1]:port" for IPv6, "*:port" for every address); write it as'
+                ' "host:port"',
+            ),
+        ),
+        (
+            "listen",
+            [{"address": "127.0.0.1:7", "ipv6_only": True}],
+            (
+                "item 1 '127.0.0.1:7' has ipv6_only on an address that is not IPv6",
+                'ipv6_only applies to an IPv6 address such as "[::]:port"',
+            ),
+        ),
+        (
+            "listen",
+            [{"address": "*:7", "ipv6_only": True}],
+            (
+                "item 1 '*:7' has ipv6_only on an address that is not IPv6",
+                'ipv6_only applies to an IPv6 address such as "[::]:port"',
+            ),
+        ),
+        (
+            "listen",
+            [{"address": "127.0.0.1:7", "zzz": 1}],
+            (
+                "item 1 '127.0.0.1:7' has the unknown key 'zzz'",
+                "the keys are address, ipv6_only, backlog",
+            ),
+        ),
+        (
+            "listen",
+            ["127.0.0.1:7", "127.0.0.2:7", "127.0.0.2:7"],
+            ("item 3 '127.0.0.2:7' is listed twice (item 2)", "each address at most once"),
+        ),
+        (
+            "listen",
+            ["*:7", {"address": "[::]:7", "ipv6_only": True}],
+            (
+                "item 2 '[::]:7' overlaps item 1 '*:7'",
+                "a wildcard address covers every address of its family",
+            ),
+        ),
+        (
+            "listen",
+            ["127.0.0.1:7", "*:7"],
+            (
+                "item 2 '*:7' overlaps item 1 '127.0.0.1:7'",
+                "a wildcard address covers every address of its family",
+            ),
+        ),
+        (
+            "listen",
+            ["[::]:7", "127.0.0.1:7"],
+            (
+                "item 2 '127.0.0.1:7' overlaps item 1 '[::]:7'",
+                "[::]:7 serves IPv4 too: set ipv6_only: true on it",
+            ),
+        ),
+        # ipv6_only would not help here: the two meet on IPv6.
+        (
+            "listen",
+            ["[::]:7", "[::1]:7"],
+            (
+                "item 2 '[::1]:7' overlaps item 1 '[::]:7'",
+                "a wildcard address covers every address of its family",
+            ),
+        ),
+        (
+            "tcp_keepalive",
+            {"idle": 30, "zz": 1},
+            ("has the unknown key 'zz'", "the keys are idle, interval, count"),
+        ),
+        ("tcp_keepalive", 5, ("is an integer, not a boolean or a mapping", "")),
+    ],
+)
+def test_accounts_listeners_and_keepalive_refused_with_the_exact_words(
+    name: str, value: object, expected: tuple[str, str]
+) -> None:
+    """Each refusal of the structured settings and the accounts: its problem and hint."""
+    assert problem(name, value) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("user", 4294967294),
+        ("listen", ["h:65535"]),
+        ("listen", ["localhost:7", "*:7"]),  # a host name is resolved at bind: no overlap
+        ("listen", ["127.0.0.1:0", "127.0.0.1:0"]),  # each takes a port of its own
+        ("listen", [{"address": "[::1]:7", "ipv6_only": True}]),
+    ],
+)
+def test_accounts_and_listeners_accept_the_edges(name: str, value: object) -> None:
+    """The largest id, the largest port, a host name beside a wildcard, two port-0 entries."""
+    BY_NAME[name].convert(value)
+
+
+def test_listeners_and_keepalive_read_back_in_words() -> None:
+    """What check-config and the start event show of them."""
+    assert str(kinds.ListenEntry("127.0.0.1", 7)) == "127.0.0.1:7"
+    assert str(kinds.ListenEntry("::", 7, True, 16)) == "[::]:7 (ipv6_only: true, backlog: 16)"
+    assert str(kinds.ListenEntry("::", 7, False, 16)) == "[::]:7 (backlog: 16)"
+    assert str(kinds.Keepalive()) == "off"
+    assert str(kinds.Keepalive(True)) == "on (the kernel's timings)"
+    assert str(kinds.Keepalive(True, 30, None, 4)) == "on (idle 30, count 4)"
+    assert BY_NAME["listen"].rule.startswith(
+        'a list of "host:port" ("[::1]:port" for IPv6, "*:port" for every address)'
+    )
