@@ -11,13 +11,16 @@ import dataclasses
 import datetime
 import os
 import socket
+import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from echod import config, configdump, configparse, kinds, settings
+from echod import config, configdump, configfile, configparse, kinds, settings
 from echod.config import (
     SETTINGS,
     ConfigError,
@@ -33,6 +36,7 @@ from echod.config import (
     split_endpoint,
     yaml_scalar,
 )
+from tests.support import ROOT
 
 LOADERS = [yaml.SafeLoader] + ([yaml.CSafeLoader] if hasattr(yaml, "CSafeLoader") else [])
 BY_NAME = {s.name: s for s in SETTINGS}
@@ -981,6 +985,23 @@ NO_VALUE = object()
             ("listen", NO_VALUE, "listen, or host and port, not both"),
         ),
         (
+            "listen:\n  - !!int x\n",
+            "2:5: listen: cannot read the value: invalid literal for int() with base 10: 'x'",
+            ("listen", NO_VALUE, "a plain YAML value"),
+        ),
+        (
+            "tcp_keepalive:\n  idle: !!int x\n",
+            "2:9: tcp_keepalive: cannot read the value: invalid literal for int() with base 10:"
+            " 'x'",
+            ("tcp_keepalive", NO_VALUE, "a plain YAML value"),
+        ),
+        (
+            "tcp_keepalive:\n  !!int x: 1\n",
+            "2:3: tcp_keepalive: cannot read the value: invalid literal for int() with base 10:"
+            " 'x'",
+            ("tcp_keepalive", NO_VALUE, "a plain YAML value"),
+        ),
+        (
             "group: nogroup\n",
             "1:8: group: needs user (it is the group of the user the workers run as)",
             ("group", "nogroup", "group only with user"),
@@ -1187,3 +1208,141 @@ def test_listeners_and_keepalive_read_back_in_words() -> None:
     assert BY_NAME["listen"].rule.startswith(
         'a list of "host:port" ("[::1]:port" for IPv6, "*:port" for every address)'
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (
+            [{"address": 5}],
+            (
+                "item 1 {'address': 5} has address 5, which is an integer, not a string",
+                '"host:port" ("[::1]:port" for IPv6, "*:port" for every address)',
+            ),
+        ),
+        # The second entry is the dual-stack one: ipv6_only on it parts them.
+        (
+            ["127.0.0.1:7", "[::]:7"],
+            (
+                "item 2 '[::]:7' overlaps item 1 '127.0.0.1:7'",
+                "[::]:7 serves IPv4 too: set ipv6_only: true on it",
+            ),
+        ),
+        (
+            ["[::1]:7", "[::]:7"],
+            (
+                "item 2 '[::]:7' overlaps item 1 '[::1]:7'",
+                "a wildcard address covers every address of its family",
+            ),
+        ),
+    ],
+)
+def test_listen_entries_refused_in_either_order(value: object, expected: tuple[str, str]) -> None:
+    """A mapping's address that is not a string; an overlap whichever entry comes second."""
+    assert problem("listen", value) == expected
+
+
+def test_the_drop_ins_of_a_path_with_a_nul_cannot_be_read() -> None:
+    """A NUL in the directory's name is refused in words, naming it."""
+    with pytest.raises(ConfigError) as caught:
+        config.dropin_files("a\0b")
+    assert (str(caught.value), caught.value.path) == (
+        "a\0b: cannot read: embedded null byte",
+        "a\0b",
+    )
+
+
+def test_the_pidfile_from_the_environment_is_checked_and_named() -> None:
+    """$ECHOD_PIDFILE (the instance's) overrides the file's and is refused as a setting is,
+    named as where it came from; load_config reads the environment it is given."""
+    environ = {"ECHOD_PIDFILE": "/run/echod/one.pid"}
+    assert config.load_config(None, environ).pidfile == "/run/echod/one.pid"
+    with pytest.raises(ConfigError) as caught:
+        config.load_config(None, {"ECHOD_PIDFILE": "relative.pid"})
+    found = caught.value
+    assert str(found) == (
+        "$ECHOD_PIDFILE: pidfile: 'relative.pid' is not an absolute path (an absolute path, or"
+        " null)"
+    )
+    assert (found.key, found.has_value, found.value, found.rule) == (
+        "pidfile",
+        True,
+        "relative.pid",
+        "an absolute path, or null",
+    )
+
+
+def test_a_file_whose_read_fails_is_refused_in_words() -> None:
+    """A regular file that cannot be read (/proc/self/mem at offset 0: EIO) is refused with
+    the system's words, naming it."""
+    with pytest.raises(ConfigError) as caught:
+        config.load_config("/proc/self/mem")
+    assert (str(caught.value), caught.value.path) == (
+        "/proc/self/mem: cannot read: Input/output error",
+        "/proc/self/mem",
+    )
+
+
+def test_a_kind_of_file_outside_the_table_is_still_named() -> None:
+    """What is neither regular nor one of the named kinds is "not a regular file"."""
+    assert configfile._not_regular(stat.S_IFLNK) == "not a regular file"
+    assert configfile._not_regular(stat.S_IFREG) is None
+
+
+def test_a_terminal_as_the_file_is_refused_without_becoming_ours() -> None:
+    """A terminal at the path is refused as a character device, and opening it does not make
+    it the controlling terminal of a session leader that has none (a daemon under systemd)."""
+    master, slave = os.openpty()
+    name = os.ttyname(slave)
+    os.close(slave)
+    code = (
+        "import os, sys\n"
+        "os.setsid()\n"
+        "from echod import configfile\n"
+        "try:\n"
+        "    configfile.read_config(sys.argv[1])\n"
+        "except configfile.ConfigError as error:\n"
+        "    print(error)\n"
+        "with open('/proc/self/stat') as stat:\n"
+        "    print(stat.read().rsplit(')', 1)[1].split()[4])\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, name],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            cwd=ROOT,
+            check=False,
+        )
+    finally:
+        os.close(master)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"{name}: cannot read: a character device, not a file", "0"]
+
+
+def test_a_huge_file_is_refused_after_reading_only_the_limit(tmp_path: Path) -> None:
+    """A sparse file of 4 GiB is refused as too large under a 1 GiB address-space limit:
+    only the limit and one byte are ever read."""
+    huge = tmp_path / "huge.yaml"
+    with huge.open("wb") as f:
+        f.truncate(4 << 30)
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "from echod import configfile\n"
+        "try:\n"
+        "    configfile.read_config(sys.argv[1])\n"
+        "except configfile.ConfigError as error:\n"
+        "    print(error)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(huge)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == f"{huge}: cannot read: larger than {configfile.MAX_FILE_SIZE} bytes\n"
