@@ -1243,13 +1243,13 @@ def test_listen_entries_refused_in_either_order(value: object, expected: tuple[s
 
 
 def test_the_drop_ins_of_a_path_with_a_nul_cannot_be_read() -> None:
-    """A NUL in the directory's name is refused in words, naming it."""
+    """A NUL in the directory's name is refused in words, naming it (Python's own words,
+    which differ between versions)."""
     with pytest.raises(ConfigError) as caught:
         config.dropin_files("a\0b")
-    assert (str(caught.value), caught.value.path) == (
-        "a\0b: cannot read: embedded null byte",
-        "a\0b",
-    )
+    assert caught.value.path == "a\0b"
+    assert str(caught.value).startswith("a\0b: cannot read: ")
+    assert "embedded null" in str(caught.value)
 
 
 def test_the_pidfile_from_the_environment_is_checked_and_named() -> None:
