@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
+import socket
+import struct
+import termios
 import threading
 from typing import Any
 
@@ -43,3 +47,24 @@ def serve_in_thread(handler: EchoHandler) -> threading.Thread:
     thread = threading.Thread(target=handler.serve, name="test-handler", daemon=True)
     thread.start()
     return thread
+
+
+def queued(sock: socket.socket) -> int:
+    """Bytes in the socket's send queue, not yet acknowledged by the peer."""
+    raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    return int(struct.unpack("i", raw)[0])
+
+
+def waiting(sock: socket.socket) -> int:
+    """Bytes received on the socket and not read yet."""
+    raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int(struct.unpack("i", raw)[0])
+
+
+def send_quietly(sock: socket.socket, data: bytes) -> None:
+    """Send all of ``data``; the handler giving up on this client (what the tests are
+    about) ends it quietly."""
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass

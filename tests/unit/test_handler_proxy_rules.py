@@ -7,11 +7,9 @@ These are the checks the mutation run (``make mutation``) found missing.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import signal
 import socket
 import struct
-import termios
 import threading
 import time
 from typing import Any
@@ -34,6 +32,7 @@ from echod.handler import (
 )
 from echod.proxy import ProxyHeader, v1_header, v2_header
 from tests.support import wait_for
+from tests.unit.handler_kit import queued, send_quietly, waiting
 from tests.unit.handler_kit import settings as base_settings
 
 pytestmark = pytest.mark.timeout(30)
@@ -235,7 +234,7 @@ def test_a_large_rest_that_is_not_read_ends_with_write_timeout(
     server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     data = v1_header(("203.0.113.7", 5), ("192.0.2.1", 7)) + b"r" * (1 << 20)
-    sender = threading.Thread(target=lambda: _send_quietly(client, data), daemon=True)
+    sender = threading.Thread(target=lambda: send_quietly(client, data), daemon=True)
     sender.start()
     wait_for(lambda: waiting(server_side) >= 256 << 10, 10, what="256 KiB to read")
     handler = EchoHandler(
@@ -251,25 +250,6 @@ def test_a_large_rest_that_is_not_read_ends_with_write_timeout(
     assert 0 < handler.bytes_out < handler.bytes_in
 
 
-def waiting(sock: socket.socket) -> int:
-    """Bytes received on the socket and not read yet."""
-    raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
-    return int(struct.unpack("i", raw)[0])
-
-
-def _send_quietly(sock: socket.socket, data: bytes) -> None:
-    try:
-        sock.sendall(data)
-    except OSError:
-        pass  # the handler gave up on us: what the test is about
-
-
-def queued(sock: socket.socket) -> int:
-    """Bytes in the socket's send queue, not yet acknowledged by the peer."""
-    raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-    return int(struct.unpack("i", raw)[0])
-
-
 def test_a_large_rest_whose_send_is_cut_short_is_echoed_whole(
     tcp_pair: tuple[socket.socket, socket.socket, Any],
 ) -> None:
@@ -280,7 +260,7 @@ def test_a_large_rest_whose_send_is_cut_short_is_echoed_whole(
     server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     payload = bytes(range(256)) * 2048  # 512 KiB
     header = v1_header(("203.0.113.7", 5), ("192.0.2.1", 7))
-    sender = threading.Thread(target=lambda: _send_quietly(client, header + payload))
+    sender = threading.Thread(target=lambda: send_quietly(client, header + payload))
     sender.daemon = True
     sender.start()
     wait_for(lambda: waiting(server_side) >= 256 << 10, 10, what="256 KiB to read")
@@ -336,7 +316,7 @@ def test_an_echo_cut_short_then_not_read_ends_with_write_timeout(
     server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     data = v1_header(("203.0.113.7", 5), ("192.0.2.1", 7)) + b"r" * (512 << 10)
-    sender = threading.Thread(target=lambda: _send_quietly(client, data), daemon=True)
+    sender = threading.Thread(target=lambda: send_quietly(client, data), daemon=True)
     sender.start()
     wait_for(lambda: waiting(server_side) >= 256 << 10, 10, what="256 KiB to read")
     handler = EchoHandler(

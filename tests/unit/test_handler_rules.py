@@ -6,11 +6,9 @@ These are the checks the mutation run (``make mutation``) found missing.
 
 from __future__ import annotations
 
-import fcntl
 import signal
 import socket
 import struct
-import termios
 import threading
 import time
 from typing import Any
@@ -30,7 +28,14 @@ from echod.handler import (
     timeval,
 )
 from tests.support import wait_for
-from tests.unit.handler_kit import FlagStopper, serve_in_thread, settings
+from tests.unit.handler_kit import (
+    FlagStopper,
+    queued,
+    send_quietly,
+    serve_in_thread,
+    settings,
+    waiting,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -297,7 +302,7 @@ def blocked_one_byte_at_a_time(
         FlagStopper(),
     )
     thread = serve_in_thread(handler)
-    sender = threading.Thread(target=lambda: _send_quietly(client, b"o" * (1 << 20)), daemon=True)
+    sender = threading.Thread(target=lambda: send_quietly(client, b"o" * (1 << 20)), daemon=True)
     sender.start()
     return handler, thread, client
 
@@ -352,30 +357,13 @@ def slow_write(
         settings(buffer_size=4 << 20, write_timeout=write_timeout),
         FlagStopper(),
     )
-    sender = threading.Thread(target=lambda: _send_quietly(client, b"z" * (4 << 20)))
+    sender = threading.Thread(target=lambda: send_quietly(client, b"z" * (4 << 20)))
     sender.daemon = True
     sender.start()
     wait_for(lambda: waiting(server_side) >= 256 << 10, 10, what="256 KiB to read")
     thread = serve_in_thread(handler)
     wait_for(lambda: 0 < handler.bytes_out < handler.bytes_in, 10, what="a partial send")
     return handler, thread, client
-
-
-def queued(sock: socket.socket) -> int:
-    """Bytes in the socket's send queue, not yet acknowledged by the peer."""
-    return struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0]  # type: ignore[no-any-return]
-
-
-def waiting(sock: socket.socket) -> int:
-    """Bytes received on the socket and not yet read."""
-    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]  # type: ignore[no-any-return]
-
-
-def _send_quietly(sock: socket.socket, data: bytes) -> None:
-    try:
-        sock.sendall(data)
-    except OSError:
-        pass  # the handler gave up on this client, as the test wants
 
 
 def test_a_reset_during_a_slow_write_ends_with_reset(
@@ -387,7 +375,7 @@ def test_a_reset_during_a_slow_write_ends_with_reset(
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     handler = EchoHandler(server_side, peer, "1-12", settings(buffer_size=4 << 20), FlagStopper())
     thread = serve_in_thread(handler)
-    sender = threading.Thread(target=lambda: _send_quietly(client, b"r" * (1 << 20)), daemon=True)
+    sender = threading.Thread(target=lambda: send_quietly(client, b"r" * (1 << 20)), daemon=True)
     sender.start()
     # The first send has queued part of a read and waits for room: a reset now cuts it short.
     wait_for(lambda: handler.bytes_in > 0 and queued(server_side) > 0, 10, what="a blocked send")
@@ -439,7 +427,7 @@ def interrupted_send(
     )
     main = threading.main_thread().ident
     assert main is not None and main == threading.get_ident()
-    sender = threading.Thread(target=lambda: _send_quietly(client, b"s" * (1 << 20)))
+    sender = threading.Thread(target=lambda: send_quietly(client, b"s" * (1 << 20)))
     sender.daemon = True
     sender.start()
     # A first read far larger than the client's window, so that its echo must block.
