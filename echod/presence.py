@@ -53,11 +53,16 @@ class Presence:
         """The pidfile an old image held, in an upgrade."""
         self.pidfile, self.pidfile_required = pidfile, required
 
-    def publish_with(self, summary: Callable[[], str], build: Callable[[], status.Status]) -> None:
+    def publish_with(
+        self,
+        summary: Callable[[], str],
+        build: Callable[[], status.Status],
+        revision: Callable[[], int],
+    ) -> None:
         """From now on :meth:`publish` writes ``summary()`` to systemd and ``build()`` beside
-        the pidfile (when there is one)."""
+        the pidfile (when there is one), anew when either or ``revision()`` changed."""
         path = status.path_for(self.pidfile.path) if self.pidfile is not None else None
-        self.publisher = status.Publisher(self.notifier, path, summary, build)
+        self.publisher = status.Publisher(self.notifier, path, summary, build, revision)
 
     def publish(self, force: bool = False) -> None:
         if self.publisher is not None:

@@ -158,9 +158,11 @@ class Publisher:
     """Keeps systemd's ``STATUS=`` line and the status file current.
 
     ``summary()`` is the one-line status; ``build()`` the whole :class:`Status`, built only
-    when it is written. Every worker's heartbeat may change the counts, so an unforced
-    :meth:`publish` writes at most once a second and only when the line changed; a forced one
-    (a state change, a reload's outcome) writes at once.
+    when it is written; ``revision()`` what else in it may change while the line stays the
+    same (the log lines dropped: a connection process may log its close, and fail to, after
+    the last count the line shows changed). Every worker's heartbeat may change either, so an
+    unforced :meth:`publish` writes at most once a second and only when one of them changed;
+    a forced one (a state change, a reload's outcome) writes at once.
     """
 
     def __init__(
@@ -169,20 +171,26 @@ class Publisher:
         path: str | None,
         summary: Callable[[], str],
         build: Callable[[], Status],
+        revision: Callable[[], int] = lambda: 0,
     ) -> None:
         self.notifier = notifier
         self.path = path
         self.summary = summary
         self.build = build
+        self.revision = revision
         self.last_text = ""
+        self.last_revision = 0
         self.last_published = 0.0
 
     def publish(self, force: bool = False) -> None:
         now = time.monotonic()
         text = self.summary()
-        if not force and (text == self.last_text or now < self.last_published + 1.0):
+        revision = self.revision()
+        unchanged = text == self.last_text and revision == self.last_revision
+        if not force and (unchanged or now < self.last_published + 1.0):
             return
         self.last_text = text
+        self.last_revision = revision
         self.last_published = now
         if self.notifier is not None:
             self.notifier.status(text)

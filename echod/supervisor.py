@@ -215,7 +215,9 @@ class Supervisor:
             self.presence.adopt(pidfile, handed.pidfile_required)
         fdstore.keep(self.notifier, listeners)  # (an upgrade from before the store too)
         self.presence.publish_with(
-            lambda: self.serving.summary(self._state), lambda: status.build(self.snapshot())
+            lambda: self.serving.summary(self._state),
+            lambda: status.build(self.snapshot()),
+            lambda: sinks.counts().total(),
         )
         prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphaned connection processes are reaped here
         selector = self.loop.open(signals.SUPERVISOR)

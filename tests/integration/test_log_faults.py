@@ -129,9 +129,14 @@ def test_a_full_log_disk_costs_log_lines_only(
             for _ in range(4):
                 results = clients_at_once(server, 25)
                 assert results == [bytes([i % 251]) * 5000 for i in range(25)]
-        dropped = wait_for(lambda: status_of(server).get("log_dropped"), what="drops in status")
+        # 100 connections' opens and closes at least; a connection process may log its close
+        # (and fail to) after the last open or served count changed: the status follows.
+        dropped = wait_for(
+            lambda: (found := status_of(server).get("log_dropped", {})).get("no_space", 0) >= 100
+            and found,
+            what="drops in status",
+        )
         assert set(dropped) == {"no_space"}
-        assert dropped["no_space"] >= 100
         wait_for(lambda: dropped_metric(metrics)["no_space"] >= dropped["no_space"])
         stderr = server.stderr_path.read_text()
         assert stderr.count(FAILING) == 1, stderr

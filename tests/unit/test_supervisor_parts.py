@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -402,6 +403,41 @@ def test_the_status_file_is_the_snapshot() -> None:
         "limits": {},
     }  # fmt: skip
     assert status.Status.from_dict(built.to_dict()) == built
+
+
+def test_the_status_file_follows_drops_while_the_line_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unforced publish writes the file again when only the drop count changed (a
+    connection process failing to log its close after the last count changed), at most once
+    a second, and not when nothing changed."""
+    clock = [100.0]
+    monkeypatch.setattr(status, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    drops = {"no_space": 0}
+    builds: list[int] = []
+
+    def build() -> status.Status:
+        builds.append(drops["no_space"])
+        return status.build(snapshot())
+
+    publisher = status.Publisher(
+        None, str(tmp_path / "echod.status"), lambda: "thread mode; 0 open; 9 served",
+        build, lambda: drops["no_space"],
+    )  # fmt: skip
+    publisher.publish(force=True)
+    clock[0] += 5
+    publisher.publish()
+    assert builds == [0]  # nothing changed
+    drops["no_space"] = 91
+    publisher.publish()
+    assert builds == [0, 91]
+    drops["no_space"] = 100
+    clock[0] += 0.5
+    publisher.publish()
+    assert builds == [0, 91]  # within the second
+    clock[0] += 1
+    publisher.publish()
+    assert builds == [0, 91, 100]
 
 
 def test_the_metrics_are_the_snapshot() -> None:
