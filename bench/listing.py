@@ -90,7 +90,7 @@ def measure(mode: str, count: int, runs: int) -> dict[str, object]:
             f"mode: {mode}\nhost: 127.0.0.1\nport: {port}\nworkers: 1\n"
             f"max_connections: {count + 100}\nbacklog: 4096\nidle_timeout: 0\n"
             f"control_socket: {tmp}/echod.sock\npidfile: {tmp}/echod.pid\n"
-            f"log: {{target: file, file: {tmp}/echod.log, connections: false}}\n"
+            f"log: {{target: file, file: {tmp}/echod.log, connections: off}}\n"
         )
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         server = subprocess.Popen(

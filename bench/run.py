@@ -78,6 +78,7 @@ class ServerSpec:
     settings: str = ""  # echod: YAML lines added to its configuration
     tree: str | None = None  # echod: serve from this source tree (--before), not ROOT
     workers: int = 1  # echod: its workers setting
+    connections: str = "both"  # echod: its log.connections setting
     args: tuple[str, ...] = ()  # a baseline script: arguments after PORT
 
     @property
@@ -116,6 +117,15 @@ SERVERS: tuple[ServerSpec, ...] = (
         settings="spare_processes: 64\n",
     ),
     ServerSpec("echod_async", "echod mode async, 1 worker, connections logged", mode="async"),
+    *(
+        ServerSpec(
+            f"echod_{mode}_close",
+            f"echod_{mode} with log.connections: close (one line a connection, at its end)",
+            mode=mode,
+            connections="close",
+        )
+        for mode in ("thread", "process", "async")
+    ),
 )
 SERVER_NAMES = tuple(s.name for s in SERVERS)
 
@@ -159,11 +169,19 @@ RATIOS: tuple[tuple[str, str], ...] = (
     ("echod_thread_spare", "faster:thread"),
     ("echod_process", "faster:process"),
     ("echod_process_spare", "faster:process"),
+    ("echod_async_close", "bare_uvloop"),
+    ("echod_thread_close", "faster:thread"),
+    ("echod_process_close", "faster:process"),
+    *((f"echod_{mode}_close", f"echod_{mode}") for mode in ("async", "thread", "process")),
     ("tutorial_thread", "classic_thread"),
     ("tutorial_process", "classic_process"),
     *((f"echod_{mode}", "c_epoll") for mode in ("async", "thread", "process")),
     *((f"echod_{mode}", "xinetd") for mode in ("async", "thread", "process")),
 )
+
+
+#: log.connections as the bench writes it: its boolean form where it has one.
+_CONNECTIONS = {"both": "true", "off": "false"}
 
 
 class ServerStartError(Exception):
@@ -276,7 +294,9 @@ class Server:
             f"  file: {json.dumps(str(self.log_file))}\n"
             "  format: json\n"
             "  level: info\n"
-            "  connections: true\n" + self.spec.settings
+            # (both as true: the form an earlier tree, served with --before, reads too)
+            f"  connections: {_CONNECTIONS.get(self.spec.connections, self.spec.connections)}\n"
+            + self.spec.settings
         )
 
     @property

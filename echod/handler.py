@@ -116,6 +116,7 @@ class HandlerSettings:
     buffer_size: int
     idle_timeout: float
     write_timeout: float
+    #: Each connection's close event is logged (``log.connections`` both or close) ...
     log_connections: bool
     proxy_protocol: str = "off"
     proxy_timeout: float = 3.0
@@ -123,6 +124,8 @@ class HandlerSettings:
     #: and Linux copies them to every socket accepted there: two setsockopt calls fewer a
     #: connection (and in thread mode two hand-overs of the interpreter fewer).
     timeouts_inherited: bool = False
+    #: ... and its open event too (both).
+    log_open: bool = True
 
     @classmethod
     def from_config(cls, cfg: Config) -> HandlerSettings:
@@ -131,9 +134,10 @@ class HandlerSettings:
             buffer_size=cfg.buffer_size,
             idle_timeout=cfg.idle_timeout,
             write_timeout=cfg.write_timeout,
-            log_connections=cfg.log.connections,
+            log_connections=cfg.log.connections != "off",
             proxy_protocol=cfg.proxy_protocol,
             proxy_timeout=cfg.proxy_timeout,
+            log_open=cfg.log.connections == "both",
         )
 
 
@@ -255,7 +259,8 @@ class EchoHandler:
                 )
         if settings.log_connections and not behind_proxy:
             self._bind_log(peer_fields(self.peer))
-            self._log.info(events.CONN_OPEN)
+            if settings.log_open:
+                self._log.info(events.CONN_OPEN)
 
     def _bind_log(self, fields: dict[str, Any]) -> None:
         self._log = log.bind(
@@ -282,7 +287,8 @@ class EchoHandler:
             self.on_client(judged.peer, judged.proxy_peer)
         if settings.log_connections:
             self._bind_log(judged.fields())
-            (self._log.debug if judged.quiet else self._log.info)(events.CONN_OPEN)
+            if settings.log_open:
+                (self._log.debug if judged.quiet else self._log.info)(events.CONN_OPEN)
         rest = header.rest
         if rest:
             self.bytes_in += len(rest)

@@ -59,7 +59,9 @@ class Setting:
 
     ``name`` is dotted for settings inside a section (``log.level``). ``minimum`` and
     ``maximum`` bound ``int`` and ``number`` kinds (``above`` makes the minimum exclusive);
-    ``also_zero`` admits 0 besides the range; ``nullable`` admits ``null``.
+    ``also_zero`` admits 0 besides the range; ``nullable`` admits ``null``. A ``choice`` with
+    ``bool_aliases`` (the choices ``false`` and ``true`` stand for) also takes a boolean: the
+    form the setting had before it had more than two values.
     """
 
     name: str
@@ -72,6 +74,7 @@ class Setting:
     above: bool = False
     also_zero: bool = False
     nullable: bool = False
+    bool_aliases: tuple[str, str] | tuple[()] = ()
 
     @property
     def key(self) -> str:
@@ -99,7 +102,11 @@ class Setting:
         if self.kind == "bool":
             return "true or false"
         if self.kind == "choice":
-            return "one of " + ", ".join(self.choices)
+            text = "one of " + ", ".join(self.choices)
+            if self.bool_aliases:
+                off, on = self.bool_aliases
+                text += f" (true is {on}, false {off})"
+            return text
         if self.kind == "host":
             return "an IP address or a host name"
         if self.kind == "networks":
@@ -154,6 +161,8 @@ class Setting:
             if not isinstance(value, bool):
                 raise self._mismatch(value)
             return value
+        if self.bool_aliases and isinstance(value, bool):
+            return self.bool_aliases[value]
         if self.kind == "networks":
             return _check_networks(value)
         if self.kind == "listen":

@@ -27,7 +27,7 @@ class LogConfig:
     target: str
     file: str | None
     level: str
-    connections: bool
+    connections: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,9 +387,11 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "log.connections",
-        "bool",
-        True,
-        "Log an event when each connection opens and when it closes.",
+        "choice",
+        "both",
+        "Log each connection when it opens and closes (both), once when it closes, or not.",
+        choices=("both", "close", "off"),
+        bool_aliases=("off", "both"),
     ),
 )
 

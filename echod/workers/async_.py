@@ -139,7 +139,7 @@ class EchoProtocol(asyncio.Protocol):
             tr.abort()
 
     def log_open(self) -> None:
-        if self.worker.log_connections:
+        if self.worker.log_open:
             clog = self.bind_log()
             (clog.debug if self.record.quiet else clog.info)(events.CONN_OPEN)
 
@@ -413,6 +413,7 @@ class AsyncWorker(Worker):
         # Each connection binds its fields once (log.bind), for its two events: in JSON, that
         # renders them once.
         self.log_connections = self.settings.log_connections
+        self.log_open = self.settings.log_open  # (log.connections: close logs only the close)
         # How long a connection may go without reads before its timer looks at it: the
         # shorter timeout, so that a stalled echo is noticed within write_timeout, as in the
         # other modes, also when idle_timeout is much longer.

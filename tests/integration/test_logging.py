@@ -19,6 +19,10 @@ from typing import Any
 
 import pytest
 
+from echod.proxy import v1_header
+from tests.support import (
+    MODES as ALL_MODES,
+)
 from tests.support import (
     ROOT,
     Echod,
@@ -105,6 +109,48 @@ def test_connection_events_carry_the_identity_of_who_served_them(tmp_path: Path,
         assert all(e["process"] == f"conn-{e['conn_id']}" for e in opens)
         # The connection process is single-threaded: its one thread is the process itself.
         assert all(e["native_thread_id"] == e["pid"] for e in opens)
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_connections_close_logs_one_event_with_the_whole_identity(
+    tmp_path: Path, mode: str
+) -> None:
+    """log.connections close: no conn_open; each conn_close carries everything conn_open
+    would have (the identity, the peer, the local address; behind PROXY the real client and
+    the balancer), whatever ended the connection."""
+    (tmp_path / "plain").mkdir()
+    with echod(tmp_path / "plain", mode=mode, log={"connections": "close"}) as server:
+        socks = [server.connect() for _ in range(3)]
+        for sock in socks:
+            ping(sock)
+        ports = {sock.getsockname()[1] for sock in socks}
+        for sock in socks:
+            sock.close()
+        server.wait_event("conn_close", count=3)
+        closes = server.events("conn_close")
+        assert not server.events("conn_open")
+    assert {e["peer_port"] for e in closes} == ports
+    for event in closes:
+        missing = [field for field in (*IDENTITY, "local_address") if field not in event]
+        assert not missing, f"conn_close lacks {missing}"
+        assert (event["mode"], event["peer"]) == (mode, "127.0.0.1")
+        assert event["local_port"] == server.port
+        assert event["reason"] == "client_closed"
+        assert event["bytes_in"] == event["bytes_out"] == 4
+    (tmp_path / "proxied").mkdir()
+    proxied = {"proxy_protocol": "v1", "proxy_trusted": ["127.0.0.1"]}
+    log = {"connections": "close"}
+    with echod(tmp_path / "proxied", mode=mode, log=log, **proxied) as server:
+        sock = server.connect()
+        port = sock.getsockname()[1]
+        sock.sendall(v1_header(("203.0.113.10", 40001), ("127.0.0.1", server.port)))
+        ping(sock)
+        sock.close()
+        close = server.wait_event("conn_close")
+        assert not server.events("conn_open")
+    assert (close["peer"], close["peer_port"]) == ("203.0.113.10", 40001)
+    assert (close["proxy_peer"], close["proxy_peer_port"]) == ("127.0.0.1", port)
+    assert not [field for field in IDENTITY if field not in close]
 
 
 def test_console_format_is_readable_not_json(tmp_path: Path) -> None:

@@ -208,7 +208,7 @@ def test_a_listing_larger_than_the_control_queue_comes_whole(tmp_path: Path, mod
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, count + 200), hard))
     try:
         with daemon(tmp_path, mode=mode, max_connections=count + 10, backlog=2048,
-                    log={"connections": False}) as server:  # fmt: skip
+                    log={"connections": "off"}) as server:  # fmt: skip
             wait_workers(server, 1)
             socks = held(server, count)
             try:

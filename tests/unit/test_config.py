@@ -332,7 +332,7 @@ log:
             target="file",
             file="/var/log/echod.log",
             level="warning",
-            connections=False,
+            connections="off",
         ),
     )
     assert isinstance(cfg.worker_timeout, float)
@@ -456,7 +456,7 @@ def test_dump_round_trips_custom(tmp_path: Path) -> None:
             target="file",
             file="/var/log/echod log.txt",
             level="debug",
-            connections=False,
+            connections="off",
         ),
     )
     assert parse_config(dump_config(cfg)) == cfg
@@ -466,7 +466,7 @@ def test_dump_is_plain_yaml() -> None:
     """dump_config is YAML whose data mirrors the Config, with log: nested."""
     data = yaml.safe_load(dump_config(default_config()))
     assert data["port"] == 9999
-    assert data["log"]["connections"] is True
+    assert data["log"]["connections"] == "both"
     assert data["pidfile"] == "/run/echod/echod.pid"
 
 

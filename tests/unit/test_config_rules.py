@@ -128,6 +128,8 @@ def test_a_bound_with_a_fraction_is_written_as_is() -> None:
         ("mode", 1, ("is an integer, not a string", "")),
         ("mode", "treads", ("is not a valid choice", "did you mean 'thread'?")),
         ("mode", "zzz", ("is not a valid choice", "")),
+        ("log.connections", "closed", ("is not a valid choice", "did you mean 'close'?")),
+        ("log.connections", 1, ("is an integer, not a string", "")),
         ("pidfile", "", ("is empty", "")),
         ("pidfile", "/run/a\0b", ("contains a NUL character", "")),
         ("pidfile", "run/echod.pid", ("is not an absolute path", "")),
@@ -179,6 +181,9 @@ def test_convert_refuses_with_the_exact_problem(
         ("metrics", "127.0.0.1:65535", "127.0.0.1:65535"),
         ("metrics", "metrics.example:9107", "metrics.example:9107"),
         ("mode", "async", "async"),
+        ("log.connections", "close", "close"),
+        ("log.connections", True, "both"),  # the setting's boolean form, from before close
+        ("log.connections", False, "off"),
     ],
 )
 def test_convert_accepts_the_edges(name: str, value: object, expected: object) -> None:
@@ -784,7 +789,7 @@ def test_dump_of_the_defaults_line_by_line() -> None:
         "  target: auto",
         "  file: null",
         "  level: info",
-        "  connections: true",
+        "  connections: both",
     ]
 
 

@@ -242,7 +242,7 @@ def test_configure_console_on_a_file_has_no_colours(tmp_path: Path, process_name
         code = 1
         try:
             log.set_process_name("supervisor")
-            cfg = LogConfig("console", "file", str(path), "info", connections=True)
+            cfg = LogConfig("console", "file", str(path), "info", connections="both")
             log.configure(cfg)
             log.get_logger().info("stopping", reason="SIGTERM", open=0, timeout=5)
             code = 0
@@ -263,7 +263,7 @@ def test_console_on_a_terminal_is_coloured(process_name: None) -> None:
             code = 1
             try:
                 log.set_process_name("worker-3")
-                cfg = LogConfig("console", "stdout", None, "info", connections=True)
+                cfg = LogConfig("console", "stdout", None, "info", connections="both")
                 log.configure(cfg, sink=log.FdSink(slave))
                 log.get_logger().bind(worker=3).warning("refused", max_connections=2)
                 code = 0

@@ -118,7 +118,11 @@ def test_settings_from_config_take_the_connection_part() -> None:
     got = HandlerSettings.from_config(cfg)
     assert (got.mode, got.buffer_size, got.idle_timeout) == ("process", 7, 1.5)
     assert got.write_timeout == cfg.write_timeout
-    assert got.log_connections == cfg.log.connections
+    assert (got.log_connections, got.log_open) == (True, True)  # both, the default
+    for connections, wanted in (("close", (True, False)), ("off", (False, False))):
+        log_cfg = dataclasses.replace(cfg.log, connections=connections)
+        got = HandlerSettings.from_config(dataclasses.replace(cfg, log=log_cfg))
+        assert (got.log_connections, got.log_open) == wanted, connections
 
 
 def test_echo_then_half_close_gives_client_closed(

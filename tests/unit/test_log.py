@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def log_config(path: Path, fmt: str = "json") -> LogConfig:
-    return LogConfig(format=fmt, target="file", file=str(path), level="info", connections=True)
+    return LogConfig(format=fmt, target="file", file=str(path), level="info", connections="both")
 
 
 @pytest.fixture

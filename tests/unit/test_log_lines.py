@@ -181,7 +181,7 @@ def test_lines_match_the_chain_before(
     those the chain with the identity processor before made, byte for byte."""
     log.set_process_name("worker-3")
     cfg = LogConfig(format=fmt, target="file", file=str(tmp_path / "now.log"), level=level,
-                    connections=True)  # fmt: skip
+                    connections="both")  # fmt: skip
     log.configure(cfg)
     # JSON lines are made by echod.log itself; the console form's by structlog's chain.
     assert isinstance(log.bind(conn_id="1-1"), log.ConnectionLogger) == (fmt == "json")
@@ -202,7 +202,7 @@ def test_journal_fields_match_the_chain_before(
     chain with the identity processor before sent."""
     log.set_process_name("worker-3")
     now, then = FakeJournal(), FakeJournal()
-    cfg = LogConfig(format="auto", target="journal", file=None, level="debug", connections=True)
+    cfg = LogConfig(format="auto", target="journal", file=None, level="debug", connections="both")
     log.configure(cfg, sink=sinks.JournalSink(now))  # type: ignore[arg-type]
     in_threads(both(logger_before(sinks.JournalSink(then), "journal", "debug")))  # type: ignore[arg-type]
     assert len(now.sent) == 40
@@ -252,7 +252,7 @@ def test_lines_match_lines_recorded_before(
     log.set_process_name("worker-1")
     path = tmp_path / "now.log"
     log.configure(LogConfig(format="json", target="file", file=str(path), level="info",
-                            connections=True))  # fmt: skip
+                            connections="both"))  # fmt: skip
     done = threading.Event()
 
     def connection() -> None:
@@ -314,7 +314,7 @@ def test_bind_follows_a_test_capturing_the_log(tmp_path: Path, restore_logging: 
     """Under structlog.testing.capture_logs, log.bind()'s events are captured, not written."""
     path = tmp_path / "now.log"
     log.configure(LogConfig(format="json", target="file", file=str(path), level="info",
-                            connections=True))  # fmt: skip
+                            connections="both"))  # fmt: skip
     with capture_logs() as captured:
         log.bind(conn_id="1-1").info(events.CONN_OPEN, peer="x")
     assert captured == [
@@ -330,7 +330,7 @@ def test_a_value_that_cannot_be_rendered_is_dropped_and_counted(
     as the chain does; the next line is written."""
     path = tmp_path / "now.log"
     log.configure(LogConfig(format="json", target="file", file=str(path), level="info",
-                            connections=True))  # fmt: skip
+                            connections="both"))  # fmt: skip
     loop: list[Any] = []
     loop.append(loop)
     before = sinks.counts().snapshot()["error"]

@@ -182,7 +182,7 @@ def test_reopen_elsewhere_takes_the_supervisors_file(tmp_path: Path) -> None:
     path = tmp_path / "echod.log"
 
     def supervisor() -> bytes:
-        cfg = LogConfig("json", "file", str(path), "info", connections=True)
+        cfg = LogConfig("json", "file", str(path), "info", connections="both")
         log.configure(cfg)
         log.share_reopens(Mailbox.open())
         os.rename(path, tmp_path / "echod.log.1")
