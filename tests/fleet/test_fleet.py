@@ -91,6 +91,12 @@ def test_fleet_harness_smoke(network: Network, started: Started, tmp_path: Path)
     tally = clients.start().wait()
     assert not tally.failures(), tally.failures()[:5]
     assert len(tally.done()) == 30
+    # A client is done once its whole echo is back; its host logs the close only when HAProxy
+    # passes the client's close on, a moment later.
+    wait_for(
+        lambda: sum(e["bytes_in"] == size for h in hosts for e in h.events("conn_close")) >= 30,
+        what="the 30 connections' closes logged",
+    )
     served = []
     for n, host in enumerate(hosts, start=1):
         full = [e for e in host.events("conn_close") if e["bytes_in"] == size]
