@@ -53,16 +53,22 @@ class ConsoleRenderer:
     identity noise, and what another line of the same run already says (a connection's local
     port and the start's address are the ready line's; its mode and ids are on its open line,
     which its close line names). Always one line: a value holding a line break is escaped.
+
+    ``close_alone``: the close line is a connection's only one (``log.connections: close``),
+    so it says who served the connection, as the open line would have.
     """
 
-    def __init__(self, colors: bool = False) -> None:
+    def __init__(self, colors: bool = False, close_alone: bool = False) -> None:
         self.colors = colors
+        self.phrases = _PHRASES
+        if close_alone:
+            self.phrases = {**_PHRASES, events.CONN_CLOSE: _conn_close_alone}
 
     def __call__(self, _logger: Any, method: str, event_dict: EventDict) -> str:
         timestamp = str(event_dict.pop("timestamp", ""))
         level = str(event_dict.pop("level", method))
         event = _line(str(event_dict.pop("event", "")))
-        phrase = _PHRASES.get(event, _phrase_by_process)(event_dict)
+        phrase = self.phrases.get(event, _phrase_by_process)(event_dict)
         rest = " ".join(
             f"{key}={_value(value)}" for key, value in event_dict.items() if key not in IDENTITY
         )
@@ -195,11 +201,15 @@ def _served_by(event_dict: EventDict) -> str:
 
 
 def _conn_open(event_dict: EventDict) -> str:
-    # The local address is one the ready line announced: left out to keep the line short
-    # (the JSON lines and the journal have it).
+    return _join(_peer(event_dict), _server(event_dict))
+
+
+def _server(event_dict: EventDict) -> str:
+    """Who served a connection (:func:`_served_by`). The local address is one the ready line
+    announced: left out to keep the line short (the JSON lines and the journal have it)."""
     event_dict.pop("local_address", None)
     event_dict.pop("local_port", None)
-    return _join(_peer(event_dict), _served_by(event_dict))
+    return _served_by(event_dict)
 
 
 def _conn_close(event_dict: EventDict) -> str:
@@ -208,7 +218,19 @@ def _conn_close(event_dict: EventDict) -> str:
     pop = event_dict.pop
     for key in ("mode", "local_address", "local_port"):
         pop(key, None)
-    name = f"conn-{pop('conn_id')}" if "conn_id" in event_dict else ""
+    return _ended(event_dict, f"conn-{pop('conn_id')}" if "conn_id" in event_dict else "")
+
+
+def _conn_close_alone(event_dict: EventDict) -> str:
+    # No open line (log.connections: close): this one says who served it, as that would have.
+    return _ended(event_dict, _server(event_dict))
+
+
+def _ended(event_dict: EventDict, who: str) -> str:
+    """A connection's close: the peer, ``who`` (its name, or who served it), the bytes, the
+    duration and how it ended."""
+    pop = event_dict.pop
+    peer = _peer(event_dict)
     traffic = ""
     if "bytes_in" in event_dict and "bytes_out" in event_dict:
         bytes_in, bytes_out = pop("bytes_in"), pop("bytes_out")
@@ -219,8 +241,8 @@ def _conn_close(event_dict: EventDict) -> str:
         )
     duration = _seconds(pop("duration")) if "duration" in event_dict else ""
     return _join(
-        _peer(event_dict),
-        name,
+        peer,
+        who,
         traffic,
         duration,
         _pop(event_dict, "reason", "{}"),

@@ -118,14 +118,14 @@ class HandlerSettings:
     write_timeout: float
     #: Each connection's close event is logged (``log.connections`` both or close) ...
     log_connections: bool
+    #: ... and its open event too (both).
+    log_open: bool = True
     proxy_protocol: str = "off"
     proxy_timeout: float = 3.0
     #: The worker set both timeouts on its listening sockets (:func:`connection_timeouts`),
     #: and Linux copies them to every socket accepted there: two setsockopt calls fewer a
     #: connection (and in thread mode two hand-overs of the interpreter fewer).
     timeouts_inherited: bool = False
-    #: ... and its open event too (both).
-    log_open: bool = True
 
     @classmethod
     def from_config(cls, cfg: Config) -> HandlerSettings:
@@ -135,9 +135,9 @@ class HandlerSettings:
             idle_timeout=cfg.idle_timeout,
             write_timeout=cfg.write_timeout,
             log_connections=cfg.log.connections != "off",
+            log_open=cfg.log.connections == "both",
             proxy_protocol=cfg.proxy_protocol,
             proxy_timeout=cfg.proxy_timeout,
-            log_open=cfg.log.connections == "both",
         )
 
 

@@ -387,7 +387,9 @@ def configure(cfg: LogConfig, sink: Sink | None = None) -> None:
     if fmt == "journal":
         renderer = render_journal
     elif fmt == "console":
-        renderer = ConsoleRenderer(colors=_sink_is_tty(sink))
+        renderer = ConsoleRenderer(
+            colors=_sink_is_tty(sink), close_alone=cfg.connections == "close"
+        )
     else:
         renderer = render_json
     processors: list[Any] = [

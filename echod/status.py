@@ -171,7 +171,7 @@ class Publisher:
         path: str | None,
         summary: Callable[[], str],
         build: Callable[[], Status],
-        revision: Callable[[], int] = lambda: 0,
+        revision: Callable[[], int],
     ) -> None:
         self.notifier = notifier
         self.path = path

@@ -129,13 +129,14 @@ def test_a_full_log_disk_costs_log_lines_only(
             for _ in range(4):
                 results = clients_at_once(server, 25)
                 assert results == [bytes([i % 251]) * 5000 for i in range(25)]
-        # 100 connections' opens and closes at least; a connection process may log its close
-        # (and fail to) after the last open or served count changed: the status follows.
-        dropped = wait_for(
-            lambda: (found := status_of(server).get("log_dropped", {})).get("no_space", 0) >= 100
-            and found,
-            what="drops in status",
-        )
+
+        def hundred_dropped() -> dict[str, int] | None:
+            # 100 connections' opens and closes at least; a connection process may log its
+            # close (and fail to) after the open and served counts settled: the status follows.
+            found: dict[str, int] = status_of(server).get("log_dropped", {})
+            return found if found.get("no_space", 0) >= 100 else None
+
+        dropped = wait_for(hundred_dropped, what="100 drops in status")
         assert set(dropped) == {"no_space"}
         wait_for(lambda: dropped_metric(metrics)["no_space"] >= dropped["no_space"])
         stderr = server.stderr_path.read_text()

@@ -46,19 +46,23 @@ CLOSE = {"bytes_in": 6, "bytes_out": 6, "duration": 0.003839, "reason": "client_
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def render(event: str, level: str = "info", colors: bool = False, **fields: Any) -> str:
+#: Each mode's identity fields and who the console says served the connection.
+SERVED_BY = [
+    ("thread", THREAD, "worker-1 pid 392 thread conn-1-1 tid 454"),
+    ("process", PROCESS, "process conn-1-1 pid 23325 worker pid 23090"),
+    ("async", ASYNC, "worker-1 pid 392 async conn-1-1"),
+]
+
+
+def render(
+    event: str, level: str = "info", colors: bool = False, close_alone: bool = False,
+    **fields: Any,
+) -> str:  # fmt: skip
     event_dict = {**fields, "event": event, "level": level, "timestamp": TIMESTAMP}
-    return console.ConsoleRenderer(colors=colors)(None, level, event_dict)
+    return console.ConsoleRenderer(colors, close_alone)(None, level, event_dict)
 
 
-@pytest.mark.parametrize(
-    ("mode", "identity", "served_by"),
-    [
-        ("thread", THREAD, "worker-1 pid 392 thread conn-1-1 tid 454"),
-        ("process", PROCESS, "process conn-1-1 pid 23325 worker pid 23090"),
-        ("async", ASYNC, "worker-1 pid 392 async conn-1-1"),
-    ],
-)
+@pytest.mark.parametrize(("mode", "identity", "served_by"), SERVED_BY)
 def test_conn_open_says_who_served_which_peer(
     mode: str, identity: dict[str, Any], served_by: str
 ) -> None:
@@ -73,6 +77,18 @@ def test_conn_close_names_the_connection_and_how_it_ended(identity: dict[str, An
     """conn_close is the peer, the connection's name, bytes, duration and reason."""
     line = render("conn_close", **CONN, mode="thread", **CLOSE, **identity)
     assert line == "11:53:30 conn_close 127.0.0.1:57830 conn-1-1 6 B echoed 3.8 ms client_closed"
+
+
+@pytest.mark.parametrize(("mode", "identity", "served_by"), SERVED_BY)
+def test_a_close_line_alone_says_who_served_it(
+    mode: str, identity: dict[str, Any], served_by: str
+) -> None:
+    """With log.connections close there is no open line: the close line says who served the
+    connection in the open line's words, then how it ended."""
+    line = render("conn_close", close_alone=True, **CONN, mode=mode, **CLOSE, **identity)
+    assert line == (
+        f"11:53:30 conn_close 127.0.0.1:57830 {served_by} 6 B echoed 3.8 ms client_closed"
+    )
 
 
 def test_conn_close_with_an_error_and_unequal_bytes() -> None:
@@ -252,6 +268,35 @@ def test_configure_console_on_a_file_has_no_colours(tmp_path: Path, process_name
     assert os.waitstatus_to_exitcode(status) == 0
     (line,) = path.read_text().splitlines()
     assert re.fullmatch(r"\d\d:\d\d:\d\d stopping   SIGTERM, 0 open, drain 5 s", line)
+
+
+@pytest.mark.parametrize(
+    ("connections", "who"),
+    [("both", "conn-1-7"), ("close", r"worker-1 pid \d+ thread conn-1-7 tid \d+")],
+)
+def test_configure_tells_the_console_whether_the_close_line_is_alone(
+    tmp_path: Path, process_name: None, connections: str, who: str
+) -> None:
+    """log.connections close reaches the console renderer: its close line says who served
+    the connection (the thread); with both, the open line did, and the close line names it."""
+    path = tmp_path / "echod.log"
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: keep this process's structlog untouched
+        code = 1
+        try:
+            log.set_process_name("worker-1")
+            log.set_thread_name("conn-1-7")
+            log.configure(LogConfig("console", "file", str(path), "info", connections))
+            clog = log.bind(conn_id="1-7", mode="thread", peer="127.0.0.1", peer_port=5)
+            clog.info("conn_close", bytes_in=1, bytes_out=1, duration=0.1, reason="cut")
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    (line,) = path.read_text().splitlines()
+    pattern = rf"\d\d:\d\d:\d\d conn_close 127\.0\.0\.1:5 {who} 1 B echoed 100 ms cut"
+    assert re.fullmatch(pattern, line), line
 
 
 def test_console_on_a_terminal_is_coloured(process_name: None) -> None:
