@@ -31,10 +31,12 @@ import dataclasses
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from echod.admission import Admission
-from echod.handler import Outcome
+from echod.connection import Outcome
+
+if TYPE_CHECKING:  # (the connection source imports this module, and not the worker's parts)
+    from echod.admission import Admission
 
 MAX_MESSAGE = 256
 #: What the connection process reports as its refusal when the worker gave no answer.

@@ -10,12 +10,14 @@ rendered by the process that wrote it, and every field a phrase did not use foll
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
-from structlog.typing import EventDict
-
 from echod import events
+
+# (structlog.typing's EventDict, spelt here: the connection source imports this module and
+# must not import structlog.)
+EventDict = MutableMapping[str, Any]
 
 # One encoder for every event: json.dumps() with options builds a new encoder per call.
 _JSON = json.JSONEncoder(default=str, separators=(",", ":"), ensure_ascii=False)

@@ -176,6 +176,11 @@ CONN_START_FAILED: Final = _event(
 CONNECTION_KILLED: Final = _event(
     "connection_killed", "process mode: a connection's process was killed by a signal"
 )
+FORK_SOURCE_FAILED: Final = _event(
+    "fork_source_failed",
+    "process mode: a worker's connection source could not start, or died (error); the worker"
+    " forks each connection itself from then on",
+)
 
 # -- operating a running echod (the control socket) -------------------------------------------
 

@@ -40,10 +40,9 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from echod import events, log
-from echod.config import Config
+from echod import events
 from echod.connection import (
     CLIENT_CLOSED,
     ERROR,
@@ -66,6 +65,9 @@ from echod.connection import (
     peer_ip,
     proxy_fields,
 )
+
+if TYPE_CHECKING:
+    from echod.config import Config
 
 __all__ = [
     "CLIENT_CLOSED",
@@ -165,6 +167,15 @@ def connection_timeouts(settings: HandlerSettings) -> tuple[bytes, bytes]:
 _CLIENT_CLOSED = Ending(CLIENT_CLOSED)
 
 
+def _log_bind() -> Callable[..., Any]:
+    """echod.log's bind, imported on first use rather than with this module: the processes
+    of a connection source (echod.forkserver) serve with this handler and must not import
+    structlog, whose at-fork work every fork would pay."""
+    from echod import log
+
+    return log.bind
+
+
 class _Closed(Exception):
     """Raised inside :meth:`EchoHandler.handle` to end the connection as ``ending`` says."""
 
@@ -192,6 +203,7 @@ class EchoHandler:
         shared_descriptor: bool = False,
         gate: Gate | None = None,
         on_client: Callable[[Any, Any], None] | None = None,
+        bind: Callable[..., Any] | None = None,
     ) -> None:
         self.sock = sock
         self.peer = peer
@@ -217,6 +229,9 @@ class EchoHandler:
         self.on_client = on_client
         self.proxy_peer: Any = None
         self._receive_timeout = 0.0  # what SO_RCVTIMEO was last set to, behind a PROXY header
+        #: Makes the connection's logger from its fields: echod.log's bind, or the lean
+        #: chain of a connection source's process (echod.logline).
+        self._bind = bind if bind is not None else _log_bind()
 
     @property
     def reason(self) -> str:
@@ -263,7 +278,7 @@ class EchoHandler:
                 self._log.info(events.CONN_OPEN)
 
     def _bind_log(self, fields: dict[str, Any]) -> None:
-        self._log = log.bind(
+        self._log = self._bind(
             conn_id=self.conn_id,
             mode=self.settings.mode,
             **local_fields(self.sock, self.local),

@@ -20,12 +20,10 @@ supervisor opens it again and posts the descriptor in the mailbox of :mod:`echod
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +32,13 @@ import structlog
 
 from echod import sinks, systemd
 from echod.console import ConsoleRenderer
+from echod.logline import (
+    IDENTITY_FIELDS,
+    add_timestamp,
+    render_journal,
+    render_json,
+)
+from echod.logline import JSON as _JSON
 from echod.logshare import Mailbox
 from echod.settings import LogConfig
 from echod.sinks import FdSink, JournalSink, Sink
@@ -46,10 +51,6 @@ LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
-
-# Journal priorities (syslog levels) for the journal sink.
-_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "critical": 2}
-
 
 class _Identity:
     """The process-wide part of the identity, cached: ``getpid()`` is a system call.
@@ -110,10 +111,6 @@ def set_thread_name(name: str) -> None:
     _thread_name.name = name
 
 
-#: The fields add_identity() adds, in the order it adds them.
-IDENTITY_FIELDS = ("pid", "ppid", "process", "thread_id", "native_thread_id", "thread_name")
-
-
 def thread_identity() -> _ThreadName:
     """This thread's identity fields (``fields``, and ``json`` rendered), made on its first
     event and again only when the thread's name or the process's identity changed: a
@@ -147,64 +144,6 @@ def add_identity(_logger: Any, _method: str, event_dict: EventDict) -> EventDict
     assert fields is not None
     event_dict.update(fields)
     return event_dict
-
-
-# One encoder for every event: json.dumps() with options builds a new encoder per call.
-_JSON = json.JSONEncoder(default=str, separators=(",", ":"), ensure_ascii=False)
-
-
-def render_json(_logger: Any, _method: str, event_dict: EventDict) -> str:
-    """structlog renderer: one compact JSON object; anything unusual becomes its ``str``."""
-    return _JSON.encode(event_dict)
-
-
-class _Clock:
-    """ISO 8601 UTC timestamps with microseconds; the date and time of day are formatted
-    once a second, not once an event (per-connection events are the hot path)."""
-
-    def __init__(self) -> None:
-        self.second = -1
-        self.prefix = ""
-
-    def __call__(self, _logger: Any, _method: str, event_dict: EventDict) -> EventDict:
-        event_dict["timestamp"] = self.stamp()
-        return event_dict
-
-    def stamp(self) -> str:
-        """The timestamp of an event logged now."""
-        now = time.time()
-        second = int(now)
-        if second != self.second:
-            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self.second = second
-        return f"{self.prefix}.{int((now - second) * 1e6):06d}Z"
-
-
-add_timestamp = _Clock()
-
-
-def render_journal(_logger: Any, method: str, event_dict: EventDict) -> dict[str, Any]:
-    """structlog renderer for the journal: the event's fields become ``ECHOD_*`` fields."""
-    level = str(event_dict.pop("level", method))
-    event = str(event_dict.get("event", ""))
-    fields = {
-        systemd.journal_field_name(key, "ECHOD_"): _journal_value(value)
-        for key, value in event_dict.items()
-    }
-    summary = " ".join(
-        f"{key}={value}" for key, value in event_dict.items() if key not in ("event", "timestamp")
-    )
-    return {
-        "message": f"{event} {summary}",
-        "priority": _PRIORITY.get(level, 6),
-        "fields": fields,
-    }
-
-
-def _journal_value(value: Any) -> Any:
-    if isinstance(value, dict | list | tuple):
-        return json.dumps(value, default=str, separators=(",", ":"))
-    return value
 
 
 class SinkLogger:
@@ -502,6 +441,32 @@ def switch(cfg: LogConfig, sink: Sink, drops: sinks.DropWatch | None) -> Any:
         fresh = watch_drops(cfg)
         drops.retarget(fresh.target, fresh.fallback)
     return get_logger()
+
+
+def lean_spec() -> dict[str, Any] | None:
+    """How this process logs, for a connection source (echod.forkserver) to make the same
+    lines: the format, the level, the console's options, and where they go (the sink's
+    descriptor and path, which the source inherits, or the journal). None when this
+    process's sink is none of those (a test's)."""
+    sink, cfg = _state.sink, _state.config
+    if cfg is None or sink is None:
+        return None
+    spec: dict[str, Any] = {
+        "format": effective_format(cfg, effective_target(cfg)),
+        "level": LEVELS[cfg.level],
+        "colors": _sink_is_tty(sink),
+        "close_alone": cfg.connections == "close",
+        "fd": None,
+        "path": None,
+        "journal": None,
+    }
+    if type(sink) is JournalSink:
+        spec["journal"] = systemd.JOURNAL_SOCKET
+    elif type(sink) is FdSink and sink.fileno() is not None:
+        spec["fd"], spec["path"] = sink.fileno(), sink.path
+    else:
+        return None
+    return spec
 
 
 def current_sink() -> Sink | None:

@@ -56,6 +56,19 @@ class Mailbox:
         box.setblocking(False)
         return cls(socket.socket(fileno=post_fd), box)
 
+    @classmethod
+    def reader(cls, fd: int) -> Mailbox:
+        """The box alone, from its descriptor (:meth:`box_fd`), in a process that was
+        handed it rather than forked with it (a connection source, echod.forkserver)."""
+        os.set_inheritable(fd, False)
+        box = socket.socket(fileno=fd)
+        box.setblocking(False)
+        return cls(None, box)
+
+    def box_fd(self) -> int:
+        """The box's descriptor, to hand a process that takes posts (:meth:`reader`)."""
+        return self._box.fileno()
+
     @property
     def posts(self) -> bool:
         """Whether this process is the one that posts (the supervisor)."""

@@ -17,24 +17,12 @@ from __future__ import annotations
 import os
 import selectors
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from echod import signals
 
 Handler = Callable[[Any, int], None]
-
-
-def reap_children() -> Iterator[tuple[int, int]]:
-    """Every child that has exited, with its wait status, until none is left to collect."""
-    for _ in range(100_000):  # bounded: at most one pass per child, with room to spare
-        try:
-            pid, wait_status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        yield pid, wait_status
 
 
 class Timed(Protocol):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import os
 import signal
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 
@@ -72,3 +72,16 @@ def received(read_fd: int) -> list[int]:
     except BlockingIOError:
         return []
     return list(dict.fromkeys(data))
+
+
+def exited_children() -> Iterator[tuple[int, int]]:
+    """(pid, wait status) of each child that has exited, reaped now, without waiting: what
+    a SIGCHLD calls for."""
+    for _ in range(100_000):  # bounded: one pass per child reaped, with room to spare
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status

@@ -21,6 +21,7 @@ summary when writing works again (:class:`DropWatch`, :class:`Fallback`).
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import ctypes
 import errno
@@ -29,7 +30,6 @@ import mmap
 import os
 import stat
 import syslog
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -93,7 +93,9 @@ class DropCounts:
         self._fd = fd
         self._map = mmap.mmap(fd, _WORD * _WORDS, flags=mmap.MAP_SHARED)
         self._view = memoryview(self._map).cast("Q")
-        self._lock = threading.Lock()
+        # _thread, not threading: importing threading adds its at-fork work to every fork
+        # of a process that imports this module (the connection source's, per connection).
+        self._lock = _thread.allocate_lock()
         os.register_at_fork(after_in_child=self._after_fork)
 
     @classmethod
@@ -110,7 +112,7 @@ class DropCounts:
 
     def _after_fork(self) -> None:
         # A thread of the parent may have held it at fork: the child has no such thread.
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
 
     def fileno(self) -> int:
         return self._fd

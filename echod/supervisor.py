@@ -53,7 +53,7 @@ from echod.controlserver import ControlServer, control_path
 from echod.endpoint import Endpoint
 from echod.errors import OperatorError
 from echod.generations import Generations
-from echod.mainloop import MainLoop, Timed, reap_children
+from echod.mainloop import MainLoop, Timed
 from echod.operations import Operations
 from echod.prctl import PR_SET_CHILD_SUBREAPER, prctl
 from echod.presence import Presence, Readiness
@@ -366,7 +366,7 @@ class Supervisor:
         """Collect every exited child and tell its owner: a worker, an upgrade's check, or
         an orphaned connection process (this is their subreaper: nothing to tell)."""
         stopping = self._state in (S.STOPPING, S.STOPPED)
-        for pid, wait_status in reap_children():
+        for pid, wait_status in signals.exited_children():
             ours = self.pool.exited(pid, wait_status, self.cfg, stopping)
             if not ours and self.upgrade is not None:
                 self.upgrade.exited(pid, wait_status)

@@ -307,6 +307,38 @@ def children_of(pid: int) -> list[int]:
     return [p for p, fields in processes() if int(fields[1]) == pid]
 
 
+def is_fork_source(pid: int) -> bool:
+    """Whether ``pid`` is a process-mode worker's connection source (echod.forkserver),
+    by its command line: as started, or as its title rewrote it."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    return b"echod.forkserver" in cmdline or b"echod: forks for worker" in cmdline
+
+
+def fork_source_of(worker: int) -> int:
+    """The pid of a process-mode worker's connection source, once it runs."""
+    (source,) = wait_for(
+        lambda: [pid for pid in children_of(worker) if is_fork_source(pid)],
+        what=f"worker {worker}'s connection source",
+    )
+    return int(source)
+
+
+def connection_processes_of(worker: int) -> list[int]:
+    """The connection processes of a process-mode worker (zombies included): its children,
+    but for its connection source, and the source's children."""
+    found: list[int] = []
+    for child in children_of(worker):
+        if is_fork_source(child):
+            found.extend(children_of(child))
+        else:
+            found.append(child)
+    return found
+
+
 # -- helpers for the lifecycle, limits, logging and network tests ------------------------------
 
 
@@ -648,8 +680,10 @@ def _idle(pid: int) -> bool:
 
 
 def resources(pid: int) -> tuple[int, int, int]:
-    """What a worker holds: open descriptors, threads, live child processes."""
-    children = [c for c in children_of(pid) if c not in zombies_of(pid)]
+    """What a worker holds: open descriptors, threads, live child processes (a process
+    worker's connection processes, not its connection source)."""
+    zombies = {p for p, fields in processes() if fields[0] == "Z"}
+    children = [c for c in connection_processes_of(pid) if c not in zombies]
     return fd_count(pid), thread_count(pid), len(children)
 
 

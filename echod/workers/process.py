@@ -1,8 +1,11 @@
-"""Process mode: each connection is served by a process of its own, forked from the worker
-(or, with ``spare_processes``, kept from an earlier connection).
+"""Process mode: each connection is served by a process of its own, forked by the worker's
+connection source (echod.forkserver, a lean process the worker starts; from the worker
+itself should the source fail) or, with ``spare_processes``, kept from an earlier
+connection, forked from the worker.
 
 The worker reaps its children as they exit (SIGCHLD arrives on the wakeup pipe), so none is
-ever a zombie. Signals are blocked around ``fork`` so that a SIGTERM cannot reach a child
+ever a zombie; the source reaps those it forked and reports each exit, which the worker
+takes as its own reap. Signals are blocked around ``fork`` so that a SIGTERM cannot reach a child
 before it has installed its own handler. A child keeps only its connection and the log sink:
 it closes the listening sockets and the worker's control channel straight away.
 
@@ -20,71 +23,26 @@ retires, as at a stop.
 from __future__ import annotations
 
 import gc
-import mmap
 import os
 import signal
 import socket
 from typing import Any
 
-from echod import events, exitcodes, log, proctitle, signals
+from echod import events, exitcodes, log, proctitle, signals, sinks
 from echod.accepting import Local, start_failure
 from echod.clientlink import WorkerLinks
-from echod.connection import (
-    ACCESS_LIST,
-    CUT,
-    KILLED,
-    MAX_AGE,
-    PER_IP,
-    RETIRED,
-    SHUTDOWN,
-)
+from echod.connection import KILLED
 from echod.conntable import Entry
+from echod.cutboard import ChildStopper, CutBoard
 from echod.handler import EchoHandler, Outcome, peer_fields
 from echod.prctl import PR_SET_PDEATHSIG, prctl, set_oom_score_adj
 from echod.worker import Worker
+from echod.workers.forksource import ANSWER_TIMEOUT, ForkSource, SourceLost, SourcePlan
 
 _FORK_BLOCKED = frozenset(signals.WORKER)  # the worker's handlers must not run in a child
 #: The signals by which the worker itself ends a connection process (the cut, the kill at
 #: the deadline): a death by any other (the OOM killer, an operator) is logged.
 _OURS = frozenset({signal.SIGTERM, signal.SIGKILL})
-
-
-#: Why the worker cut a connection process's connection, by their code on the CutBoard (0:
-#: the daemon's stop, the first of them).
-CUT_REASONS = (SHUTDOWN, CUT, RETIRED, ACCESS_LIST, PER_IP, MAX_AGE)
-
-
-class CutBoard:
-    """Why each connection process was cut: one byte per process, a ``MAP_SHARED`` mapping
-    the worker makes before it forks any and writes before it signals one; the process
-    reads its own byte when its connection ends (a cut wakes it with SIGTERM and a
-    shutdown of the socket, and the reason must come with it). Free slots are the worker's
-    to hand out; a process without one (all taken) ends a cut as ``shutdown``."""
-
-    SLOTS = 65536
-
-    def __init__(self) -> None:
-        self._map = mmap.mmap(-1, self.SLOTS, flags=mmap.MAP_SHARED)
-        self._free = list(range(self.SLOTS - 1, -1, -1))
-
-    def allocate(self) -> int:
-        return self._free.pop() if self._free else -1
-
-    def release(self, slot: int) -> None:
-        if slot >= 0:
-            self._map[slot] = 0
-            self._free.append(slot)
-
-    def mark(self, slot: int, reason: str) -> None:
-        if slot >= 0:
-            self._map[slot] = CUT_REASONS.index(reason)
-
-    def clear(self, slot: int) -> None:
-        if slot >= 0:
-            self._map[slot] = 0
-
-    def reason(self, slot: int) -> str:
-        return CUT_REASONS[self._map[slot]] if slot >= 0 else SHUTDOWN
 
 
 class Child:
@@ -100,33 +58,6 @@ class Child:
         self.conn_id = conn_id
         #: Its byte on the CutBoard (it keeps it across connections, as a spare).
         self.slot = slot
-
-
-class ChildStopper:
-    """The Stopper of a connection process: SIGTERM, recorded on its wakeup pipe, means the
-    worker cut this connection (it then shuts the socket down, which wakes the blocked call);
-    the CutBoard says why.
-    """
-
-    def __init__(self, read_fd: int, board: CutBoard, slot: int) -> None:
-        self._fd = read_fd
-        self._cut = False
-        self._board = board
-        self._slot = slot
-
-    def cut_requested(self) -> bool:
-        try:
-            received = os.read(self._fd, 64)
-        except BlockingIOError:
-            return self._cut
-        self._cut = self._cut or signal.SIGTERM in received
-        return self._cut
-
-    def cut_reason(self) -> str:
-        return self._board.reason(self._slot)
-
-    def before_close_event(self) -> None:
-        """Nothing left to do: SIGUSR1 reopened the log when it came (see _reopen_log)."""
 
 
 def _reopen_log(_signum: int, _frame: Any) -> None:
@@ -158,6 +89,13 @@ class ProcessWorker(Worker):
         #: pid -> its slot on the board, for every connection process alive (spares too).
         self.board = CutBoard()
         self.slots: dict[int, int] = {}
+        #: The lean process this worker's connection processes are forked from (see
+        #: echod.forkserver), once started (start_source); None: they fork from the worker.
+        self.forks: ForkSource | None = None
+        #: The connection processes it forked (their exits come from it, not from waitpid).
+        self.sourced: set[int] = set()
+        #: Whether this worker let the source go (its exit is then no news).
+        self.source_done = False
         # Behind a PROXY header, each connection process asks about its real client, and
         # with PROXY or metrics on it reports how it ended, over a link of its own (see
         # echod.clientlink); a spare process gets its next connection over it. Without any
@@ -172,6 +110,77 @@ class ProcessWorker(Worker):
                 on_end=self.on_child_done if self.spare_max else None,
                 on_peer=self.on_client if self.settings.proxy_protocol != "off" else None,
             )
+        self.start_source()
+
+    def start_source(self) -> None:
+        """Start the connection source, unless processes are kept (spare_processes: they
+        are forked seldom, and from the worker). Should it fail, connections fork from the
+        worker, as they always could: slower, never refused for it. Called before the
+        worker drops its privileges; the source drops them too, to the same account."""
+        spec = log.lean_spec()
+        if self.spare_max or spec is None:
+            return
+        box = log.mailbox()
+        plan = SourcePlan(
+            index=self.spec.index,
+            settings=self.settings,
+            board_fd=self.board.fileno(),
+            drops_fd=sinks.counts().fileno(),
+            mailbox_fd=box.box_fd() if box is not None else None,
+            oom_score=self.connection_oom_score,
+            proxy_timeout=self.cfg.proxy_timeout,
+            log=spec,
+            account=self.spec.account.fields() if self.spec.account is not None else None,
+            answer_timeout=min(ANSWER_TIMEOUT, self.cfg.worker_timeout / 3),
+        )
+        try:
+            self.forks = ForkSource.start(plan)
+        except SourceLost as exc:
+            self.log.warning(events.FORK_SOURCE_FAILED, error=str(exc))
+            return
+        self.add_reader(self.forks.exit_channel, self.on_exits)
+
+    def on_exits(self, _sock: Any) -> None:
+        """The source reaped connection processes: reaped here as if by waitpid."""
+        forks = self.forks
+        if forks is None:
+            return
+        for pid, status in forks.exits():
+            self.reaped(pid, status)
+        if forks.gone:
+            self.remove_reader(forks.exit_channel)  # EOF: its own reap comes by SIGCHLD
+
+    def lose_source(self, error: str) -> None:
+        """The source stopped answering: kill it (ours, by pid); its reap ends the rest."""
+        forks = self.forks
+        if forks is None or self.source_done:
+            return
+        self.log.warning(events.FORK_SOURCE_FAILED, error=error)
+        self.source_done = True
+        forks.close()
+        try:
+            os.kill(forks.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def source_exited(self, status: int) -> None:
+        """The source was reaped: its last reports first, then its connection processes
+        that died with it (PR_SET_PDEATHSIG), each as killed."""
+        forks = self.forks
+        assert forks is not None
+        for pid, child_status in forks.exits():
+            self.reaped(pid, child_status)
+        if not forks.gone:
+            self.remove_reader(forks.exit_channel)
+        forks.closed()
+        self.forks = None
+        if not self.source_done:
+            self.log.warning(
+                events.FORK_SOURCE_FAILED, error=f"the connection source {describe(status)}"
+            )
+        for pid in list(self.sourced):
+            self.reaped(pid, signal.SIGKILL)  # a wait status: killed by SIGKILL
+        self.source.changed()
 
     def open_connections(self) -> int:
         # A cut child still counts until it has been reaped.
@@ -179,7 +188,14 @@ class ProcessWorker(Worker):
 
     def drained(self) -> bool:
         # Spares let go exit at once (their link's EOF); reap them before the worker goes.
-        return super().drained() and not self.spares and not self.leaving
+        if not (super().drained() and not self.spares and not self.leaving):
+            return False
+        if self.forks is not None:
+            # The source exits once it has reaped its last process: reap it in turn.
+            self.source_done = True
+            self.forks.close()
+            return False
+        return True
 
     def start_connection(
         self, conn: socket.socket, peer: Any, conn_id: str, local: Local = None
@@ -237,7 +253,20 @@ class ProcessWorker(Worker):
         slot: int,
         local: Local = None,
     ) -> int:
-        """Fork the connection's process; returns its pid (in the worker only)."""
+        """Fork the connection's process (by the source, or here); returns its pid (in the
+        worker only)."""
+        if self.forks is not None and not self.source_done:
+            try:
+                pid = self.forks.fork(
+                    conn, peer, conn_id, slot=slot, local=local,
+                    link=pair[1] if pair is not None else None,
+                    asks=self.links.asks if self.links is not None else False,
+                )  # fmt: skip
+            except SourceLost as exc:
+                self.lose_source(str(exc))
+            else:
+                self.sourced.add(pid)
+                return pid
         signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
         try:
             pid = os.fork()
@@ -316,6 +345,8 @@ class ProcessWorker(Worker):
             set_oom_score_adj(self.connection_oom_score)
         self.spec.control.close()
         self.source.close_in_child()
+        if self.forks is not None:
+            self.forks.closed()
         # SIGTERM (the cut) keeps its record-only handler, on a wakeup pipe of our own.
         wake_r, _wake_w = signals.record((signal.SIGTERM,))
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -342,16 +373,14 @@ class ProcessWorker(Worker):
             super().on_signal(signum)
 
     def reap(self) -> None:
-        for _ in range(100_000):  # bounded: one pass per child reaped, with room to spare
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in signals.exited_children():
             self.reaped(pid, status)
 
     def reaped(self, pid: int, status: int) -> None:
+        if self.forks is not None and pid == self.forks.pid:
+            self.source_exited(status)
+            return
+        self.sourced.discard(pid)
         killed = self.killed_by(pid, status)
         # The link first: a spare process's last end report may still wait in it.
         outcome = self.links.reaped(pid) if self.links is not None else None
@@ -443,6 +472,12 @@ class ProcessWorker(Worker):
         self.signal_children(signal.SIGKILL, everyone=True)
 
     def reopen_children(self) -> None:
+        if self.forks is not None:
+            # The source reopens too: the processes it forks later inherit its log.
+            try:
+                os.kill(self.forks.pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
         self.signal_children(signal.SIGUSR1, everyone=True)
 
     def signal_children(self, signum: int, everyone: bool = False) -> None:
@@ -472,3 +507,10 @@ def _cut_when_orphaned(worker_pid: int) -> None:
         return
     if os.getppid() != worker_pid:
         os._exit(exitcodes.EX_SOFTWARE)  # the worker died before prctl could take effect
+
+
+def describe(status: int) -> str:
+    """A wait status in words: ``exited with 1``, ``was killed by SIGKILL``."""
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with {os.waitstatus_to_exitcode(status)}"

@@ -16,6 +16,7 @@ import echod
 from tests.support import (
     Echod,
     children_of,
+    connection_processes_of,
     echo_roundtrip,
     recv_exactly,
     refused,
@@ -210,13 +211,16 @@ def test_process_mode_leaves_no_zombies(tmp_path: Path) -> None:
         try:
             for sock in socks:
                 ping(sock)
-            assert len(children_of(worker)) == 100
+            assert len(connection_processes_of(worker)) == 100
         finally:
             for sock in socks:
                 sock.close()
         server.wait_event("conn_close", count=150)
-        wait_for(lambda: not children_of(worker), what="every connection process reaped")
+        wait_for(
+            lambda: not connection_processes_of(worker), what="every connection process reaped"
+        )
         assert zombies_of(worker) == []
+        assert all(not zombies_of(pid) for pid in children_of(worker))  # its source's
         assert zombies_of(server.pid) == []
 
 

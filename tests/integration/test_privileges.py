@@ -26,10 +26,11 @@ from echod import cli, privileges
 from tests.support import (
     Echod,
     available_modes,
-    children_of,
     connect_to,
+    connection_processes_of,
     echo_roundtrip,
     echod,
+    fork_source_of,
     process_status,
     recv_exactly,
     run_echod,
@@ -96,7 +97,7 @@ def running(server: Echod, generation: int) -> int:
 
 
 def connection_processes(server: Echod) -> list[int]:
-    return [pid for worker in worker_pids(server) for pid in children_of(worker)]
+    return [pid for worker in worker_pids(server) for pid in connection_processes_of(worker)]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -119,6 +120,8 @@ def test_workers_and_connection_processes_run_as_the_user(
                 conn = server.wait_event("conn_open", count=2)["pid"]
                 assert conn in connection_processes(server)
                 unprivileged(conn)
+                # and the connection source it was forked from (echod.forkserver)
+                unprivileged(fork_source_of(worker))
         assert not server.events("running_as_root")
         dropped = server.events("privileges_dropped")
         assert server.stop() == 0

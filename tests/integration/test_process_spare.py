@@ -9,6 +9,7 @@ from pathlib import Path
 from tests.support import (
     Echod,
     children_of,
+    connection_processes_of,
     echo_roundtrip,
     echod,
     pid_gone,
@@ -75,7 +76,7 @@ def test_without_spares_each_connection_has_its_own_process(tmp_path: Path) -> N
             with server.connect() as sock:
                 assert echo_roundtrip(sock, b"x" * 100) == b"x" * 100
             server.wait_event("conn_close", count=i + 1)
-        wait_for(lambda: not children_of(worker), what="no connection process left")
+        wait_for(lambda: not connection_processes_of(worker), what="no connection process left")
         closes = server.events("conn_close")
     assert len({e["pid"] for e in closes}) == 3
 

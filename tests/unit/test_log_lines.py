@@ -17,13 +17,13 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from echod import events, log, sinks
+from echod import events, log, logline, sinks
 from echod.config import LogConfig
 from echod.console import ConsoleRenderer
 
 pytestmark = pytest.mark.timeout(60)
 
-#: A fixed clock for both paths (time.time() as log.py calls it), so that lines compare.
+#: A fixed clock for both paths (time.time() as logline.py calls it), so that lines compare.
 NOW = 1_765_000_000.123456
 OPEN_FIELDS: dict[str, Any] = {
     "conn_id": "3-17",
@@ -92,7 +92,7 @@ def restore_logging() -> Iterator[None]:
 
 @pytest.fixture
 def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(log.time, "time", lambda: NOW)
+    monkeypatch.setattr(logline.time, "time", lambda: NOW)
 
 
 def renderer_for(fmt: str) -> Callable[..., Any]:
@@ -207,6 +207,50 @@ def test_journal_fields_match_the_chain_before(
     in_threads(both(logger_before(sinks.JournalSink(then), "journal", "debug")))  # type: ignore[arg-type]
     assert len(now.sent) == 40
     assert now.sent == then.sent
+
+
+def lean_chain(fmt: str, level: str, sink: Any) -> logline.LineChain:
+    """The chain a connection source's process logs with (echod.forkserver), for this
+    thread as the process ``conn-3-17`` whose worker is this process's parent."""
+    chain = logline.LineChain(renderer_for(fmt), logline.LEVELS[level], sink)
+    chain.identity = logline.single_thread_identity("conn-3-17", os.getppid())
+    return chain
+
+
+@pytest.mark.parametrize("fmt", ["json", "console", "journal"])
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_a_connection_sources_lines_match_the_chain(
+    tmp_path: Path, fmt: str, level: str, restore_logging: None, frozen_clock: None
+) -> None:
+    """A connection source's process makes its lines without structlog (logline.LineChain):
+    in every form they are those structlog's chain makes in a process forked from the
+    worker, byte for byte (in the journal: message, priority and fields)."""
+    log.set_process_name("conn-3-17")
+    assert threading.current_thread() is threading.main_thread()
+    if fmt == "journal":
+        now, then = FakeJournal(), FakeJournal()
+        cfg = LogConfig(format="auto", target="journal", file=None, level=level,
+                        connections="both")  # fmt: skip
+        log.configure(cfg, sink=sinks.JournalSink(now))  # type: ignore[arg-type]
+        lean = lean_chain(fmt, level, sinks.JournalSink(then))  # type: ignore[arg-type]
+        connection_events(lambda fields: log.bind(**fields))
+        connection_events(lambda fields: lean.bind(**fields))
+        assert len(now.sent) == (10 if level == "debug" else 8)
+        assert now.sent == then.sent
+        return
+    cfg = LogConfig(format=fmt, target="file", file=str(tmp_path / "chain.log"), level=level,
+                    connections="both")  # fmt: skip
+    log.configure(cfg)
+    sink = log.FdSink.open_path(str(tmp_path / "lean.log"))
+    try:
+        lean = lean_chain(fmt, level, sink)
+        connection_events(lambda fields: log.bind(**fields))
+        connection_events(lambda fields: lean.bind(**fields))
+    finally:
+        sink.close()
+    chain, lines = lines_of(tmp_path / "chain.log"), lines_of(tmp_path / "lean.log")
+    assert len(chain) == (10 if level == "debug" else 8)
+    assert lines == chain
 
 
 def masked(line: str) -> str:

@@ -1,0 +1,85 @@
+"""Process mode: how a connection process learns that, and why, its worker cut it.
+
+Lean on purpose: a connection source (echod.forkserver) imports it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+
+from echod.connection import ACCESS_LIST, CUT, MAX_AGE, PER_IP, RETIRED, SHUTDOWN
+
+#: Why the worker cut a connection process's connection, by their code on the CutBoard (0:
+#: the daemon's stop, the first of them).
+CUT_REASONS = (SHUTDOWN, CUT, RETIRED, ACCESS_LIST, PER_IP, MAX_AGE)
+
+
+class CutBoard:
+    """Why each connection process was cut: one byte per process, a ``MAP_SHARED`` mapping
+    of a memfd that the worker makes before it forks any (or hands its connection source)
+    and writes before it signals one; the process reads its own byte when its connection
+    ends (a cut wakes it with SIGTERM and a shutdown of the socket, and the reason must come
+    with it). Free slots are the worker's to hand out; a process without one (all taken)
+    ends a cut as ``shutdown``."""
+
+    SLOTS = 65536
+
+    def __init__(self, fd: int | None = None) -> None:
+        if fd is None:
+            fd = os.memfd_create("echod-cutboard", os.MFD_CLOEXEC)
+            os.ftruncate(fd, self.SLOTS)
+        self._fd = fd
+        self._map = mmap.mmap(fd, self.SLOTS, flags=mmap.MAP_SHARED)
+        self._free = list(range(self.SLOTS - 1, -1, -1))
+
+    def fileno(self) -> int:
+        """The memfd, for a connection source to map the same board."""
+        return self._fd
+
+    def allocate(self) -> int:
+        return self._free.pop() if self._free else -1
+
+    def release(self, slot: int) -> None:
+        if slot >= 0:
+            self._map[slot] = 0
+            self._free.append(slot)
+
+    def mark(self, slot: int, reason: str) -> None:
+        if slot >= 0:
+            self._map[slot] = CUT_REASONS.index(reason)
+
+    def clear(self, slot: int) -> None:
+        if slot >= 0:
+            self._map[slot] = 0
+
+    def reason(self, slot: int) -> str:
+        return CUT_REASONS[self._map[slot]] if slot >= 0 else SHUTDOWN
+
+
+class ChildStopper:
+    """The Stopper of a connection process: SIGTERM, recorded on its wakeup pipe, means the
+    worker cut this connection (it then shuts the socket down, which wakes the blocked call);
+    the CutBoard says why.
+    """
+
+    def __init__(self, read_fd: int, board: CutBoard, slot: int) -> None:
+        self._fd = read_fd
+        self._cut = False
+        self._board = board
+        self._slot = slot
+
+    def cut_requested(self) -> bool:
+        try:
+            received = os.read(self._fd, 64)
+        except BlockingIOError:
+            return self._cut
+        self._cut = self._cut or signal.SIGTERM in received
+        return self._cut
+
+    def cut_reason(self) -> str:
+        return self._board.reason(self._slot)
+
+    def before_close_event(self) -> None:
+        """Nothing left to do: SIGUSR1 reopened the log when it came (its handler acts)."""
