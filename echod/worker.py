@@ -134,6 +134,10 @@ class Worker:
         self.connection_oom_score: int | None = None
         self.next_heartbeat = 0.0
         self.log: Any = None
+        #: This process's pid and its main thread's native id, for the table's entries:
+        #: taken once in the worker process (:meth:`init_process`), not per connection
+        #: (``gettid`` is a system call). None until then.
+        self.main_thread_ids: tuple[int, int] | None = None
 
     @property
     def stopping(self) -> bool:
@@ -161,6 +165,7 @@ class Worker:
         """Set up this freshly forked process: identity, logging, signals, the event source;
         then, with ``user``, drop to it: nothing it does after talks to a client as root."""
         log.set_process_name(f"worker-{self.spec.index}")
+        self.main_thread_ids = (os.getpid(), threading.get_native_id())
         log.configure(self.cfg.log, sink=log.current_sink())
         self.log = log.get_logger().bind(worker=self.spec.index)
         proctitle.set_title(f"echod: worker {self.spec.index} ({self.mode})")
@@ -416,7 +421,8 @@ class Worker:
         """Put a connection the mode starts serving in the table (by default served by
         this process's main thread)."""
         if pid is None:
-            pid, native_thread_id = os.getpid(), threading.get_native_id()
+            ids = self.main_thread_ids
+            pid, native_thread_id = ids or (os.getpid(), threading.get_native_id())
         return self.table.add(
             Entry(
                 conn_id, seq_of(conn_id), sock, peer, time.monotonic(), pid,
