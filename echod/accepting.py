@@ -169,6 +169,9 @@ class Acceptor:
         #: The listening sockets' backlog: the most accept_backlog() may find queued.
         self.backlog = backlog
         self.collect_finished = collect_finished
+        #: The sequence number of the last connection admitted (its id is
+        #: ``{serial}-{seq}``): while ``start_connection`` runs, the one it starts, a held
+        #: connection's too (nothing is accepted while one is held).
         self.seq = 0
         self.paused: Paused | None = None
         self.held: Held | None = None

@@ -84,7 +84,7 @@ class Worker:
       end one connection now with that reason (``echod cut``, a retirement's deadline, a
       reload's rules), or, ``graceful``, once what it has read is echoed (its age).
     - register every connection it serves in :attr:`table` (:meth:`register`), and take it
-      out when it ends (pass its ``conn_id`` to :meth:`connection_closed`).
+      out when it ends (pass its ``conn_id``, or its ``seq``, to :meth:`connection_closed`).
 
     What a mode may extend (call ``super()`` first unless said otherwise):
 
@@ -411,6 +411,7 @@ class Worker:
         sock: Any,
         peer: Any,
         *,
+        seq: int | None = None,
         pid: int | None = None,
         process: str | None = None,
         thread: str | None = "MainThread",
@@ -419,25 +420,36 @@ class Worker:
         handle: Any = None,
     ) -> Entry:
         """Put a connection the mode starts serving in the table (by default served by
-        this process's main thread)."""
+        this process's main thread). ``seq``, its sequence number (the acceptor's
+        :attr:`~echod.accepting.Acceptor.seq` while it starts the connection), spares
+        reading it out of ``conn_id``."""
         if pid is None:
             ids = self.main_thread_ids
             pid, native_thread_id = ids or (os.getpid(), threading.get_native_id())
+        if seq is None:
+            seq = seq_of(conn_id)
         return self.table.add(
             Entry(
-                conn_id, seq_of(conn_id), sock, peer, time.monotonic(), pid,
+                conn_id, seq, sock, peer, time.monotonic(), pid,
                 process or log.process_name(), thread, native_thread_id,
                 source=source, handle=handle,
             )
         )  # fmt: skip
 
     def connection_closed(
-        self, peer: Any, outcome: Outcome | None = None, conn_id: str | None = None
+        self,
+        peer: Any,
+        outcome: Outcome | None = None,
+        conn_id: str | None = None,
+        seq: int | None = None,
     ) -> None:
         """Called by the mode in the worker's main thread when a connection has ended;
-        ``outcome``, when the mode has it, says how (what the metrics count)."""
-        if conn_id is not None:
-            self.table.remove(seq_of(conn_id))
+        ``outcome``, when the mode has it, says how (what the metrics count). ``conn_id``,
+        or its sequence number ``seq``, takes it out of the table."""
+        if seq is None and conn_id is not None:
+            seq = seq_of(conn_id)
+        if seq is not None:
+            self.table.remove(seq)
         self.acceptor.connection_closed(peer, outcome)
         if self.stopping or self.paused:
             self.source.changed()  # the drain, or the pause, may be over now

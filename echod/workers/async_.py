@@ -84,6 +84,7 @@ class EchoProtocol(asyncio.Protocol):
         "proxy_peer",
         "reason",
         "record",
+        "seq",
         "stalled_since",
         "started",
         "timer",
@@ -95,12 +96,16 @@ class EchoProtocol(asyncio.Protocol):
 
     transport: asyncio.Transport  # set by connection_made
 
-    def __init__(self, worker: AsyncWorker, peer: Any, conn_id: str, local: dict[str, Any]) -> None:
+    def __init__(
+        self, worker: AsyncWorker, peer: Any, conn_id: str, local: dict[str, Any], seq: int
+    ) -> None:
         self.worker = worker
         self.peer = peer
         #: Behind a PROXY header, once it is read: the balancer (``peer`` is the client).
         self.proxy_peer: Any = None
         self.conn_id = conn_id
+        #: Its sequence number in the worker (its key in the worker's table).
+        self.seq = seq
         #: The local_address and local_port fields of its events.
         self.local = local
         self.bytes_in = 0
@@ -319,8 +324,10 @@ class ProxiedEchoProtocol(EchoProtocol):
 
     __slots__ = ("intake",)
 
-    def __init__(self, worker: AsyncWorker, peer: Any, conn_id: str, local: dict[str, Any]) -> None:
-        super().__init__(worker, peer, conn_id, local)
+    def __init__(
+        self, worker: AsyncWorker, peer: Any, conn_id: str, local: dict[str, Any], seq: int
+    ) -> None:
+        super().__init__(worker, peer, conn_id, local, seq)
         self.intake: ProxyIntake | None = None  # made at connection_made; None once done
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -453,8 +460,9 @@ class AsyncWorker(Worker):
         protocol_class = EchoProtocol
         if self.settings.proxy_protocol != "off":
             protocol_class = ProxiedEchoProtocol
-        protocol = protocol_class(self, peer, conn_id, fields)
-        entry = self.register(conn_id, None, peer, source=protocol, handle=protocol)
+        seq = self.acceptor.seq  # (conn_id's, without reading it out of the string)
+        protocol = protocol_class(self, peer, conn_id, fields, seq)
+        entry = self.register(conn_id, None, peer, seq=seq, source=protocol, handle=protocol)
         task = self.loop.create_task(self.loop.connect_accepted_socket(lambda: protocol, conn))
         task.add_done_callback(lambda done: self.adopted(protocol, conn, entry, done))
         self.conns.add(protocol)
@@ -477,7 +485,7 @@ class AsyncWorker(Worker):
 
     def connection_ended(self, protocol: EchoProtocol) -> None:
         self.conns.discard(protocol)
-        self.connection_closed(protocol.peer, protocol.outcome(), protocol.conn_id)
+        self.connection_closed(protocol.peer, protocol.outcome(), seq=protocol.seq)
 
     def cut_connections(self) -> None:
         for protocol in list(self.conns):
