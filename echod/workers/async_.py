@@ -7,7 +7,8 @@ comparing the two). The ``event_loop`` event says which loop runs.
 Everything but the connections is the worker's: the control channel, accepting and
 admission, the pause, the drain, signals and timers, all on the same loop
 (:class:`echod.eventsource.LoopSource`). An admitted socket is handed to the loop as a
-transport (a Task running ``connect_accepted_socket``) with an :class:`EchoProtocol`; with
+transport (a Task running ``connect_accepted_socket``, started eagerly where Python can, see
+:func:`eager_tasks`) with an :class:`EchoProtocol`; with
 ``proxy_protocol`` on, first with a :class:`ProxiedEchoProtocol`, which buffers until the
 PROXY header is complete (:class:`echod.connection.ProxyIntake` decides, within
 ``proxy_timeout``, on the connection's one timer), admits the real client, and then echoes
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
+from collections.abc import Coroutine
 from time import monotonic
 from typing import Any, cast
 
@@ -50,6 +53,39 @@ _NO_LOCAL: dict[str, Any] = {}
 # The shortest timer: uvloop counts in whole milliseconds, and a timer that fires a little
 # before its deadline (it can) is re-armed for the rest, which must not round down to 0.
 _MIN_DELAY = 0.001
+
+
+def eager_tasks(loop: asyncio.AbstractEventLoop) -> bool:
+    """Have ``loop`` run each new Task's first step at once, inside ``create_task``
+    (``asyncio.eager_task_factory``, Python 3.12 and later); False, and nothing changed, on
+    an older Python.
+
+    A connection's Task then makes its transport within ``start_connection``, one pass
+    through the loop's ready queue sooner and without the Task's first scheduled step. What
+    is ordered stays so: that step only makes the transport; the loop still calls
+    ``connection_made`` (the open line) from its queue, and reads from the client only after
+    it. A Task that fails at once calls its done callbacks from the queue too, after
+    ``start_connection`` has returned and the acceptor has counted the connection open."""
+    if sys.version_info >= (3, 12):
+        loop.set_task_factory(_eager_task_factory)
+        return True
+    return False
+
+
+if sys.version_info >= (3, 12):
+
+    def _eager_task_factory(
+        loop: asyncio.AbstractEventLoop,
+        coro: Coroutine[Any, Any, Any],
+        *,
+        eager_start: bool | None = None,
+        **kwargs: Any,
+    ) -> asyncio.Task[Any]:
+        """``asyncio.eager_task_factory``, which uvloop can call too: on Python 3.13 uvloop
+        0.22 and later pass ``create_task``'s ``eager_start`` (None unless given) on to the
+        factory, whose 3.12 and 3.13 signature has no such argument (a TypeError for every
+        Task). Every Task on this loop starts eagerly, so the argument is not needed."""
+        return asyncio.eager_task_factory(loop, coro, **kwargs)
 
 
 class EchoProtocol(asyncio.Protocol):
@@ -416,6 +452,7 @@ class AsyncWorker(Worker):
         source: LoopSource = self.source
         self.loop = source.loop
         self.loop.set_exception_handler(self.on_loop_error)
+        eager_tasks(self.loop)
         self.conns: set[EchoProtocol] = set()
         # Each connection binds its fields once (log.bind), for its two events: in JSON, that
         # renders them once.
