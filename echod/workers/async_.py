@@ -499,22 +499,22 @@ class AsyncWorker(Worker):
             protocol_class = ProxiedEchoProtocol
         seq = self.acceptor.seq  # (conn_id's, without reading it out of the string)
         protocol = protocol_class(self, peer, conn_id, fields, seq)
-        entry = self.register(conn_id, None, peer, seq=seq, source=protocol, handle=protocol)
+        # The listing asks the kernel about this socket (TCP_INFO) rather than the
+        # transport's stand-in for it, made on request (a microsecond): the same descriptor,
+        # which the loop closes through this object (asyncio) or detaches it as it closes
+        # (uvloop), after connection_lost has taken the connection out of the table.
+        self.register(conn_id, conn, peer, seq=seq, source=protocol, handle=protocol)
         task = self.loop.create_task(self.loop.connect_accepted_socket(lambda: protocol, conn))
-        task.add_done_callback(lambda done: self.adopted(protocol, conn, entry, done))
+        task.add_done_callback(lambda done: self.adopted(protocol, conn, done))
         self.conns.add(protocol)
 
-    def adopted(
-        self, protocol: EchoProtocol, conn: socket.socket, entry: Entry, task: asyncio.Task[Any]
-    ) -> None:
+    def adopted(self, protocol: EchoProtocol, conn: socket.socket, task: asyncio.Task[Any]) -> None:
         """The transport is made (connection_made has run), or could not be: then the
         connection never started, and is closed and counted as an error."""
         if task.cancelled() or protocol.ended:
             return
         exc = task.exception()
         if exc is None:
-            # The transport's socket: the listing asks the kernel about it (TCP_INFO).
-            entry.sock = protocol.transport.get_extra_info("socket")
             return
         conn.close()
         protocol.error = f"{type(exc).__name__}: {exc}"
