@@ -2,12 +2,13 @@
 """Benchmark echod's modes against classic echo servers, xinetd, C and a bare event loop.
 
 For each load scenario every server is started at once (a fresh process each, on a free port
-of 127.0.0.1), then driven in short slices, one server after another, round after round (the
-order rotated each round); each figure is the median over the rounds. On a shared machine
-load comes and goes: interleaving spreads it over every server alike, where one long run per
-server would charge it to whichever ran at the time. The load comes from bench/loadgen.c
-(built here with the system compiler; bench/loadgen.py when there is none), the idle-memory
-scenario from bench/loadgen.py, one server at a time. Each server is stopped with SIGTERM.
+of 127.0.0.1), then driven in short slices, one server after another, round after round (each
+round in an order of its own, shuffled with a fixed seed); each figure is the median over
+the rounds. On a shared machine load comes and goes: interleaving spreads it over every
+server alike, where one long run per server would charge it to whichever ran at the time.
+The load comes from bench/loadgen.c (built here with the system compiler; bench/loadgen.py
+when there is none), the idle-memory scenario from bench/loadgen.py, one server at a time.
+Each server is stopped with SIGTERM.
 Writes bench.md (tables and ratios), bench.png (chart) and bench.json (every number) to --out
 (default: docs/).
 
@@ -26,6 +27,7 @@ import dataclasses
 import json
 import os
 import platform
+import random
 import re
 import select
 import signal
@@ -464,8 +466,11 @@ def bench_interleaved(
 ) -> dict[str, dict[str, Any]]:
     """One scenario against every server, all up at once, in rounds of short slices.
 
-    Round r runs the servers in the order rotated by r, so that no server always follows the
-    same one (whose connections may still be closing). Each figure of the result is the
+    Each round runs the servers in an order of its own (shuffled, seeded by the scenario and
+    the round, so a run can be repeated), so that no server always follows the same one:
+    a churn slice leaves tens of thousands of the client's sockets in TIME_WAIT, which slow
+    the next slice's connects. (Rotating the order, as this did before, kept every server
+    behind the same neighbour in all but one round.) Each figure of the result is the
     median over the rounds; "slices" keeps every round's headline number and CPU.
     """
     results: dict[str, dict[str, Any]] = {}
@@ -486,8 +491,9 @@ def bench_interleaved(
             slices[spec.name] = []
         names = list(servers)
         for rnd in range(plan.rounds):
-            shift = rnd % len(names) if names else 0
-            for name in names[shift:] + names[:shift]:
+            order = list(names)
+            random.Random(f"{scenario.name} {rnd}").shuffle(order)
+            for name in order:
                 entry = _run_slice(servers[name], scenario, plan)
                 slices[name].append(entry)
                 _progress(name, f"{scenario.name} #{rnd + 1}", entry)
@@ -822,7 +828,8 @@ def render_markdown(report: dict[str, Any], scenarios: list[loadgen.Scenario]) -
         "compared with what was sent; each connection half-closes at the end and must then "
         "see EOF and nothing else.",
         "- Interleaving: for each scenario every server is started, then each gets a slice of "
-        "load in turn, the order rotated every round; the figures are medians over the "
+        "load in turn, each round in an order of its own (shuffled with a fixed seed, so that "
+        "no server always follows the same one); the figures are medians over the "
         "rounds (bench.json keeps every slice). Server CPU is read from /proc over the "
         "server's process tree (bench/procstat.py) before and after each slice.",
         "- c_epoll (bench/baselines/epoll_echo.c, cc -O2) is the physical limit of this "
