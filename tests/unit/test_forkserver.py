@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import echod
 from echod import sinks
 from echod.cutboard import CutBoard
 from echod.handler import HandlerSettings
@@ -23,6 +24,9 @@ from echod.workers import forksource
 from echod.workers.forksource import ForkSource, SourceLost, SourcePlan
 
 pytestmark = pytest.mark.timeout(60)
+
+#: A fresh interpreter (run with -P, as the source is) finds this echod there.
+ENV = {**os.environ, "PYTHONPATH": str(Path(echod.__file__).resolve().parent.parent)}
 
 #: What a fork of the source must not pay for: modules whose at-fork handlers run Python in
 #: every child (threading, logging), or that are large (structlog, PyYAML, asyncio).
@@ -34,7 +38,7 @@ def test_the_source_imports_nothing_heavy() -> None:
     probe = "import sys, echod.forkserver; print(sorted(sys.modules))"
     loaded = subprocess.run(
         [sys.executable, "-P", "-c", probe], capture_output=True, text=True, timeout=30,
-        check=True,
+        check=True, env=ENV,
     ).stdout  # fmt: skip
     modules = set(json.loads(loaded.replace("'", '"')))
     assert modules.isdisjoint(HEAVY), sorted(modules.intersection(HEAVY))
@@ -169,7 +173,7 @@ def test_a_title_is_written_over_the_command_line() -> None:
     )
     out = subprocess.run(
         [sys.executable, "-P", "-c", probe, "padding"], capture_output=True, text=True,
-        timeout=30, check=True,
+        timeout=30, check=True, env=ENV,
     ).stdout  # fmt: skip
     short, size, long_size, comm = ast.literal_eval(out)
     assert short == b"echod: connection 1-7"
