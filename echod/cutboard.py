@@ -27,12 +27,17 @@ class CutBoard:
     SLOTS = 65536
 
     def __init__(self, fd: int | None = None) -> None:
+        """A new board (the worker's), or, given its memfd, the same board mapped again
+        for reading (a connection source's)."""
+        #: Free slots, the worker's alone to hand out (a 2 MiB list a connection source
+        #: does not need: every page of it would be one more to copy at each fork).
+        self._free: list[int] = []
         if fd is None:
             fd = os.memfd_create("echod-cutboard", os.MFD_CLOEXEC)
             os.ftruncate(fd, self.SLOTS)
+            self._free = list(range(self.SLOTS - 1, -1, -1))
         self._fd = fd
         self._map = mmap.mmap(fd, self.SLOTS, flags=mmap.MAP_SHARED)
-        self._free = list(range(self.SLOTS - 1, -1, -1))
 
     def fileno(self) -> int:
         """The memfd, for a connection source to map the same board."""

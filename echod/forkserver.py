@@ -94,6 +94,7 @@ class Source:
         box = spec["mailbox"]
         self.mailbox = Mailbox.reader(box) if box is not None else None
         self.sink, self.chain = _open_log(spec["log"])
+        self.pid = os.getpid()
         self.children: set[int] = set()
         self.unsent: collections.deque[bytes] = collections.deque()
         self.closed = False
@@ -160,15 +161,26 @@ class Source:
             self.answer(b"err %d" % (exc.errno or errno.EIO))
         else:
             self.children.add(pid)
-            self.answer(b"pid %d" % pid)
+            # With a pidfd of it: the worker signals it by that, since its pid is free for
+            # another process as soon as this source has reaped it.
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                self.answer(b"pid %d" % pid)
+            else:
+                self.answer(b"pid %d" % pid, pidfd)
+                os.close(pidfd)
         finally:
             conn.close()
             if link is not None:
                 link.close()
 
-    def answer(self, message: bytes) -> None:
+    def answer(self, message: bytes, fd: int | None = None) -> None:
         try:
-            self.requests.send(message)
+            if fd is None:
+                self.requests.send(message)
+            else:
+                socket.send_fds(self.requests, [message], [fd])
         except OSError:
             self.closed = True  # the worker is gone (and we go with it: PR_SET_PDEATHSIG)
 
@@ -204,7 +216,6 @@ class Source:
         """In the child: become the connection's process, serve it, report, exit."""
         code = exitcodes.EX_SOFTWARE
         try:
-            source = os.getppid()
             # SIGTERM (the cut) is recorded on a wakeup pipe of our own, from before it is
             # unblocked; then the source's descriptors go.
             wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -221,7 +232,7 @@ class Source:
             gc.disable()  # short-lived: collecting would copy pages shared with the source
             self.set_title(f"echod: connection {conn_id}")
             # Die with the source (and so with the worker); a source already gone: exit.
-            if prctl(PR_SET_PDEATHSIG, signal.SIGKILL) and os.getppid() != source:
+            if prctl(PR_SET_PDEATHSIG, signal.SIGKILL) and os.getppid() != self.pid:
                 return
             self.chain.identity = single_thread_identity(f"conn-{conn_id}", self.worker)
             gate = ChildGate(link, bool(job["asks"]), self.proxy_timeout) if link else None

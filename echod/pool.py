@@ -32,13 +32,11 @@ from echod.privileges import Account
 from echod.snapshot import PoolSnapshot, WorkerView
 from echod.states import WORKER_TRANSITIONS, WorkerState, check
 from echod.totals import Totals
-from echod.worker import WorkerSpec, heartbeat_interval
+from echod.worker import BOOT_TIMEOUT, WorkerSpec, heartbeat_interval
 from echod.workers import worker_class
 
 W = WorkerState
 
-#: How long a new worker may take to say it is ready before it counts as failed.
-BOOT_TIMEOUT = 30.0
 #: Respawn backoff: the first failure respawns at once, repeated ones wait longer.
 BACKOFF_BASE = 0.1
 BACKOFF_MAX = 10.0

@@ -107,10 +107,10 @@ FD_RESERVE = 64
 
 def descriptors_needed(cfg: Config) -> int:
     """The descriptors the busiest worker needs at ``max_connections``: one a connection (a
-    process-mode worker keeps each connection's socket, to cut it, and a link to its
-    process), plus :data:`FD_RESERVE`."""
+    process-mode worker keeps each connection's socket, to cut it, a link to its process,
+    and a pidfd of it, to signal it: three), plus :data:`FD_RESERVE`."""
     share = -(-cfg.max_connections // cfg.workers)
-    per_connection = 2 if cfg.mode == "process" else 1
+    per_connection = 3 if cfg.mode == "process" else 1
     return share * per_connection + FD_RESERVE
 
 

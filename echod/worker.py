@@ -37,6 +37,8 @@ from echod.metrics import WorkerCounters
 from echod.privileges import Account
 from echod.udp import UdpEcho
 
+#: How long a new worker may take to say it is ready before it counts as failed.
+BOOT_TIMEOUT = 30.0
 #: The most a heartbeat waits; a shorter worker_timeout makes heartbeats more frequent.
 HEARTBEAT_MAX = 1.0
 #: The most one message to the supervisor waits for room in its queue: the supervisor reads

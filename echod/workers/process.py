@@ -26,6 +26,7 @@ import gc
 import os
 import signal
 import socket
+import time
 from typing import Any
 
 from echod import events, exitcodes, log, proctitle, signals, sinks
@@ -36,8 +37,8 @@ from echod.conntable import Entry
 from echod.cutboard import ChildStopper, CutBoard
 from echod.handler import EchoHandler, Outcome, peer_fields
 from echod.prctl import PR_SET_PDEATHSIG, prctl, set_oom_score_adj
-from echod.worker import Worker
-from echod.workers.forksource import ANSWER_TIMEOUT, ForkSource, SourceLost, SourcePlan
+from echod.worker import BOOT_TIMEOUT, Worker
+from echod.workers.forksource import ANSWER_TIMEOUT, SourceKeeper, SourcePlan
 
 _FORK_BLOCKED = frozenset(signals.WORKER)  # the worker's handlers must not run in a child
 #: The signals by which the worker itself ends a connection process (the cut, the kill at
@@ -90,12 +91,8 @@ class ProcessWorker(Worker):
         self.board = CutBoard()
         self.slots: dict[int, int] = {}
         #: The lean process this worker's connection processes are forked from (see
-        #: echod.forkserver), once started (start_source); None: they fork from the worker.
-        self.forks: ForkSource | None = None
-        #: The connection processes it forked (their exits come from it, not from waitpid).
-        self.sourced: set[int] = set()
-        #: Whether this worker let the source go (its exit is then no news).
-        self.source_done = False
+        #: echod.forkserver), once started (start_source).
+        self.sourcing = SourceKeeper(self.log, self.add_reader, self.remove_reader, self.reaped)
         # Behind a PROXY header, each connection process asks about its real client, and
         # with PROXY or metrics on it reports how it ended, over a link of its own (see
         # echod.clientlink); a spare process gets its next connection over it. Without any
@@ -132,55 +129,9 @@ class ProcessWorker(Worker):
             log=spec,
             account=self.spec.account.fields() if self.spec.account is not None else None,
             answer_timeout=min(ANSWER_TIMEOUT, self.cfg.worker_timeout / 3),
+            start_timeout=BOOT_TIMEOUT / 3,
         )
-        try:
-            self.forks = ForkSource.start(plan)
-        except SourceLost as exc:
-            self.log.warning(events.FORK_SOURCE_FAILED, error=str(exc))
-            return
-        self.add_reader(self.forks.exit_channel, self.on_exits)
-
-    def on_exits(self, _sock: Any) -> None:
-        """The source reaped connection processes: reaped here as if by waitpid."""
-        forks = self.forks
-        if forks is None:
-            return
-        for pid, status in forks.exits():
-            self.reaped(pid, status)
-        if forks.gone:
-            self.remove_reader(forks.exit_channel)  # EOF: its own reap comes by SIGCHLD
-
-    def lose_source(self, error: str) -> None:
-        """The source stopped answering: kill it (ours, by pid); its reap ends the rest."""
-        forks = self.forks
-        if forks is None or self.source_done:
-            return
-        self.log.warning(events.FORK_SOURCE_FAILED, error=error)
-        self.source_done = True
-        forks.close()
-        try:
-            os.kill(forks.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    def source_exited(self, status: int) -> None:
-        """The source was reaped: its last reports first, then its connection processes
-        that died with it (PR_SET_PDEATHSIG), each as killed."""
-        forks = self.forks
-        assert forks is not None
-        for pid, child_status in forks.exits():
-            self.reaped(pid, child_status)
-        if not forks.gone:
-            self.remove_reader(forks.exit_channel)
-        forks.closed()
-        self.forks = None
-        if not self.source_done:
-            self.log.warning(
-                events.FORK_SOURCE_FAILED, error=f"the connection source {describe(status)}"
-            )
-        for pid in list(self.sourced):
-            self.reaped(pid, signal.SIGKILL)  # a wait status: killed by SIGKILL
-        self.source.changed()
+        self.sourcing.start(plan)
 
     def open_connections(self) -> int:
         # A cut child still counts until it has been reaped.
@@ -190,12 +141,7 @@ class ProcessWorker(Worker):
         # Spares let go exit at once (their link's EOF); reap them before the worker goes.
         if not (super().drained() and not self.spares and not self.leaving):
             return False
-        if self.forks is not None:
-            # The source exits once it has reaped its last process: reap it in turn.
-            self.source_done = True
-            self.forks.close()
-            return False
-        return True
+        return self.sourcing.drained(time.monotonic())
 
     def start_connection(
         self, conn: socket.socket, peer: Any, conn_id: str, local: Local = None
@@ -255,18 +201,13 @@ class ProcessWorker(Worker):
     ) -> int:
         """Fork the connection's process (by the source, or here); returns its pid (in the
         worker only)."""
-        if self.forks is not None and not self.source_done:
-            try:
-                pid = self.forks.fork(
-                    conn, peer, conn_id, slot=slot, local=local,
-                    link=pair[1] if pair is not None else None,
-                    asks=self.links.asks if self.links is not None else False,
-                )  # fmt: skip
-            except SourceLost as exc:
-                self.lose_source(str(exc))
-            else:
-                self.sourced.add(pid)
-                return pid
+        pid = self.sourcing.fork(
+            conn, peer, conn_id, slot=slot, local=local,
+            link=pair[1] if pair is not None else None,
+            asks=self.links.asks if self.links is not None else False,
+        )  # fmt: skip
+        if pid is not None:
+            return pid
         signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
         try:
             pid = os.fork()
@@ -345,8 +286,7 @@ class ProcessWorker(Worker):
             set_oom_score_adj(self.connection_oom_score)
         self.spec.control.close()
         self.source.close_in_child()
-        if self.forks is not None:
-            self.forks.closed()
+        self.sourcing.close_in_child()
         # SIGTERM (the cut) keeps its record-only handler, on a wakeup pipe of our own.
         wake_r, _wake_w = signals.record((signal.SIGTERM,))
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -377,10 +317,13 @@ class ProcessWorker(Worker):
             self.reaped(pid, status)
 
     def reaped(self, pid: int, status: int) -> None:
-        if self.forks is not None and pid == self.forks.pid:
-            self.source_exited(status)
+        if self.sourcing.owns(pid):
+            # Its last reports first, then the processes that died with it, each as killed.
+            for orphan in self.sourcing.exited(status):
+                self.reaped(orphan, signal.SIGKILL)  # (a wait status: killed by SIGKILL)
+            self.source.changed()
             return
-        self.sourced.discard(pid)
+        self.sourcing.forget(pid)
         killed = self.killed_by(pid, status)
         # The link first: a spare process's last end report may still wait in it.
         outcome = self.links.reaped(pid) if self.links is not None else None
@@ -459,7 +402,7 @@ class ProcessWorker(Worker):
         self.board.mark(child.slot, reason)
         self.signalled.add(pid)
         try:
-            os.kill(pid, signal.SIGTERM)
+            self.sourcing.send_signal(pid, signal.SIGTERM)
         except ProcessLookupError:
             return False  # exited; the SIGCHLD on its way will reap it
         try:
@@ -470,14 +413,12 @@ class ProcessWorker(Worker):
 
     def kill_connections(self) -> None:
         self.signal_children(signal.SIGKILL, everyone=True)
+        # Their exits come from the source, which is let go as well: a source that does not
+        # answer any more cannot hold the worker's end.
+        self.sourcing.end()
 
     def reopen_children(self) -> None:
-        if self.forks is not None:
-            # The source reopens too: the processes it forks later inherit its log.
-            try:
-                os.kill(self.forks.pid, signal.SIGUSR1)
-            except ProcessLookupError:
-                pass
+        self.sourcing.reopen()
         self.signal_children(signal.SIGUSR1, everyone=True)
 
     def signal_children(self, signum: int, everyone: bool = False) -> None:
@@ -490,9 +431,9 @@ class ProcessWorker(Worker):
             if ours:
                 self.signalled.add(pid)
             try:
-                os.kill(pid, signum)
+                self.sourcing.send_signal(pid, signum)
             except ProcessLookupError:
-                pass  # exited; the SIGCHLD on its way will reap it
+                pass  # exited; its reap is on its way
 
 
 def _cut_when_orphaned(worker_pid: int) -> None:
@@ -508,9 +449,3 @@ def _cut_when_orphaned(worker_pid: int) -> None:
     if os.getppid() != worker_pid:
         os._exit(exitcodes.EX_SOFTWARE)  # the worker died before prctl could take effect
 
-
-def describe(status: int) -> str:
-    """A wait status in words: ``exited with 1``, ``was killed by SIGKILL``."""
-    if os.WIFSIGNALED(status):
-        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exited with {os.waitstatus_to_exitcode(status)}"

@@ -7,6 +7,7 @@ import ast
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from echod.cutboard import CutBoard
 from echod.handler import HandlerSettings
 from echod.workers import forksource
 from echod.workers.forksource import ForkSource, SourceLost, SourcePlan
+from tests.support import children_of, is_fork_source
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -88,17 +90,19 @@ def exits_of(forks: ForkSource, count: int) -> list[tuple[int, int]]:
 
 
 def test_the_source_forks_serves_and_reports(source: tuple[ForkSource, Path]) -> None:
-    """Asked to fork a connection, the source answers with the pid of a process that
-    echoes it byte for byte and logs it with the worker as ppid; its exit comes back as a
-    wait status, and the source exits once let go (the fixture's reap)."""
+    """Asked to fork a connection, the source answers with the pid (and a pidfd) of a
+    process that echoes it byte for byte and logs it with the worker as ppid; its exit
+    comes back as a wait status, and the source exits once let go (the fixture's reap)."""
     forks, path = source
     ours, theirs = socket.socketpair()
     with ours, theirs:
-        pid = forks.fork(
+        pid, pidfd = forks.fork(
             theirs, ["127.0.0.1", 40000], "1-1", slot=0, local=["127.0.0.1", 7], link=None,
             asks=False,
         )  # fmt: skip
         theirs.close()
+        assert pidfd is not None  # the process itself, whatever its pid comes to mean
+        signal.pidfd_send_signal(pidfd, 0)
         ours.settimeout(10)
         data = os.urandom(10_000)
         ours.sendall(data)
@@ -109,6 +113,9 @@ def test_the_source_forks_serves_and_reports(source: tuple[ForkSource, Path]) ->
         ours.shutdown(socket.SHUT_WR)
         assert ours.recv(10) == b""
     assert exits_of(forks, 1) == [(pid, 0)]
+    with pytest.raises(ProcessLookupError):  # reaped by the source: the pidfd says so
+        signal.pidfd_send_signal(pidfd, 0)
+    os.close(pidfd)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [line["event"] for line in lines] == ["conn_open", "conn_close"]
     assert {line["pid"] for line in lines} == {pid}
@@ -134,8 +141,9 @@ def test_a_source_that_cannot_start_says_why(tmp_path: Path) -> None:
     finally:
         os.close(read)
         os.close(write)
-    with pytest.raises(ChildProcessError):
-        os.waitpid(-1, os.WNOHANG)
+    # Each failed source was reaped (ForkSource.start waits for it): none left, not even as
+    # a zombie.
+    assert not [pid for pid in children_of(os.getpid()) if is_fork_source(pid)]
 
 
 def test_a_source_of_another_protocol_refuses(
