@@ -11,18 +11,19 @@ import signal
 
 from echod.connection import ACCESS_LIST, CUT, MAX_AGE, PER_IP, RETIRED, SHUTDOWN
 
-#: Why the worker cut a connection process's connection, by their code on the CutBoard (0:
-#: the daemon's stop, the first of them).
+#: Why the worker cut a connection process's connection: on the CutBoard, a reason's index
+#: plus one (0: not cut).
 CUT_REASONS = (SHUTDOWN, CUT, RETIRED, ACCESS_LIST, PER_IP, MAX_AGE)
 
 
 class CutBoard:
-    """Why each connection process was cut: one byte per process, a ``MAP_SHARED`` mapping
-    of a memfd that the worker makes before it forks any (or hands its connection source)
-    and writes before it signals one; the process reads its own byte when its connection
-    ends (a cut wakes it with SIGTERM and a shutdown of the socket, and the reason must come
-    with it). Free slots are the worker's to hand out; a process without one (all taken)
-    ends a cut as ``shutdown``."""
+    """Whether, and why, each connection process was cut: one byte per process, a
+    ``MAP_SHARED`` mapping of a memfd that the worker makes before it forks any (or hands
+    its connection source) and writes before it wakes one (a shutdown of the socket wakes
+    the blocked call); the process reads its own byte when its connection ends. Free slots
+    are the worker's to hand out; a process without one (all 65,536 taken) learns of a cut
+    only by the SIGTERM that comes with it where it records one (forked by the worker), and
+    then ends it as ``shutdown``."""
 
     SLOTS = 65536
 
@@ -53,29 +54,38 @@ class CutBoard:
 
     def mark(self, slot: int, reason: str) -> None:
         if slot >= 0:
-            self._map[slot] = CUT_REASONS.index(reason)
+            self._map[slot] = CUT_REASONS.index(reason) + 1
 
     def clear(self, slot: int) -> None:
         if slot >= 0:
             self._map[slot] = 0
 
+    def cut(self, slot: int) -> bool:
+        return slot >= 0 and self._map[slot] != 0
+
     def reason(self, slot: int) -> str:
-        return CUT_REASONS[self._map[slot]] if slot >= 0 else SHUTDOWN
+        code = self._map[slot] if slot >= 0 else 0
+        return CUT_REASONS[code - 1] if code else SHUTDOWN
 
 
 class ChildStopper:
-    """The Stopper of a connection process: SIGTERM, recorded on its wakeup pipe, means the
-    worker cut this connection (it then shuts the socket down, which wakes the blocked call);
-    the CutBoard says why.
+    """The Stopper of a connection process: the CutBoard says whether the worker cut this
+    connection (it then shuts the socket down, which wakes the blocked call) and why. A
+    process forked by the worker also records SIGTERM, which comes with every cut, on a
+    wakeup pipe (``read_fd``): all the word it gets when it has no slot on the board.
     """
 
-    def __init__(self, read_fd: int, board: CutBoard, slot: int) -> None:
+    def __init__(self, read_fd: int | None, board: CutBoard, slot: int) -> None:
         self._fd = read_fd
         self._cut = False
         self._board = board
         self._slot = slot
 
     def cut_requested(self) -> bool:
+        if self._board.cut(self._slot):
+            return True
+        if self._fd is None:
+            return False
         try:
             received = os.read(self._fd, 64)
         except BlockingIOError:

@@ -69,13 +69,10 @@ PROTOCOL = 1
 MAX_REQUEST = 4096
 #: The longest spec (the settings, the log's, the account's groups).
 MAX_SPEC = 1 << 16
-#: Blocked while the source forks, until the child has a wakeup pipe of its own: a cut's
-#: SIGTERM must be recorded on the child's pipe, not on the source's. (SIGCHLD on the
-#: source's pipe only wakes it; SIGUSR1's handler acts wherever it runs.)
-_BLOCKED = frozenset({signal.SIGTERM})
 #: The source's life is its worker's: the group's signals (Ctrl-C, a stop sent to the
-#: whole control group) are the worker's to act on.
-_IGNORED = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR2)
+#: whole control group) are the worker's to act on. Its connection processes inherit these:
+#: the CutBoard, not SIGTERM, tells one that it was cut (the shutdown of its socket wakes it).
+_IGNORED = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR2)
 
 
 class Source:
@@ -114,9 +111,8 @@ class Source:
         for ignored in _IGNORED:
             signal.signal(ignored, signal.SIG_IGN)
         # Set once here for every child to inherit (each signal.signal() in a child would
-        # cost it pages): SIGTERM recorded (the source ignores it in its loop; to a child
-        # it is the cut), SIGUSR1 acted on at once, in the source and in a child alike.
-        self.wake_r, self.wake_w = signals.record((signal.SIGCHLD, signal.SIGTERM))
+        # cost it pages): SIGUSR1 acted on at once, in the source and in a child alike.
+        self.wake_r, self.wake_w = signals.record((signal.SIGCHLD,))
         signal.signal(signal.SIGUSR1, self._reopen)
         gc.freeze()  # what exists now is shared with every child: no collection copies it
         self.requests.send(b"ready")
@@ -185,13 +181,9 @@ class Source:
             self.closed = True  # the worker is gone (and we go with it: PR_SET_PDEATHSIG)
 
     def fork(self, conn: socket.socket, link: socket.socket | None, job: dict[str, Any]) -> int:
-        signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
-        try:
-            pid = os.fork()
-            if pid == 0:
-                self.serve(conn, link, job)
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _BLOCKED)
+        pid = os.fork()
+        if pid == 0:
+            self.serve(conn, link, job)
         return pid
 
     def reap(self) -> None:
@@ -216,15 +208,12 @@ class Source:
         """In the child: become the connection's process, serve it, report, exit."""
         code = exitcodes.EX_SOFTWARE
         try:
-            # SIGTERM (the cut) is recorded on a wakeup pipe of our own, from before it is
-            # unblocked; then the source's descriptors go.
-            wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _BLOCKED)
+            # The source's descriptors go, but for its wakeup pipe's writing end: the
+            # interpreter writes each signal that has a handler there (a SIGUSR1 here only
+            # wakes the source, which reads and drops it).
             self.requests.close()
             self.exits.close()
             os.close(self.wake_r)
-            os.close(self.wake_w)
             conn_id = str(job["id"])
             if self.oom_score is not None:
                 # The first the OOM killer takes: one client lost (see echod.prctl).
@@ -243,7 +232,7 @@ class Source:
                 _address(job["peer"]),
                 conn_id,
                 self.settings,
-                ChildStopper(wake_r, self.board, int(job["slot"])),
+                ChildStopper(None, self.board, int(job["slot"])),
                 local=(local[0], local[1]) if local else None,
                 shared_descriptor=True,
                 gate=gate if gate is not None and gate.asks else None,

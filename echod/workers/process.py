@@ -32,7 +32,7 @@ from typing import Any
 from echod import events, exitcodes, log, proctitle, signals, sinks
 from echod.accepting import Local, start_failure
 from echod.clientlink import WorkerLinks
-from echod.connection import KILLED
+from echod.connection import KILLED, SHUTDOWN
 from echod.conntable import Entry
 from echod.cutboard import ChildStopper, CutBoard
 from echod.handler import EchoHandler, Outcome, peer_fields
@@ -384,7 +384,11 @@ class ProcessWorker(Worker):
             self.let_go(self.spares.pop())
 
     def cut_connections(self) -> None:
-        # The signal first: when shutdown() wakes the child, SIGTERM is already recorded.
+        # The word first: when shutdown() wakes the child, the board (and, where it records
+        # it, SIGTERM) says it was cut.
+        for child in self.children.values():
+            if not self.board.cut(child.slot):  # (one cut on its own keeps its reason)
+                self.board.mark(child.slot, SHUTDOWN)
         self.signal_children(signal.SIGTERM)
         for child in self.children.values():
             try:

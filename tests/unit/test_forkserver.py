@@ -19,7 +19,8 @@ import pytest
 
 import echod
 from echod import sinks
-from echod.cutboard import CutBoard
+from echod.connection import SHUTDOWN
+from echod.cutboard import CUT_REASONS, ChildStopper, CutBoard
 from echod.handler import HandlerSettings
 from echod.workers import forksource
 from echod.workers.forksource import ForkSource, SourceLost, SourcePlan
@@ -187,3 +188,21 @@ def test_a_title_is_written_over_the_command_line() -> None:
     assert short == b"echod: connection 1-7"
     assert long_size == size - 1  # cut, leaving the last byte NUL
     assert comm == "xxxxxxxxxxxxxxx\n"
+
+
+def test_the_cut_board_says_whether_and_why() -> None:
+    """The board, mapped again from its memfd as a connection source maps it, tells a
+    process whether it was cut and why, with no signal: 0 is "not cut", every reason
+    (the stop's included) is a cut; a process without a slot learns nothing from it."""
+    board = CutBoard()
+    slot = board.allocate()
+    theirs = CutBoard(board.fileno())
+    stopper = ChildStopper(None, theirs, slot)
+    assert not stopper.cut_requested()
+    for reason in CUT_REASONS:
+        board.mark(slot, reason)
+        assert stopper.cut_requested() and stopper.cut_reason() == reason
+    board.clear(slot)  # (a spare process handed its next connection)
+    assert not stopper.cut_requested()
+    assert not ChildStopper(None, theirs, -1).cut_requested()
+    assert theirs.reason(-1) == SHUTDOWN
