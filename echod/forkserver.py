@@ -5,7 +5,7 @@ PyYAML and the supervisor's parts loaded, whose page tables the kernel copies at
 and unmaps at each exit, and whose pages either side then copies as it writes them. The
 standard ``logging`` and ``threading`` modules (structlog imports both) also run Python in
 every child at fork, touching more pages. So each process-mode worker starts, once its
-sockets are set up and its privileges dropped, a fresh interpreter running this module,
+sockets are set up (and before it drops its privileges), a fresh interpreter running this module,
 which imports only the standard library's lean parts and echod's connection code (the
 handler, the sans-IO connection core, the sinks, the lean log chain of ``echod.logline``),
 and forks from there: the classic fork-per-connection server, at a fraction of the cost.
@@ -16,8 +16,10 @@ and reports each exit. Two ``SOCK_SEQPACKET`` channels (one message per packet):
 - requests, worker -> source, answered in turn: ``{"id", "peer", "local", "slot", "asks"}``
   (JSON) with the connection's descriptor and, when the worker keeps a link with the
   connection process (echod.clientlink), the link's end, attached (SCM_RIGHTS). The answer:
-  ``pid <pid>`` or ``err <errno>`` (fork failed: the worker holds the connection and tries
-  again later, as when its own fork fails). The source says ``ready`` once, first.
+  ``pid <pid>``, with a pidfd of the process attached (the worker signals it by that: its
+  pid is free again once this source has reaped it), or ``err <errno>`` (fork failed: the
+  worker holds the connection and tries again later, as when its own fork fails). The
+  source says ``ready`` once, first.
 - exits, source -> worker: ``exit <pid> <wait status>`` for each connection process it
   reaped, queued and sent as the worker's socket takes them (never blocking the forks).
 
@@ -52,12 +54,11 @@ import socket
 import sys
 from typing import Any
 
-from echod import exitcodes, privileges, proctitle, signals, sinks, systemd
+from echod import exitcodes, logline, logshare, privileges, proctitle, signals, sinks, systemd
 from echod.clientlink import ChildGate
-from echod.console import ConsoleRenderer
 from echod.cutboard import ChildStopper, CutBoard
 from echod.handler import EchoHandler, HandlerSettings
-from echod.logline import LineChain, render_journal, render_json, single_thread_identity
+from echod.logline import LineChain, single_thread_identity
 from echod.logshare import Mailbox
 from echod.prctl import PR_SET_PDEATHSIG, prctl, set_oom_score_adj
 
@@ -252,19 +253,7 @@ class Source:
         blocks in recv). Safe here: Python runs it between bytecodes of the only thread,
         neither writes to the log outside a connection's events, and reopening takes no
         lock."""
-        reopen(self.sink, self.mailbox)
-
-
-def reopen(sink: sinks.Sink, mailbox: Mailbox | None) -> None:
-    """Reopen the log file (logrotate moved it), as echod.log's reopen does outside the
-    supervisor: take the supervisor's descriptor of the file when it posted one, else open
-    it again; streams and the journal have nothing to reopen."""
-    if isinstance(sink, sinks.FdSink) and sink.path is not None and mailbox is not None:
-        fd = mailbox.take(sink.path)
-        if fd is not None:
-            sink.replace(fd)
-            return
-    sink.reopen()
+        logshare.reopen(self.sink, self.mailbox)
 
 
 def _address(value: Any) -> Any:
@@ -282,13 +271,7 @@ def _open_log(spec: dict[str, Any]) -> tuple[sinks.Sink, LineChain]:
         sink = sinks.JournalSink(sender)
     else:
         sink = sinks.FdSink(int(spec["fd"]), spec["path"])
-    renderer: Any
-    if spec["format"] == "journal":
-        renderer = render_journal
-    elif spec["format"] == "console":
-        renderer = ConsoleRenderer(colors=spec["colors"], close_alone=spec["close_alone"])
-    else:
-        renderer = render_json
+    renderer = logline.renderer(spec["format"], spec["colors"], spec["close_alone"])
     return sink, LineChain(renderer, int(spec["level"]), sink)
 
 

@@ -30,12 +30,10 @@ from typing import Any
 
 import structlog
 
-from echod import sinks, systemd
-from echod.console import ConsoleRenderer
+from echod import logline, logshare, sinks, systemd
 from echod.logline import (
     IDENTITY_FIELDS,
     add_timestamp,
-    render_journal,
     render_json,
 )
 from echod.logline import JSON as _JSON
@@ -45,12 +43,7 @@ from echod.sinks import FdSink, JournalSink, Sink
 
 EventDict = MutableMapping[str, Any]
 
-LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-}
+LEVELS = logline.LEVELS  # (the standard logging's numbers)
 
 class _Identity:
     """The process-wide part of the identity, cached: ``getpid()`` is a system call.
@@ -322,15 +315,7 @@ def configure(cfg: LogConfig, sink: Sink | None = None) -> None:
     _state.sink = sink
     _state.config = cfg
     fmt = effective_format(cfg, effective_target(cfg))
-    renderer: Callable[..., Any]
-    if fmt == "journal":
-        renderer = render_journal
-    elif fmt == "console":
-        renderer = ConsoleRenderer(
-            colors=_sink_is_tty(sink), close_alone=cfg.connections == "close"
-        )
-    else:
-        renderer = render_json
+    renderer = logline.renderer(fmt, _sink_is_tty(sink), cfg.connections == "close")
     processors: list[Any] = [
         structlog.processors.add_log_level,
         add_timestamp,
@@ -375,16 +360,11 @@ def reopen() -> None:
     sink, box = _state.sink, _state.mailbox
     if sink is None:
         return
-    shared = isinstance(sink, FdSink) and sink.path is not None and box is not None
-    if shared and box is not None and not box.posts:
-        assert isinstance(sink, FdSink) and sink.path is not None
-        fd = box.take(sink.path)
-        if fd is not None:
-            sink.replace(fd)
-            return
-    sink.reopen()
-    if shared:
+    if box is not None and box.posts:  # the supervisor
+        sink.reopen()
         _post()
+    else:
+        logshare.reopen(sink, box)
 
 
 def share_reopens(mailbox: Mailbox) -> None:

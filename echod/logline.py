@@ -19,6 +19,7 @@ from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from echod import sinks, systemd
+from echod.console import ConsoleRenderer
 
 EventDict = MutableMapping[str, Any]
 
@@ -86,6 +87,17 @@ def _journal_value(value: Any) -> Any:
     if isinstance(value, dict | list | tuple):
         return json.dumps(value, default=str, separators=(",", ":"))
     return value
+
+
+def renderer(fmt: str, colors: bool, close_alone: bool) -> Callable[..., Any]:
+    """The renderer of a log format (``json``, ``console``, ``journal``): the console's with
+    colours or not, and with a close line that says who served the connection when it is
+    the connection's only one (``log.connections: close``)."""
+    if fmt == "journal":
+        return render_journal
+    if fmt == "console":
+        return ConsoleRenderer(colors=colors, close_alone=close_alone)
+    return render_json
 
 
 def single_thread_identity(process: str, ppid: int) -> dict[str, Any]:

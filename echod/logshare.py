@@ -24,6 +24,8 @@ import contextlib
 import os
 import socket
 
+from echod.sinks import FdSink, Sink
+
 #: The longest path a post carries (PATH_MAX).
 _MAX_PATH = 4096
 _ANCILLARY = socket.CMSG_SPACE(array.array("i").itemsize)
@@ -137,3 +139,15 @@ def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
     return fds.tolist()
+
+
+def reopen(sink: Sink, mailbox: Mailbox | None) -> None:
+    """Reopen the log in any process but the supervisor (logrotate moved it): put the
+    supervisor's descriptor of the file under ours when it posted one, else open the file
+    again; streams and the journal have nothing to reopen."""
+    if isinstance(sink, FdSink) and sink.path is not None and mailbox is not None:
+        fd = mailbox.take(sink.path)
+        if fd is not None:
+            sink.replace(fd)
+            return
+    sink.reopen()

@@ -18,6 +18,7 @@ import echod
 from echod import events
 from echod.forkserver import PROTOCOL
 from echod.handler import HandlerSettings
+from echod.worker import BOOT_TIMEOUT
 
 #: How long the source may take, at most, to answer a request (a fork: a millisecond or
 #: so). A source that does not answer in two such windows is taken for broken, and killed.
@@ -51,7 +52,7 @@ class SourcePlan:
     #: How long the source may take to start (a fresh interpreter and its imports: a loaded
     #: machine takes seconds): well within the worker's own boot timeout, so that a slow
     #: source leaves the worker time to fall back rather than be failed.
-    start_timeout: float = 10.0
+    start_timeout: float = BOOT_TIMEOUT / 3
 
 
 class ForkSource:
@@ -148,13 +149,10 @@ class ForkSource:
         a daemon stopped as a whole (SIGSTOP, a frozen cgroup) and continued may find its
         first window over before the source has run at all."""
         assert self.requests is not None
-        for window in range(2):
-            try:
-                return socket.recv_fds(self.requests, _EXIT_MESSAGE, 1, socket.MSG_CMSG_CLOEXEC)
-            except TimeoutError:
-                if window:
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            return socket.recv_fds(self.requests, _EXIT_MESSAGE, 1, socket.MSG_CMSG_CLOEXEC)
+        except TimeoutError:
+            return socket.recv_fds(self.requests, _EXIT_MESSAGE, 1, socket.MSG_CMSG_CLOEXEC)
 
     def exits(self) -> Iterator[tuple[int, int]]:
         """(pid, wait status) of each connection process the source reaped since the last

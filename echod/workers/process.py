@@ -37,7 +37,7 @@ from echod.conntable import Entry
 from echod.cutboard import ChildStopper, CutBoard
 from echod.handler import EchoHandler, Outcome, peer_fields
 from echod.prctl import PR_SET_PDEATHSIG, prctl, set_oom_score_adj
-from echod.worker import BOOT_TIMEOUT, Worker
+from echod.worker import Worker
 from echod.workers.forksource import ANSWER_TIMEOUT, SourceKeeper, SourcePlan
 
 _FORK_BLOCKED = frozenset(signals.WORKER)  # the worker's handlers must not run in a child
@@ -129,7 +129,6 @@ class ProcessWorker(Worker):
             log=spec,
             account=self.spec.account.fields() if self.spec.account is not None else None,
             answer_timeout=min(ANSWER_TIMEOUT, self.cfg.worker_timeout / 3),
-            start_timeout=BOOT_TIMEOUT / 3,
         )
         self.sourcing.start(plan)
 
@@ -251,6 +250,7 @@ class ProcessWorker(Worker):
                     shared_descriptor=True,
                     gate=link if link is not None and link.asks else None,
                     on_client=link.tell_client if link is not None and proxied else None,
+                    bind=log.bind,
                 )
                 handler.serve()
                 # A cut means the worker is stopping: this process goes, and says so in its

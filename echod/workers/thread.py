@@ -199,6 +199,7 @@ class ThreadWorker(Worker):
             stopper,
             local=local,
             gate=self.gate,
+            bind=log.bind,
         )
         entry.source = handler  # its peer, once behind a PROXY header the client's
         try:

@@ -97,10 +97,10 @@ def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def renderer_for(fmt: str) -> Callable[..., Any]:
     if fmt == "json":
-        return log.render_json
+        return logline.render_json
     if fmt == "console":
         return ConsoleRenderer(colors=False)
-    return log.render_journal
+    return logline.render_journal
 
 
 def logger_before(sink: sinks.Sink, fmt: str, level: str) -> Any:
