@@ -51,13 +51,6 @@ def backoff_delay(recent_failures: int) -> float:
     return delay * random.uniform(0.5, 1.5)
 
 
-def describe_status(status: int) -> dict[str, Any]:
-    """A wait status as log fields: the exit code or the signal."""
-    if os.WIFSIGNALED(status):
-        return {"signal": signal.Signals(os.WTERMSIG(status)).name}
-    return {"exit_code": os.waitstatus_to_exitcode(status)}
-
-
 class CrashWindow:
     """Worker failures within the last ``window`` seconds (the crash-loop breaker)."""
 
@@ -255,7 +248,7 @@ class WorkerHandle:
         self._last_seen = max(self._last_seen, now)
 
     def ended_with(self, status: int) -> dict[str, Any]:
-        self._ended = describe_status(status)
+        self._ended = signals.status_fields(status)
         return dict(self._ended)
 
 

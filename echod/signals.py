@@ -85,3 +85,37 @@ def exited_children() -> Iterator[tuple[int, int]]:
         if pid == 0:
             return
         yield pid, status
+
+
+def name(signum: int) -> str:
+    """A signal's name (``SIGTERM``), a real-time one's too (``SIGRTMIN+3``), which
+    ``signal.Signals`` has none of but the first and the last: any signal may end a
+    process, and the one that describes the end must not fail on it."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        if signal.SIGRTMIN < signum < signal.SIGRTMAX:
+            return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
+        return f"signal {signum}"
+
+
+def ended_by(status: int) -> str | None:
+    """The name of the signal that ended a process of wait status ``status``; None if it
+    exited."""
+    return name(os.WTERMSIG(status)) if os.WIFSIGNALED(status) else None
+
+
+def status_fields(status: int) -> dict[str, Any]:
+    """A wait status as log fields: the exit code, or the signal."""
+    killer = ended_by(status)
+    if killer is not None:
+        return {"signal": killer}
+    return {"exit_code": os.waitstatus_to_exitcode(status)}
+
+
+def status_words(status: int) -> str:
+    """A wait status in words: ``exited with 1``, ``was killed by SIGKILL``."""
+    killer = ended_by(status)
+    if killer is not None:
+        return f"was killed by {killer}"
+    return f"exited with {os.waitstatus_to_exitcode(status)}"

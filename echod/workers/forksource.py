@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import echod
-from echod import events
+from echod import events, signals
 from echod.forkserver import PROTOCOL
 from echod.handler import HandlerSettings
 from echod.worker import BOOT_TIMEOUT
@@ -349,9 +349,8 @@ class SourceKeeper:
         forks.closed()
         self.forks = None
         if not self.done:
-            self.log.warning(
-                events.FORK_SOURCE_FAILED, error=f"the connection source {describe(status)}"
-            )
+            ended = signals.status_words(status)
+            self.log.warning(events.FORK_SOURCE_FAILED, error=f"the connection source {ended}")
         return list(self.pidfds)
 
     def drained(self, now: float) -> bool:
@@ -384,9 +383,3 @@ class SourceKeeper:
         if self.forks is not None:
             self.forks.closed()
 
-
-def describe(status: int) -> str:
-    """A wait status in words: ``exited with 1``, ``was killed by SIGKILL``."""
-    if os.WIFSIGNALED(status):
-        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exited with {os.waitstatus_to_exitcode(status)}"

@@ -356,9 +356,7 @@ class ProcessWorker(Worker):
         sent it (None too when it exited)."""
         ours = pid in self.signalled
         self.signalled.discard(pid)
-        if ours or not os.WIFSIGNALED(status):
-            return None
-        return signal.Signals(os.WTERMSIG(status)).name
+        return None if ours else signals.ended_by(status)
 
     def on_child_done(self, pid: int, outcome: Outcome, waits: bool) -> None:
         """A process reported its connection's end: count it, then keep the process for the

@@ -22,10 +22,12 @@ from tests.support import (
     children_of,
     cmdline,
     connection_owners,
+    connection_processes_of,
     echo_roundtrip,
     echod,
     event_time,
     pid_gone,
+    recv_exactly,
     session_pids,
     wait_for,
     wait_workers,
@@ -50,6 +52,30 @@ def replacement(server: Echod, index: int, old_pid: int) -> dict[str, object]:
         "worker_state",
         lambda e: e["worker"] == index and e["state"] == "running" and e["worker_pid"] != old_pid,
     )
+
+
+def test_processes_killed_by_real_time_signals_are_named_and_replaced(tmp_path: Path) -> None:
+    """A connection process, then a worker, killed by real-time signals (which Python's
+    signal.Signals does not name): the worker logs the connection killed, the supervisor the
+    worker failed, each naming the signal; neither fails itself, and the replacement serves."""
+    with echod(tmp_path, mode="process") as server:
+        (index, worker), = wait_workers(server, 1).items()
+        with server.connect() as held:
+            held.sendall(b"held")
+            assert recv_exactly(held, 4) == b"held"
+            (conn_pid,) = wait_for(lambda: connection_processes_of(worker), what="its process")
+            os.kill(conn_pid, signal.SIGRTMIN + 2)  # ours: a grandchild of the daemon we run
+            killed = server.wait_event("connection_killed")
+            assert (killed["conn_pid"], killed["signal"]) == (conn_pid, "SIGRTMIN+2")
+        with server.connect() as sock:
+            assert echo_roundtrip(sock, b"still serving") == b"still serving"
+        os.kill(worker, signal.SIGRTMIN + 5)
+        failed = server.wait_event("worker_state", lambda e: e["state"] == "failed")
+        assert (failed["worker_pid"], failed["signal"]) == (worker, "SIGRTMIN+5")
+        replacement(server, index, worker)
+        with server.connect() as sock:
+            assert echo_roundtrip(sock, b"replaced") == b"replaced"
+        assert server.stop() == 0
 
 
 @pytest.mark.parametrize("mode", MODES)

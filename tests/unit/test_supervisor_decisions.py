@@ -16,7 +16,7 @@ import pytest
 from echod import exitcodes, handover, signals, status
 from echod.config import MODES, ConfigError, default_config
 from echod.errors import OperatorError
-from echod.pool import CrashWindow, backoff_delay, describe_status
+from echod.pool import CrashWindow, backoff_delay
 from echod.reload import ReloadOutcome, config_changes
 from echod.states import (
     SUPERVISOR_TRANSITIONS,
@@ -102,11 +102,21 @@ def test_crash_window_counts_only_recent_failures() -> None:
     assert window.record(100.0, 10.0) == 1
 
 
-def test_describe_status() -> None:
-    """A wait status becomes exit_code or signal."""
-    assert describe_status(0) == {"exit_code": 0}
-    assert describe_status(3 << 8) == {"exit_code": 3}
-    assert describe_status(9) == {"signal": "SIGKILL"}
+def test_a_wait_status_in_fields_and_words() -> None:
+    """A wait status becomes exit_code or signal, and words; a real-time signal, which
+    signal.Signals does not name, is named too (a worker killed by one must not fail the
+    supervisor that reaps it)."""
+    assert signals.status_fields(0) == {"exit_code": 0}
+    assert signals.status_fields(3 << 8) == {"exit_code": 3}
+    assert signals.status_fields(9) == {"signal": "SIGKILL"}
+    assert signals.status_words(3 << 8) == "exited with 3"
+    assert signals.status_words(9) == "was killed by SIGKILL"
+    rt = signal.SIGRTMIN + 5
+    assert signals.status_fields(rt) == {"signal": "SIGRTMIN+5"}
+    assert signals.status_words(rt) == "was killed by SIGRTMIN+5"
+    assert signals.name(signal.SIGRTMIN) == "SIGRTMIN"
+    assert signals.name(signal.SIGRTMAX) == "SIGRTMAX"
+    assert signals.ended_by(0) is None
 
 
 def test_totals_never_go_backwards_across_a_restart() -> None:
