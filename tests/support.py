@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -53,6 +54,32 @@ def wait_for(
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
+
+
+def in_child(body: Callable[[], bytes | None]) -> tuple[int, bytes]:
+    """Run ``body`` in a forked child, so that what it sets up (structlog, the log's
+    identity, a sink) stays out of this process. Returns the child's pid and what ``body``
+    returned, once the child has exited 0 (asserted; its traceback, if any, on stderr)."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(read_fd)
+            output = body()
+            if output:
+                os.write(write_fd, output)  # (blocking: the parent reads as it comes)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        output = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0, f"the child ended with {os.waitstatus_to_exitcode(status)} (< 0: a signal)"
+    return pid, output
 
 
 def echod_command(*args: str) -> list[str]:

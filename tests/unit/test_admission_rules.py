@@ -25,6 +25,7 @@ from echod.admission import (
 )
 from echod.config import Config, default_config
 from echod.metrics import WorkerCounters
+from tests.support import in_child
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -109,21 +110,12 @@ def test_the_table_is_one_word_then_a_row_per_slot() -> None:
 
 def test_the_table_is_shared_with_forked_children() -> None:
     """The mapping is MAP_SHARED: a count a child writes is seen by the parent."""
-    import os
-
     table = SharedIpCounts(2, 4)
     table.open()
     try:
         slot = table.allocate()
         assert slot == 0
-        pid = os.fork()
-        if pid == 0:
-            try:
-                table.add(0, 3, 9)
-            finally:
-                os._exit(0)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+        in_child(lambda: table.add(0, 3, 9))
         assert table.others(1, 3) == 9
     finally:
         table.close()

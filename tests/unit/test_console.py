@@ -12,6 +12,7 @@ import pytest
 
 from echod import console, log
 from echod.config import LogConfig
+from tests.support import in_child
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -253,19 +254,13 @@ def process_name() -> Iterator[None]:
 def test_configure_console_on_a_file_has_no_colours(tmp_path: Path, process_name: None) -> None:
     """configure() with log.format console on a file writes plain console lines."""
     path = tmp_path / "echod.log"
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child: keep this process's structlog untouched
-        code = 1
-        try:
-            log.set_process_name("supervisor")
-            cfg = LogConfig("console", "file", str(path), "info", connections="both")
-            log.configure(cfg)
-            log.get_logger().info("stopping", reason="SIGTERM", open=0, timeout=5)
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+
+    def child() -> None:  # (in a child: this process's structlog stays untouched)
+        log.set_process_name("supervisor")
+        log.configure(LogConfig("console", "file", str(path), "info", connections="both"))
+        log.get_logger().info("stopping", reason="SIGTERM", open=0, timeout=5)
+
+    in_child(child)
     (line,) = path.read_text().splitlines()
     assert re.fullmatch(r"\d\d:\d\d:\d\d stopping   SIGTERM, 0 open, drain 5 s", line)
 
@@ -280,20 +275,15 @@ def test_configure_tells_the_console_whether_the_close_line_is_alone(
     """log.connections close reaches the console renderer: its close line says who served
     the connection (the thread); with both, the open line did, and the close line names it."""
     path = tmp_path / "echod.log"
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child: keep this process's structlog untouched
-        code = 1
-        try:
-            log.set_process_name("worker-1")
-            log.set_thread_name("conn-1-7")
-            log.configure(LogConfig("console", "file", str(path), "info", connections))
-            clog = log.bind(conn_id="1-7", mode="thread", peer="127.0.0.1", peer_port=5)
-            clog.info("conn_close", bytes_in=1, bytes_out=1, duration=0.1, reason="cut")
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+
+    def child() -> None:  # (in a child: this process's structlog stays untouched)
+        log.set_process_name("worker-1")
+        log.set_thread_name("conn-1-7")
+        log.configure(LogConfig("console", "file", str(path), "info", connections))
+        clog = log.bind(conn_id="1-7", mode="thread", peer="127.0.0.1", peer_port=5)
+        clog.info("conn_close", bytes_in=1, bytes_out=1, duration=0.1, reason="cut")
+
+    in_child(child)
     (line,) = path.read_text().splitlines()
     pattern = rf"\d\d:\d\d:\d\d conn_close 127\.0\.0\.1:5 {who} 1 B echoed 100 ms cut"
     assert re.fullmatch(pattern, line), line
@@ -303,19 +293,14 @@ def test_console_on_a_terminal_is_coloured(process_name: None) -> None:
     """configure() with log.format console on a pseudo-terminal writes ANSI colours."""
     master, slave = os.openpty()
     try:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            code = 1
-            try:
-                log.set_process_name("worker-3")
-                cfg = LogConfig("console", "stdout", None, "info", connections="both")
-                log.configure(cfg, sink=log.FdSink(slave))
-                log.get_logger().bind(worker=3).warning("refused", max_connections=2)
-                code = 0
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+
+        def child() -> None:
+            log.set_process_name("worker-3")
+            cfg = LogConfig("console", "stdout", None, "info", connections="both")
+            log.configure(cfg, sink=log.FdSink(slave))
+            log.get_logger().bind(worker=3).warning("refused", max_connections=2)
+
+        pid, _ = in_child(child)
         data = os.read(master, 4096).decode()
     finally:
         os.close(master)

@@ -7,6 +7,7 @@ import ast
 import dataclasses
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -81,12 +82,17 @@ def source(tmp_path: Path) -> Iterator[tuple[ForkSource, Path]]:
 
 
 def exits_of(forks: ForkSource, count: int) -> list[tuple[int, int]]:
+    """The first ``count`` exit reports, read as the worker reads them: when the exit
+    channel is readable (within 10 s)."""
     found: list[tuple[int, int]] = []
     deadline = time.monotonic() + 10
     while len(found) < count:
-        assert time.monotonic() < deadline, f"exit reports: {found}"
-        found.extend(forks.exits())
-        time.sleep(0.01)  # (the source reports as its children exit; bounded above)
+        left = deadline - time.monotonic()
+        assert left > 0, f"exit reports: {found}"
+        readable, _, _ = select.select([forks.exit_channel], [], [], left)
+        if readable:
+            found.extend(forks.exits())
+            assert len(found) >= count or not forks.gone, f"the source went; reports: {found}"
     return found
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from echod import log
 from echod.config import LogConfig
+from tests.support import in_child
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -61,24 +62,8 @@ def test_add_identity_says_which_process_and_thread(process_name: None) -> None:
 
 def test_add_identity_is_refreshed_after_fork() -> None:
     """In a forked child, add_identity reports the child's pid and its parent as ppid."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.close(r)
-            fields = log.add_identity(None, "info", {})
-            os.write(w, json.dumps(fields).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    try:
-        with os.fdopen(r, "rb") as pipe:
-            fields = json.loads(pipe.read())
-    finally:
-        _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    pid, output = in_child(lambda: json.dumps(log.add_identity(None, "info", {})).encode())
+    fields = json.loads(output)
     assert fields["pid"] == pid
     assert fields["ppid"] == os.getpid()
     assert fields["native_thread_id"] == pid
@@ -187,19 +172,14 @@ def test_fd_sink_without_a_path_ignores_reopen() -> None:
 def test_configure_writes_json_lines_with_identity(tmp_path: Path, process_name: None) -> None:
     """configure() on a file gives JSON lines with level, timestamp and identity."""
     path = tmp_path / "echod.log"
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child: keep this process's structlog untouched
-        code = 1
-        try:
-            log.set_process_name("supervisor")
-            log.configure(log_config(path))
-            log.get_logger().info("hello", answer=42)
-            log.get_logger().debug("hidden")
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+
+    def child() -> None:  # (in a child: this process's structlog stays untouched)
+        log.set_process_name("supervisor")
+        log.configure(log_config(path))
+        log.get_logger().info("hello", answer=42)
+        log.get_logger().debug("hidden")
+
+    pid, _ = in_child(child)
     (event,) = [json.loads(line) for line in path.read_text().splitlines()]
     assert event["event"] == "hello"
     assert event["answer"] == 42
@@ -317,20 +297,15 @@ def test_bind_binds_on_the_configured_logger(tmp_path: Path) -> None:
     """log.bind() goes through the chain and sink that configure() set, and follows a later
     configure() (another level, another file)."""
     first, second = tmp_path / "a.log", tmp_path / "b.log"
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child: keep this process's structlog untouched
-        code = 1
-        try:
-            log.configure(log_config(first))
-            log.bind(conn_id="1-1").info("conn_open", peer="127.0.0.1")
-            log.bind(conn_id="1-2").debug("hidden")
-            log.configure(dataclasses.replace(log_config(second), level="debug"))
-            log.bind(conn_id="1-3").debug("shown")
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+
+    def child() -> None:  # (in a child: this process's structlog stays untouched)
+        log.configure(log_config(first))
+        log.bind(conn_id="1-1").info("conn_open", peer="127.0.0.1")
+        log.bind(conn_id="1-2").debug("hidden")
+        log.configure(dataclasses.replace(log_config(second), level="debug"))
+        log.bind(conn_id="1-3").debug("shown")
+
+    in_child(child)
     events = [json.loads(line) for line in first.read_text().splitlines()]
     assert [(e["event"], e["conn_id"]) for e in events] == [("conn_open", "1-1")]
     events = [json.loads(line) for line in second.read_text().splitlines()]

@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 from echod import events, log, logline, sinks
 from echod.config import LogConfig
 from echod.console import ConsoleRenderer
+from tests.support import in_child
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -340,17 +341,8 @@ def test_identity_is_made_once_per_thread_and_renewed_when_it_changes(
 def test_identity_is_renewed_in_a_forked_child(restore_logging: None) -> None:
     """A child process's events carry its own pid, not the identity its parent made."""
     log.thread_identity()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            os.write(w, json.dumps(log.thread_identity().fields).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    seen = json.loads(os.read(r, 4096))
-    os.close(r)
-    os.waitpid(pid, 0)
+    pid, output = in_child(lambda: json.dumps(log.thread_identity().fields).encode())
+    seen = json.loads(output)
     assert (seen["pid"], seen["ppid"]) == (pid, os.getpid())
 
 

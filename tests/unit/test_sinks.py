@@ -20,7 +20,7 @@ import pytest
 
 from echod import sinks
 from echod.sinks import DropCounts, DropWatch, Fallback, FdSink
-from tests.support import mounted_tmpfs
+from tests.support import in_child, mounted_tmpfs
 
 
 @pytest.fixture
@@ -182,19 +182,13 @@ def test_a_reopen_that_fails_keeps_the_file_in_use(tmp_path: Path, drops: DropCo
 
 def test_counts_are_shared_with_forked_children(drops: DropCounts) -> None:
     """Drops counted in a child process (a worker) are seen by the parent (the supervisor)."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            full = os.open("/dev/full", os.O_WRONLY)
-            sink = FdSink(full)
-            for _ in range(7):
-                sink.write("x")
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+
+    def child() -> None:
+        sink = FdSink(os.open("/dev/full", os.O_WRONLY))
+        for _ in range(7):
+            sink.write("x")
+
+    in_child(child)
     assert drops.snapshot()["no_space"] == 7
 
 
