@@ -309,7 +309,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
         timeout = args.timeout
     else:
         timeout = cfg.drain_delay + cfg.shutdown_timeout + STOP_MARGIN
-    os.kill(pid, signal.SIGTERM)
+    if not signal_daemon(pid, signal.SIGTERM):
+        print("echod: not running")
+        return exitcodes.OK
     if wait_gone(pid, timeout):
         print(f"echod: stopped (pid {pid})")
         return exitcodes.OK
@@ -396,7 +398,9 @@ def check_signal_and_wait(
             f"it cannot be {done} in place; restart it",
             exitcodes.EX_UNAVAILABLE,
         )
-    os.kill(pid, signum)
+    if not signal_daemon(pid, signum):
+        print("echod is not running", file=sys.stderr)
+        return None
     outcome = wait_reloaded(cfg, pid, before, args.timeout)
     where = daemon_path or "embedded defaults"
     if outcome.reload_result != RELOAD_OK:
@@ -478,6 +482,22 @@ def live_pid(cfg: Config) -> int | None:
     except PermissionError as exc:
         message = f"cannot read {cfg.pidfile}: {exc.strerror}"
         raise OperatorError(message, exitcodes.EX_NOPERM) from None
+
+
+def signal_daemon(pid: int, signum: int) -> bool:
+    """Send ``signum`` to the daemon ``pid``: False if it is gone; an operator who may not
+    signal it (another user than the one it runs as, not root) is told so."""
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        message = (
+            f"not permitted to signal pid {pid}: it runs as another user; run this as root "
+            "or as that user"
+        )
+        raise OperatorError(message, exitcodes.EX_NOPERM) from None
+    return True
 
 
 def catches(pid: int, signum: int) -> bool:

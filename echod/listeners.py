@@ -44,8 +44,11 @@ _KEEPALIVE_OPTIONS = {
 _IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
-def format_address(sockname: tuple[object, ...] | str) -> str:
-    """``127.0.0.1:9999``, ``[::1]:9999``, ``udp://...`` is added by the caller."""
+def format_address(sockname: tuple[object, ...] | str | bytes) -> str:
+    """``127.0.0.1:9999``, ``[::1]:9999``, ``udp://...`` is added by the caller; a Unix
+    socket's path, an abstract one's name after ``@`` (as systemd writes it)."""
+    if isinstance(sockname, bytes):  # an abstract name (Linux): a NUL, then the name
+        return "@" + sockname[1:].decode(errors="backslashreplace")
     if isinstance(sockname, str):
         return sockname
     host, port = str(sockname[0]), sockname[1]
@@ -103,10 +106,13 @@ class Listeners:
         names += ["udp://" + format_address(s.getsockname()) for s in self.udp]
         return names
 
-    def bound_port(self) -> int:
-        """The first TCP port actually bound (differs from the setting when that is 0)."""
-        sock = self.tcp[0] if self.tcp else self.udp[0]
-        return int(sock.getsockname()[1])
+    def bound_port(self) -> int | None:
+        """The first port actually bound, TCP before UDP (differs from the setting when that
+        is 0); None when no socket is IP (systemd may pass Unix sockets alone)."""
+        for sock in [*self.tcp, *self.udp]:
+            if sock.family in _IP_FAMILIES:
+                return int(sock.getsockname()[1])
+        return None
 
     def local_addresses(self) -> dict[int, tuple[str, int] | None]:
         """By the descriptor of each TCP listening socket: the local address and port of
@@ -436,6 +442,16 @@ def adopt(sockets: Iterable[socket.socket], cfg: Config) -> Listeners:
     ``ListenDatagram=``); they outlive every reload."""
     usable: list[socket.socket] = []
     for sock in sockets:
+        if sock.type == socket.SOCK_STREAM and not sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
+            # A unit with Accept=yes starts a service per connection, with that connection:
+            # echod accepts its own, from a listening socket.
+            message = (
+                f"systemd passed a connected socket ({format_address(sock.getsockname())}), "
+                "not a listening one: the socket unit has Accept=yes; echod needs Accept=no"
+            )
+            raise OperatorError(message, exitcodes.EX_CONFIG)
         if sock.type in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
             sock.setblocking(False)
             usable.append(sock)

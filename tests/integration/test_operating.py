@@ -6,6 +6,7 @@ user, a malformed, oversized or silent client)."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import pwd
@@ -18,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +71,12 @@ def ctl(server: Echod, *args: str, user: str | None = None) -> subprocess.Comple
     # to the socket (this interpreter's library is not readable to other users here).
     parsed = cli.build_parser().parse_args(argv)
     cfg = cli.load(parsed)[0]
-    command = getattr(ctlcommands, f"cmd_{parsed.command}")
+    if hasattr(ctlcommands, f"cmd_{parsed.command}"):
+        command = partial(getattr(ctlcommands, f"cmd_{parsed.command}"), cfg)
+    else:  # a command that signals the daemon (stop, reload): it reads the file itself
+        command = getattr(cli, f"cmd_{parsed.command}")
+    for codec in ("ascii", "utf-8-sig"):  # (what the commands read with, loaded here too)
+        codecs.lookup(codec)
     entry = pwd.getpwnam(user)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
@@ -86,7 +93,7 @@ def ctl(server: Echod, *args: str, user: str | None = None) -> subprocess.Comple
             os.setgid(entry.pw_gid)
             os.setuid(entry.pw_uid)
             try:
-                code = command(cfg, parsed)
+                code = command(parsed)
             except OperatorError as exc:  # as cli.main reports it
                 print(f"echod: {exc}", file=sys.stderr)
                 code = exc.exit_code
@@ -401,6 +408,22 @@ def test_the_control_socket_refuses_another_user(open_dir: Path) -> None:
         done = ctl(server, "connections", user="nobody")
         assert done.returncode == exitcodes.EX_NOPERM, done
         assert done.stderr == f"echod: not allowed to use {path}\n"
+
+
+def test_stop_and_reload_by_another_user_are_refused_plainly(open_dir: Path) -> None:
+    """Run as nobody, `echod stop` and `echod reload` may not signal a daemon of root's:
+    exit 77, saying so (no traceback); the daemon serves on."""
+    with daemon(open_dir) as server:
+        server.config_path.chmod(0o644)
+        for command in ("stop", "reload"):
+            done = ctl(server, command, user="nobody")
+            assert done.returncode == exitcodes.EX_NOPERM, done
+            assert done.stderr == (
+                f"echod: not permitted to signal pid {server.pid}: it runs as another user; "
+                "run this as root or as that user\n"
+            )
+        with server.connect() as sock:
+            assert echo_roundtrip(sock, b"still here") == b"still here"
 
 
 def test_a_control_group_lets_its_members_in(open_dir: Path) -> None:

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from echod import exitcodes
 from tests.support import (
+    MODES,
     ROOT,
     Echod,
     NotifySocket,
@@ -156,6 +158,13 @@ os.execv(sys.executable, [sys.executable, "-m", "echod", *sys.argv[3:]])
 
 def start_activated(server: Echod, sock: socket.socket, listen_pid: str = "self") -> Echod:
     """Start ``server`` with ``sock`` passed as systemd would; wait until it is ready."""
+    launch_activated(server, sock, listen_pid)
+    server.port = server.wait_event("ready")["port"]
+    return server
+
+
+def launch_activated(server: Echod, sock: socket.socket, listen_pid: str = "self") -> None:
+    """Start ``server`` with ``sock`` passed as systemd would."""
     server.write_config()
     env = {k: v for k, v in os.environ.items() if k not in ("ECHOD_CONFIG", "NOTIFY_SOCKET")}
     with open(server.stderr_path, "wb") as err:
@@ -178,8 +187,6 @@ def start_activated(server: Echod, sock: socket.socket, listen_pid: str = "self"
             pass_fds=[sock.fileno()],
             start_new_session=True,
         )
-    server.port = server.wait_event("ready")["port"]
-    return server
 
 
 def test_socket_activation_serves_the_passed_socket_across_a_reload(tmp_path: Path) -> None:
@@ -220,6 +227,50 @@ def test_socket_activation_serves_the_passed_socket_across_a_reload(tmp_path: Pa
     finally:
         passed.close()
         server.kill()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_passed_unix_socket_is_served(tmp_path: Path, mode: str) -> None:
+    """systemd may pass a Unix socket (ListenStream=/run/echod.sock) alone: it is served,
+    and the ready event names its path, with no port."""
+    path = tmp_path / "echod.sock"
+    server = Echod(tmp_path, mode=mode)
+    passed = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        passed.bind(str(path))
+        passed.listen(16)
+        start_activated(server, passed)
+        passed.close()
+        ready = server.wait_event("ready")
+        assert (ready["addresses"], ready["port"]) == ([str(path)], None)
+        for _ in range(2):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(10)
+                sock.connect(str(path))
+                assert echo_roundtrip(sock, b"over a path") == b"over a path"
+        server.wait_event("conn_close", count=2)
+        assert server.stop() == 0
+    finally:
+        passed.close()
+        server.kill()
+
+
+def test_a_connected_socket_from_accept_yes_is_refused_plainly(tmp_path: Path) -> None:
+    """A socket unit with Accept=yes passes a connection, not a listener: echod exits 78
+    saying so (no worker started, no crash loop, no traceback)."""
+    server = Echod(tmp_path)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.create_connection(listener.getsockname(), timeout=10)
+        conn, _ = listener.accept()
+        with client, conn:
+            launch_activated(server, conn)
+            assert server.proc is not None
+            assert server.proc.wait(timeout=30) == exitcodes.EX_CONFIG
+    stderr = server.stderr_path.read_text()
+    assert "Accept=yes" in stderr and "Traceback" not in stderr, stderr
+    assert not server.events("worker_state")
 
 
 def test_sockets_meant_for_another_pid_are_not_adopted(tmp_path: Path) -> None:
