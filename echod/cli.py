@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``echod`` command; returns the exit code."""
+    open_standard_descriptors()
     parser = build_parser()
     if "_ARGCOMPLETE" in os.environ:  # bash asks for completions: answer, then exit
         return _autocomplete(parser)
@@ -469,6 +470,21 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def open_standard_descriptors() -> None:
+    """/dev/null on each of descriptors 0, 1 and 2 that is closed (a supervisor or a shell's
+    ``>&-`` may start us so), as systemd does for its services: the next file opened would
+    take that number, and whatever wrote to standard output or error (the log, a message)
+    would write into it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest number free: this one
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
 
 
 def live_pid(cfg: Config) -> int | None:

@@ -285,8 +285,8 @@ def effective_format(cfg: LogConfig, target: str) -> str:
     if target in ("stdout", "stderr"):
         stream = sys.stdout if target == "stdout" else sys.stderr
         try:
-            return "console" if stream.isatty() else "json"
-        except ValueError:  # a closed stream
+            return "console" if stream is not None and stream.isatty() else "json"
+        except ValueError:  # a closed stream (None: it was closed when Python started)
             return "json"
     return "json"
 

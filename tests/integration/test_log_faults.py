@@ -27,6 +27,7 @@ from tests.support import (
     http_get,
     mounted_tmpfs,
     no_leaks,
+    refused,
     run_echod,
     wait_for,
     wait_workers,
@@ -244,6 +245,44 @@ def test_a_log_pipe_whose_reader_exits(tmp_path: Path, mode: str, stderr_too: bo
         assert "Traceback" not in stderr
         if not stderr_too:
             assert stderr.count(FAILING) == 1, stderr
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.mark.parametrize(
+    "closing", ['>&-', '<&- >&- 2>&-'], ids=["stdout-closed", "all-three-closed"]
+)
+def test_started_with_standard_descriptors_closed(tmp_path: Path, closing: str) -> None:
+    """Started with standard output (or all three) closed, logging to it: echod serves, its
+    lines go nowhere, nothing it opens takes those numbers (the counts of lost lines stay
+    true: none), and SIGTERM ends it with exit 0."""
+    port = free_port()
+    config = tmp_path / "echod.yaml"
+    config.write_text(
+        f"port: {port}\npidfile: {tmp_path / 'echod.pid'}\nlog: {{target: stdout, format: json}}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET")}
+    proc = subprocess.Popen(
+        ["sh", "-c", f'exec "$0" "$@" {closing}', *echod_command("run", "--config", str(config))],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        server = Echod(tmp_path)
+        server.port = port
+        wait_for(lambda: not refused("127.0.0.1", port), what="echod to listen")
+        for i in range(5):
+            with server.connect() as sock:
+                assert echo_roundtrip(sock, b"y%d" % i * 100) == b"y%d" % i * 100
+        asked = wait_for(
+            lambda: run_echod("status", "--json", "--config", str(config)).stdout, what="status"
+        )
+        status = json.loads(asked)
+        assert not any(status.get("log_dropped", {}).values()), status
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(DEADLINE) == 0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
