@@ -239,9 +239,11 @@ class Operations:
 
     def limits_command(self, cfg: Config) -> control.Limits:
         now = self.effective(cfg)
-        return control.Limits(
-            now.max_connections, now.max_connections_per_ip, round(now.connection_rate * 1000)
-        )
+        # In thousandths of a connection a second: a rate below half of one would round to
+        # 0, which is no limit; it is sent as one (a connection every 1,000 s) instead.
+        rate = now.connection_rate
+        milli = max(1, round(rate * 1000)) if rate > 0 else 0
+        return control.Limits(now.max_connections, now.max_connections_per_ip, milli)
 
     def clear_limits(self) -> dict[str, int | float]:
         """A reload: the file's limits are the daemon's again; those set at run time."""

@@ -305,6 +305,21 @@ def test_set_changes_what_the_next_client_meets_and_a_reload_reverts(
             sock.close()
 
 
+def test_a_tiny_connection_rate_set_at_run_time_is_still_a_limit(tmp_path: Path) -> None:
+    """`echod set connection_rate 0.0001` (one connection in under three hours): the
+    workers are told a rate, not none (the rate travels in thousandths, and this one is
+    below half of one): of 5 clients at once, at most 2 are served, the rest refused."""
+    with daemon(tmp_path, overload="refuse") as server:
+        done = ctl(server, "set", "connection_rate", "0.0001")
+        assert done.returncode == 0, done
+        socks = [server.connect() for _ in range(5)]
+        refused = server.wait_event("refused")
+        assert refused["connection_rate"] >= 3, refused
+        assert len(server.events("conn_open")) <= 2
+        for sock in socks:
+            sock.close()
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("proxied", [False, True], ids=["direct", "proxy"])
 def test_a_reload_that_denies_a_client_cuts_its_open_connection(
