@@ -196,6 +196,10 @@ class Supervisor:
     # -- start -------------------------------------------------------------------------------
 
     def start(self) -> None:
+        # Held until the handlers are set (the loop's): from the moment the pidfile names
+        # this process, logrotate's SIGUSR1 or an early reload's SIGHUP may come, and their
+        # default action is to end it. An upgrade's new image has them blocked already.
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals.FORK_BLOCKED)
         self.started = time.monotonic()
         self.started_wall = time.time()
         # First: a user this process cannot switch to is refused (77) before anything is

@@ -347,6 +347,35 @@ def test_sigusr2_in_every_state(gated: Gated, state: str) -> None:
     finish(gated, state, socks)
 
 
+def test_signals_before_the_handlers_wait_for_them(tmp_path: Path) -> None:
+    """Between the pidfile naming the daemon and its handlers being set (held here where it
+    binds its listeners), logrotate's SIGUSR1 and a SIGHUP do not end it (their default
+    action): they wait, and are acted on once it can (the log reopened, the reload refused
+    while starting); it then serves, and stops cleanly."""
+    server = Gated(tmp_path, workers=1, drain_delay=0)
+    server.gate("supervisor.py", "listeners = startup.open_listeners(self.cfg, self.notifier)",
+                "binding")  # fmt: skip
+    server.close_gate("binding")
+    try:
+        server.start_unready()
+        pidfile = Path(str(server.settings["pidfile"]))
+        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip() == str(server.pid),
+                 what="the pidfile naming the daemon")  # fmt: skip
+        server.signal(signal.SIGUSR1)
+        server.signal(signal.SIGHUP)
+        server.open_gate("binding")
+        server.port = server.wait_event("ready")["port"]
+        server.wait_event("log_reopened")
+        assert server.wait_event("reload_ignored")["state"] == "starting"
+        with server.connect() as sock:
+            assert echo_roundtrip(sock, b"served") == b"served"
+        server.signal(signal.SIGTERM)
+        ends_cleanly(server)
+    finally:
+        server.open_gate("binding")
+        server.kill()
+
+
 # -- across the exec ----------------------------------------------------------------------------
 
 
