@@ -107,6 +107,11 @@ WORKER_STATE: Final = _event(
     "worker_state",
     "a worker is starting, running, retiring, stopping, exited, failed, or in backoff",
 )
+WORKER_SPAWN_FAILED: Final = _event(
+    "worker_spawn_failed",
+    "a worker could not be forked (a task, memory or descriptor limit): a respawn is tried"
+    " again after delay, a reload fails, the first start ends (exit 71)",
+)
 WORKER_TIMEOUT: Final = _event(
     "worker_timeout", "a worker was silent for longer than worker_timeout: it is killed"
 )

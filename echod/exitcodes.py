@@ -95,7 +95,11 @@ EX_SOFTWARE: Final = _declare(
     ("run", "start", "stop", "reload", "upgrade", *CONTROL_COMMANDS),
 )
 EX_OSERR: Final = _declare(
-    "EX_OSERR", 71, "cannot detach into the background (fork or setsid failed)", ("start",)
+    "EX_OSERR",
+    71,
+    "cannot fork: a worker (a task, memory or descriptor limit), or the detaching into the "
+    "background (fork or setsid failed)",
+    ("run", "start", "reload", "upgrade"),
 )
 EX_CANTCREAT: Final = _declare(
     "EX_CANTCREAT",
@@ -115,8 +119,9 @@ EX_NOPERM: Final = _declare(
     "EX_NOPERM",
     77,
     "permission denied: a port below 1024 without CAP_NET_BIND_SERVICE, a pidfile that "
-    "cannot be read, a control socket this user may not use, or `user` names another user "
-    "while echod does not run as root",
+    "cannot be read, a control socket this user may not use, a daemon this user may not "
+    "signal (`stop`, `reload`, `upgrade`), or `user` names another user while echod does not "
+    "run as root",
     ("run", "start", "stop", "status", "reload", "upgrade", *CONTROL_COMMANDS),
 )
 EX_CONFIG: Final = _declare(

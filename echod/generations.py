@@ -6,13 +6,16 @@ the configuration and its sockets are prepared first (:func:`echod.reload.prepar
 changes nothing), then :meth:`Generations.switch` makes them current and the supervisor
 spawns the new generation. Once every worker of it serves, :meth:`Generations.retire_older`
 retires the older ones (they stop accepting and serve their connections to their natural
-end), releases the sockets only they used, and completes the pending request.
+end), releases the sockets only they used, and completes the pending request. Should a worker
+of it not even fork (a task limit), the request fails and the generation before serves on.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from echod import __version__, events, exitcodes, fdstore, handover, sinks
@@ -20,7 +23,7 @@ from echod.config import Config
 from echod.errors import OperatorError
 from echod.handover import Handover
 from echod.listeners import Listeners, close_all
-from echod.pool import WorkerHandle, WorkerPool
+from echod.pool import CrashWindow, SpawnFailed, WorkerHandle, WorkerPool, backoff_delay
 from echod.privileges import Account
 from echod.reload import Prepared, ReloadOutcome, config_changes, prepare
 from echod.snapshot import Snapshot
@@ -47,6 +50,21 @@ class GenerationsHost(Protocol):
     def reload_failed(self, error: str, exit_code: int) -> None: ...
 
     def publish(self, force: bool) -> None: ...
+
+
+@dataclass(frozen=True)
+class Before:
+    """What a reload (or an upgrade's new image) made way for, kept until the new generation
+    has forked: one that cannot be forked sends the daemon back to it."""
+
+    cfg: Config
+    listeners: Listeners
+    account: Account | None
+    generation: int
+    reloads: int
+    old_listeners: tuple[Listeners, ...]
+    #: What the request's failure is logged as (reload_failed, upgrade_failed).
+    failed_event: str
 
 
 class Generations:
@@ -79,6 +97,13 @@ class Generations:
         self.logger = logger
         self.pool = WorkerPool(self, logger, close_in_child, on_answer)
         self.generation = 0
+        #: The newest generation made: one abandoned (its workers still stopping) keeps its
+        #: number, never given again.
+        self.newest = 0
+        #: What the generation being switched to made way for, until it has forked.
+        self.before: Before | None = None
+        #: Respawns that could not fork (not crashes: they back the slot's retry off).
+        self.unforked = CrashWindow()
         self.reloads = 0
         self.outcome = ReloadOutcome()
         self.listeners: Listeners | None = None
@@ -93,24 +118,74 @@ class Generations:
         current one."""
         self.listeners = listeners
         self.account = account
-        self.generation = 1
+        self.generation = self.newest = 1
 
     def adopt(self, handed: Handover, listeners: Listeners, account: Account | None = None) -> None:
         """In the new image of an upgrade: the old image's generation and pending request go
         on here; the next generation (on the new code) is the current one."""
         self.listeners = listeners
         self.account = account
-        self.generation, self.reloads = handed.generation + 1, handed.reloads
+        self.before = Before(
+            self.cfg, listeners, account, handed.generation, handed.reloads, (),
+            events.UPGRADE_FAILED,
+        )  # fmt: skip
+        self.generation = self.newest = handed.generation + 1
+        self.reloads = handed.reloads
         # The request that made this upgrade is still pending: completed by this generation.
         self.outcome.resume(handed.reload_serial)
         self.outcome.starting(self.generation)
 
     def spawn(self) -> None:
-        """Start every worker of the current generation."""
+        """Start every worker of the current generation. If one cannot be forked, those
+        forked stop again, and a reload (or an upgrade) fails, back on the generation
+        before; the first generation has none to go back to: echod stops (EX_OSERR)."""
         assert self.listeners is not None
+        before, self.before = self.before, None
         cfg = self.effective(self.cfg)
-        for index in range(1, cfg.workers + 1):
-            self.pool.spawn(index, cfg, self.listeners, self.generation, self.account)
+        try:
+            for index in range(1, cfg.workers + 1):
+                self.pool.spawn(index, cfg, self.listeners, self.generation, self.account)
+        except SpawnFailed as failed:
+            self.not_forked(failed, before)
+            return
+        self.pool.cancel_respawns()  # (the older generation's: this one fills every slot)
+
+    def not_forked(self, failed: SpawnFailed, before: Before | None) -> None:
+        """Worker ``failed.index`` of the generation being started could not be forked."""
+        log = self.logger()
+        log.warning(
+            events.WORKER_SPAWN_FAILED,
+            worker=failed.index,
+            generation=failed.generation,
+            error=str(failed),
+        )
+        if before is None:
+            log.error(events.START_FAILED, error=str(failed), exit_code=exitcodes.EX_OSERR)
+            # (The stop stops the workers forked already, and waits for them.)
+            self.host.stop(exitcodes.EX_OSERR, "a worker could not be forked")
+            return
+        self.pool.stop_generation(failed.generation)
+        self.go_back(before)
+        log.error(
+            before.failed_event,
+            error=str(failed),
+            config_file=self.config_path,
+            generation=self.generation,
+        )
+        if self.notifier is not None:
+            self.notifier.ready()  # the generation before serves on
+        self.host.reload_failed(str(failed), exitcodes.EX_OSERR)
+
+    def go_back(self, before: Before) -> None:
+        """The generation ``before`` is current again, as if the switch had not been: its
+        configuration, sockets (those bound for the new one close) and account. Its respawns
+        due were left scheduled."""
+        assert self.listeners is not None
+        if self.listeners is not before.listeners:
+            fdstore.release(self.notifier, self.listeners, keep=before.listeners)
+        self.cfg, self.listeners, self.account = before.cfg, before.listeners, before.account
+        self.generation, self.reloads = before.generation, before.reloads
+        self.old_listeners = list(before.old_listeners)
 
     def serves(self) -> bool:
         """Whether every worker of the current generation serves."""
@@ -135,17 +210,20 @@ class Generations:
         """A reload: ``new`` becomes the current configuration and sockets, in a new
         generation (to be spawned); what changed, as ``{setting: [old, new]}``."""
         old_cfg = self.cfg
+        assert self.listeners is not None
+        self.before = Before(
+            old_cfg, self.listeners, self.account, self.generation, self.reloads,
+            tuple(self.old_listeners), events.RELOAD_FAILED,
+        )  # fmt: skip
         if new.listeners is not self.listeners:
-            assert self.listeners is not None
             self.old_listeners.append(self.listeners)
             self.listeners = new.listeners
             fdstore.keep(self.notifier, new.listeners)
         self.cfg = new.cfg
         self.account = new.account
-        self.generation += 1
+        self.generation = self.newest = self.newest + 1
         self.reloads += 1
         self.outcome.starting(self.generation)
-        self.pool.cancel_respawns()
         return config_changes(old_cfg, new.cfg)
 
     def check_upgrade(self) -> None:
@@ -218,12 +296,29 @@ class Generations:
         self.host.publish(force)
 
     def respawn_due(self, now: float) -> None:
-        """Replace the workers whose backoff is over."""
+        """Replace the workers whose backoff is over (one that cannot fork is tried again
+        later: retry_later)."""
         assert self.listeners is not None
+        cfg = self.effective(self.cfg)
         for index in self.pool.due(now):
-            self.pool.spawn(
-                index, self.effective(self.cfg), self.listeners, self.generation, self.account
-            )
+            try:
+                self.pool.spawn(index, cfg, self.listeners, self.generation, self.account)
+            except SpawnFailed as failed:
+                self.retry_later(failed, cfg.crash_window)
+
+    def retry_later(self, failed: SpawnFailed, crash_window: float) -> None:
+        """A respawn could not fork: say so, and try again after a backoff that grows with
+        the forks refused within crash_window. That is no crash (nothing ran, and a full task
+        table is the host's to lift): counted as one, the crash-loop breaker would stop the
+        workers that still serve."""
+        now = time.monotonic()
+        failures = self.unforked.record(now, crash_window)
+        delay = backoff_delay(failures + 1)  # never at once: it would be refused again
+        self.pool.retry(failed.index, delay)
+        self.logger().warning(
+            events.WORKER_SPAWN_FAILED, worker=failed.index, generation=failed.generation,
+            error=str(failed), failures=failures, delay=round(delay, 3),
+        )  # fmt: skip
 
     def snapshot(
         self,
@@ -271,6 +366,9 @@ class Generations:
             return "a reload or a respawn is in progress; try again once it is done"
         if self.pool.starting():
             return "a worker is starting; try again once it runs"
+        if any(h.generation > self.generation for h in self.pool.live()):
+            # (The new image would give their generation's number to its own.)
+            return "the workers of a failed reload are stopping; try again once they are gone"
         return None
 
     def close_in_child(self) -> None:

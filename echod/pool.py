@@ -19,11 +19,13 @@ import selectors
 import signal
 import socket
 import time
+import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from echod import control, events, exitcodes, log, signals
+from echod.accepting import start_failure
 from echod.admission import SharedIpCounts
 from echod.config import Config
 from echod.handover import HandedWorker, PoolState, take_socket
@@ -63,6 +65,21 @@ class CrashWindow:
         while self.times and self.times[0] < now - window:
             self.times.popleft()
         return len(self.times)
+
+
+class SpawnFailed(Exception):
+    """Worker ``index`` of ``generation`` could not be started: the system refused its
+    control channel (``step`` socketpair) or its process (``step`` fork), most often for want
+    of tasks (a cgroup's pids.max, systemd's TasksMax), memory or descriptors. Nothing of it
+    is left behind."""
+
+    def __init__(self, index: int, generation: int, step: str, error: OSError) -> None:
+        self.index, self.generation = index, generation
+        what = f"worker {index} of generation {generation}"
+        # "cannot start worker 2 of generation 1: task limit reached (fork: [Errno 11] ...)"
+        shortage = start_failure(what, error)
+        head = str(shortage) if shortage is not None else f"cannot start {what}"
+        super().__init__(f"{head} ({step}: {error})")
 
 
 class WorkerHandle:
@@ -333,10 +350,14 @@ class WorkerPool:
         account: Account | None = None,
     ) -> None:
         """Fork worker ``index`` of ``generation``, serving ``listeners`` with ``cfg``, as
-        ``account`` (None: as the supervisor)."""
+        ``account`` (None: as the supervisor). SpawnFailed, with nothing left behind, when
+        the system refuses the fork or the worker's control channel."""
         assert self.selector is not None
         self.serial += 1
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:
+            raise SpawnFailed(index, generation, "socketpair", exc) from exc
         slot = self.allocate_ip_slot(cfg)
         spec = WorkerSpec(
             index, self.serial, cfg, listeners, theirs, self.ip_counts, slot, account
@@ -347,12 +368,12 @@ class WorkerPool:
             pid = os.fork()
             if pid == 0:
                 self.become_worker(worker, ours)  # never returns
-        except OSError:
+        except OSError as exc:
             if slot is not None and self.ip_counts is not None:
                 self.ip_counts.release(slot)
             ours.close()
             theirs.close()
-            raise
+            raise SpawnFailed(index, generation, "fork", exc) from exc
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.FORK_BLOCKED)
         theirs.close()
@@ -393,7 +414,13 @@ class WorkerPool:
             code = worker.run()
         except BaseException as exc:  # a worker must never unwind into the supervisor's loop
             with contextlib.suppress(Exception):
-                log.get_logger().exception(events.WORKER_CRASHED, error=str(exc))
+                # The traceback as a field, as internal_error logs it: the chain renders no
+                # exc_info (structlog's exception() would say only `"exc_info": true`).
+                log.get_logger().error(
+                    events.WORKER_CRASHED,
+                    error=f"{type(exc).__name__}: {exc}",
+                    traceback="".join(traceback.format_exception(exc)),
+                )
         finally:
             os._exit(code)
 
@@ -517,6 +544,14 @@ class WorkerPool:
         self.respawn_due.clear()
         return alive
 
+    def stop_generation(self, generation: int) -> None:
+        """The workers of ``generation`` stop (it could not be started whole): they stop
+        accepting and drain what they took."""
+        for handle in self.of_generation(generation):
+            self.tell(handle, control.Stop())
+            if handle.state in (W.STARTING, W.RUNNING):
+                handle.move(W.STOPPING, self.log, open=handle.open)
+
     def quit_all(self) -> None:
         """Cut every connection now (SIGQUIT during a stop)."""
         for handle in self.workers.values():
@@ -583,6 +618,10 @@ class WorkerPool:
         self.gone.cut += handle.cut
         self.totals.gone(handle.serial)
         self.garbled.pop(handle.serial, None)
+
+    def retry(self, index: int, delay: float) -> None:
+        """Try to start worker ``index`` again in ``delay`` seconds (its fork was refused)."""
+        self.respawn_due[index] = time.monotonic() + delay
 
     def respawn_later(self, handle: WorkerHandle, failures: int = 0) -> None:
         """Replace a worker that is gone, after the backoff its recent failures call for."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from echod import exitcodes
+from tests.integration.test_upgrade import Installed
 from tests.support import (
     MODES,
     Echod,
@@ -235,3 +236,23 @@ def test_process_titles_show_roles(tmp_path: Path, mode: str) -> None:
                 opened = server.wait_event("conn_open")
                 assert cmdline(opened["pid"]) == f"echod: connection {opened['conn_id']}"
             sock.shutdown(socket.SHUT_WR)
+
+
+def test_a_worker_that_crashes_logs_its_traceback(tmp_path: Path) -> None:
+    """A worker that fails with an exception (a bug) says which, and where: its
+    worker_crashed event carries the exception's type and text and the traceback, in the
+    JSON line (structlog's exc_info alone rendered as `true`)."""
+    server = Installed(tmp_path, workers=1)
+    server.edit(
+        "worker.py",
+        "        self.init_process()\n",
+        '        self.init_process()\n        raise RuntimeError("a bug in the worker")\n',
+    )
+    try:
+        server.start(wait=False)
+        crashed = server.wait_event("worker_crashed")
+        assert crashed["error"] == "RuntimeError: a bug in the worker"
+        assert 'raise RuntimeError("a bug in the worker")' in crashed["traceback"]
+        assert "exc_info" not in crashed
+    finally:
+        server.kill()

@@ -41,7 +41,7 @@ class Installed(Echod):
         )
 
     def start(
-        self, env: dict[str, str] | None = None
+        self, env: dict[str, str] | None = None, wait: bool = True
     ) -> Installed:
         self.write_config()
         scrub = ("ECHOD_CONFIG", "NOTIFY_SOCKET")
@@ -56,7 +56,8 @@ class Installed(Echod):
                 env=env,
                 start_new_session=True,
             )
-        self.port = self.wait_event("ready")["port"]
+        if wait:
+            self.port = self.wait_event("ready")["port"]
         return self
 
     def edit(self, module: str, old: str, new: str) -> None:
