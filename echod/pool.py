@@ -545,12 +545,16 @@ class WorkerPool:
         return alive
 
     def stop_generation(self, generation: int) -> None:
-        """The workers of ``generation`` stop (it could not be started whole): they stop
-        accepting and drain what they took."""
+        """The workers of ``generation`` go (it could not be started whole): they stop
+        accepting and serve what they took to its end, as a retired generation does. Not a
+        stop's drain: that would take what queues on sockets the generation before serves on
+        and cut it at shutdown_timeout, while the daemon goes on."""
         for handle in self.of_generation(generation):
-            self.tell(handle, control.Stop())
-            if handle.state in (W.STARTING, W.RUNNING):
+            self.tell(handle, control.Retire())
+            if handle.state is W.STARTING:
                 handle.move(W.STOPPING, self.log, open=handle.open)
+            elif handle.state is W.RUNNING:
+                handle.move(W.RETIRING, self.log, open=handle.open)
 
     def quit_all(self) -> None:
         """Cut every connection now (SIGQUIT during a stop)."""

@@ -155,7 +155,8 @@ def test_a_reload_that_cannot_fork_its_workers_fails_and_the_old_ones_serve_on(
     """With room for one task more, a reload to another port forks the first worker of its
     generation and not the second. The reload fails visibly (reload_failed with the reason;
     failed, exit 71, in the status file), the new worker is stopped again and the new port
-    closed, the old generation serves on on the old port; once the limit is lifted the next
+    closed (it goes as a retired worker goes: it takes nothing queued and cuts nothing), the
+    old generation serves on on the old port; once the limit is lifted the next
     reload binds that port again and serves, in a generation of its own."""
     pidfile = str(tmp_path / "echod.pid")
     with started_in_cgroup(tmp_path, workers=2, pidfile=pidfile) as (server, group):
@@ -176,6 +177,12 @@ def test_a_reload_that_cannot_fork_its_workers_fails_and_the_old_ones_serve_on(
             (e["worker"], e["state"]) for e in server.events("worker_state") if e["generation"] == 2
         ]
         assert new == [(1, "starting"), (1, "stopping"), (1, "exited")]
+        # It went as a retired worker goes, not as in a stop's drain: it took nothing queued
+        # on a socket, and would have cut nothing (timeout null).
+        (abandoned,) = {e["worker_pid"] for e in server.events("worker_state")
+                        if e["generation"] == 2}  # fmt: skip
+        (draining,) = [e for e in server.events("worker_draining") if e["pid"] == abandoned]
+        assert draining["timeout"] is None
         now = published(server)
         assert (now.reload_result, now.reload_exit_code) == ("failed", exitcodes.EX_OSERR)
         assert now.reload_error == failed["error"]
