@@ -49,6 +49,11 @@ class GenerationsHost(Protocol):
 
     def reload_failed(self, error: str, exit_code: int) -> None: ...
 
+    def went_back(self) -> None:
+        """A reload's generation could not be forked and the one before is current again:
+        put back what the supervisor itself changed for it (its log, limits, endpoint)."""
+        ...
+
     def publish(self, force: bool) -> None: ...
 
 
@@ -166,6 +171,8 @@ class Generations:
             return
         self.pool.stop_generation(failed.generation)
         self.go_back(before)
+        self.host.went_back()
+        log = self.logger()  # (the log the daemon went back to)
         log.error(
             before.failed_event,
             error=str(failed),

@@ -252,6 +252,10 @@ class Operations:
             self.logger().info(events.LIMITS_CLEARED, cleared=cleared)
         return cleared
 
+    def restore_limits(self, limits: dict[str, int | float]) -> None:
+        """A reload that cleared ``limits`` failed: they hold again, until the next one."""
+        self.limits = dict(limits)
+
     # -- a reload's rules, on what is open ----------------------------------------------------
 
     def recheck(self, cfg: Config, generation: int) -> None:

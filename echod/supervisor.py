@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from echod import (
@@ -75,6 +76,16 @@ HEALTH = {
     S.STOPPING: "stopping",
     S.STOPPED: "stopping",
 }
+
+
+@dataclass
+class _Undo:
+    """What a reload changed of the supervisor before it spawned: the configuration before,
+    the log sink it replaced (None: the same sink), the limits set at run time it cleared."""
+
+    cfg: Config
+    sink: sinks.Sink | None
+    limits: dict[str, int | float] = field(default_factory=dict)
 
 
 def gap_threshold(cfg: Config) -> float:
@@ -129,6 +140,8 @@ class Supervisor:
         #: once made).
         self.timed: list[Timed] = [self.endpoint, self.operations]
         self.upgrade: Upgrade | None = None
+        #: While a reload spawns its generation: what to put back if it cannot (went_back).
+        self.undo: _Undo | None = None
         self.drops: sinks.DropWatch | None = None
 
     # -- what others may read ----------------------------------------------------------------
@@ -491,9 +504,13 @@ class Supervisor:
                 self.notifier.ready()
             self.reload_failed(str(exc), exc.exit_code)
             return
+        # What this reload changes of the supervisor itself, to put back should its
+        # generation not fork (went_back).
+        self.undo = _Undo(serving.cfg, log.current_sink() if new.sink is not None else None)
         if new.sink is not None:
             self.log = log.switch(new.cfg.log, new.sink, self.drops)
-        self.operations.clear_limits()  # (the file's again: the new generation starts so)
+        # (The file's again: the new generation starts so.)
+        self.undo.limits = self.operations.clear_limits()
         changes = serving.switch(new)
         if "user" in changes or "group" in changes:
             privileges.warn_if_root(new.account, self.log)
@@ -508,4 +525,15 @@ class Supervisor:
             addresses=serving.listeners.addresses(),
         )
         serving.spawn()
+        self.undo = None
         self.publish(force=True)
+
+    def went_back(self) -> None:
+        undo = self.undo
+        if undo is None:  # (an upgrade's new image: it changed nothing before its spawn)
+            return
+        if undo.sink is not None:
+            self.log = log.switch(undo.cfg.log, undo.sink, self.drops)
+        self.operations.restore_limits(undo.limits)
+        assert self.loop.selector is not None
+        self.endpoint.reconfigure(undo.cfg, self.loop.selector)

@@ -28,6 +28,7 @@ from tests.support import (
     free_port,
     open_descriptors,
     refused,
+    run_echod,
     running_workers,
     thread_count,
     wait_for,
@@ -203,6 +204,34 @@ def test_a_reload_that_cannot_fork_its_workers_fails_and_the_old_ones_serve_on(
         assert published(server).generation == 3
         with connect_to("127.0.0.1", new_port) as sock:
             assert echo_roundtrip(sock, b"new port") == b"new port"
+        assert_no_internal_error(server)
+        assert server.stop() == 0
+
+
+def test_a_failed_reload_puts_back_the_supervisors_log_and_limits(tmp_path: Path) -> None:
+    """A reload that moves the log to another file and cannot fork its workers: the
+    supervisor writes to the first file again (the failure said there, and what follows),
+    and the limits set at run time hold again, as before the reload."""
+    pidfile = str(tmp_path / "echod.pid")
+    with started_in_cgroup(tmp_path, workers=2, pidfile=pidfile) as (server, group):
+        wait_workers(server, 2)
+        config = str(server.config_path)
+        assert run_echod("set", "max_connections_per_ip", "5", "--config", config).returncode == 0
+        first = dict(server.settings["log"])  # type: ignore[call-overload]
+        other = tmp_path / "other.log"
+        server.write_config(log={**first, "file": str(other)})
+        group.set_pids_max(group.tasks() + 1)
+        server.signal(signal.SIGHUP)
+        failed = server.wait_event("reload_failed")  # (read from the first file)
+        assert failed["pid"] == server.pid
+        status = run_echod("status", "--config", config).stdout
+        assert "set:         max_connections_per_ip 5" in status, status
+        group.set_pids_max(None)
+        server.write_config(log=first)
+        server.signal(signal.SIGHUP)
+        wait_for(lambda: published(server).reload_result == "ok", what="the next reload")
+        assert server.events("reload")[-1]["generation"] == 3  # logged in the first file
+        assert "reload_failed" not in other.read_text()
         assert_no_internal_error(server)
         assert server.stop() == 0
 
