@@ -157,13 +157,8 @@ class Generations:
 
     def not_forked(self, failed: SpawnFailed, before: Before | None) -> None:
         """Worker ``failed.index`` of the generation being started could not be forked."""
+        self.say_unforked(failed)
         log = self.logger()
-        log.warning(
-            events.WORKER_SPAWN_FAILED,
-            worker=failed.index,
-            generation=failed.generation,
-            error=str(failed),
-        )
         if before is None:
             log.error(events.START_FAILED, error=str(failed), exit_code=exitcodes.EX_OSERR)
             # (The stop stops the workers forked already, and waits for them.)
@@ -322,9 +317,13 @@ class Generations:
         failures = self.unforked.record(now, crash_window)
         delay = backoff_delay(failures + 1)  # never at once: it would be refused again
         self.pool.retry(failed.index, delay)
+        self.say_unforked(failed, failures=failures, delay=round(delay, 3))
+
+    def say_unforked(self, failed: SpawnFailed, **retry: Any) -> None:
+        """Log worker_spawn_failed for ``failed`` (with when it is tried again, if it is)."""
         self.logger().warning(
             events.WORKER_SPAWN_FAILED, worker=failed.index, generation=failed.generation,
-            error=str(failed), failures=failures, delay=round(delay, 3),
+            error=str(failed), **retry,
         )  # fmt: skip
 
     def snapshot(
